@@ -1,0 +1,198 @@
+"""The few backend-specific primitives the array API standard lacks.
+
+Everything else in clusterlearn is written against the standard (through array-api-compat).
+This module is the only place that knows individual libraries; each primitive has a native
+path for NumPy, PyTorch, JAX and CuPy and a portable fallback (used by array-api-strict) that
+only uses the standard.
+
+Mutation contract: ``scatter_add`` and ``set_rows`` may update their first argument in place
+(NumPy, PyTorch, CuPy) or return a new array (JAX, fallback). Always use the returned array and
+treat the argument as consumed.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import array_api_compat as aac
+import numpy as np
+
+Array = Any
+
+__all__ = [
+    "namespace",
+    "to_numpy",
+    "convert",
+    "scatter_add",
+    "bincount",
+    "set_rows",
+    "accumulator_dtype",
+    "index_dtype",
+    "rng",
+]
+
+
+def namespace(**arrays: Array) -> ModuleType:
+    """Array-API namespace shared by the keyword arrays (``None`` values are ignored).
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array, or the arrays come from different libraries; the
+        message names the arguments.
+    """
+    found: dict[str, ModuleType] = {}
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        if not aac.is_array_api_obj(x):
+            raise TypeError(f"{name} must be an array (NumPy, PyTorch, JAX, CuPy, ...), got {type(x).__name__}")
+        found[name] = aac.array_namespace(x)
+    if not found:
+        raise TypeError("expected at least one array")
+    spaces = {id(xp): xp for xp in found.values()}
+    if len(spaces) > 1:
+        desc = ", ".join(f"{n} from {xp.__name__}" for n, xp in found.items())
+        raise TypeError(f"arrays from different namespaces cannot be mixed: {desc}")
+    return next(iter(found.values()))
+
+
+def to_numpy(x: Array) -> np.ndarray:
+    """Copy-free where possible host NumPy view of any supported array (detached, on CPU)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if aac.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if aac.is_cupy_array(x):
+        return x.get()
+    if aac.is_jax_array(x):
+        return np.asarray(x)
+    try:
+        return np.from_dlpack(x)
+    except (TypeError, RuntimeError, BufferError):
+        return np.asarray(x)
+
+
+def convert(x: Array, xp: ModuleType, device: Any = None) -> Array:
+    """Return ``x`` as an array of namespace ``xp`` on ``device`` (no copy when already there).
+
+    Torch tensors are detached: memories never hold autograd history.
+    """
+    if aac.is_torch_array(x):
+        x = x.detach()
+    if aac.array_namespace(x) is xp:
+        return x if device is None or aac.device(x) == device else aac.to_device(x, device)
+    host = to_numpy(x)
+    return xp.asarray(host) if device is None else xp.asarray(host, device=device)
+
+
+def index_dtype(xp: ModuleType, device: Any = None) -> Any:
+    """Default integer dtype of ``xp`` (int64, or int32 on JAX without x64)."""
+    return xp.__array_namespace_info__().default_dtypes(device=device)["integral"]
+
+
+def accumulator_dtype(xp: ModuleType, device: Any = None) -> Any:
+    """float64 where the namespace/device supports it, else float32 (JAX without x64, MPS)."""
+    floats = xp.__array_namespace_info__().dtypes(device=device, kind="real floating")
+    return floats.get("float64", xp.float32)
+
+
+def rng(*keys: int) -> np.random.Generator:
+    """Host-side generator seeded from integer keys: same draws on every backend."""
+    return np.random.default_rng([int(k) for k in keys])
+
+
+def _onehot(index: Array, length: int, dtype: Any, xp: ModuleType) -> Array:
+    """(len(index), length) one-hot matrix; the portable scatter for small sizes."""
+    cols = xp.arange(length, device=aac.device(index), dtype=index.dtype)
+    return xp.astype(index[:, None] == cols[None, :], dtype)
+
+
+def scatter_add(x: Array, index: Array, values: Array) -> Array:
+    """``x[index[i]] += values[i]`` along axis 0, accumulating repeated indices.
+
+    Parameters
+    ----------
+    x : (M,) or (M, D) array
+        Accumulator; may be modified in place (see module docstring).
+    index : (B,) integer array with values in [0, M)
+    values : (B,) or (B, D) array, cast to ``x.dtype``
+
+    Returns
+    -------
+    The updated accumulator, same shape and dtype as ``x``.
+    """
+    xp = aac.array_namespace(x)
+    values = xp.astype(values, x.dtype, copy=False)
+    if isinstance(x, np.ndarray):
+        if x.ndim == 1:
+            np.add.at(x, index, values)
+            return x
+        # np.add.at is slow for rows; sort, reduce runs of equal indices, add once per index.
+        order = np.argsort(index, kind="stable")
+        sorted_index = index[order]
+        starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
+        x[sorted_index[starts]] += np.add.reduceat(values[order], starts, axis=0)
+        return x
+    if aac.is_torch_array(x):
+        return x.index_add_(0, index, values)
+    if aac.is_jax_array(x):
+        return x.at[index].add(values)
+    if aac.is_cupy_array(x):
+        import cupyx
+
+        cupyx.scatter_add(x, index, values)
+        return x
+    onehot = _onehot(index, x.shape[0], x.dtype, xp)
+    if x.ndim == 1:
+        return x + xp.sum(onehot * values[:, None], axis=0)
+    return x + xp.matmul(xp.matrix_transpose(onehot), values)
+
+
+def bincount(labels: Array, length: int) -> Array:
+    """Counts of each value in ``labels`` (1-D, integers in [0, length)), shape (length,).
+
+    The result has the namespace's default integer dtype and ``labels``' device.
+    """
+    xp = aac.array_namespace(labels)
+    dtype = index_dtype(xp, aac.device(labels))
+    if isinstance(labels, np.ndarray):
+        return np.bincount(labels, minlength=length).astype(dtype, copy=False)
+    if aac.is_torch_array(labels):
+        import torch
+
+        return torch.bincount(labels, minlength=length).to(dtype)
+    if aac.is_jax_array(labels):
+        import jax.numpy as jnp
+
+        return jnp.bincount(labels, length=length).astype(dtype)
+    if aac.is_cupy_array(labels):
+        import cupy
+
+        return cupy.bincount(labels, minlength=length).astype(dtype)
+    return xp.sum(_onehot(labels, length, dtype, xp), axis=0)
+
+
+def set_rows(x: Array, index: Array, values: Array) -> Array:
+    """``x[index] = values`` along axis 0 for *unique* ``index``; may write in place.
+
+    Parameters
+    ----------
+    x : (M,) or (M, D) array
+    index : (B,) integer array of distinct values in [0, M)
+    values : (B,) or (B, D) array, cast to ``x.dtype``
+    """
+    xp = aac.array_namespace(x)
+    values = xp.astype(values, x.dtype, copy=False)
+    if isinstance(x, np.ndarray) or aac.is_torch_array(x) or aac.is_cupy_array(x):
+        x[index] = values
+        return x
+    if aac.is_jax_array(x):
+        return x.at[index].set(values, unique_indices=True)
+    match = _onehot(index, x.shape[0], xp.int8, xp)  # (B, M)
+    hit = xp.any(match == 1, axis=0)
+    pos = xp.argmax(match, axis=0)
+    picked = xp.take(values, pos, axis=0)
+    mask = hit if x.ndim == 1 else hit[:, None]
+    return xp.where(mask, picked, x)

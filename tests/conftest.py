@@ -1,0 +1,118 @@
+"""Shared test fixtures: every core test runs on every available array backend.
+
+``backend`` is parametrised over numpy, array_api_strict, torch (CPU) and jax (CPU); cupy is
+included and skipped without a GPU. Tests build their data in NumPy and move it with
+``backend.asarray`` so that every backend sees identical inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+settings.register_profile(
+    "default",
+    deadline=None,
+    max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "thorough",
+    deadline=None,
+    max_examples=300,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+BACKEND_NAMES = ["numpy", "array_api_strict", "torch", "jax", "cupy"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One array library under test."""
+
+    name: str
+    xp: ModuleType  # array-API-compatible namespace (array_api_compat wrapper where needed)
+    native: ModuleType  # the library itself
+
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        """Move a NumPy array (or nested list) to this backend, keeping its dtype kind.
+
+        float64 data becomes float32 unless ``dtype`` says otherwise, as a user's
+        features would be; integer data keeps the backend's default integer dtype.
+        """
+        a = np.asarray(a)
+        if dtype is None:
+            if a.dtype.kind == "f":
+                dtype = self.xp.float32
+            elif a.dtype.kind in "iu":
+                dtype = self.xp.__array_namespace_info__().default_dtypes()["integral"]
+            elif a.dtype.kind == "b":
+                dtype = self.xp.bool
+        if self.name == "array_api_strict":
+            return self.xp.asarray(a.tolist() if a.ndim == 0 else a, dtype=dtype)
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        from clusterlearn._backend import to_numpy
+
+        return np.asarray(to_numpy(x))
+
+
+def _load(name: str) -> Backend:
+    if name == "numpy":
+        import array_api_compat.numpy as xp
+
+        return Backend(name, xp, np)
+    if name == "array_api_strict":
+        mod = importlib.import_module("array_api_strict")
+        return Backend(name, mod, mod)
+    if name == "torch":
+        torch = importlib.import_module("torch")
+        import array_api_compat.torch as xp
+
+        return Backend(name, xp, torch)
+    if name == "jax":
+        jax = importlib.import_module("jax")
+        jax.config.update("jax_platforms", "cpu")
+        import jax.numpy as jnp
+
+        return Backend(name, jnp, jax)
+    if name == "cupy":
+        cupy = importlib.import_module("cupy")
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise ImportError("no CUDA device")
+        import array_api_compat.cupy as xp
+
+        return Backend(name, xp, cupy)
+    raise ValueError(name)
+
+
+def _available(name: str) -> Backend | None:
+    try:
+        return _load(name)
+    except Exception:  # not installed, or (cupy) no GPU
+        return None
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Every array backend; unavailable ones (cupy without a GPU) are skipped."""
+    b = _available(request.param)
+    if b is None:
+        pytest.skip(f"{request.param} not available")
+    return b
+
+
+@pytest.fixture
+def numpy_backend() -> Backend:
+    return _load("numpy")
