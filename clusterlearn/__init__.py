@@ -1,3 +1,40 @@
-"""clusterlearn: clustering-based self-supervised learning on any array backend."""
+"""clusterlearn: clustering-based self-supervised learning on any array backend.
+
+The core is written against the Python array API and runs on NumPy, PyTorch, JAX and CuPy
+arrays; it imports no deep-learning framework. Framework glue lives in
+``clusterlearn.adapters``.
+"""
+
+from . import metrics
+from .assignment import nearest_centroid
+from .centroid_memory import CentroidMemory
+from .kmeans import KMeansResult, kmeans
+from .odc import NotInitializedError, OnlineDeepClustering
+from .pca import PCAWhitening, pca_whiten_l2
+from .reweighting import LossReweighter, reweight
+from .sample_memory import SampleMemory, l2_normalize, merge_duplicates, momentum_update
+from .sampler import UniformLabelSampler
+from .small_clusters import SmallClusterHandler, SmallClusterStats
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CentroidMemory",
+    "KMeansResult",
+    "LossReweighter",
+    "NotInitializedError",
+    "OnlineDeepClustering",
+    "PCAWhitening",
+    "SampleMemory",
+    "SmallClusterHandler",
+    "SmallClusterStats",
+    "UniformLabelSampler",
+    "kmeans",
+    "l2_normalize",
+    "merge_duplicates",
+    "metrics",
+    "momentum_update",
+    "nearest_centroid",
+    "pca_whiten_l2",
+    "reweight",
+]

@@ -175,12 +175,13 @@ def bincount(labels: Array, length: int) -> Array:
 
 
 def set_rows(x: Array, index: Array, values: Array) -> Array:
-    """``x[index] = values`` along axis 0 for *unique* ``index``; may write in place.
+    """``x[index] = values`` along axis 0; may write in place.
 
     Parameters
     ----------
     x : (M,) or (M, D) array
-    index : (B,) integer array of distinct values in [0, M)
+    index : (B,) integer array in [0, M); a repeated index must come with equal rows of
+        ``values`` (which copy is written is then irrelevant)
     values : (B,) or (B, D) array, cast to ``x.dtype``
     """
     xp = aac.array_namespace(x)
@@ -189,7 +190,7 @@ def set_rows(x: Array, index: Array, values: Array) -> Array:
         x[index] = values
         return x
     if aac.is_jax_array(x):
-        return x.at[index].set(values, unique_indices=True)
+        return x.at[index].set(values)
     match = _onehot(index, x.shape[0], xp.int8, xp)  # (B, M)
     hit = xp.any(match == 1, axis=0)
     pos = xp.argmax(match, axis=0)

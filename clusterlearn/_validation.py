@@ -1,0 +1,68 @@
+"""Argument checks shared by the public objects.
+
+Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, value or
+range) with a message that names the argument and says what was expected. Objects run all of
+their checks before touching their state, so a rejected call leaves nothing half-updated.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import array_api_compat as aac
+
+Array = Any
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
+    """``value`` as a Python int (rejecting bools and floats), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real(value: Any, name: str, *, low: float, high: float = float("inf")) -> float:
+    """``value`` as a float in the closed interval [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_features(x: Array, name: str, *, dim: int | None = None, rows: int | None = None) -> None:
+    """A finite, real floating (rows, dim) matrix."""
+    xp = aac.array_namespace(x)
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (samples, features), got shape {tuple(x.shape)}")
+    if rows is not None and x.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows, got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} must have {dim} columns (feat_dim), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    if not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_labels(labels: Array, name: str, *, upper: int, length: int | None = None) -> None:
+    """A 1-D integer array with values in [0, upper) (cluster ids or sample indices)."""
+    xp = aac.array_namespace(labels)
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+    if length is not None and labels.shape[0] != length:
+        raise ValueError(f"{name} must have length {length}, got {labels.shape[0]}")
+    if labels.shape[0] == 0:
+        raise ValueError(f"{name} must not be empty")
+    lo, hi = int(xp.min(labels)), int(xp.max(labels))
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")

@@ -1,0 +1,94 @@
+"""Nearest-centroid assignment: the one matmul every ODC iteration and k-means step pays for.
+
+Pure functions over arrays of any array-API namespace; no state.
+
+Two rules are offered because the ODC paper and its reference code disagree:
+
+``"l2"`` (default, the paper)
+    ``argmin_c ||x - c||^2 = argmin_c (||c||^2 - 2 x.c)``.
+``"dot"`` (the reference implementation)
+    ``argmax_c x.c`` with un-normalised centroids. For unit-norm ``x`` this equals ``"l2"`` only
+    when all centroids have the same norm; centroids that are means of unit vectors are
+    shorter the more spread their members are, so ``"dot"`` favours tight clusters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import array_api_compat as aac
+
+Array = Any
+Metric = Literal["l2", "dot"]
+
+METRICS = ("l2", "dot")
+_BLOCK_ELEMENTS = 1 << 24  # rows x clusters per score block: 64 MiB of float32
+
+
+def centroid_scores(x: Array, centroids: Array, *, metric: Metric = "l2", sq_norms: Array | None = None) -> Array:
+    """Scores to *minimise* over clusters, shape (B, C), dtype of ``x``.
+
+    ``"l2"``: ``||c||^2 - 2 x.c`` (the squared distance minus the constant ``||x||^2``);
+    ``"dot"``: ``-x.c``. ``sq_norms`` (C,) may pass precomputed ``||c||^2``.
+    """
+    xp = aac.array_namespace(x, centroids)
+    dots = xp.matmul(x, xp.matrix_transpose(centroids))
+    if metric == "dot":
+        return -dots
+    if sq_norms is None:
+        sq_norms = xp.sum(centroids * centroids, axis=1)
+    return sq_norms[None, :] - 2 * dots
+
+
+def nearest_centroid(
+    x: Array,
+    centroids: Array,
+    *,
+    metric: Metric = "l2",
+    exclude: Array | None = None,
+    sq_norms: Array | None = None,
+    return_distances: bool = False,
+) -> Array | tuple[Array, Array]:
+    """Index of the nearest centroid for every row of ``x``.
+
+    Parameters
+    ----------
+    x : (B, D) real floating array
+    centroids : (C, D) array, same namespace and dtype as ``x``
+    metric : {"l2", "dot"}
+    exclude : (C,) bool array, optional
+        Clusters that may not be chosen (at least one must stay allowed).
+    sq_norms : (C,) array, optional
+        Precomputed ``||c||^2`` (``"l2"`` only).
+    return_distances : bool
+        Also return the (B,) squared L2 distance to the chosen centroid (``"l2"`` only).
+
+    Returns
+    -------
+    labels : (B,) array of the namespace's default integer dtype
+    distances : (B,) array, only if ``return_distances``
+
+    Rows are processed in blocks so that the score matrix stays below 64 MiB.
+    """
+    xp = aac.array_namespace(x, centroids)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric == "l2" and sq_norms is None:
+        sq_norms = xp.sum(centroids * centroids, axis=1)
+    n, k = x.shape[0], centroids.shape[0]
+    block = max(1, _BLOCK_ELEMENTS // max(k, 1))
+    labels, dists = [], []
+    for start in range(0, n, block):
+        xb = x[start : min(start + block, n), ...]
+        scores = centroid_scores(xb, centroids, metric=metric, sq_norms=sq_norms)
+        if exclude is not None:
+            scores = xp.where(exclude[None, :], xp.asarray(float("inf"), dtype=scores.dtype), scores)
+        lab = xp.argmin(scores, axis=1)
+        labels.append(lab)
+        if return_distances:
+            best = xp.min(scores, axis=1) + xp.sum(xb * xb, axis=1)
+            dists.append(xp.clip(best, min=0.0))
+    out = labels[0] if len(labels) == 1 else xp.concat(labels)
+    if not return_distances:
+        return out
+    return out, dists[0] if len(dists) == 1 else xp.concat(dists)

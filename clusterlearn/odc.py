@@ -1,0 +1,299 @@
+"""Online Deep Clustering (Zhan et al., CVPR 2020): the memory side of one training iteration.
+
+:class:`OnlineDeepClustering` composes the four parts, each usable on its own:
+:class:`~clusterlearn.SampleMemory` (features and labels of all N samples),
+:class:`~clusterlearn.CentroidMemory` (centroids, exact sizes and sums),
+:class:`~clusterlearn.SmallClusterHandler` and :class:`~clusterlearn.LossReweighter`.
+
+One :meth:`OnlineDeepClustering.step` on a batch with dataset indices ``idx`` and features
+``f`` (B, D):
+
+1. merge repeated indices (mean of their normalised features; see
+   :func:`~clusterlearn.sample_memory.merge_duplicates`), then
+   ``F[idx] <- normalize(m * normalize(f) + (1 - m) * F[idx])``;
+2. re-label the batch to the nearest centroid of the updated features (``assign``);
+3. update cluster sizes and sums incrementally (O(B D));
+4. every ``centroid_update_interval``-th step, set every centroid to ``sums / sizes``;
+5. every ``small_cluster_interval``-th step, handle small clusters.
+
+Train on ``labels_of(idx)`` read *before* ``step`` with class weights ``loss_weights()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat as aac
+
+from . import _backend as B
+from ._validation import check_features, check_int, check_labels
+from .assignment import METRICS, Metric
+from .centroid_memory import CentroidMemory
+from .kmeans import kmeans
+from .reweighting import LossReweighter
+from .sample_memory import SampleMemory, l2_normalize
+from .small_clusters import SmallClusterHandler, SmallClusterStats
+
+Array = Any
+
+__all__ = ["OnlineDeepClustering", "NotInitializedError"]
+
+_STATE_ARRAYS = ("features", "labels", "centroids", "sizes", "sums")
+
+
+class NotInitializedError(ValueError, AttributeError):
+    """Raised when the memories are used before :meth:`OnlineDeepClustering.initialize`."""
+
+
+class OnlineDeepClustering:
+    """ODC's sample and centroid memories with small-cluster handling and loss weights.
+
+    Parameters
+    ----------
+    num_samples : N, size of the training set (dataset indices are in [0, N))
+    num_clusters : C (10,000 for ImageNet)
+    feat_dim : D, feature dimension of the neck output (256)
+    momentum : weight of the fresh feature in the memory update (0.5)
+    min_cluster_size : clusters below this are dissolved and re-seeded (20);
+        ``num_clusters * min_cluster_size`` may not exceed ``num_samples``
+    centroid_update_interval : refresh all centroids every this many steps (10)
+    small_cluster_interval : handle small clusters every this many steps (1)
+    reweight_power : p in ``w_c ∝ n_c ** -p`` (0.5)
+    assign : ``"l2"`` (nearest centroid in L2, the paper) or ``"dot"`` (largest dot product
+        with un-normalised centroids, the reference code); see :mod:`clusterlearn.assignment`
+    seed : seeds initial k-means and the 2-means splits (results are deterministic)
+    like : array whose namespace, device and floating dtype the memory takes (NumPy float32
+        when omitted); inputs of other namespaces are converted, outputs returned in the
+        caller's namespace and on its device
+    device : device of the memory, overriding ``like``'s
+    resync_interval : every this many steps the per-cluster sums are recomputed exactly from
+        the sample memory (O(N D)), bounding floating-point drift
+
+    Examples
+    --------
+    >>> import numpy as np, clusterlearn as cl
+    >>> feats = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    >>> odc = cl.OnlineDeepClustering(200, 4, 8, min_cluster_size=5)
+    >>> _ = odc.initialize(feats)
+    >>> y = odc.labels_of(np.arange(16))      # train on these, weighted by odc.loss_weights()
+    >>> stats = odc.step(np.arange(16), feats[:16])
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_clusters: int,
+        feat_dim: int,
+        *,
+        momentum: float = 0.5,
+        min_cluster_size: int = 20,
+        centroid_update_interval: int = 10,
+        small_cluster_interval: int = 1,
+        reweight_power: float = 0.5,
+        assign: Metric = "l2",
+        seed: int = 0,
+        like: Array | None = None,
+        device: Any = None,
+        resync_interval: int = 1000,
+    ) -> None:
+        num_samples = check_int(num_samples, "num_samples", minimum=1)
+        self.num_clusters = check_int(num_clusters, "num_clusters", minimum=1)
+        self.centroid_update_interval = check_int(centroid_update_interval, "centroid_update_interval", minimum=1)
+        self.small_cluster_interval = check_int(small_cluster_interval, "small_cluster_interval", minimum=1)
+        self.resync_interval = check_int(resync_interval, "resync_interval", minimum=1)
+        self.seed = check_int(seed, "seed", minimum=0)
+        if assign not in METRICS:
+            raise ValueError(f"assign must be one of {METRICS}, got {assign!r}")
+        self.assign = assign
+        if self.num_clusters > num_samples:
+            raise ValueError(f"num_clusters ({self.num_clusters}) must not exceed num_samples ({num_samples})")
+        self.handler = SmallClusterHandler(min_cluster_size, metric=assign, seed=self.seed)
+        if self.num_clusters * self.handler.min_cluster_size > num_samples:
+            raise ValueError(
+                f"num_clusters * min_cluster_size ({self.num_clusters} * {self.handler.min_cluster_size}) "
+                f"exceeds num_samples ({num_samples}): no assignment can keep every cluster that large"
+            )
+        self.reweighter = LossReweighter(reweight_power)
+        self.samples = SampleMemory(num_samples, feat_dim, momentum=momentum, like=like, device=device)
+        s = self.samples
+        self.centroids = CentroidMemory(self.num_clusters, s.feat_dim, xp=s.xp, device=s.device, dtype=s.dtype)
+        self.iteration = 0
+
+    # ------------------------------------------------------------------ properties
+    num_samples = property(lambda self: self.samples.num_samples, doc="N, number of samples")
+    feat_dim = property(lambda self: self.samples.feat_dim, doc="D, feature dimension")
+    momentum = property(lambda self: self.samples.momentum, doc="weight of the fresh feature")
+    min_cluster_size = property(lambda self: self.handler.min_cluster_size, doc="small-cluster threshold")
+    reweight_power = property(lambda self: self.reweighter.power, doc="p in w ∝ n^-p")
+
+    @property
+    def labels(self) -> Array:
+        """(N,) pseudo-labels of all samples (memory namespace)."""
+        return self.samples.labels
+
+    @property
+    def features(self) -> Array:
+        """(N, D) unit-norm memory features (memory namespace)."""
+        return self.samples.features
+
+    @property
+    def cluster_sizes(self) -> Array:
+        """(C,) number of samples per cluster, equal to ``bincount(labels, C)``."""
+        return self.centroids.sizes
+
+    def __repr__(self) -> str:
+        return (
+            f"OnlineDeepClustering(num_samples={self.num_samples}, num_clusters={self.num_clusters}, "
+            f"feat_dim={self.feat_dim}, momentum={self.momentum}, min_cluster_size={self.min_cluster_size}, "
+            f"assign={self.assign!r}, backend={self.samples.xp.__name__}, device={self.samples.device}, "
+            f"iteration={self.iteration}, initialized={self.samples.initialized})"
+        )
+
+    # ------------------------------------------------------------------ API
+    def initialize(
+        self, features: Array, labels: Array | None = None, *, kmeans_iters: int = 20, kmeans_init: str = "k-means++"
+    ) -> dict[str, int]:
+        """Fill the memories from the features of the whole data set.
+
+        Parameters
+        ----------
+        features : (N, D) real floating array, any supported namespace; L2-normalised here
+        labels : (N,) integer array in [0, C), optional. When omitted, k-means
+            (:func:`clusterlearn.kmeans`, ``kmeans_iters`` iterations, ``kmeans_init``
+            seeding, ``seed``) on the normalised features provides them.
+
+        Returns
+        -------
+        dict with ``num_small_clusters`` and ``num_splits`` of the small-cluster handling
+        run once after initialisation.
+        """
+        B.namespace(features=features, labels=labels)
+        check_features(features, "features", dim=self.feat_dim, rows=self.num_samples)
+        if labels is not None:
+            check_labels(labels, "labels", upper=self.num_clusters, length=self.num_samples)
+        feats = l2_normalize(self.samples.to_memory(features))
+        if labels is None:
+            labels = kmeans(feats, self.num_clusters, n_iter=kmeans_iters, seed=self.seed, init=kmeans_init).labels
+        self.samples.initialize(feats, self.samples.to_memory(labels))
+        self.centroids.initialize(self.samples.features, self.samples.labels)
+        self.iteration = 0
+        handled = self.handler(self.samples, self.centroids, key=0)
+        return {"num_small_clusters": handled.num_small_clusters, "num_splits": handled.num_splits}
+
+    def labels_of(self, indices: Array) -> Array:
+        """(B,) pseudo-labels of dataset ``indices`` (B,), in their namespace and on their device."""
+        xp_in = B.namespace(indices=indices)
+        self._require_initialized()
+        idx = self.samples.check_indices(indices)
+        return B.convert(self.samples.xp.take(self.samples.labels, idx), xp_in, aac.device(indices))
+
+    def loss_weights(self, like: Array | None = None) -> Array:
+        """(C,) class weights ``w_c ∝ n_c ** -p`` over non-empty clusters, summing to 1.
+
+        O(C) from the incrementally kept sizes. Returned in the memory's namespace, or in
+        ``like``'s namespace and on its device.
+        """
+        self._require_initialized()
+        w = self.reweighter(self.centroids.sizes)
+        return w if like is None else B.convert(w, B.namespace(like=like), aac.device(like))
+
+    def step(self, indices: Array, features: Array) -> dict[str, float | int | bool]:
+        """One ODC memory iteration on a batch (after the optimiser step).
+
+        Parameters
+        ----------
+        indices : (B,) integer dataset indices in [0, N); repeats allowed (DDP padding):
+            a repeated sample gets the mean of its normalised features and counts once
+        features : (B, D) real floating features of those samples (detached if torch)
+
+        Returns
+        -------
+        dict with
+            ``change_ratio`` fraction of the batch's distinct samples whose label changed;
+            ``num_small_clusters`` clusters dissolved this step;
+            ``num_splits`` clusters split to re-seed them;
+            ``centroids_refreshed`` whether all centroids were recomputed this step.
+        """
+        self._require_initialized()
+        idx, feats = self.samples.validate_batch(indices, features)
+        # Every check has passed: from here on the state changes.
+        xp = self.samples.xp
+        idx, first, old, new = self.samples.update(idx, feats)
+        old_labels = xp.take(self.samples.labels, idx)
+        new_labels = xp.astype(self.centroids.assign(new, metric=self.assign), old_labels.dtype)
+        self.samples.set_labels(idx, new_labels)
+        self.centroids.move(old_labels, new_labels, old, new, count=first)
+        self.iteration += 1
+        if self.iteration % self.resync_interval == 0:
+            self.centroids.resync(self.samples.features, self.samples.labels)
+        refreshed = self.iteration % self.centroid_update_interval == 0
+        if refreshed:
+            self.centroids.refresh()
+        handled = SmallClusterStats(0, 0, 0)
+        if self.iteration % self.small_cluster_interval == 0:
+            handled = self.handler(self.samples, self.centroids, key=self.iteration)
+        changed = xp.sum(xp.astype(first & (old_labels != new_labels), xp.float32))
+        return {
+            "change_ratio": float(changed) / float(xp.sum(xp.astype(first, xp.float32))),
+            "num_small_clusters": handled.num_small_clusters,
+            "num_splits": handled.num_splits,
+            "centroids_refreshed": refreshed,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the state as plain arrays (memory namespace) and numbers; no pickled objects.
+
+        Keys: ``features`` (N, D), ``labels`` (N,), ``centroids`` (C, D), ``sizes`` (C,),
+        ``sums`` (C, D), ``iteration``, ``num_samples``, ``num_clusters``, ``feat_dim``.
+        """
+        self._require_initialized()
+        s, c = self.samples, self.centroids
+        copy = self._copy
+        return {
+            "features": copy(s.features),
+            "labels": copy(s.labels),
+            "centroids": copy(c.centroids),
+            "sizes": copy(c.sizes),
+            "sums": copy(c.sums),
+            "iteration": self.iteration,
+            "num_samples": self.num_samples,
+            "num_clusters": self.num_clusters,
+            "feat_dim": self.feat_dim,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (arrays of any supported namespace), after checking it."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        missing = [k for k in (*_STATE_ARRAYS, "iteration") if k not in state]
+        if missing:
+            raise ValueError(f"state is missing keys {missing}")
+        n, k, d = self.num_samples, self.num_clusters, self.feat_dim
+        for key, want in (("num_samples", n), ("num_clusters", k), ("feat_dim", d)):
+            if key in state and int(state[key]) != want:
+                raise ValueError(f"state[{key!r}] is {int(state[key])}, this object has {want}")
+        check_features(state["features"], "state['features']", dim=d, rows=n)
+        check_features(state["centroids"], "state['centroids']", dim=d, rows=k)
+        check_features(state["sums"], "state['sums']", dim=d, rows=k)
+        check_labels(state["labels"], "state['labels']", upper=k, length=n)
+        iteration = check_int(state["iteration"], "state['iteration']", minimum=0)
+        s, c = self.samples, self.centroids
+        labels, sizes = self._copy(state["labels"]), self._copy(state["sizes"])
+        if tuple(sizes.shape) != (k,) or not bool(s.xp.all(B.bincount(labels, k) == sizes)):
+            raise ValueError("state['sizes'] must equal the bincount of state['labels']")
+        s.features = s.xp.astype(self._copy(state["features"]), s.dtype)
+        s.labels = s.xp.astype(labels, s.labels.dtype)
+        s.initialized = True
+        c.sizes = s.xp.astype(sizes, c.sizes.dtype)
+        c.sums = s.xp.astype(self._copy(state["sums"]), c.acc_dtype)
+        c.set_centroids(s.xp.astype(self._copy(state["centroids"]), s.dtype))
+        self.iteration = iteration
+
+    def _copy(self, x: Array) -> Array:
+        """A private copy of ``x`` in the memory's namespace (the memory writes in place)."""
+        return self.samples.xp.asarray(self.samples.to_memory(x), copy=True)
+
+    def _require_initialized(self) -> None:
+        if not self.samples.initialized:
+            raise NotInitializedError("call initialize(features) before using the memories")

@@ -1,0 +1,164 @@
+"""Sample memory: one momentum-updated, L2-normalised feature and one pseudo-label per sample."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat as aac
+
+from . import _backend as B
+from ._validation import check_features, check_int, check_labels, check_real
+
+Array = Any
+
+__all__ = ["SampleMemory", "l2_normalize", "momentum_update", "merge_duplicates"]
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    """Rows of ``x`` (B, D) scaled to unit L2 norm (rows of norm < eps are divided by eps)."""
+    xp = aac.array_namespace(x)
+    norms = xp.sqrt(xp.sum(x * x, axis=1, keepdims=True))
+    return x / xp.maximum(norms, xp.asarray(eps, dtype=x.dtype, device=aac.device(x)))
+
+
+def momentum_update(old: Array, new: Array, momentum: float) -> Array:
+    """``normalize(m * normalize(new) + (1 - m) * old)``: the ODC sample-memory rule.
+
+    Parameters
+    ----------
+    old : (B, D) unit-norm features from the memory
+    new : (B, D) fresh features from the network (any norm)
+    momentum : weight m in [0, 1] of the *new* feature (0.5 in the paper)
+    """
+    return l2_normalize(momentum * l2_normalize(new) + (1.0 - momentum) * old)
+
+
+def merge_duplicates(indices: Array, features: Array) -> tuple[Array, Array, Array]:
+    """Sort a batch by sample index and merge the rows of repeated indices.
+
+    A batch gathered from a ``DistributedSampler`` repeats indices to pad the last batch. The
+    repeated sample's contribution is the mean of its L2-normalised features, which does not
+    depend on the order of the repeats; the sample is then counted once. Shapes stay (B, ...)
+    (no data-dependent sizes): every copy of a repeated index carries the same merged row,
+    and ``first`` marks one copy of each.
+
+    Parameters
+    ----------
+    indices : (B,) integer array
+    features : (B, D) real floating array
+
+    Returns
+    -------
+    sorted_indices : (B,) ``indices`` in increasing order (stable)
+    merged : (B, D) for every position, the normalised mean of the normalised features of
+        all rows with that index (unit norm unless they cancel exactly)
+    first : (B,) bool, True at the first position of each distinct index
+    """
+    xp = aac.array_namespace(indices, features)
+    order = xp.argsort(indices, stable=True)
+    s = xp.take(indices, order)
+    unit = xp.take(l2_normalize(features), order, axis=0)
+    first = xp.concat([xp.ones((1,), dtype=xp.bool, device=aac.device(s)), s[1:] != s[:-1]])
+    if bool(xp.all(first)):
+        return s, unit, first
+    group = xp.cumulative_sum(xp.astype(first, s.dtype)) - 1
+    acc = B.accumulator_dtype(xp, aac.device(features))
+    sums = B.scatter_add(xp.zeros(unit.shape, dtype=acc, device=aac.device(unit)), group, unit)
+    return s, l2_normalize(xp.astype(xp.take(sums, group, axis=0), features.dtype)), first
+
+
+class SampleMemory:
+    """Features and pseudo-labels of every training sample.
+
+    Parameters
+    ----------
+    num_samples : N, the data set size
+    feat_dim : D, the feature dimension
+    momentum : weight of the fresh feature in :meth:`update` (0.5 in ODC)
+    like : array, optional
+        The memory lives in this array's namespace, on its device, with its floating dtype
+        (default: NumPy float32).
+    device : optional device overriding ``like``'s
+
+    Attributes
+    ----------
+    features : (N, D) unit-norm rows, floating dtype of ``like`` (float32 by default)
+    labels : (N,) default integer dtype of the namespace, values in [0, C)
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        feat_dim: int,
+        *,
+        momentum: float = 0.5,
+        like: Array | None = None,
+        device: Any = None,
+    ) -> None:
+        self.num_samples = check_int(num_samples, "num_samples", minimum=1)
+        self.feat_dim = check_int(feat_dim, "feat_dim", minimum=1)
+        self.momentum = check_real(momentum, "momentum", low=0.0, high=1.0)
+        if like is None:
+            import array_api_compat.numpy as xp
+
+            dtype = xp.float32
+        else:
+            xp = B.namespace(like=like)
+            dtype = like.dtype if xp.isdtype(like.dtype, "real floating") else xp.float32
+            device = aac.device(like) if device is None else device
+        self.xp, self.device, self.dtype = xp, device, dtype
+        self.features = xp.zeros((self.num_samples, self.feat_dim), dtype=dtype, device=device)
+        self.labels = xp.zeros((self.num_samples,), dtype=B.index_dtype(xp, device), device=device)
+        self.initialized = False
+
+    # ------------------------------------------------------------------ conversions
+    def to_memory(self, x: Array) -> Array:
+        """``x`` in the memory's namespace and on its device."""
+        return B.convert(x, self.xp, self.device)
+
+    def check_indices(self, indices: Array, name: str = "indices") -> Array:
+        """Validate sample indices and return them in the memory's namespace."""
+        B.namespace(**{name: indices})
+        check_labels(indices, name, upper=self.num_samples)
+        return self.to_memory(indices)
+
+    # ------------------------------------------------------------------ state changes
+    def initialize(self, features: Array, labels: Array) -> None:
+        """Set every sample's feature (normalised here) and label.
+
+        features : (N, D) real floating; labels : (N,) integers (range checked by the caller).
+        """
+        feats = l2_normalize(self.to_memory(features))
+        self.features = self.xp.astype(feats, self.dtype)
+        self.labels = self.xp.astype(self.to_memory(labels), self.labels.dtype)
+        self.initialized = True
+
+    def update(self, indices: Array, features: Array) -> tuple[Array, Array, Array, Array]:
+        """Momentum-update the features of a batch (memory namespace, validated inputs).
+
+        Repeated indices are merged first (:func:`merge_duplicates`); all outputs keep the
+        batch's length B, sorted by index, copies of a repeated index carrying equal rows.
+
+        Returns
+        -------
+        indices : (B,) the sample indices written, sorted
+        first : (B,) bool, True at one copy of each distinct index
+        old : (B, D) their features before the update
+        new : (B, D) their features after the update
+        """
+        indices, merged, first = merge_duplicates(indices, self.xp.astype(features, self.dtype))
+        old = self.xp.take(self.features, indices, axis=0)
+        new = momentum_update(old, merged, self.momentum)
+        self.features = B.set_rows(self.features, indices, new)
+        return indices, first, old, new
+
+    def set_labels(self, indices: Array, labels: Array) -> None:
+        """``labels[indices] = labels`` (repeated indices must carry equal labels)."""
+        self.labels = B.set_rows(self.labels, indices, labels)
+
+    def validate_batch(self, indices: Array, features: Array) -> tuple[Array, Array]:
+        """Check a (indices, features) batch and return both in the memory's namespace."""
+        B.namespace(indices=indices, features=features)
+        check_labels(indices, "indices", upper=self.num_samples)
+        check_features(features, "features", dim=self.feat_dim, rows=indices.shape[0])
+        return self.to_memory(indices), self.to_memory(features)

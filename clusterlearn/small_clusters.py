@@ -1,0 +1,163 @@
+"""Small-cluster handling: dissolve clusters below a size threshold, re-seed them by splitting.
+
+One call does, in order (ODC's rule, done in a constant number of passes over the N labels
+instead of the reference's full scan per small cluster):
+
+1. **Dissolve.** Every cluster with fewer than ``min_cluster_size`` members is *small*
+   (empty ones included). All members of all small clusters move, in one batched assignment,
+   to their nearest *normal* centroid. One pass over the labels.
+2. **Split.** Each now-empty cluster ``e`` (in increasing id order) takes a share of the
+   currently largest cluster (ties: lowest id): its members are 2-means clustered (seeded by
+   ``(seed, key, e)``) and the second half becomes cluster ``e``. If a half has fewer than
+   ``min(min_cluster_size, m // 2)`` of the ``m`` members, the members of the other half
+   nearest to its mean move into it until it has that many. The members of every cluster
+   that may be split are gathered in one more pass over the labels: greedy splitting only
+   ever takes the k largest clusters or halves of them, for k empty clusters.
+3. Centroids of every cluster touched are set to their members' means.
+
+Guarantee: with ``N >= 2 * C * min_cluster_size`` no cluster is smaller than
+``min_cluster_size`` afterwards (the largest cluster always has at least twice the threshold).
+With ``C * min_cluster_size <= N < 2 * C * min_cluster_size`` the guarantee is weaker: no
+cluster is empty, and each split half gets at least half of the split cluster's members up to
+the threshold. ``N < C * min_cluster_size`` is impossible to satisfy and rejected by
+:class:`~clusterlearn.OnlineDeepClustering` at construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _backend as B
+from ._validation import check_int
+from .assignment import METRICS, Metric
+from .centroid_memory import CentroidMemory
+from .kmeans import kmeans
+from .sample_memory import SampleMemory
+
+Array = Any
+
+__all__ = ["SmallClusterHandler", "SmallClusterStats"]
+
+
+@dataclass(frozen=True)
+class SmallClusterStats:
+    """What one handling call did."""
+
+    num_small_clusters: int  # clusters below the threshold (all dissolved and re-seeded)
+    num_splits: int  # clusters split to re-seed them (equals num_small_clusters)
+    num_moved: int  # samples moved out of small clusters in the dissolve step
+
+
+class SmallClusterHandler:
+    """Keeps every cluster at or above ``min_cluster_size`` members.
+
+    Parameters
+    ----------
+    min_cluster_size : threshold (20 in ODC); 0 or 1 disables dissolving but still refills
+        empty clusters when ``min_cluster_size == 1``
+    metric : nearest-centroid rule for the dissolve step, ``"l2"`` or ``"dot"``
+    split_iters : Lloyd iterations of each 2-means split
+    seed : base seed of the splits
+    """
+
+    def __init__(self, min_cluster_size: int = 20, *, metric: Metric = "l2", split_iters: int = 10, seed: int = 0):
+        self.min_cluster_size = check_int(min_cluster_size, "min_cluster_size", minimum=0)
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        self.metric = metric
+        self.split_iters = check_int(split_iters, "split_iters", minimum=1)
+        self.seed = check_int(seed, "seed")
+
+    def __call__(self, samples: SampleMemory, centroids: CentroidMemory, *, key: int = 0) -> SmallClusterStats:
+        """Handle small clusters of the memories in place; ``key`` varies the split seeds."""
+        xp = samples.xp
+        small = centroids.sizes < self.min_cluster_size
+        num_small = int(xp.sum(xp.astype(small, centroids.sizes.dtype)))
+        if num_small == 0:
+            return SmallClusterStats(0, 0, 0)
+        moved, receivers = self._dissolve(samples, centroids, small)
+        empties = B.to_numpy(xp.nonzero(small)[0])
+        touched = self._split(samples, centroids, empties, key)
+        refresh = np.unique(np.concatenate([receivers, np.asarray(touched, dtype=np.int64)]))
+        centroids.refresh(xp.asarray(refresh, device=samples.device))
+        return SmallClusterStats(num_small, len(empties), moved)
+
+    def _dissolve(self, samples: SampleMemory, centroids: CentroidMemory, small: Array) -> tuple[int, np.ndarray]:
+        """Move members of small clusters to their nearest normal centroid.
+
+        Returns the number of samples moved and the ids of the clusters that received them.
+        """
+        xp = samples.xp
+        members = xp.nonzero(xp.take(small, samples.labels))[0]
+        if members.shape[0] == 0:
+            return 0, np.zeros(0, dtype=np.int64)
+        feats = xp.take(samples.features, members, axis=0)
+        old = xp.take(samples.labels, members)
+        new = xp.astype(centroids.assign(feats, metric=self.metric, exclude=small), old.dtype)
+        samples.set_labels(members, new)
+        centroids.move(old, new, feats, feats)
+        receivers = B.to_numpy(xp.nonzero(B.bincount(new, centroids.num_clusters) > 0)[0])
+        return int(members.shape[0]), receivers.astype(np.int64)
+
+    def _split(self, samples: SampleMemory, centroids: CentroidMemory, empties: np.ndarray, key: int) -> list[int]:
+        """Re-seed each empty cluster by splitting the largest; returns the touched ids."""
+        xp = samples.xp
+        sizes = B.to_numpy(centroids.sizes).astype(np.int64)
+        candidates = np.argsort(-sizes, kind="stable")[: len(empties)]
+        members = self._members_of(samples, candidates, centroids.num_clusters)
+        touched: list[int] = []
+        for e in empties.tolist():
+            c = int(np.argmax(sizes))  # first maximum: ties go to the lowest id
+            idx = members[c]
+            halves = self._two_halves(B.to_numpy(xp.take(samples.features, idx, axis=0)), key, e)
+            keep, give = (xp.asarray(h, device=samples.device) for h in halves)
+            moving = xp.take(idx, give)
+            feats = xp.take(samples.features, moving, axis=0)
+            old = xp.full(moving.shape, c, dtype=samples.labels.dtype, device=samples.device)
+            new = xp.full(moving.shape, e, dtype=samples.labels.dtype, device=samples.device)
+            samples.set_labels(moving, new)
+            centroids.move(old, new, feats, feats)
+            members[c], members[e] = xp.take(idx, keep), moving
+            sizes[c], sizes[e] = int(keep.shape[0]), int(give.shape[0])
+            touched += [c, e]
+        return touched
+
+    @staticmethod
+    def _members_of(samples: SampleMemory, clusters: np.ndarray, num_clusters: int) -> dict[int, Array]:
+        """Sample indices of each listed cluster, from one pass over the labels."""
+        xp = samples.xp
+        table = np.zeros(num_clusters, dtype=bool)
+        table[clusters] = True
+        hit = xp.nonzero(xp.take(xp.asarray(table, device=samples.device), samples.labels))[0]
+        lab = xp.take(samples.labels, hit)
+        order = xp.argsort(lab, stable=True)
+        hit, lab = xp.take(hit, order), B.to_numpy(xp.take(lab, order))
+        bounds = np.searchsorted(lab, clusters, side="left"), np.searchsorted(lab, clusters, side="right")
+        return {int(c): hit[int(lo) : int(hi)] for c, lo, hi in zip(clusters, *bounds)}
+
+    def _two_halves(self, feats: np.ndarray, key: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (into ``feats``) of the half that stays and the half that leaves.
+
+        Runs on the host: one cluster's members are few (N / C on average), so the copy is
+        cheap on any device, and every backend gets bit-identical splits.
+        """
+        m = feats.shape[0]
+        halves = kmeans(feats, 2, n_iter=self.split_iters, seed=int(B.rng(self.seed, key, e).integers(2**31)))
+        second = halves.labels == 1
+        target = min(self.min_cluster_size, m // 2)
+        count = int(second.sum())
+        if count < target:  # pull the nearest of the first half into the second
+            second[_nearest_outside(feats, second, target - count)] = True
+        elif m - count < target:  # and vice versa
+            second[_nearest_outside(feats, ~second, target - m + count)] = False
+        return np.flatnonzero(~second), np.flatnonzero(second)
+
+
+def _nearest_outside(feats: np.ndarray, inside: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the ``count`` rows outside the mask ``inside`` nearest to its rows' mean."""
+    outside = np.flatnonzero(~inside)
+    d2 = ((feats[outside] - feats[inside].mean(axis=0)) ** 2).sum(axis=1)
+    return outside[np.argsort(d2, kind="stable")[:count]]

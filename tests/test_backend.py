@@ -1,0 +1,65 @@
+"""The dispatch primitives the standard lacks, on every backend, duplicates included."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clusterlearn import _backend as B
+
+index_lists = st.lists(st.integers(0, 6), min_size=1, max_size=30)
+
+
+@settings(max_examples=15)
+@given(idx=index_lists, seed=st.integers(0, 2**16))
+def test_scatter_add_accumulates_duplicates(backend, idx, seed):
+    rng = np.random.default_rng(seed)
+    vals = rng.normal(size=(len(idx), 3))
+    expected = np.zeros((7, 3))
+    np.add.at(expected, np.asarray(idx), vals)
+    acc = backend.asarray(np.zeros((7, 3)), dtype=backend.xp.float64 if backend.name != "jax" else None)
+    out = B.scatter_add(acc, backend.asarray(np.asarray(idx)), backend.asarray(vals, dtype=acc.dtype))
+    np.testing.assert_allclose(backend.to_numpy(out), expected, rtol=1e-5, atol=1e-5)
+    counts = B.scatter_add(
+        backend.asarray(np.zeros(7, dtype=np.int64)), backend.asarray(np.asarray(idx)), backend.asarray(np.ones(len(idx), dtype=np.int64))
+    )
+    np.testing.assert_array_equal(backend.to_numpy(counts), np.bincount(idx, minlength=7))
+
+
+@settings(max_examples=15)
+@given(idx=index_lists)
+def test_bincount_matches_numpy(backend, idx):
+    out = B.bincount(backend.asarray(np.asarray(idx)), 9)
+    assert out.shape == (9,)
+    np.testing.assert_array_equal(backend.to_numpy(out), np.bincount(idx, minlength=9))
+
+
+def test_set_rows(backend):
+    x = backend.asarray(np.zeros((5, 2)))
+    out = B.set_rows(x, backend.asarray(np.array([3, 1, 3])), backend.asarray(np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]])))
+    expected = np.zeros((5, 2))
+    expected[3], expected[1] = [1, 2], [3, 4]
+    np.testing.assert_array_equal(backend.to_numpy(out), expected)
+
+
+def test_namespace_rejects_mixing_and_non_arrays(backend):
+    if backend.name == "numpy":
+        pytest.skip("needs a second namespace")
+    with pytest.raises(TypeError, match="indices from .*features from"):
+        B.namespace(indices=np.arange(3), features=backend.asarray(np.zeros((3, 2))))
+    with pytest.raises(TypeError, match="features must be an array"):
+        B.namespace(features=[[1.0, 2.0]])
+
+
+def test_convert_round_trip(backend):
+    import array_api_compat.numpy as npx
+
+    a = np.arange(6, dtype=np.float32).reshape(3, 2)
+    moved = B.convert(a, backend.xp)
+    assert B.namespace(x=moved) is B.namespace(x=backend.asarray(a))
+    np.testing.assert_array_equal(B.to_numpy(B.convert(moved, npx)), a)
+
+
+def test_accumulator_dtype_is_widest_available(backend):
+    dtype = B.accumulator_dtype(backend.xp)
+    assert dtype == (backend.xp.float32 if backend.name == "jax" else backend.xp.float64)

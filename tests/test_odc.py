@@ -1,0 +1,321 @@
+"""OnlineDeepClustering and its parts: invariants on streams where labels really change.
+
+The streams drag features towards two attractors, so clusters really shrink, get dissolved
+and re-seeded, and labels change at every step. Momenta are drawn away from 0.5 so that a
+swap of m and 1 - m would be caught.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import clusterlearn as cl
+from clusterlearn import _backend as B
+
+N, C, D, BATCH = 240, 6, 8, 32
+MAX_EXAMPLES = {"jax": 2, "array_api_strict": 5}  # eager JAX compiles every new shape
+
+
+def run_property(backend, strategy, check, default=12):
+    """Run ``check(example)`` for hypothesis examples, fewer on slow backends."""
+    n = MAX_EXAMPLES.get(backend.name, default)
+    settings(max_examples=n, deadline=None)(given(strategy)(check))()
+
+
+def make_stream(seed: int, steps: int, batch: int = BATCH, duplicates: bool = True):
+    """Initial features and a list of (indices, features) batches drifting to two attractors."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.normal(size=(N, D)).astype(np.float32)
+    attract = rng.normal(size=(2, D)) * 2
+    batches = []
+    for _ in range(steps):
+        idx = rng.choice(N, size=batch, replace=False)
+        if duplicates:  # DDP padding: the tail repeats the head
+            idx[-3:] = idx[:3]
+        f = attract[idx % 2] + 0.5 * rng.normal(size=(batch, D))
+        batches.append((idx.astype(np.int64), f.astype(np.float32)))
+    return x0, batches
+
+
+def exact_means(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    sums = np.zeros((k, features.shape[1]))
+    np.add.at(sums, labels, features.astype(np.float64))
+    return sums / np.maximum(np.bincount(labels, minlength=k), 1)[:, None]
+
+
+def snapshot(odc) -> dict:
+    return {k: (B.to_numpy(v).copy() if not isinstance(v, (int, float)) else v) for k, v in odc.state_dict().items()}
+
+
+def check_invariants(odc, min_size: int) -> None:
+    labels = B.to_numpy(odc.labels)
+    sizes = B.to_numpy(odc.cluster_sizes)
+    feats = B.to_numpy(odc.features)
+    np.testing.assert_array_equal(sizes, np.bincount(labels, minlength=odc.num_clusters))
+    assert sizes.min() >= max(min_size, 1), sizes
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(B.to_numpy(odc.centroids.sums), exact_means(feats, labels, C) * sizes[:, None], atol=1e-4)
+
+
+params = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**16),
+        "momentum": st.sampled_from([0.2, 0.35, 0.8, 0.95]),
+        "min_size": st.integers(1, N // (2 * C)),
+        "refresh": st.integers(1, 4),
+        "assign": st.sampled_from(["l2", "dot"]),
+    }
+)
+
+
+def test_stream_invariants(backend):
+    """Sizes, norms, sums, label reads, refreshed means and re-labelling after every step."""
+
+    def check(p):
+        x0, batches = make_stream(p["seed"], steps=10)
+        odc = cl.OnlineDeepClustering(
+            N, C, D, momentum=p["momentum"], min_cluster_size=p["min_size"], centroid_update_interval=p["refresh"],
+            assign=p["assign"], seed=p["seed"], like=backend.asarray(np.zeros(1)),
+        )
+        odc.initialize(backend.asarray(x0))
+        check_invariants(odc, p["min_size"])
+        changed = 0.0
+        for idx, f in batches:
+            cen_before = B.to_numpy(odc.centroids.centroids).copy()
+            feat_before = B.to_numpy(odc.features).copy()
+            stats = odc.step(backend.asarray(idx), backend.asarray(f))
+            changed += stats["change_ratio"]
+            check_invariants(odc, p["min_size"])
+            labels, feats = B.to_numpy(odc.labels), B.to_numpy(odc.features)
+            y = odc.labels_of(backend.asarray(idx))
+            assert B.namespace(y=y) is B.namespace(i=backend.asarray(idx))
+            np.testing.assert_array_equal(backend.to_numpy(y), labels[idx])
+            # the momentum rule, computed independently in float64 (no duplicates at the head)
+            head = idx[3:-3]
+            unit = f[3:-3] / np.linalg.norm(f[3:-3], axis=1, keepdims=True)
+            mix = p["momentum"] * unit + (1 - p["momentum"]) * feat_before[head]
+            np.testing.assert_allclose(feats[head], mix / np.linalg.norm(mix, axis=1, keepdims=True), atol=1e-5)
+            if stats["num_small_clusters"] == 0:  # labels = nearest centroid before the step
+                scores = feats[idx] @ cen_before.T
+                if p["assign"] == "l2":
+                    scores = 2 * scores - (cen_before**2).sum(1)
+                best = scores.max(axis=1)
+                chosen = scores[np.arange(len(idx)), labels[idx]]
+                np.testing.assert_allclose(chosen, best, atol=1e-5)
+            if stats["centroids_refreshed"]:
+                np.testing.assert_allclose(B.to_numpy(odc.centroids.centroids), exact_means(feats, labels, C), atol=1e-5)
+        assert changed > 0, "the stream never changed a label: the test would prove nothing"
+
+    run_property(backend, params, check)
+
+
+def test_stream_really_forms_small_clusters():
+    x0, batches = make_stream(0, steps=15)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=N // (2 * C), momentum=0.8)
+    odc.initialize(x0)
+    total = sum(odc.step(i, f)["num_small_clusters"] for i, f in batches)
+    assert total > 0
+
+
+def test_loss_weights_formula(backend):
+    x0, batches = make_stream(1, steps=3)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, reweight_power=0.7, like=backend.asarray(np.zeros(1)))
+    odc.initialize(backend.asarray(x0))
+    for idx, f in batches:
+        odc.step(backend.asarray(idx), backend.asarray(f))
+        n = B.to_numpy(odc.cluster_sizes).astype(np.float64)
+        w = n**-0.7 / (n**-0.7).sum()
+        np.testing.assert_allclose(backend.to_numpy(odc.loss_weights()), w, rtol=1e-5)
+    torch = pytest.importorskip("torch")
+    assert isinstance(odc.loss_weights(like=torch.zeros(1)), torch.Tensor)
+
+
+def test_reweight_zero_for_empty_and_validates():
+    w = cl.reweight(np.array([4, 0, 1]), 0.5)
+    np.testing.assert_allclose(w, np.array([0.5, 0, 1]) / 1.5)
+    with pytest.raises(ValueError, match="at least one positive"):
+        cl.reweight(np.array([0, 0]))
+    with pytest.raises(ValueError, match="reweight_power"):
+        cl.LossReweighter(-1.0)
+
+
+def test_duplicates_are_averaged_order_free_and_counted_once(backend):
+    x0, _ = make_stream(2, steps=0)
+    rng = np.random.default_rng(2)
+    idx = np.array([5, 9, 5, 17, 9, 5])
+    f = rng.normal(size=(6, D)).astype(np.float32)
+
+    def fresh():
+        odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=0, momentum=0.3, like=backend.asarray(np.zeros(1)))
+        odc.initialize(backend.asarray(x0))
+        return odc
+
+    a, b, c = fresh(), fresh(), fresh()
+    a.step(backend.asarray(idx), backend.asarray(f))
+    perm = rng.permutation(6)
+    b.step(backend.asarray(idx[perm]), backend.asarray(f[perm]))
+    unit = f / np.linalg.norm(f, axis=1, keepdims=True)
+    merged = np.stack([unit[idx == i].mean(0) for i in (5, 9, 17)])
+    c.step(backend.asarray(np.array([5, 9, 17])), backend.asarray(merged))
+    for other in (b, c):
+        sa, so = snapshot(a), snapshot(other)
+        for key in ("labels", "sizes"):
+            np.testing.assert_array_equal(sa[key], so[key])
+        np.testing.assert_allclose(sa["features"], so["features"], atol=1e-6)
+    check_invariants(a, 1)
+
+
+def test_same_labels_on_every_backend(backend):
+    x0, batches = make_stream(7, steps=6)
+    kw = dict(min_cluster_size=N // (2 * C), momentum=0.8, centroid_update_interval=2, seed=3)
+    ref = cl.OnlineDeepClustering(N, C, D, **kw)
+    ref.initialize(x0)
+    odc = cl.OnlineDeepClustering(N, C, D, **kw, like=backend.asarray(np.zeros(1)))
+    odc.initialize(backend.asarray(x0))
+    for idx, f in batches:
+        s_ref = ref.step(idx, f)
+        s = odc.step(backend.asarray(idx), backend.asarray(f))
+        assert s == s_ref
+        np.testing.assert_array_equal(B.to_numpy(odc.labels), B.to_numpy(ref.labels))
+        np.testing.assert_allclose(B.to_numpy(odc.features), B.to_numpy(ref.features), atol=1e-5)
+
+
+def test_state_dict_round_trip_gives_identical_steps(backend):
+    x0, batches = make_stream(4, steps=8)
+    kw = dict(min_cluster_size=10, momentum=0.35, centroid_update_interval=3, like=backend.asarray(np.zeros(1)))
+    a = cl.OnlineDeepClustering(N, C, D, **kw)
+    a.initialize(backend.asarray(x0))
+    for idx, f in batches[:4]:
+        a.step(backend.asarray(idx), backend.asarray(f))
+    state = a.state_dict()
+    b = cl.OnlineDeepClustering(N, C, D, **kw)
+    b.load_state_dict(state)
+    for idx, f in batches[4:]:
+        assert a.step(backend.asarray(idx), backend.asarray(f)) == b.step(backend.asarray(idx), backend.asarray(f))
+    sa, sb = snapshot(a), snapshot(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        np.testing.assert_array_equal(sa[key], sb[key])
+
+
+def test_labels_given_to_initialize_are_used_and_small_clusters_handled():
+    x0, _ = make_stream(5, steps=0)
+    labels = np.zeros(N, dtype=np.int64)  # everything in one cluster: C - 1 empty clusters
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=20)
+    stats = odc.initialize(x0, labels)
+    assert stats["num_small_clusters"] == C - 1
+    check_invariants(odc, 20)
+
+
+def test_parts_compose_without_the_wrapper():
+    x0, batches = make_stream(6, steps=3)
+    mem = cl.SampleMemory(N, D, momentum=0.8)
+    feats = cl.l2_normalize(x0)
+    mem.initialize(feats, cl.kmeans(feats, C, seed=0).labels)
+    cen = cl.CentroidMemory(C, D, xp=mem.xp, device=None, dtype=mem.dtype)
+    cen.initialize(mem.features, mem.labels)
+    handler = cl.SmallClusterHandler(30)
+    for idx, f in batches:
+        idx, first, old, new = mem.update(idx, f)
+        old_y, new_y = mem.labels[idx], cen.assign(new)
+        mem.set_labels(idx, new_y)
+        cen.move(old_y, new_y, old, new, count=first)
+        cen.refresh()
+        handler(mem, cen, key=1)
+        assert np.bincount(mem.labels, minlength=C).min() >= 30
+        np.testing.assert_array_equal(cen.sizes, np.bincount(mem.labels, minlength=C))
+
+
+# ---------------------------------------------------------------------------- bad input
+def _ready(backend):
+    x0, batches = make_stream(8, steps=1)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, like=backend.asarray(np.zeros(1)))
+    odc.initialize(backend.asarray(x0))
+    return odc, batches[0]
+
+
+BAD_STEPS = [
+    ("indices", lambda i, f: (i[:, None], f), ValueError, "indices must be 1-D"),
+    ("indices", lambda i, f: (i.astype(np.float32), f), TypeError, "indices must have an integer dtype"),
+    ("indices", lambda i, f: (i + N, f), ValueError, r"indices must lie in \[0, 240\)"),
+    ("indices", lambda i, f: (i - N, f), ValueError, r"indices must lie in \[0, 240\)"),
+    ("features", lambda i, f: (i, f[:, :-1]), ValueError, "features must have 8 columns"),
+    ("features", lambda i, f: (i, f[:-1]), ValueError, "features must have 32 rows"),
+    ("features", lambda i, f: (i, np.where(np.arange(D) == 2, np.nan, f).astype(np.float32)), ValueError, "NaN or Inf"),
+    ("features", lambda i, f: (i, np.full_like(f, np.inf)), ValueError, "NaN or Inf"),
+    ("features", lambda i, f: (i, f.astype(np.int64)), TypeError, "real floating"),
+]
+
+
+@pytest.mark.parametrize(("arg", "mutate", "err", "match"), BAD_STEPS, ids=[f"{b[0]}-{b[3][:20]}" for b in BAD_STEPS])
+def test_bad_step_input_leaves_state_unchanged(backend, arg, mutate, err, match):
+    odc, (idx, f) = _ready(backend)
+    before = snapshot(odc)
+    bad_i, bad_f = mutate(idx, f)
+    with pytest.raises(err, match=match):
+        odc.step(backend.asarray(bad_i), backend.asarray(bad_f))
+    after = snapshot(odc)
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key])
+
+
+def test_mixed_namespaces_rejected(backend):
+    if backend.name == "numpy":
+        pytest.skip("needs a second namespace")
+    odc, (idx, f) = _ready(backend)
+    before = snapshot(odc)
+    with pytest.raises(TypeError, match="indices from .*features from"):
+        odc.step(idx, backend.asarray(f))
+    np.testing.assert_array_equal(before["labels"], snapshot(odc)["labels"])
+
+
+def test_inputs_of_another_namespace_are_converted(backend):
+    odc, (idx, f) = _ready(backend)
+    odc.step(idx, f)  # NumPy batch into a memory of any backend
+    y = odc.labels_of(idx)
+    assert isinstance(y, np.ndarray)
+
+
+def test_use_before_initialize():
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5)
+    for call in (lambda: odc.step(np.arange(3), np.zeros((3, D), np.float32)), lambda: odc.labels_of(np.arange(3)), odc.loss_weights, odc.state_dict):
+        with pytest.raises(cl.NotInitializedError, match="initialize"):
+            call()
+    assert issubclass(cl.NotInitializedError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err", "match"),
+    [
+        (dict(num_clusters=C, min_cluster_size=N // C + 1), ValueError, "exceeds num_samples"),
+        (dict(num_clusters=N + 1, min_cluster_size=0), ValueError, "must not exceed num_samples"),
+        (dict(num_clusters=C, momentum=1.5), ValueError, "momentum must be in"),
+        (dict(num_clusters=C, assign="cosine"), ValueError, "assign must be one of"),
+        (dict(num_clusters=2.0), TypeError, "num_clusters must be an integer"),
+        (dict(num_clusters=C, centroid_update_interval=0), ValueError, "centroid_update_interval must be >= 1"),
+    ],
+)
+def test_bad_construction(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        cl.OnlineDeepClustering(N, feat_dim=D, **kwargs)
+
+
+def test_bad_initialize_and_state():
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5)
+    x0, _ = make_stream(9, steps=0)
+    with pytest.raises(ValueError, match="features must have 240 rows"):
+        odc.initialize(x0[:-1])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\)"):
+        odc.initialize(x0, np.full(N, C))
+    with pytest.raises(cl.NotInitializedError):
+        odc.step(np.arange(3), x0[:3])
+    odc.initialize(x0)
+    state = odc.state_dict()
+    state["sizes"] = state["sizes"] + 1
+    with pytest.raises(ValueError, match="bincount"):
+        odc.load_state_dict(state)
+    with pytest.raises(ValueError, match="missing keys"):
+        odc.load_state_dict({"features": x0})
