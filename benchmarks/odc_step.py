@@ -5,7 +5,9 @@ Features are random unit vectors around C random centres and labels their centre
 like"). Every timing is amortised over ``--iters`` steps (default 30), so centroid refreshes
 (every 10th step) and the per-step small-cluster checks are included.
 
-Printed, per backend (numpy, torch CPU):
+Each backend runs in its own child process (so that NumPy's and PyTorch's thread pools do not
+compete), and within it every number is measured in the same process. Printed, per backend
+(numpy, torch CPU):
 - the bare B x D . D x C matmul, the floor of an ODC step, timed in the same run;
 - ``OnlineDeepClustering.step`` and its ratio to that matmul (target <= 1.3);
 - for numpy, a straightforward re-statement of the reference implementation: all centroids
@@ -19,6 +21,9 @@ Usage: ``python benchmarks/odc_step.py [--n N --c C --d D --b B --iters K]``
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -89,7 +94,6 @@ def bench_backend(name: str, feats: np.ndarray, labels: np.ndarray, args: argpar
     if name == "torch":
         import torch
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         conv: Callable[[np.ndarray], Any] = torch.from_numpy
     else:
         conv = np.asarray
@@ -115,6 +119,23 @@ def bench_backend(name: str, feats: np.ndarray, labels: np.ndarray, args: argpar
     return {"backend": name, "matmul": mat, "step": step, "resync": resync, "small": small[0]}
 
 
+def worker(args: argparse.Namespace) -> dict:
+    """Measure one backend (and, for numpy, the reference) in this process."""
+    feats, labels = synthetic(args.n, args.c, args.d)
+    rng = np.random.default_rng(1)
+    batches = []
+    for _ in range(args.iters + 1):
+        idx = rng.choice(args.n, size=args.b, replace=False)
+        f = feats[idx] + 0.3 * rng.standard_normal((args.b, args.d), dtype=np.float32)
+        batches.append((idx, f))
+    row = bench_backend(args.worker, feats, labels, args, batches)
+    if args.worker == "numpy":
+        ref = ReferenceODC(feats, labels, args.c)
+        it = iter(batches * 2)
+        row["reference"] = timed(lambda: ref.step(*next(it)), args.iters)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=1_281_167)
@@ -123,33 +144,27 @@ def main() -> None:
     p.add_argument("--b", type=int, default=512)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--backends", default="numpy,torch")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
 
-    t0 = time.perf_counter()
-    feats, labels = synthetic(args.n, args.c, args.d)
-    rng = np.random.default_rng(1)
-    batches = []
-    for _ in range(args.iters + 1):
-        idx = rng.choice(args.n, size=args.b, replace=False)
-        f = feats[idx] + 0.3 * rng.standard_normal((args.b, args.d), dtype=np.float32)
-        batches.append((idx, f))
-    print(f"N={args.n:,} C={args.c:,} D={args.d} B={args.b}, {args.iters} steps each (data made in {time.perf_counter() - t0:.1f} s)")
-
+    print(f"N={args.n:,} C={args.c:,} D={args.d} B={args.b}, {args.iters} steps per backend")
     rows = []
     for name in args.backends.split(","):
-        try:
-            rows.append(bench_backend(name, feats, labels, args, batches))
-        except ImportError as exc:
-            print(f"skipping {name}: {exc}")
-    ref = ReferenceODC(feats, labels, args.c)
-    it = iter(batches * 2)
-    ref_step = timed(lambda: ref.step(*next(it)), args.iters)
+        sizes = ["--n", str(args.n), "--c", str(args.c), "--d", str(args.d), "--b", str(args.b), "--iters", str(args.iters)]
+        out = subprocess.run([sys.executable, __file__, *sizes, "--worker", name], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"skipping {name}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
     print()
     print("| backend | B×D·D×C matmul (ms) | ODC step (ms) | step / matmul | reference step (ms) | speed-up | small clusters handled | exact resync (s, every 1000 steps) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ref_cells = f"{ref_step * 1e3:.1f} | {ref_step / r['step']:.1f}×" if r["backend"] == "numpy" else "– | –"
+        ref_cells = f"{r['reference'] * 1e3:.1f} | {r['reference'] / r['step']:.1f}×" if "reference" in r else "– | –"
         print(
             f"| {r['backend']} | {r['matmul'] * 1e3:.1f} | {r['step'] * 1e3:.1f} | {r['step'] / r['matmul']:.2f} | "
             f"{ref_cells} | {r['small']} | {r['resync']:.2f} |"

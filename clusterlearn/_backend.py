@@ -124,17 +124,10 @@ def scatter_add(x: Array, index: Array, values: Array) -> Array:
     The updated accumulator, same shape and dtype as ``x``.
     """
     xp = aac.array_namespace(x)
-    values = xp.astype(values, x.dtype, copy=False)
     if isinstance(x, np.ndarray):
-        if x.ndim == 1:
-            np.add.at(x, index, values)
-            return x
-        # np.add.at is slow for rows; sort, reduce runs of equal indices, add once per index.
-        order = np.argsort(index, kind="stable")
-        sorted_index = index[order]
-        starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
-        x[sorted_index[starts]] += np.add.reduceat(values[order], starts, axis=0)
+        _numpy_scatter_add(x, np.asarray(index), np.asarray(values))
         return x
+    values = xp.astype(values, x.dtype, copy=False)
     if aac.is_torch_array(x):
         return x.index_add_(0, index, values)
     if aac.is_jax_array(x):
@@ -148,6 +141,32 @@ def scatter_add(x: Array, index: Array, values: Array) -> Array:
     if x.ndim == 1:
         return x + xp.sum(onehot * values[:, None], axis=0)
     return x + xp.matmul(xp.matrix_transpose(onehot), values)
+
+
+_NUMPY_CHUNK = 1 << 16
+
+
+def _numpy_scatter_add(x: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """In-place scatter-add for NumPy, fast for both short batches and whole data sets.
+
+    Short inputs: first occurrences by one fancy-indexed add, the (few) repeats by
+    ``np.add.at``. Long inputs (a full resync, N rows into C clusters): sorted chunks reduced
+    with ``np.add.reduceat`` in ``x``'s dtype, so nothing of size N is ever copied in float64.
+    """
+    if x.ndim == 1 or index.shape[0] <= _NUMPY_CHUNK:
+        order = np.argsort(index, kind="stable")
+        sorted_index = index[order]
+        first = np.r_[True, sorted_index[1:] != sorted_index[:-1]]
+        x[sorted_index[first]] += values[order[first]]
+        if not first.all():
+            np.add.at(x, sorted_index[~first], values[order[~first]].astype(x.dtype, copy=False))
+        return
+    order = np.argsort(index, kind="stable")
+    for start in range(0, index.shape[0], _NUMPY_CHUNK):
+        part = order[start : start + _NUMPY_CHUNK]
+        sorted_index = index[part]
+        starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
+        x[sorted_index[starts]] += np.add.reduceat(values[part], starts, axis=0, dtype=x.dtype)
 
 
 def bincount(labels: Array, length: int) -> Array:

@@ -25,19 +25,20 @@ METRICS = ("l2", "dot")
 _BLOCK_ELEMENTS = 1 << 24  # rows x clusters per score block: 64 MiB of float32
 
 
-def centroid_scores(x: Array, centroids: Array, *, metric: Metric = "l2", sq_norms: Array | None = None) -> Array:
-    """Scores to *minimise* over clusters, shape (B, C), dtype of ``x``.
+def centroid_scores(x: Array, centroids: Array, *, metric: Metric = "l2", half_sq_norms: Array | None = None) -> Array:
+    """Scores to *maximise* over clusters, shape (B, C), dtype of ``x``.
 
-    ``"l2"``: ``||c||^2 - 2 x.c`` (the squared distance minus the constant ``||x||^2``);
-    ``"dot"``: ``-x.c``. ``sq_norms`` (C,) may pass precomputed ``||c||^2``.
+    ``"l2"``: ``x.c - ||c||^2 / 2`` (half the negated squared distance, up to the constant
+    ``||x||^2 / 2``); ``"dot"``: ``x.c``. ``half_sq_norms`` (C,) may pass ``||c||^2 / 2``.
+    One matmul and, for ``"l2"``, one in-place pass over the (B, C) result.
     """
     xp = aac.array_namespace(x, centroids)
-    dots = xp.matmul(x, xp.matrix_transpose(centroids))
-    if metric == "dot":
-        return -dots
-    if sq_norms is None:
-        sq_norms = xp.sum(centroids * centroids, axis=1)
-    return sq_norms[None, :] - 2 * dots
+    scores = xp.matmul(x, xp.matrix_transpose(centroids))
+    if metric == "l2":
+        if half_sq_norms is None:
+            half_sq_norms = xp.sum(centroids * centroids, axis=1) / 2
+        scores -= half_sq_norms[None, :]  # in place where the backend allows it
+    return scores
 
 
 def nearest_centroid(
@@ -46,7 +47,7 @@ def nearest_centroid(
     *,
     metric: Metric = "l2",
     exclude: Array | None = None,
-    sq_norms: Array | None = None,
+    half_sq_norms: Array | None = None,
     return_distances: bool = False,
 ) -> Array | tuple[Array, Array]:
     """Index of the nearest centroid for every row of ``x``.
@@ -58,14 +59,14 @@ def nearest_centroid(
     metric : {"l2", "dot"}
     exclude : (C,) bool array, optional
         Clusters that may not be chosen (at least one must stay allowed).
-    sq_norms : (C,) array, optional
-        Precomputed ``||c||^2`` (``"l2"`` only).
+    half_sq_norms : (C,) array, optional
+        Precomputed ``||c||^2 / 2`` (``"l2"`` only).
     return_distances : bool
         Also return the (B,) squared L2 distance to the chosen centroid (``"l2"`` only).
 
     Returns
     -------
-    labels : (B,) array of the namespace's default integer dtype
+    labels : (B,) array of the namespace's default integer dtype; ties go to the lowest id
     distances : (B,) array, only if ``return_distances``
 
     Rows are processed in blocks so that the score matrix stays below 64 MiB.
@@ -73,20 +74,19 @@ def nearest_centroid(
     xp = aac.array_namespace(x, centroids)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if metric == "l2" and sq_norms is None:
-        sq_norms = xp.sum(centroids * centroids, axis=1)
+    if metric == "l2" and half_sq_norms is None:
+        half_sq_norms = xp.sum(centroids * centroids, axis=1) / 2
     n, k = x.shape[0], centroids.shape[0]
     block = max(1, _BLOCK_ELEMENTS // max(k, 1))
     labels, dists = [], []
     for start in range(0, n, block):
         xb = x[start : min(start + block, n), ...]
-        scores = centroid_scores(xb, centroids, metric=metric, sq_norms=sq_norms)
+        scores = centroid_scores(xb, centroids, metric=metric, half_sq_norms=half_sq_norms)
         if exclude is not None:
-            scores = xp.where(exclude[None, :], xp.asarray(float("inf"), dtype=scores.dtype), scores)
-        lab = xp.argmin(scores, axis=1)
-        labels.append(lab)
+            scores = xp.where(exclude[None, :], xp.asarray(-float("inf"), dtype=scores.dtype), scores)
+        labels.append(xp.argmax(scores, axis=1))
         if return_distances:
-            best = xp.min(scores, axis=1) + xp.sum(xb * xb, axis=1)
+            best = xp.sum(xb * xb, axis=1) - 2 * xp.max(scores, axis=1)
             dists.append(xp.clip(best, min=0.0))
     out = labels[0] if len(labels) == 1 else xp.concat(labels)
     if not return_distances:

@@ -43,7 +43,7 @@ class CentroidMemory:
         self.centroids = xp.zeros((num_clusters, feat_dim), dtype=dtype, device=device)
         self.sizes = xp.zeros((num_clusters,), dtype=B.index_dtype(xp, device), device=device)
         self.sums = xp.zeros((num_clusters, feat_dim), dtype=self.acc_dtype, device=device)
-        self._sq_norms = xp.zeros((num_clusters,), dtype=dtype, device=device)
+        self._half_sq_norms = xp.zeros((num_clusters,), dtype=dtype, device=device)
 
     def resync(self, features: Array, labels: Array) -> None:
         """Recompute ``sums`` and ``sizes`` exactly from all samples (O(N D))."""
@@ -56,11 +56,11 @@ class CentroidMemory:
         """Exact sums, sizes and centroids (members' means) from all samples."""
         self.resync(features, labels)
         self.centroids, _ = cluster_means(features, labels, self.num_clusters)
-        self._sq_norms = self.xp.sum(self.centroids * self.centroids, axis=1)
+        self._half_sq_norms = self.xp.sum(self.centroids * self.centroids, axis=1) / 2
 
     def assign(self, features: Array, *, metric: Metric = "l2", exclude: Array | None = None) -> Array:
         """(B,) nearest-centroid labels of (B, D) ``features``; see :mod:`clusterlearn.assignment`."""
-        return nearest_centroid(features, self.centroids, metric=metric, exclude=exclude, sq_norms=self._sq_norms)
+        return nearest_centroid(features, self.centroids, metric=metric, exclude=exclude, half_sq_norms=self._half_sq_norms)
 
     def move(
         self,
@@ -106,9 +106,9 @@ class CentroidMemory:
             self.centroids = means
         else:
             self.centroids = B.set_rows(self.centroids, clusters, means)
-        self._sq_norms = xp.sum(self.centroids * self.centroids, axis=1)
+        self._half_sq_norms = xp.sum(self.centroids * self.centroids, axis=1) / 2
 
     def set_centroids(self, centroids: Array) -> None:
         """Replace all centroids (loading a checkpoint)."""
         self.centroids = centroids
-        self._sq_norms = self.xp.sum(centroids * centroids, axis=1)
+        self._half_sq_norms = self.xp.sum(centroids * centroids, axis=1) / 2

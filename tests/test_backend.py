@@ -63,3 +63,15 @@ def test_convert_round_trip(backend):
 def test_accumulator_dtype_is_widest_available(backend):
     dtype = B.accumulator_dtype(backend.xp)
     assert dtype == (backend.xp.float32 if backend.name == "jax" else backend.xp.float64)
+
+
+def test_scatter_add_long_input_uses_chunked_path_exactly(backend):
+    """More rows than one NumPy chunk (a full resync): same sums as np.add.at."""
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 50, size=B._NUMPY_CHUNK + 1234)
+    vals = rng.normal(size=(idx.shape[0], 4)).astype(np.float32)
+    expected = np.zeros((50, 4))
+    np.add.at(expected, idx, vals.astype(np.float64))
+    acc = backend.xp.zeros((50, 4), dtype=B.accumulator_dtype(backend.xp))
+    out = B.scatter_add(acc, backend.asarray(idx), backend.asarray(vals))
+    np.testing.assert_allclose(backend.to_numpy(out), expected, rtol=1e-4, atol=1e-3)

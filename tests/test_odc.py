@@ -67,6 +67,7 @@ params = st.fixed_dictionaries(
         "min_size": st.integers(1, N // (2 * C)),
         "refresh": st.integers(1, 4),
         "assign": st.sampled_from(["l2", "dot"]),
+        "resync": st.sampled_from([1, 3, 1000]),  # exact recompute of the sums vs incremental
     }
 )
 
@@ -78,7 +79,7 @@ def test_stream_invariants(backend):
         x0, batches = make_stream(p["seed"], steps=10)
         odc = cl.OnlineDeepClustering(
             N, C, D, momentum=p["momentum"], min_cluster_size=p["min_size"], centroid_update_interval=p["refresh"],
-            assign=p["assign"], seed=p["seed"], like=backend.asarray(np.zeros(1)),
+            assign=p["assign"], seed=p["seed"], resync_interval=p["resync"], like=backend.asarray(np.zeros(1)),
         )
         odc.initialize(backend.asarray(x0))
         check_invariants(odc, p["min_size"])
