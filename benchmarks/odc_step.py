@@ -164,9 +164,9 @@ def main() -> None:
     print("| backend | B×D·D×C matmul (ms) | ODC step (ms) | step / matmul | reference step (ms) | speed-up | small clusters handled | exact resync (s, every 1000 steps) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ref_cells = f"{r['reference'] * 1e3:.1f} | {r['reference'] / r['step']:.1f}×" if "reference" in r else "– | –"
+        ref_cells = f"{r['reference'] * 1e3:.3g} | {r['reference'] / r['step']:.1f}×" if "reference" in r else "– | –"
         print(
-            f"| {r['backend']} | {r['matmul'] * 1e3:.1f} | {r['step'] * 1e3:.1f} | {r['step'] / r['matmul']:.2f} | "
+            f"| {r['backend']} | {r['matmul'] * 1e3:.3g} | {r['step'] * 1e3:.3g} | {r['step'] / r['matmul']:.2f} | "
             f"{ref_cells} | {r['small']} | {r['resync']:.2f} |"
         )
     print("\nreference = the reference implementation's memory work restated in NumPy (see module docstring)")

@@ -1,0 +1,28 @@
+"""The demo and the benchmarks run end to end at tiny sizes (so they cannot rot)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_odc_demo_prints_nmi_per_epoch_and_baseline():
+    text = run("examples/digits_odc_demo.py", "--epochs", "2")
+    assert "k-means on raw pixels" in text
+    assert text.count("NMI") >= 4
+    assert "epoch 2:" in text
+
+
+def test_odc_step_benchmark_prints_measured_table():
+    text = run("benchmarks/odc_step.py", "--n", "4000", "--c", "40", "--d", "16", "--b", "64", "--iters", "3", "--backends", "numpy,torch")
+    rows = [line for line in text.splitlines() if line.startswith("| numpy") or line.startswith("| torch")]
+    assert len(rows) == 2, text
+    cells = rows[0].split("|")
+    assert float(cells[2]) > 0 and float(cells[3]) > 0  # measured milliseconds
