@@ -21,12 +21,15 @@ $(VENV)/.test: $(VENV)/.created pyproject.toml constraints.txt
 
 demo: $(VENV)/.demo
 	$(PY) examples/digits_odc_demo.py
+	@echo
+	$(PY) examples/digits_deepcluster_demo.py
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/odc_step.py
+	$(PY) benchmarks/kmeans.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -8,6 +8,7 @@ arrays; it imports no deep-learning framework. Framework glue lives in
 from . import metrics
 from .assignment import nearest_centroid
 from .centroid_memory import CentroidMemory
+from .deepcluster import DeepClusterEpoch, DeepClusterLabeler
 from .kmeans import KMeansResult, kmeans
 from .odc import NotInitializedError, OnlineDeepClustering
 from .pca import PCAWhitening, pca_whiten_l2
@@ -20,6 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CentroidMemory",
+    "DeepClusterEpoch",
+    "DeepClusterLabeler",
     "KMeansResult",
     "LossReweighter",
     "NotInitializedError",

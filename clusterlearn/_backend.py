@@ -144,29 +144,30 @@ def scatter_add(x: Array, index: Array, values: Array) -> Array:
 
 
 _NUMPY_CHUNK = 1 << 16
+_NUMPY_FEW_REPEATS = 2048
 
 
 def _numpy_scatter_add(x: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
-    """In-place scatter-add for NumPy, fast for both short batches and whole data sets.
+    """In-place scatter-add for NumPy, fast for ODC batches and for whole data sets alike.
 
-    Short inputs: first occurrences by one fancy-indexed add, the (few) repeats by
-    ``np.add.at``. Long inputs (a full resync, N rows into C clusters): sorted chunks reduced
-    with ``np.add.reduceat`` in ``x``'s dtype, so nothing of size N is ever copied in float64.
+    Few repeated indices (an ODC batch): first occurrences by one fancy-indexed add, the
+    repeats by ``np.add.at``. Many (N points into k clusters): sorted chunks reduced with
+    ``np.add.reduceat`` in ``x``'s dtype, so nothing of size N is copied in float64.
     """
-    if x.ndim == 1 or index.shape[0] <= _NUMPY_CHUNK:
-        order = np.argsort(index, kind="stable")
-        sorted_index = index[order]
-        first = np.r_[True, sorted_index[1:] != sorted_index[:-1]]
+    order = np.argsort(index, kind="stable")
+    sorted_index = index[order]
+    first = np.r_[True, sorted_index[1:] != sorted_index[:-1]]
+    repeats = index.shape[0] - int(np.count_nonzero(first))
+    if x.ndim == 1 or repeats <= _NUMPY_FEW_REPEATS:
         x[sorted_index[first]] += values[order[first]]
-        if not first.all():
+        if repeats:
             np.add.at(x, sorted_index[~first], values[order[~first]].astype(x.dtype, copy=False))
         return
-    order = np.argsort(index, kind="stable")
     for start in range(0, index.shape[0], _NUMPY_CHUNK):
         part = order[start : start + _NUMPY_CHUNK]
-        sorted_index = index[part]
-        starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
-        x[sorted_index[starts]] += np.add.reduceat(values[part], starts, axis=0, dtype=x.dtype)
+        chunk_index = sorted_index[start : start + _NUMPY_CHUNK]
+        starts = np.flatnonzero(np.r_[True, chunk_index[1:] != chunk_index[:-1]])
+        x[chunk_index[starts]] += np.add.reduceat(values[part], starts, axis=0, dtype=x.dtype)
 
 
 def bincount(labels: Array, length: int) -> Array:

@@ -145,7 +145,9 @@ class SmallClusterHandler:
         cheap on any device, and every backend gets bit-identical splits.
         """
         m = feats.shape[0]
-        halves = kmeans(feats, 2, n_iter=self.split_iters, seed=int(B.rng(self.seed, key, e).integers(2**31)))
+        halves = kmeans(
+            feats, 2, n_iter=self.split_iters, seed=int(B.rng(self.seed, key, e).integers(2**31)), backend="array"
+        )  # array backend: k-means++ splits, identical whether or not faiss is installed
         second = halves.labels == 1
         target = min(self.min_cluster_size, m // 2)
         count = int(second.sum())

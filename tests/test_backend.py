@@ -65,8 +65,8 @@ def test_accumulator_dtype_is_widest_available(backend):
     assert dtype == (backend.xp.float32 if backend.name == "jax" else backend.xp.float64)
 
 
-def test_scatter_add_long_input_uses_chunked_path_exactly(backend):
-    """More rows than one NumPy chunk (a full resync): same sums as np.add.at."""
+def test_scatter_add_many_repeats_uses_chunked_path_exactly(backend):
+    """Many repeats over several NumPy chunks (a full resync): same sums as np.add.at."""
     rng = np.random.default_rng(0)
     idx = rng.integers(0, 50, size=B._NUMPY_CHUNK + 1234)
     vals = rng.normal(size=(idx.shape[0], 4)).astype(np.float32)

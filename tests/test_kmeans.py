@@ -1,4 +1,11 @@
-"""k-means: never an empty cluster, monotone objective, same result on every backend."""
+"""k-means: never an empty cluster, monotone objective, same result on every backend.
+
+The array backend (Lloyd's algorithm in the caller's namespace) and the faiss backend (host
+faiss, results converted back) are tested separately, then against each other.
+"""
+
+import importlib
+import sys
 
 import numpy as np
 import pytest
@@ -6,7 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import clusterlearn as cl
+from clusterlearn._faiss import faiss_available
 from clusterlearn.kmeans import relocate_empty
+
+kmeans_module = importlib.import_module("clusterlearn.kmeans")  # the package attribute is the function
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 
 
 def planted(seed, n=120, k=4, d=5, spread=0.05, duplicates=0):
@@ -22,7 +33,7 @@ def planted(seed, n=120, k=4, d=5, spread=0.05, duplicates=0):
 @given(seed=st.integers(0, 10_000), k=st.integers(1, 12), dup=st.integers(0, 100), init=st.sampled_from(["k-means++", "random"]))
 def test_kmeans_invariants(backend, seed, k, dup, init):
     x = planted(seed, duplicates=dup)
-    res = cl.kmeans(backend.asarray(x), k, n_iter=8, seed=seed, init=init)
+    res = cl.kmeans(backend.asarray(x), k, n_iter=8, seed=seed, init=init, backend="array")
     labels = backend.to_numpy(res.labels)
     assert labels.shape == (x.shape[0],)
     assert labels.min() >= 0 and labels.max() < k
@@ -43,17 +54,17 @@ def test_kmeans_recovers_planted_clusters_and_agrees_across_backends(backend):
     from sklearn.metrics import normalized_mutual_info_score
 
     x = planted(3, n=300, k=5, spread=0.05)
-    truth = cl.kmeans(x, 5, seed=1).labels
-    res = cl.kmeans(backend.asarray(x), 5, seed=1)
-    np.testing.assert_array_equal(backend.to_numpy(res.labels), truth)
-    assert normalized_mutual_info_score(truth, backend.to_numpy(res.labels)) == 1.0
-    np.testing.assert_allclose(backend.to_numpy(res.centroids), cl.kmeans(x, 5, seed=1).centroids, atol=1e-5)
+    ref = cl.kmeans(x, 5, seed=1, backend="array")
+    res = cl.kmeans(backend.asarray(x), 5, seed=1, backend="array")
+    np.testing.assert_array_equal(backend.to_numpy(res.labels), ref.labels)
+    assert normalized_mutual_info_score(ref.labels, backend.to_numpy(res.labels)) == 1.0
+    np.testing.assert_allclose(backend.to_numpy(res.centroids), ref.centroids, atol=1e-5)
 
 
 def test_kmeans_repairs_empty_clusters_and_counts_them():
     x = np.zeros((50, 3), dtype=np.float32)  # all identical: every cluster but one starts empty
     x[-3:] += np.eye(3, dtype=np.float32)
-    res = cl.kmeans(x, 4, seed=0, init="random")  # random init picks equal points
+    res = cl.kmeans(x, 4, seed=0, init="random", backend="array")  # random init picks equal points
     assert (np.bincount(res.labels, minlength=4) > 0).all()
     assert res.n_empty_fixed > 0
 
@@ -79,6 +90,173 @@ def test_relocate_empty_takes_farthest_members_without_emptying_donors():
         (np.zeros((5, 2), np.float32), 0, ValueError, "k must be >= 1"),
     ],
 )
-def test_kmeans_bad_input(x, k, err, match):
+@pytest.mark.parametrize("method", ["auto", "array", pytest.param("faiss", marks=needs_faiss)])
+def test_kmeans_bad_input(x, k, err, match, method):
     with pytest.raises(err, match=match):
-        cl.kmeans(x, k)
+        cl.kmeans(x, k, backend=method)
+
+
+# ----------------------------------------------------------------------------- backends
+def separated(seed, n, k, d, sep=50.0):
+    """(n, d) float32 points around k centres at least ``sep`` from the origin, and their truth."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d))
+    centres *= sep / np.linalg.norm(centres, axis=1, keepdims=True).min()
+    truth = np.arange(n) % k
+    return (centres[truth] + rng.normal(size=(n, d))).astype(np.float32), truth
+
+
+def nmi(a, b):
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return normalized_mutual_info_score(a, b)
+
+
+@needs_faiss
+@settings(max_examples=8)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 12), dup=st.integers(0, 100))
+def test_faiss_backend_invariants(backend, seed, k, dup):
+    x = planted(seed, duplicates=dup)
+    xb = backend.asarray(x)
+    res = cl.kmeans(xb, k, n_iter=8, seed=seed, backend="faiss")
+    labels, centroids = backend.to_numpy(res.labels), backend.to_numpy(res.centroids)
+    assert B_namespace_of(res.labels) is B_namespace_of(xb)
+    assert res.labels.dtype == backend.xp.__array_namespace_info__().default_dtypes()["integral"]
+    assert res.centroids.dtype == xb.dtype and centroids.shape == (k, x.shape[1])
+    assert labels.min() >= 0 and labels.max() < k
+    assert (np.bincount(labels, minlength=k) > 0).all(), "empty cluster returned"
+    d2 = ((x[:, None, :].astype(np.float64) - centroids[None].astype(np.float64)) ** 2).sum(-1)
+    own = d2[np.arange(len(x)), labels]
+    if res.n_empty_fixed == 0:  # otherwise a re-seeded point may sit off its nearest centroid
+        np.testing.assert_array_less(own, d2.min(axis=1) * (1 + 1e-4) + 1e-4)
+    assert res.inertia == pytest.approx(own.sum(), rel=1e-4, abs=1e-4)
+    assert len(res.inertia_history) == res.n_iter + 1 and res.inertia_history[-1] == res.inertia
+    assert 1 <= res.n_iter <= 8 and res.n_empty_fixed >= 0
+
+
+@needs_faiss
+def test_faiss_backend_keeps_dtype_and_repairs_empty_clusters(monkeypatch):
+    # Three distinct points for three clusters: faiss' split copies of a duplicated start tie.
+    fixed = 0
+    for seed in range(5):
+        points = np.random.default_rng(seed).normal(size=(3, 3))
+        x = np.repeat(points, [50, 50, 1], axis=0)  # float64: faiss works in float32
+        res = cl.kmeans(x, 3, seed=seed, backend="faiss")
+        assert res.centroids.dtype == np.float64
+        assert (np.bincount(res.labels, minlength=3) > 0).all()
+        fixed += res.n_empty_fixed
+    assert fixed > 0
+
+
+@needs_faiss
+@settings(max_examples=4)
+@given(seed=st.integers(0, 2**20), d=st.integers(2, 16), share=st.floats(0.1, 0.9))
+def test_array_and_faiss_agree_on_two_components(backend, seed, d, share):
+    # With two components no start can trap Lloyd's algorithm, whatever the initialisation.
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(2, d))
+    centres *= 30.0 / np.linalg.norm(centres[0] - centres[1])
+    truth = (rng.random(200) < share).astype(np.int64)
+    truth[:2] = [0, 1]
+    x = backend.asarray((centres[truth] + rng.normal(size=(200, d))).astype(np.float32))
+    a = backend.to_numpy(cl.kmeans(x, 2, seed=seed, backend="array").labels)
+    f = backend.to_numpy(cl.kmeans(x, 2, seed=seed, backend="faiss").labels)
+    assert nmi(a, f) >= 0.99 and nmi(truth, a) >= 0.99
+
+
+# faiss starts from k random points, so with k > 2 components two starts can share one
+# component and Lloyd's algorithm stays trapped (k-means++ spreads the starts). These seeds
+# are ones where faiss' draw covers every component. The array backend runs on NumPy only: it
+# gives the same labels on every backend (test above), and eager JAX makes it slow.
+@needs_faiss
+@pytest.mark.parametrize(("k", "seed"), [(3, 0), (4, 3), (6, 7), (8, 8)])
+def test_array_and_faiss_agree_on_separated_mixtures(backend, k, seed):
+    x, truth = separated(seed, 60 * k, k, 8)
+    a = cl.kmeans(x, k, seed=seed, backend="array").labels
+    f = backend.to_numpy(cl.kmeans(backend.asarray(x), k, seed=seed, backend="faiss").labels)
+    assert nmi(a, f) >= 0.99 and nmi(truth, a) >= 0.99
+
+
+@needs_faiss
+def test_auto_faiss_path_gives_the_same_result_on_every_backend(backend):
+    x, _ = separated(5, 300, 6, 8)
+    ref = cl.kmeans(x, 6, seed=2)
+    res = cl.kmeans(backend.asarray(x), 6, seed=2)
+    np.testing.assert_array_equal(backend.to_numpy(res.labels), ref.labels)
+    np.testing.assert_array_equal(backend.to_numpy(res.centroids), ref.centroids)
+    assert res.inertia_history == ref.inertia_history
+
+
+class FaissSpy:
+    """Stands in for ``faiss_kmeans`` inside clusterlearn.kmeans: records the ``gpu`` flag asked
+    for, then runs faiss on the CPU (this machine may have no GPU)."""
+
+    def __init__(self, monkeypatch, gpu_available=False, on_cuda=False):
+        self.calls = []
+        real = kmeans_module.faiss_kmeans
+        monkeypatch.setattr(kmeans_module, "faiss_available", lambda: True)
+        monkeypatch.setattr(kmeans_module, "faiss_gpu_available", lambda: gpu_available)
+        monkeypatch.setattr(kmeans_module, "_on_cuda", lambda x: on_cuda)
+
+        def spy(x, k, *, gpu, **kwargs):
+            self.calls.append(gpu)
+            return real(x, k, gpu=False, **kwargs)
+
+        monkeypatch.setattr(kmeans_module, "faiss_kmeans", spy)
+
+
+@needs_faiss
+@pytest.mark.parametrize(
+    ("kwargs", "uses_faiss"),
+    [
+        ({}, True),
+        ({"init": "random"}, True),
+        ({"init": "k-means++"}, False),  # faiss has no k-means++
+        ({"n_iter": 0}, False),  # faiss runs at least one iteration
+        ({"seed": 2**31}, False),  # faiss' seed is a C int
+        ({"backend": "array"}, False),
+        ({"backend": "faiss"}, True),
+    ],
+)
+def test_auto_picks_faiss_when_it_can_serve_the_call(monkeypatch, kwargs, uses_faiss):
+    spy = FaissSpy(monkeypatch)
+    res = cl.kmeans(planted(0), 3, **kwargs)
+    assert spy.calls == ([False] if uses_faiss else [])
+    assert (np.bincount(res.labels, minlength=3) > 0).all()
+
+
+@needs_faiss
+@pytest.mark.parametrize(
+    ("gpu_available", "method", "expected"),
+    [(True, "auto", [True]), (False, "auto", []), (False, "faiss", [False])],
+)
+def test_cuda_input_uses_a_gpu_index_or_stays_on_the_array_backend(monkeypatch, gpu_available, method, expected):
+    spy = FaissSpy(monkeypatch, gpu_available=gpu_available, on_cuda=True)
+    cl.kmeans(planted(0), 3, backend=method)
+    assert spy.calls == expected
+
+
+def test_without_faiss_auto_falls_back_and_faiss_raises(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    x = planted(1)
+    auto, array = cl.kmeans(x, 4, seed=3), cl.kmeans(x, 4, seed=3, backend="array")
+    np.testing.assert_array_equal(auto.labels, array.labels)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        cl.kmeans(x, 4, backend="faiss")
+
+
+@needs_faiss
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backend": "faiss", "init": "k-means++"}, "random points only"),
+        ({"backend": "faiss", "n_iter": 0}, "at least one iteration"),
+        ({"backend": "faiss", "seed": 2**31}, "seed <="),
+        ({"backend": "sklearn"}, "backend must be one of"),
+        ({"init": "kmeans++"}, "init must be"),
+        ({"seed": -1}, "seed must be >= 0"),
+    ],
+)
+def test_kmeans_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cl.kmeans(planted(0), 3, **kwargs)

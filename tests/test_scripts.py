@@ -26,3 +26,15 @@ def test_odc_step_benchmark_prints_measured_table():
     assert len(rows) == 2, text
     cells = rows[0].split("|")
     assert float(cells[2]) > 0 and float(cells[3]) > 0  # measured milliseconds
+
+
+def test_deepcluster_demo_prints_scores_next_to_kmeans():
+    text = run("examples/digits_deepcluster_demo.py", "--epochs", "2")
+    assert "plain k-means on raw pixels" in text
+    assert "epoch 1:" in text and "NMI vs previous epoch" in text
+
+
+def test_kmeans_benchmark_prints_measured_table():
+    text = run("benchmarks/kmeans.py", "--n", "2000", "--d", "16", "--k", "20", "--iters", "3")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) >= 5, text  # header + faiss direct, faiss path, numpy array, torch array
