@@ -15,6 +15,7 @@ from .pca import PCAWhitening, pca_whiten_l2
 from .reweighting import LossReweighter, reweight
 from .sample_memory import SampleMemory, l2_normalize, merge_duplicates, momentum_update
 from .sampler import UniformLabelSampler
+from .self_classifier import SelfClassifierLoss, self_classifier_loss
 from .small_clusters import SmallClusterHandler, SmallClusterStats
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "OnlineDeepClustering",
     "PCAWhitening",
     "SampleMemory",
+    "SelfClassifierLoss",
     "SmallClusterHandler",
     "SmallClusterStats",
     "UniformLabelSampler",
@@ -40,4 +42,5 @@ __all__ = [
     "nearest_centroid",
     "pca_whiten_l2",
     "reweight",
+    "self_classifier_loss",
 ]

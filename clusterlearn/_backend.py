@@ -60,8 +60,8 @@ def namespace(**arrays: Array) -> ModuleType:
 
 def to_numpy(x: Array) -> np.ndarray:
     """Copy-free where possible host NumPy view of any supported array (detached, on CPU)."""
-    if isinstance(x, np.ndarray):
-        return x
+    if isinstance(x, (np.ndarray, np.generic)):
+        return np.asarray(x)
     if aac.is_torch_array(x):
         return x.detach().cpu().numpy()
     if aac.is_cupy_array(x):

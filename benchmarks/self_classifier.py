@@ -1,0 +1,184 @@
+"""Forward + backward time of SelfClassifierLoss relative to plain cross-entropy, on CPU.
+
+For each batch size N and class count C, two views of float32 logits (N, C) are drawn once.
+The baseline is plain cross-entropy on the same two logits arrays with fixed random labels
+(the sum of one cross-entropy per view), timed in the same run:
+
+- torch: ``torch.nn.functional.cross_entropy`` and ``SelfClassifierLoss()(a, b)``, eager,
+  ``loss.backward()`` on leaf tensors;
+- jax: ``jax.jit(jax.value_and_grad(f, argnums=(0, 1)))`` of a log-softmax cross-entropy
+  written with ``jax.nn.log_softmax`` and of ``SelfClassifierLoss()(a, b)`` (compilation
+  excluded: one warm-up call first).
+
+Times are the best of interleaved repeats (fewer repeats at large sizes; one warm-up call
+each). "without finite check" is the torch loss with ``check_finite=False`` (the finiteness
+check reads the logits once more). The table is printed in Markdown; every number in it is
+measured by this run. ``--threads`` sets torch's intra-op threads and ``--flush-denormal``
+calls ``torch.set_flush_denormal(True)`` (denormal numbers in the backward pass are slow on
+x86 CPUs).
+
+Usage::
+
+    python benchmarks/self_classifier.py            # N in {512, 4096}, C in {1000, 8000}
+    python benchmarks/self_classifier.py --quick    # N in {128, 512}, C in {100, 1000}
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from clusterlearn.self_classifier import SelfClassifierLoss  # noqa: E402
+
+
+def best_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best (minimum) wall time in seconds of each step over ``repeats`` interleaved rounds.
+
+    Each step must block until its result is ready. One warm-up call each (JAX compiles
+    there). The steps alternate within every round, so load from other processes hits them
+    alike; the minimum is the least disturbed measurement.
+    """
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
+
+
+def repeats_for(n: int, c: int, quick: bool) -> int:
+    size = n * c
+    if size <= 1_000_000:
+        return 10 if quick else 7
+    if size <= 5_000_000:
+        return 5
+    return 3
+
+
+def bench_torch(a_np: np.ndarray, b_np: np.ndarray, labels: tuple[np.ndarray, np.ndarray], repeats: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    a = torch.tensor(a_np, requires_grad=True)
+    b = torch.tensor(b_np, requires_grad=True)
+    y1, y2 = (torch.tensor(y) for y in labels)
+
+    def run(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            a.grad = None
+            b.grad = None
+            loss_fn().backward()
+
+        return step
+
+    sc = SelfClassifierLoss()
+    sc_nocheck = SelfClassifierLoss(check_finite=False)
+    steps = {
+        "ce": run(lambda: F.cross_entropy(a, y1) + F.cross_entropy(b, y2)),
+        "sc": run(lambda: sc(a, b)),
+        "sc_nocheck": run(lambda: sc_nocheck(a, b)),
+    }
+    return best_times(steps, repeats)
+
+
+def bench_jax(a_np: np.ndarray, b_np: np.ndarray, labels: tuple[np.ndarray, np.ndarray], repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(a_np)
+    b = jnp.asarray(b_np)
+    y1, y2 = (jnp.asarray(y) for y in labels)
+
+    def cross_entropy(x: jax.Array, y: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(x, axis=1)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+    sc = SelfClassifierLoss()
+    ce_step = jax.jit(jax.value_and_grad(lambda p, q: cross_entropy(p, y1) + cross_entropy(q, y2), argnums=(0, 1)))
+    sc_step = jax.jit(jax.value_and_grad(lambda p, q: sc(p, q), argnums=(0, 1)))
+
+    def run(step: Callable) -> Callable[[], None]:
+        return lambda: jax.block_until_ready(step(a, b))
+
+    return best_times({"ce": run(ce_step), "sc": run(sc_step)}, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (N in {128, 512}, C in {100, 1000})")
+    parser.add_argument("--backends", default="torch,jax", help="comma-separated subset of torch,jax")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+    )
+    parser.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
+    args = parser.parse_args()
+    if "torch" in args.backends:
+        import torch
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        if args.flush_denormal and not torch.set_flush_denormal(True):
+            print("note: this CPU does not support flushing denormals")
+
+    sizes_n = (128, 512) if args.quick else (512, 4096)
+    sizes_c = (100, 1000) if args.quick else (1000, 8000)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in ("torch", "jax"):
+            parser.error(f"unknown backend {b!r}")
+
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for n in sizes_n:
+        for c in sizes_c:
+            a = rng.standard_normal((n, c), dtype=np.float32)
+            b = rng.standard_normal((n, c), dtype=np.float32)
+            labels = (rng.integers(0, c, n), rng.integers(0, c, n))
+            repeats = repeats_for(n, c, args.quick)
+            for backend in backends:
+                result = (bench_torch if backend == "torch" else bench_jax)(a, b, labels, repeats)
+                rows.append((backend, n, c, repeats, result))
+                print(f"  {backend:5s} N={n:5d} C={c:5d}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in result.items()), flush=True)
+
+    versions = []
+    for name in backends:
+        mod = __import__(name)
+        versions.append(f"{name} {mod.__version__}")
+    threads = ftz = ""
+    if "torch" in backends:
+        import torch
+
+        threads = f", torch threads {torch.get_num_threads()}"
+        ftz = ", torch flush-denormal on" if args.flush_denormal else ""
+    print()
+    print(
+        f"Forward+backward, two views, float32, CPU ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores{threads}{ftz}; {', '.join(versions)}). Best of the repeats shown."
+    )
+    print()
+    print("| backend | N | C | repeats | cross-entropy (ms) | SelfClassifierLoss (ms) | ratio | without finite check (ms) | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for backend, n, c, repeats, r in rows:
+        nocheck = r.get("sc_nocheck")
+        extra = (
+            f"{nocheck * 1e3:.2f} | {nocheck / r['ce']:.2f}×" if nocheck is not None else "n/a (jit: no check) | –"
+        )
+        print(
+            f"| {backend} | {n} | {c} | {repeats} | {r['ce'] * 1e3:.2f} | {r['sc'] * 1e3:.2f} | "
+            f"{r['sc'] / r['ce']:.2f}× | {extra} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
