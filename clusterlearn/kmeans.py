@@ -52,7 +52,8 @@ class KMeansResult:
     Attributes
     ----------
     centroids : (k, D) array, dtype and namespace of the input
-        Mean of each cluster's members.
+        The centroids the final labels were assigned to; equal to the members' means once
+        the run has converged (a re-seeded cluster's centroid is its seed point).
     labels : (N,) integer array
         Cluster of every point; every cluster in [0, k) has at least one member.
     inertia : float
