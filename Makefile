@@ -30,6 +30,7 @@ test: $(VENV)/.test
 bench: $(VENV)/.test
 	$(PY) benchmarks/odc_step.py
 	$(PY) benchmarks/kmeans.py
+	$(PY) benchmarks/self_classifier.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

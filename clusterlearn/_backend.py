@@ -84,6 +84,8 @@ def convert(x: Array, xp: ModuleType, device: Any = None) -> Array:
     if aac.array_namespace(x) is xp:
         return x if device is None or aac.device(x) == device else aac.to_device(x, device)
     host = to_numpy(x)
+    if not host.flags.writeable:  # e.g. a view of a JAX buffer; torch warns on those
+        host = host.copy()
     return xp.asarray(host) if device is None else xp.asarray(host, device=device)
 
 

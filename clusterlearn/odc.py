@@ -41,6 +41,14 @@ __all__ = ["OnlineDeepClustering", "NotInitializedError"]
 _STATE_ARRAYS = ("features", "labels", "centroids", "sizes", "sums")
 
 
+def _scalar(value: Any) -> Any:
+    """A Python number from a number or a 0-d array (as ``np.savez``/``torch.load`` return)."""
+    if aac.is_array_api_obj(value) and value.ndim == 0:
+        xp = B.namespace(value=value)
+        return int(value) if xp.isdtype(value.dtype, "integral") else float(value)
+    return value
+
+
 class NotInitializedError(ValueError, AttributeError):
     """Raised when the memories are used before :meth:`OnlineDeepClustering.initialize`."""
 
@@ -55,15 +63,16 @@ class OnlineDeepClustering:
     feat_dim : D, feature dimension of the neck output (256)
     momentum : weight of the fresh feature in the memory update (0.5)
     min_cluster_size : clusters below this are dissolved and re-seeded (20);
-        ``num_clusters * min_cluster_size`` may not exceed ``num_samples``
+        ``num_clusters * min_cluster_size`` may not exceed ``num_samples``. 1 only refills
+        empty clusters; 0 switches handling off (clusters may then empty out)
     centroid_update_interval : refresh all centroids every this many steps (10)
     small_cluster_interval : handle small clusters every this many steps (1)
     reweight_power : p in ``w_c ∝ n_c ** -p`` (0.5)
     assign : ``"l2"`` (nearest centroid in L2, the paper) or ``"dot"`` (largest dot product
         with un-normalised centroids, the reference code); see :mod:`clusterlearn.assignment`
     seed : seeds initial k-means and the 2-means splits (results are deterministic)
-    like : array whose namespace, device and floating dtype the memory takes (NumPy float32
-        when omitted); inputs of other namespaces are converted, outputs returned in the
+    like : array whose namespace and device the memory takes, and its dtype if floating
+        (float32 otherwise; NumPy float32 when omitted); inputs of other namespaces are converted, outputs returned in the
         caller's namespace and on its device
     device : device of the memory, overriding ``like``'s
     resync_interval : every this many steps the per-cluster sums are recomputed exactly from
@@ -129,16 +138,19 @@ class OnlineDeepClustering:
     @property
     def labels(self) -> Array:
         """(N,) pseudo-labels of all samples (memory namespace)."""
+        self._require_initialized()
         return self.samples.labels
 
     @property
     def features(self) -> Array:
         """(N, D) unit-norm memory features (memory namespace)."""
+        self._require_initialized()
         return self.samples.features
 
     @property
     def cluster_sizes(self) -> Array:
         """(C,) number of samples per cluster, equal to ``bincount(labels, C)``."""
+        self._require_initialized()
         return self.centroids.sizes
 
     def __repr__(self) -> str:
@@ -190,12 +202,16 @@ class OnlineDeepClustering:
     def loss_weights(self, like: Array | None = None) -> Array:
         """(C,) class weights ``w_c ∝ n_c ** -p`` over non-empty clusters, summing to 1.
 
-        O(C) from the incrementally kept sizes. Returned in the memory's namespace, or in
-        ``like``'s namespace and on its device.
+        O(C) from the incrementally kept sizes. float32 in the memory's namespace, or in
+        ``like``'s namespace, on its device and (if floating, e.g. bfloat16 logits) its dtype.
         """
         self._require_initialized()
         w = self.reweighter(self.centroids.sizes)
-        return w if like is None else B.convert(w, B.namespace(like=like), aac.device(like))
+        if like is None:
+            return w
+        xp = B.namespace(like=like)
+        w = B.convert(w, xp, aac.device(like))
+        return xp.astype(w, like.dtype) if xp.isdtype(like.dtype, "real floating") else w
 
     def step(self, indices: Array, features: Array) -> dict[str, float | int | bool]:
         """One ODC memory iteration on a batch (after the optimiser step).
@@ -271,13 +287,13 @@ class OnlineDeepClustering:
             raise ValueError(f"state is missing keys {missing}")
         n, k, d = self.num_samples, self.num_clusters, self.feat_dim
         for key, want in (("num_samples", n), ("num_clusters", k), ("feat_dim", d)):
-            if key in state and int(state[key]) != want:
-                raise ValueError(f"state[{key!r}] is {int(state[key])}, this object has {want}")
+            if key in state and check_int(_scalar(state[key]), f"state[{key!r}]") != want:
+                raise ValueError(f"state[{key!r}] is {_scalar(state[key])}, this object has {want}")
         check_features(state["features"], "state['features']", dim=d, rows=n)
         check_features(state["centroids"], "state['centroids']", dim=d, rows=k)
         check_features(state["sums"], "state['sums']", dim=d, rows=k)
         check_labels(state["labels"], "state['labels']", upper=k, length=n)
-        iteration = check_int(state["iteration"], "state['iteration']", minimum=0)
+        iteration = check_int(_scalar(state["iteration"]), "state['iteration']", minimum=0)
         s, c = self.samples, self.centroids
         labels, sizes = self._copy(state["labels"]), self._copy(state["sizes"])
         if tuple(sizes.shape) != (k,) or not bool(s.xp.all(B.bincount(labels, k) == sizes)):

@@ -1,6 +1,6 @@
 """Self-Classifier loss (Amrani et al., ECCV 2022): stable, multi-view, multi-head, global batch.
 
-Specification: ``shared/specs/self_classifier.md``. For logits ``s`` of shape ``(N, C)`` (N
+Amrani, Karlinsky, Bronstein, "Self-Supervised Classification Network" (arXiv 2103.10994). For logits ``s`` of shape ``(N, C)`` (N
 samples, C classes) and temperatures ``τ_row`` (0.1) and ``τ_col`` (0.05)::
 
     target(s)[n, y] = p(x_n | y) / Σ_ỹ p(x_n | ỹ)          p(x|y) = softmax over dim 0 of s / τ_col

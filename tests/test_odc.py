@@ -131,7 +131,8 @@ def test_loss_weights_formula(backend):
         w = n**-0.7 / (n**-0.7).sum()
         np.testing.assert_allclose(backend.to_numpy(odc.loss_weights()), w, rtol=1e-5)
     torch = pytest.importorskip("torch")
-    assert isinstance(odc.loss_weights(like=torch.zeros(1)), torch.Tensor)
+    w = odc.loss_weights(like=torch.zeros(1, dtype=torch.bfloat16))  # bf16 logits: bf16 weights
+    assert isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16
 
 
 def test_reweight_zero_for_empty_and_validates():
@@ -282,7 +283,15 @@ def test_inputs_of_another_namespace_are_converted(backend):
 
 def test_use_before_initialize():
     odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5)
-    for call in (lambda: odc.step(np.arange(3), np.zeros((3, D), np.float32)), lambda: odc.labels_of(np.arange(3)), odc.loss_weights, odc.state_dict):
+    calls = (
+        lambda: odc.step(np.arange(3), np.zeros((3, D), np.float32)),
+        lambda: odc.labels_of(np.arange(3)),
+        odc.loss_weights,
+        odc.state_dict,
+        lambda: odc.labels,
+        lambda: odc.cluster_sizes,
+    )
+    for call in calls:
         with pytest.raises(cl.NotInitializedError, match="initialize"):
             call()
     assert issubclass(cl.NotInitializedError, ValueError)
@@ -320,3 +329,16 @@ def test_bad_initialize_and_state():
         odc.load_state_dict(state)
     with pytest.raises(ValueError, match="missing keys"):
         odc.load_state_dict({"features": x0})
+
+
+def test_state_dict_survives_npz_round_trip(tmp_path):
+    """np.savez turns the ints into 0-d arrays; loading accepts them."""
+    x0, batches = make_stream(10, steps=2)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5)
+    odc.initialize(x0)
+    odc.step(*batches[0])
+    np.savez(tmp_path / "odc.npz", **odc.state_dict())
+    other = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5)
+    other.load_state_dict(dict(np.load(tmp_path / "odc.npz")))
+    assert other.iteration == 1
+    assert odc.step(*batches[1]) == other.step(*batches[1])

@@ -26,7 +26,7 @@ TAU_ROW, TAU_COL, EPS = 0.1, 0.05, 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
-# float64 NumPy transcription of the specification (shared/specs/self_classifier.md), written
+# float64 NumPy transcription of the specification (the Self-Classifier paper, arXiv 2103.10994), written
 # plainly: softmax, L1 normalisation, log of (N/C)·pred + eps.
 # ---------------------------------------------------------------------------------------------
 
