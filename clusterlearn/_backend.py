@@ -146,30 +146,35 @@ def scatter_add(x: Array, index: Array, values: Array) -> Array:
 
 
 _NUMPY_CHUNK = 1 << 16
-_NUMPY_FEW_REPEATS = 2048
+_NUMPY_MAX_ROUNDS = 16
 
 
 def _numpy_scatter_add(x: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
     """In-place scatter-add for NumPy, fast for ODC batches and for whole data sets alike.
 
-    Few repeated indices (an ODC batch): first occurrences by one fancy-indexed add, the
-    repeats by ``np.add.at``. Many (N points into k clusters): sorted chunks reduced with
-    ``np.add.reduceat`` in ``x``'s dtype, so nothing of size N is copied in float64.
+    1-D: ``np.add.at``. 2-D: indices are sorted and each row gets its rank among equal
+    indices. Low multiplicity (an
+    ODC batch, where a cluster id recurs a few times): one fancy-indexed add per rank, each
+    over distinct indices. High multiplicity (N points into k clusters): sorted chunks reduced
+    with ``np.add.reduceat`` in ``x``'s dtype, so nothing of size N is copied in float64.
     """
+    if x.ndim == 1:  # ufunc.at has a fast 1-D path
+        np.add.at(x, index, values.astype(x.dtype, copy=False))
+        return
     order = np.argsort(index, kind="stable")
     sorted_index = index[order]
-    first = np.r_[True, sorted_index[1:] != sorted_index[:-1]]
-    repeats = index.shape[0] - int(np.count_nonzero(first))
-    if x.ndim == 1 or repeats <= _NUMPY_FEW_REPEATS:
-        x[sorted_index[first]] += values[order[first]]
-        if repeats:
-            np.add.at(x, sorted_index[~first], values[order[~first]].astype(x.dtype, copy=False))
+    starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
+    rank = np.arange(index.shape[0]) - np.repeat(starts, np.diff(np.r_[starts, index.shape[0]]))
+    if int(rank.max()) < _NUMPY_MAX_ROUNDS:
+        for r in range(int(rank.max()) + 1):
+            pick = order[rank == r]
+            x[index[pick]] += values[pick]
         return
     for start in range(0, index.shape[0], _NUMPY_CHUNK):
         part = order[start : start + _NUMPY_CHUNK]
         chunk_index = sorted_index[start : start + _NUMPY_CHUNK]
-        starts = np.flatnonzero(np.r_[True, chunk_index[1:] != chunk_index[:-1]])
-        x[chunk_index[starts]] += np.add.reduceat(values[part], starts, axis=0, dtype=x.dtype)
+        bounds = np.flatnonzero(np.r_[True, chunk_index[1:] != chunk_index[:-1]])
+        x[chunk_index[bounds]] += np.add.reduceat(values[part], bounds, axis=0, dtype=x.dtype)
 
 
 def bincount(labels: Array, length: int) -> Array:

@@ -100,8 +100,10 @@ class CentroidMemory:
             sums = xp.take(self.sums, clusters, axis=0)
             sizes = xp.take(self.sizes, clusters)
             current = xp.take(self.centroids, clusters, axis=0)
-        safe = xp.astype(xp.maximum(sizes, xp.ones_like(sizes)), self.acc_dtype)
-        means = xp.where((sizes > 0)[:, None], xp.astype(sums / safe[:, None], self.dtype), current)
+        safe = xp.astype(xp.maximum(sizes, xp.ones_like(sizes)), self.dtype)
+        means = xp.astype(sums, self.dtype) / safe[:, None]  # centroids are stored in dtype anyway
+        if not bool(xp.all(sizes > 0)):
+            means = xp.where((sizes > 0)[:, None], means, current)
         if clusters is None:
             self.centroids = means
         else:
