@@ -81,13 +81,54 @@ class ReferenceODC:
         self.it += 1
         if self.it % 10 == 0:
             self.cen = self._recompute()
-        hist = np.bincount(self.y, minlength=self.c)  # small-cluster check, O(N)
-        for k in np.flatnonzero(hist < self.min_size):  # a scan of all labels per small cluster
-            members = np.flatnonzero(self.y == k)
-            others = np.setdiff1d(np.arange(self.c), [k])
-            self.y[members] = others[np.argmax(self.f[members] @ self.cen[others].T, axis=1)]
+        self.handle_small()
         weights = (np.bincount(self.y, minlength=self.c) + 1e-10) ** -0.5  # loss weights, O(N)
         self.weights = weights / weights.sum()
+
+    def handle_small(self) -> int:
+        """The reference's small-cluster handling: scans of all N labels per small cluster."""
+        hist = np.bincount(self.y, minlength=self.c)  # small-cluster check, O(N)
+        small = np.flatnonzero(hist < self.min_size)
+        normal = np.setdiff1d(np.arange(self.c), small)
+        for k in small:  # a scan of all labels per small cluster, then re-assignment
+            members = np.flatnonzero(self.y == k)
+            self.y[members] = normal[np.argmax(self.f[members] @ self.cen[normal].T, axis=1)]
+        for k in small:  # each now-empty cluster: find the largest (O(N)), gather it (O(N)), split
+            largest = int(np.argmax(np.bincount(self.y, minlength=self.c)))
+            members = np.flatnonzero(self.y == largest)
+            halves = cl.kmeans(self.f[members], 2, n_iter=10, seed=int(k), backend="array").labels
+            self.y[members[halves == 1]] = k
+            self.cen[[largest, k]] = [self.f[members[halves == h]].mean(axis=0) for h in (0, 1)]
+        return len(small)
+
+
+def plant_small_clusters(labels: np.ndarray, c: int, count: int, keep: int, seed: int = 2) -> np.ndarray:
+    """Labels where ``count`` clusters keep only ``keep`` members (the rest moved elsewhere)."""
+    rng = np.random.default_rng(seed)
+    victims = rng.choice(c, size=count, replace=False)
+    hit = np.flatnonzero(np.isin(labels, victims))
+    order = hit[np.argsort(labels[hit], kind="stable")]
+    sorted_labels = labels[order]
+    first = np.searchsorted(sorted_labels, sorted_labels)  # start of each run
+    moved = order[np.arange(len(order)) - first >= keep]
+    others = np.setdiff1d(np.arange(c), victims)
+    out = labels.copy()
+    out[moved] = rng.choice(others, size=len(moved))
+    return out
+
+
+def bench_small_clusters(conv: Callable[[np.ndarray], Any], feats: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> float:
+    """Seconds for one small-cluster handling call with ``--small`` planted small clusters."""
+    planted = plant_small_clusters(labels, args.c, args.small, keep=5)
+    odc = cl.OnlineDeepClustering(args.n, args.c, args.d, like=conv(np.zeros(1, dtype=np.float32)), seed=0)
+    odc.handler.min_cluster_size = 0  # initialise without handling, so the planted clusters stay
+    odc.initialize(conv(feats), conv(planted))
+    odc.handler.min_cluster_size = 20
+    start = time.perf_counter()
+    stats = odc.handler(odc.samples, odc.centroids, key=1)
+    seconds = time.perf_counter() - start
+    assert stats.num_small_clusters == args.small, stats
+    return seconds
 
 
 def bench_backend(name: str, feats: np.ndarray, labels: np.ndarray, args: argparse.Namespace, batches: list) -> dict:
@@ -119,7 +160,8 @@ def bench_backend(name: str, feats: np.ndarray, labels: np.ndarray, args: argpar
     odc.centroids.resync(odc.features, odc.labels)
     resync = time.perf_counter() - start
     n = args.iters
-    return {"backend": name, "matmul": matmul / n, "step": step / n, "resync": resync, "small": small}
+    handling = bench_small_clusters(conv, feats, labels, args)
+    return {"backend": name, "matmul": matmul / n, "step": step / n, "resync": resync, "small": small, "handling": handling}
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -136,6 +178,10 @@ def worker(args: argparse.Namespace) -> dict:
         ref = ReferenceODC(feats, labels, args.c)
         it = iter(batches * 2)
         row["reference"] = timed(lambda: ref.step(*next(it)), args.iters)
+        ref_small = ReferenceODC(feats, plant_small_clusters(labels, args.c, args.small, keep=5), args.c)
+        start = time.perf_counter()
+        assert ref_small.handle_small() == args.small
+        row["reference_handling"] = time.perf_counter() - start
     return row
 
 
@@ -146,6 +192,7 @@ def main() -> None:
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--b", type=int, default=512)
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--small", type=int, default=100, help="planted small clusters for the handling timing")
     p.add_argument("--backends", default="numpy,torch")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -156,7 +203,7 @@ def main() -> None:
     print(f"N={args.n:,} C={args.c:,} D={args.d} B={args.b}, {args.iters} steps per backend")
     rows = []
     for name in args.backends.split(","):
-        sizes = ["--n", str(args.n), "--c", str(args.c), "--d", str(args.d), "--b", str(args.b), "--iters", str(args.iters)]
+        sizes = ["--n", str(args.n), "--c", str(args.c), "--d", str(args.d), "--b", str(args.b), "--iters", str(args.iters), "--small", str(args.small)]
         out = subprocess.run([sys.executable, __file__, *sizes, "--worker", name], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"skipping {name}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
@@ -172,6 +219,14 @@ def main() -> None:
             f"| {r['backend']} | {r['matmul'] * 1e3:.3g} | {r['step'] * 1e3:.3g} | {r['step'] / r['matmul']:.2f} | "
             f"{ref_cells} | {r['small']} | {r['resync']:.2f} |"
         )
+    print()
+    print(f"Small-cluster handling, one call with {args.small} planted small clusters (5 members each):")
+    print()
+    print("| backend | ours (s) | reference (s) | speed-up |")
+    print("|---|---|---|---|")
+    for r in rows:
+        ref_cells = f"{r['reference_handling']:.2f} | {r['reference_handling'] / r['handling']:.1f}×" if "reference_handling" in r else "– | –"
+        print(f"| {r['backend']} | {r['handling']:.3f} | {ref_cells} |")
     print("\nreference = the reference implementation's memory work restated in NumPy (see module docstring)")
 
 

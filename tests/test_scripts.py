@@ -21,7 +21,7 @@ def test_odc_demo_prints_nmi_per_epoch_and_baseline():
 
 
 def test_odc_step_benchmark_prints_measured_table():
-    text = run("benchmarks/odc_step.py", "--n", "4000", "--c", "40", "--d", "16", "--b", "64", "--iters", "3", "--backends", "numpy,torch")
+    text = run("benchmarks/odc_step.py", "--n", "4000", "--c", "40", "--d", "16", "--b", "64", "--iters", "3", "--small", "5", "--backends", "numpy,torch")
     rows = [line for line in text.splitlines() if line.startswith("| numpy") or line.startswith("| torch")]
     assert len(rows) == 2, text
     cells = rows[0].split("|")
