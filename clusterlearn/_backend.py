@@ -63,7 +63,8 @@ def to_numpy(x: Array) -> np.ndarray:
     if isinstance(x, (np.ndarray, np.generic)):
         return np.asarray(x)
     if aac.is_torch_array(x):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        return (x.float() if x.dtype.is_floating_point and x.element_size() == 2 else x).numpy()
     if aac.is_cupy_array(x):
         return x.get()
     if aac.is_jax_array(x):

@@ -74,6 +74,8 @@ def nearest_centroid(
     xp = aac.array_namespace(x, centroids)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if return_distances and metric != "l2":
+        raise ValueError("return_distances=True needs metric='l2'")
     if metric == "l2" and half_sq_norms is None:
         half_sq_norms = xp.sum(centroids * centroids, axis=1) / 2
     n, k = x.shape[0], centroids.shape[0]

@@ -111,6 +111,6 @@ class CentroidMemory:
         self._half_sq_norms = xp.sum(self.centroids * self.centroids, axis=1) / 2
 
     def set_centroids(self, centroids: Array) -> None:
-        """Replace all centroids (loading a checkpoint)."""
-        self.centroids = centroids
+        """Replace all centroids with a copy of ``centroids`` (loading a checkpoint)."""
+        self.centroids = self.xp.asarray(centroids, copy=True)
         self._half_sq_norms = self.xp.sum(centroids * centroids, axis=1) / 2

@@ -135,7 +135,7 @@ def relocate_empty(labels: Array, sq_dists: Array, sizes: Array) -> tuple[Array,
     rank = B.set_rows(xp.empty_like(rank_grouped), by_cluster, rank_grouped)
     eligible = rank < xp.take(sizes, lab_sorted) - 1
     moved = xp.take(order, xp.nonzero(eligible)[0][:e])
-    labels = B.set_rows(labels, moved, xp.astype(empty, labels.dtype))
+    labels = B.set_rows(xp.asarray(labels, copy=True), moved, xp.astype(empty, labels.dtype))
     return labels, moved
 
 
@@ -161,8 +161,14 @@ def _init_centroids(x: Array, k: int, init: str, gen: Any) -> Array:
 
 
 def _lloyd(x: Array, k: int, n_iter: int, seed: int, init: Init) -> KMeansResult:
-    """The array backend of :func:`kmeans` (arguments already validated)."""
+    """The array backend of :func:`kmeans` (arguments already validated).
+
+    The data are centred first (k-means is translation invariant): with a large common offset,
+    the float32 distances ``||x||^2 - 2 x.c + ||c||^2`` would otherwise cancel catastrophically.
+    """
     xp = aac.array_namespace(x)
+    offset = xp.mean(x, axis=0)
+    x = x - offset
     centroids = _init_centroids(x, k, init, B.rng(seed))
     history: list[float] = []
     n_fixed = 0
@@ -183,7 +189,7 @@ def _lloyd(x: Array, k: int, n_iter: int, seed: int, init: Init) -> KMeansResult
             break
         centroids, _ = cluster_means(x, labels, k, previous=centroids)
         done += 1
-    return KMeansResult(centroids, labels, history[-1], tuple(history), done, n_fixed)
+    return KMeansResult(centroids + offset, labels, history[-1], tuple(history), done, n_fixed)
 
 
 def _on_cuda(x: Array) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import array_api_compat as aac
+import numpy as np
 
 from . import _backend as B
 from ._validation import check_features, check_int, check_labels
@@ -42,7 +43,9 @@ _STATE_ARRAYS = ("features", "labels", "centroids", "sizes", "sums")
 
 
 def _scalar(value: Any) -> Any:
-    """A Python number from a number or a 0-d array (as ``np.savez``/``torch.load`` return)."""
+    """A Python number or string from itself or a 0-d array (as ``np.savez`` returns)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
     if aac.is_array_api_obj(value) and value.ndim == 0:
         xp = B.namespace(value=value)
         return int(value) if xp.isdtype(value.dtype, "integral") else float(value)
@@ -143,21 +146,28 @@ class OnlineDeepClustering:
 
     @property
     def labels(self) -> Array:
-        """(N,) pseudo-labels of all samples (memory namespace)."""
+        """(N,) copy of the pseudo-labels of all samples (memory namespace).
+
+        A copy, so that ``previous = odc.labels`` still holds an epoch's labels later.
+        """
         self._require_initialized()
-        return self.samples.labels
+        return self._copy(self.samples.labels)
 
     @property
     def features(self) -> Array:
-        """(N, D) unit-norm memory features (memory namespace)."""
+        """(N, D) unit-norm memory features (memory namespace).
+
+        The live buffer, not a copy (it may be gigabytes): later steps change it in place on
+        NumPy, PyTorch and CuPy. Do not write to it.
+        """
         self._require_initialized()
         return self.samples.features
 
     @property
     def cluster_sizes(self) -> Array:
-        """(C,) number of samples per cluster, equal to ``bincount(labels, C)``."""
+        """(C,) copy of the number of samples per cluster, equal to ``bincount(labels, C)``."""
         self._require_initialized()
-        return self.centroids.sizes
+        return self._copy(self.centroids.sizes)
 
     def __repr__(self) -> str:
         return (
@@ -240,9 +250,11 @@ class OnlineDeepClustering:
         idx, feats = self.samples.validate_batch(indices, features)
         # Every check has passed: from here on the state changes.
         xp = self.samples.xp
-        idx, first, old, new = self.samples.update(idx, feats)
+        idx, first, old, new, lead = self.samples.update(idx, feats)
         old_labels = xp.take(self.samples.labels, idx)
         new_labels = xp.astype(self.centroids.assign(new, metric=self.assign), old_labels.dtype)
+        if lead is not None:  # copies of a repeated sample take its first copy's label
+            new_labels = xp.take(new_labels, lead)
         self.samples.set_labels(idx, new_labels)
         repeats = not bool(xp.all(first))
         self.centroids.move(old_labels, new_labels, old, new, count=first if repeats else None)
@@ -268,7 +280,10 @@ class OnlineDeepClustering:
         """Copies of the state as plain arrays (memory namespace) and numbers; no pickled objects.
 
         Keys: ``features`` (N, D), ``labels`` (N,), ``centroids`` (C, D), ``sizes`` (C,),
-        ``sums`` (C, D), ``iteration``, ``num_samples``, ``num_clusters``, ``feat_dim``.
+        ``sums`` (C, D), ``iteration``, and the settings that determine later steps
+        (``num_samples``, ``num_clusters``, ``feat_dim``, ``momentum``, ``min_cluster_size``,
+        ``centroid_update_interval``, ``small_cluster_interval``, ``reweight_power``,
+        ``assign``, ``seed``, ``resync_interval``), which :meth:`load_state_dict` checks.
         """
         self._require_initialized()
         s, c = self.samples, self.centroids
@@ -280,9 +295,23 @@ class OnlineDeepClustering:
             "sizes": copy(c.sizes),
             "sums": copy(c.sums),
             "iteration": self.iteration,
+            **self._settings(),
+        }
+
+    def _settings(self) -> dict[str, int | float | str]:
+        """The constructor settings a resumed run must share to continue identically."""
+        return {
             "num_samples": self.num_samples,
             "num_clusters": self.num_clusters,
             "feat_dim": self.feat_dim,
+            "momentum": self.momentum,
+            "min_cluster_size": self.min_cluster_size,
+            "centroid_update_interval": self.centroid_update_interval,
+            "small_cluster_interval": self.small_cluster_interval,
+            "reweight_power": self.reweight_power,
+            "assign": self.assign,
+            "seed": self.seed,
+            "resync_interval": self.resync_interval,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -293,9 +322,12 @@ class OnlineDeepClustering:
         if missing:
             raise ValueError(f"state is missing keys {missing}")
         n, k, d = self.num_samples, self.num_clusters, self.feat_dim
-        for key, want in (("num_samples", n), ("num_clusters", k), ("feat_dim", d)):
-            if key in state and check_int(_scalar(state[key]), f"state[{key!r}]") != want:
-                raise ValueError(f"state[{key!r}] is {_scalar(state[key])}, this object has {want}")
+        for key, want in self._settings().items():
+            if key in state and _scalar(state[key]) != want:
+                raise ValueError(
+                    f"state[{key!r}] is {_scalar(state[key])!r}, this object has {want!r}: "
+                    "construct it with the checkpoint's settings"
+                )
         check_features(state["features"], "state['features']", dim=d, rows=n)
         check_features(state["centroids"], "state['centroids']", dim=d, rows=k)
         check_features(state["sums"], "state['sums']", dim=d, rows=k)

@@ -14,11 +14,19 @@ Array = Any
 __all__ = ["SampleMemory", "l2_normalize", "momentum_update", "merge_duplicates"]
 
 
-def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-    """Rows of ``x`` (B, D) scaled to unit L2 norm (rows of norm < eps are divided by eps)."""
+def l2_normalize(x: Array) -> Array:
+    """Rows of ``x`` (B, D) scaled to unit L2 norm; all-zero rows stay zero.
+
+    Each row is first divided by its largest magnitude, so squaring can neither overflow nor
+    underflow (float16 rows of norm 1e3, float32 rows of norm 1e20 or 1e-25 all come out
+    unit-norm).
+    """
     xp = aac.array_namespace(x)
-    norms = xp.sqrt(xp.sum(x * x, axis=1, keepdims=True))
-    return x / xp.maximum(norms, xp.asarray(eps, dtype=x.dtype, device=aac.device(x)))
+    one = xp.ones((), dtype=x.dtype, device=aac.device(x))
+    peak = xp.max(xp.abs(x), axis=1, keepdims=True)
+    y = x / xp.where(peak > 0, peak, one)
+    norms = xp.sqrt(xp.sum(y * y, axis=1, keepdims=True))
+    return y / xp.where(norms > 0, norms, one)
 
 
 def momentum_update(old: Array, new: Array, momentum: float) -> Array:
@@ -33,7 +41,7 @@ def momentum_update(old: Array, new: Array, momentum: float) -> Array:
     return l2_normalize(momentum * l2_normalize(new) + (1.0 - momentum) * old)
 
 
-def merge_duplicates(indices: Array, features: Array) -> tuple[Array, Array, Array]:
+def merge_duplicates(indices: Array, features: Array) -> tuple[Array, Array, Array, Array | None]:
     """Sort a batch by sample index and merge the rows of repeated indices.
 
     A batch gathered from a ``DistributedSampler`` repeats indices to pad the last batch. The
@@ -53,6 +61,8 @@ def merge_duplicates(indices: Array, features: Array) -> tuple[Array, Array, Arr
     merged : (B, D) for every position, the normalised mean of the normalised features of
         all rows with that index (unit norm unless they cancel exactly)
     first : (B,) bool, True at the first position of each distinct index
+    lead : (B,) integer array or None, position of each row's first copy (None when no index
+        repeats); use it to give all copies the result computed for the first one
     """
     xp = aac.array_namespace(indices, features)
     order = xp.argsort(indices, stable=True)
@@ -60,11 +70,12 @@ def merge_duplicates(indices: Array, features: Array) -> tuple[Array, Array, Arr
     unit = xp.take(l2_normalize(features), order, axis=0)
     first = xp.concat([xp.ones((1,), dtype=xp.bool, device=aac.device(s)), s[1:] != s[:-1]])
     if bool(xp.all(first)):
-        return s, unit, first
+        return s, unit, first, None
     group = xp.cumulative_sum(xp.astype(first, s.dtype)) - 1
     acc = B.accumulator_dtype(xp, aac.device(features))
     sums = B.scatter_add(xp.zeros(unit.shape, dtype=acc, device=aac.device(unit)), group, unit)
-    return s, l2_normalize(xp.astype(xp.take(sums, group, axis=0), features.dtype)), first
+    lead = xp.take(xp.astype(xp.nonzero(first)[0], s.dtype), group)
+    return s, l2_normalize(xp.astype(xp.take(sums, group, axis=0), features.dtype)), first, lead
 
 
 class SampleMemory:
@@ -120,7 +131,7 @@ class SampleMemory:
         """Validate sample indices and return them in the memory's namespace."""
         B.namespace(**{name: indices})
         check_labels(indices, name, upper=self.num_samples)
-        return self.to_memory(indices)
+        return self.xp.astype(self.to_memory(indices), self.labels.dtype)
 
     # ------------------------------------------------------------------ state changes
     def initialize(self, features: Array, labels: Array) -> None:
@@ -133,7 +144,7 @@ class SampleMemory:
         self.labels = self.xp.astype(self.to_memory(labels), self.labels.dtype)
         self.initialized = True
 
-    def update(self, indices: Array, features: Array) -> tuple[Array, Array, Array, Array]:
+    def update(self, indices: Array, features: Array) -> tuple[Array, Array, Array, Array, Array | None]:
         """Momentum-update the features of a batch (memory namespace, validated inputs).
 
         Repeated indices are merged first (:func:`merge_duplicates`); all outputs keep the
@@ -145,12 +156,13 @@ class SampleMemory:
         first : (B,) bool, True at one copy of each distinct index
         old : (B, D) their features before the update
         new : (B, D) their features after the update
+        lead : (B,) position of each row's first copy, or None without repeats
         """
-        indices, merged, first = merge_duplicates(indices, self.xp.astype(features, self.dtype))
+        indices, merged, first, lead = merge_duplicates(indices, self.xp.astype(features, self.dtype))
         old = self.xp.take(self.features, indices, axis=0)
         new = momentum_update(old, merged, self.momentum)
         self.features = B.set_rows(self.features, indices, new)
-        return indices, first, old, new
+        return indices, first, old, new, lead
 
     def set_labels(self, indices: Array, labels: Array) -> None:
         """``labels[indices] = labels`` (repeated indices must carry equal labels)."""
@@ -158,7 +170,9 @@ class SampleMemory:
 
     def validate_batch(self, indices: Array, features: Array) -> tuple[Array, Array]:
         """Check a (indices, features) batch and return both in the memory's namespace."""
-        B.namespace(indices=indices, features=features)
+        xp = B.namespace(indices=indices, features=features)
         check_labels(indices, "indices", upper=self.num_samples)
         check_features(features, "features", dim=self.feat_dim, rows=indices.shape[0])
-        return self.to_memory(indices), self.to_memory(features)
+        if bool(xp.any(xp.all(features == 0, axis=1))):
+            raise ValueError("features has an all-zero row, which has no direction to store")
+        return self.xp.astype(self.to_memory(indices), self.labels.dtype), self.to_memory(features)

@@ -260,3 +260,18 @@ def test_without_faiss_auto_falls_back_and_faiss_raises(monkeypatch):
 def test_kmeans_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cl.kmeans(planted(0), 3, **kwargs)
+
+
+def test_array_kmeans_is_translation_invariant():
+    """A large common offset must not wreck float32 distances (the data are centred)."""
+    rng = np.random.default_rng(0)
+    truth = rng.integers(4, size=400)
+    x = (rng.normal(size=(4, 8))[truth] * 3 + 0.05 * rng.normal(size=(400, 8))).astype(np.float32)
+    base = cl.kmeans(x, 4, seed=0, backend="array")
+    for offset in (1e3, 1e4):
+        moved = cl.kmeans(x + np.float32(offset), 4, seed=0, backend="array")
+        np.testing.assert_array_equal(moved.labels, base.labels)
+        np.testing.assert_allclose(moved.centroids - np.float32(offset), base.centroids, atol=0.05)
+    from sklearn.metrics import normalized_mutual_info_score
+
+    assert normalized_mutual_info_score(truth, base.labels) == 1.0  # recovers the planted truth

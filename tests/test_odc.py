@@ -47,7 +47,7 @@ def exact_means(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 
 def snapshot(odc) -> dict:
-    return {k: (B.to_numpy(v).copy() if not isinstance(v, (int, float)) else v) for k, v in odc.state_dict().items()}
+    return {k: (v if isinstance(v, (int, float, str)) else B.to_numpy(v).copy()) for k, v in odc.state_dict().items()}
 
 
 def check_invariants(odc, min_size: int) -> None:
@@ -108,6 +108,8 @@ def test_stream_invariants(backend):
                 np.testing.assert_allclose(chosen, best, atol=1e-5)
             if stats["centroids_refreshed"]:
                 np.testing.assert_allclose(B.to_numpy(odc.centroids.centroids), exact_means(feats, labels, C), atol=1e-5)
+            elif stats["num_small_clusters"] == 0:  # nothing may move the centroids in between
+                np.testing.assert_array_equal(B.to_numpy(odc.centroids.centroids), cen_before)
         assert changed > 0, "the stream never changed a label: the test would prove nothing"
 
     run_property(backend, params, check)
@@ -221,7 +223,7 @@ def test_parts_compose_without_the_wrapper():
     cen.initialize(mem.features, mem.labels)
     handler = cl.SmallClusterHandler(30)
     for idx, f in batches:
-        idx, first, old, new = mem.update(idx, f)
+        idx, first, old, new, _ = mem.update(idx, f)
         old_y, new_y = mem.labels[idx], cen.assign(new)
         mem.set_labels(idx, new_y)
         cen.move(old_y, new_y, old, new, count=first)
@@ -342,3 +344,96 @@ def test_state_dict_survives_npz_round_trip(tmp_path):
     other.load_state_dict(dict(np.load(tmp_path / "odc.npz")))
     assert other.iteration == 1
     assert odc.step(*batches[1]) == other.step(*batches[1])
+
+
+# ---------------------------------------------------------------------------- edges (review)
+def test_dissolved_samples_go_to_nearest_normal_centroid():
+    x0, _ = make_stream(11, steps=0)
+    feats = cl.l2_normalize(x0)
+    labels = cl.kmeans(feats, C, seed=0, backend="array").labels
+    labels[labels == 2] = 3  # cluster 2 empty
+    labels[np.flatnonzero(labels == 4)[3:]] = 5  # cluster 4 small (3 members)
+    mem = cl.SampleMemory(N, D)
+    mem.initialize(feats, labels)
+    cen = cl.CentroidMemory(C, D, xp=mem.xp, device=None, dtype=mem.dtype)
+    cen.initialize(mem.features, mem.labels)
+    small = np.bincount(labels, minlength=C) < 10
+    movers = np.flatnonzero(small[labels])
+    scores = feats[movers] @ cen.centroids.T - (cen.centroids**2).sum(1) / 2
+    scores[:, small] = -np.inf
+    moved, receivers = cl.SmallClusterHandler(10)._dissolve(mem, cen, small)
+    assert moved == len(movers) == 3
+    np.testing.assert_array_equal(mem.labels[movers], scores.argmax(1))  # nearest *normal* centroid
+    np.testing.assert_array_equal(cen.sizes, np.bincount(mem.labels, minlength=C))
+
+
+def test_weak_regime_keeps_every_cluster_non_empty():
+    """C*min <= N < 2*C*min: the documented weaker guarantee (no empty cluster)."""
+    n, c, m = 70, 6, 10
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(size=(n, D)).astype(np.float32)
+    attract = rng.normal(size=(2, D)) * 2
+    odc = cl.OnlineDeepClustering(n, c, D, min_cluster_size=m, momentum=0.8)
+    odc.initialize(x0)
+    for _ in range(30):
+        idx = rng.choice(n, 16, replace=False)
+        odc.step(idx, (attract[idx % 2] + 0.5 * rng.normal(size=(16, D))).astype(np.float32))
+        sizes = odc.cluster_sizes
+        assert sizes.min() >= 1
+        np.testing.assert_array_equal(sizes, np.bincount(odc.labels, minlength=c))
+
+
+def test_labels_property_is_a_snapshot(backend):
+    odc, (idx, f) = _ready(backend)
+    previous = odc.labels
+    held = backend.to_numpy(previous).copy()
+    for _ in range(3):
+        odc.step(backend.asarray(idx), backend.asarray(f * -1.0))
+    np.testing.assert_array_equal(backend.to_numpy(previous), held)
+
+
+def test_state_dict_carries_settings_and_refuses_mismatch():
+    x0, _ = make_stream(12, steps=0)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, seed=5, momentum=0.8)
+    odc.initialize(x0)
+    state = odc.state_dict()
+    assert state["seed"] == 5 and state["momentum"] == 0.8 and state["assign"] == "l2"
+    with pytest.raises(ValueError, match="state\\['seed'\\] is 5, this object has 0"):
+        cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, momentum=0.8).load_state_dict(state)
+
+
+def test_extreme_and_half_precision_features_stay_unit_norm():
+    rng = np.random.default_rng(0)
+    for scale in (1e-25, 1.0, 1e20):
+        x = (rng.normal(size=(5, D)) * scale).astype(np.float32)
+        np.testing.assert_allclose(np.linalg.norm(cl.l2_normalize(x), axis=1), 1.0, rtol=1e-5)
+    torch = pytest.importorskip("torch")
+    x0, _ = make_stream(13, steps=0)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, like=torch.zeros(1, dtype=torch.float16))
+    odc.initialize(torch.from_numpy(x0).half())
+    odc.step(torch.arange(8), (torch.randn(8, D) * 300).half())  # squares overflow float16
+    assert torch.isfinite(odc.features).all() and torch.isfinite(odc.centroids.sums).all()
+
+
+def test_torch_bf16_features_and_small_int_indices_into_numpy_memory():
+    torch = pytest.importorskip("torch")
+    x0, batches = make_stream(14, steps=1)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5)
+    odc.initialize(x0)
+    idx, f = batches[0]
+    odc.step(torch.from_numpy(idx).to(torch.int16), torch.from_numpy(f).to(torch.bfloat16))
+    assert odc.labels_of(torch.from_numpy(idx).to(torch.int16)).shape == (BATCH,)
+
+
+def test_all_zero_feature_row_rejected(numpy_backend):
+    odc, (idx, f) = _ready(numpy_backend)
+    f = f.copy()
+    f[4] = 0
+    with pytest.raises(ValueError, match="all-zero row"):
+        odc.step(idx, f)
+
+
+def test_dot_metric_has_no_distances():
+    with pytest.raises(ValueError, match="needs metric='l2'"):
+        cl.nearest_centroid(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), metric="dot", return_distances=True)
+
