@@ -9,8 +9,8 @@ to choose):
   as DeepCluster's reference implementation does; the yardstick (ratio 1.00);
 - ``kmeans(backend="faiss")`` on NumPy input (target: <= 1.1 x faiss direct);
 - ``kmeans(backend="array")`` on NumPy and on PyTorch CPU tensors (target: <= 3 x faiss), with
-  ``init="random"``: k-means++ costs k sequential passes over the data, more than the 20
-  Lloyd iterations themselves at k = 1,000, and faiss starts from random points too.
+  ``init="random"``: k-means++ costs k sequential passes over the data (about half as long as
+  the 20 Lloyd iterations at k = 1,000), and faiss starts from random points too.
 
 The table also gives the iterations run and the final k-means objective, so that the rows can be
 seen to solve the same problem equally well. Both stop before ``--iters`` once converged: the

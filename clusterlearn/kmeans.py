@@ -149,14 +149,19 @@ def _init_centroids(x: Array, k: int, init: str, gen: Any) -> Array:
     acc = B.accumulator_dtype(xp, aac.device(x))
     first = int(gen.integers(n))
     centres = [x[first : first + 1, ...]]
-    d2 = xp.sum((x - centres[0]) ** 2, axis=1)
+    x_sq = xp.sum(x * x, axis=1)
+
+    def sq_dist(c: Array) -> Array:  # (N,) ||x - c||^2 by a matrix-vector product, no (N, D) temporary
+        return xp.clip(x_sq - 2 * xp.matmul(x, c[0, ...]) + xp.sum(c * c), min=0.0)
+
+    d2 = sq_dist(centres[0])
     for _ in range(1, k):
         cdf = xp.cumulative_sum(xp.astype(d2, acc))
         target = xp.asarray(gen.random(), dtype=acc, device=aac.device(x)) * cdf[-1]
         pick = xp.clip(xp.searchsorted(cdf, xp.reshape(target, (1,)), side="right"), max=n - 1)
         c = xp.take(x, xp.astype(pick, B.index_dtype(xp, aac.device(x))), axis=0)
         centres.append(c)
-        d2 = xp.minimum(d2, xp.sum((x - c) ** 2, axis=1))
+        d2 = xp.minimum(d2, sq_dist(c))
     return xp.concat(centres, axis=0)
 
 
