@@ -437,3 +437,15 @@ def test_dot_metric_has_no_distances():
     with pytest.raises(ValueError, match="needs metric='l2'"):
         cl.nearest_centroid(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), metric="dot", return_distances=True)
 
+
+
+def test_state_dict_loads_with_torch_weights_only(tmp_path):
+    torch = pytest.importorskip("torch")
+    x0, batches = make_stream(15, steps=2)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, like=torch.zeros(1))
+    odc.initialize(torch.from_numpy(x0))
+    odc.step(*map(torch.from_numpy, batches[0]))
+    torch.save(odc.state_dict(), tmp_path / "odc.pt")
+    other = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, like=torch.zeros(1))
+    other.load_state_dict(torch.load(tmp_path / "odc.pt", weights_only=True))
+    assert odc.step(*map(torch.from_numpy, batches[1])) == other.step(*map(torch.from_numpy, batches[1]))
