@@ -13,14 +13,18 @@ instead of the reference's full scan per small cluster):
    nearest to its mean move into it until it has that many. The members of every cluster
    that may be split are gathered in one more pass over the labels: greedy splitting only
    ever takes the k largest clusters or halves of them, for k empty clusters.
-3. Centroids of every cluster touched are set to their members' means.
+3. **Fill** (only when ``N < 2 * C * min_cluster_size``, where a split cluster can be too
+   small to give both halves the threshold): every cluster still short takes the samples
+   nearest to its mean from clusters with members to spare (more than the threshold),
+   nearest first, never taking a donor below the threshold. Host-side, O(N D) per short
+   cluster; it never runs when ``N >= 2 * C * min_cluster_size``.
+4. Centroids of every cluster touched are set to their members' means.
 
-Guarantee: with ``N >= 2 * C * min_cluster_size`` no cluster is smaller than
-``min_cluster_size`` afterwards (the largest cluster always has at least twice the threshold).
-With ``C * min_cluster_size <= N < 2 * C * min_cluster_size`` the guarantee is weaker: no
-cluster is empty, and each split half gets at least half of the split cluster's members up to
-the threshold. ``N < C * min_cluster_size`` is impossible to satisfy and rejected by
-:class:`~clusterlearn.OnlineDeepClustering` at construction.
+Guarantee: with ``N >= C * min_cluster_size`` no cluster is smaller than ``min_cluster_size``
+afterwards (with ``N >= 2 * C * min_cluster_size`` the largest cluster always has twice the
+threshold, so the splits alone suffice; below that the fill takes the rest from the clusters'
+total surplus, which is at least the total deficit). ``N < C * min_cluster_size`` is
+impossible to satisfy and rejected by :class:`~clusterlearn.OnlineDeepClustering`.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ class SmallClusterHandler:
         moved, receivers = self._dissolve(samples, centroids, small)
         empties = B.to_numpy(xp.nonzero(small)[0])
         touched = self._split(samples, centroids, empties, key)
+        if bool(xp.any(centroids.sizes < self.min_cluster_size)):
+            touched += self._fill(samples, centroids)
         refresh = np.unique(np.concatenate([receivers, np.asarray(touched, dtype=np.int64)]))
         centroids.refresh(xp.asarray(refresh, device=samples.device))
         return SmallClusterStats(num_small, len(empties), moved)
@@ -123,6 +129,37 @@ class SmallClusterHandler:
             members[c], members[e] = xp.take(idx, keep), moving
             sizes[c], sizes[e] = int(keep.shape[0]), int(give.shape[0])
             touched += [c, e]
+        return touched
+
+    def _fill(self, samples: SampleMemory, centroids: CentroidMemory) -> list[int]:
+        """Top up clusters still below the threshold from clusters with spare members."""
+        xp, m = samples.xp, self.min_cluster_size
+        labels = B.to_numpy(samples.labels).astype(np.int64)
+        feats = B.to_numpy(samples.features)
+        sizes = np.bincount(labels, minlength=centroids.num_clusters)
+        touched: list[int] = []
+        for e in np.flatnonzero(sizes < m).tolist():
+            spare = np.maximum(sizes - m, 0)
+            donors = np.flatnonzero(spare[labels] > 0)
+            d2 = ((feats[donors] - feats[labels == e].mean(axis=0)) ** 2).sum(axis=1)
+            order = donors[np.argsort(d2, kind="stable")]
+            # rank of each candidate among its donor's candidates, nearest first
+            by_donor = np.argsort(labels[order], kind="stable")
+            starts = np.searchsorted(labels[order][by_donor], labels[order][by_donor])
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[by_donor] = np.arange(len(order)) - starts
+            take = order[rank < spare[labels[order]]][: m - sizes[e]]
+            old = labels[take]
+            labels[take] = e
+            np.add.at(sizes, old, -1)
+            sizes[e] += len(take)
+            moving = xp.asarray(take, device=samples.device)
+            rows = xp.take(samples.features, moving, axis=0)
+            old_x = xp.asarray(old, dtype=samples.labels.dtype, device=samples.device)
+            new_x = xp.full(moving.shape, e, dtype=samples.labels.dtype, device=samples.device)
+            samples.set_labels(moving, new_x)
+            centroids.move(old_x, new_x, rows, rows)
+            touched += [e, *np.unique(old).tolist()]
         return touched
 
     @staticmethod

@@ -19,9 +19,11 @@ N, C, D, BATCH = 240, 6, 8, 32
 MAX_EXAMPLES = {"jax": 2, "array_api_strict": 5}  # eager JAX compiles every new shape
 
 
-def run_property(backend, strategy, check, default=12):
-    """Run ``check(example)`` for hypothesis examples, fewer on slow backends."""
-    n = MAX_EXAMPLES.get(backend.name, default)
+def run_property(backend, strategy, check):
+    """Run ``check(example)`` for hypothesis examples: half the profile's count, fewer on slow
+    backends (``HYPOTHESIS_PROFILE=thorough`` raises both)."""
+    n = settings.default.max_examples // 2
+    n = min(n, MAX_EXAMPLES[backend.name] * (n // 12)) if backend.name in MAX_EXAMPLES else n
     settings(max_examples=n, deadline=None)(given(strategy)(check))()
 
 
@@ -64,7 +66,7 @@ params = st.fixed_dictionaries(
     {
         "seed": st.integers(0, 2**16),
         "momentum": st.sampled_from([0.2, 0.35, 0.8, 0.95]),
-        "min_size": st.integers(1, N // (2 * C)),
+        "min_size": st.integers(1, N // C),  # up to C * min == N (splits + fill)
         "refresh": st.integers(1, 4),
         "assign": st.sampled_from(["l2", "dot"]),
         "resync": st.sampled_from([1, 3, 1000]),  # exact recompute of the sums vs incremental
@@ -367,8 +369,8 @@ def test_dissolved_samples_go_to_nearest_normal_centroid():
     np.testing.assert_array_equal(cen.sizes, np.bincount(mem.labels, minlength=C))
 
 
-def test_weak_regime_keeps_every_cluster_non_empty():
-    """C*min <= N < 2*C*min: the documented weaker guarantee (no empty cluster)."""
+def test_weak_regime_still_keeps_every_cluster_at_the_threshold():
+    """C*min <= N < 2*C*min: splits alone cannot always give both halves the threshold."""
     n, c, m = 70, 6, 10
     rng = np.random.default_rng(0)
     x0 = rng.normal(size=(n, D)).astype(np.float32)
@@ -379,8 +381,9 @@ def test_weak_regime_keeps_every_cluster_non_empty():
         idx = rng.choice(n, 16, replace=False)
         odc.step(idx, (attract[idx % 2] + 0.5 * rng.normal(size=(16, D))).astype(np.float32))
         sizes = odc.cluster_sizes
-        assert sizes.min() >= 1
+        assert sizes.min() >= m, sizes
         np.testing.assert_array_equal(sizes, np.bincount(odc.labels, minlength=c))
+        np.testing.assert_allclose(odc.centroids.sums, exact_means(odc.features, odc.labels, c) * sizes[:, None], atol=1e-4)
 
 
 def test_labels_property_is_a_snapshot(backend):
