@@ -13,7 +13,6 @@ from typing import Any
 
 from . import _backend as B
 from .assignment import Metric, nearest_centroid
-from .kmeans import cluster_means
 
 Array = Any
 
@@ -55,8 +54,7 @@ class CentroidMemory:
     def initialize(self, features: Array, labels: Array) -> None:
         """Exact sums, sizes and centroids (members' means) from all samples."""
         self.resync(features, labels)
-        self.centroids, _ = cluster_means(features, labels, self.num_clusters)
-        self._half_sq_norms = self.xp.sum(self.centroids * self.centroids, axis=1) / 2
+        self.refresh()  # from the exact sums just computed: one O(N D) pass, not two
 
     def assign(self, features: Array, *, metric: Metric = "l2", exclude: Array | None = None) -> Array:
         """(B,) nearest-centroid labels of (B, D) ``features``; see :mod:`clusterlearn.assignment`."""
