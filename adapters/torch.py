@@ -1,7 +1,37 @@
-"""PyTorch adapter (skeleton): DDP-consistent memories and modules arrive with the torch issue.
+"""PyTorch adapter: drop clusterlearn into a training loop, on one device or many under torchrun.
 
-The core objects already accept and return ``torch.Tensor`` on any device::
+What a PyTorch user imports::
 
-    import clusterlearn as cl
-    odc = cl.OnlineDeepClustering(n, c, d, like=torch.empty(0, device="cuda"))
+    from clusterlearn.adapters import torch as clt
+
+- :class:`OnlineDeepClustering`: the core ODC memories on torch tensors (memory on the GPU or
+  the CPU, whatever the model's device); under ``torch.distributed`` every ``step`` gathers
+  all ranks' batches so all replicas stay bit-identical.
+- :class:`ODCNeck`, :class:`ODCHead`: ODC's non-linear neck and its cluster-size re-weighted
+  classifier; :class:`SelfClassifierHead`: the projection MLP and bias-free heads.
+- :class:`SelfClassifierLoss`: the Self-Classifier loss as an ``nn.Module`` with an analytic
+  backward, over the global batch under DDP (all-gather with gradient to the local part).
+- :class:`UniformClusterSampler`: a DDP-aware sampler uniform over clusters (DeepCluster).
+- :func:`extract_features`: the whole data set's features in dataset order on every rank
+  (DeepCluster's per-epoch clustering, ODC's initialisation).
+- :func:`all_gather_with_grad`: the gather with the correct gradient, for your own losses.
+
+Nothing here changes results with the world size at equal global batch.
 """
+
+from ._torch_data import UniformClusterSampler, extract_features
+from ._torch_distributed import all_gather_with_grad
+from ._torch_modules import ODCHead, ODCNeck, SelfClassifierHead
+from ._torch_odc import OnlineDeepClustering
+from ._torch_self_classifier import SelfClassifierLoss
+
+__all__ = [
+    "OnlineDeepClustering",
+    "ODCNeck",
+    "ODCHead",
+    "SelfClassifierHead",
+    "SelfClassifierLoss",
+    "UniformClusterSampler",
+    "extract_features",
+    "all_gather_with_grad",
+]

@@ -4,11 +4,13 @@ For each batch size N and class count C, two views of float32 logits (N, C) are 
 The baseline is plain cross-entropy on the same two logits arrays with fixed random labels
 (the sum of one cross-entropy per view), timed in the same run:
 
-- torch: ``torch.nn.functional.cross_entropy`` and ``SelfClassifierLoss()(a, b)``, eager,
-  ``loss.backward()`` on leaf tensors;
+- torch: ``torch.nn.functional.cross_entropy``, the core ``SelfClassifierLoss()(a, b)`` (autograd
+  through every op) and the adapter's ``SelfClassifierLoss(gather=None)(a, b)``
+  (``torch.autograd.Function`` with the closed-form backward), eager, ``loss.backward()`` on
+  leaf tensors;
 - jax: ``jax.jit(jax.value_and_grad(f, argnums=(0, 1)))`` of a log-softmax cross-entropy
-  written with ``jax.nn.log_softmax`` and of ``SelfClassifierLoss()(a, b)`` (compilation
-  excluded: one warm-up call first).
+  written with ``jax.nn.log_softmax``, of the core ``SelfClassifierLoss()(a, b)`` and of the
+  adapter's ``custom_vjp`` loss (compilation excluded: one warm-up call first).
 
 Times are the best of interleaved repeats (fewer repeats at large sizes; one warm-up call
 each). "without finite check" is the torch loss with ``check_finite=False`` (the finiteness
@@ -36,6 +38,14 @@ import numpy as np
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from clusterlearn.self_classifier import SelfClassifierLoss  # noqa: E402
+
+#: Row label and column order of the timed steps (``ce`` is the baseline).
+STEPS = {
+    "sc": "core SelfClassifierLoss",
+    "sc_nocheck": "core, no finite check",
+    "fast": "closed-form backward",
+    "fast_nocheck": "closed-form, no finite check",
+}
 
 
 def best_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -81,12 +91,18 @@ def bench_torch(a_np: np.ndarray, b_np: np.ndarray, labels: tuple[np.ndarray, np
 
         return step
 
+    from clusterlearn.adapters._torch_self_classifier import SelfClassifierLoss as FastLoss
+
     sc = SelfClassifierLoss()
     sc_nocheck = SelfClassifierLoss(check_finite=False)
+    fast = FastLoss(gather=None)
+    fast_nocheck = FastLoss(gather=None, check_finite=False)
     steps = {
         "ce": run(lambda: F.cross_entropy(a, y1) + F.cross_entropy(b, y2)),
         "sc": run(lambda: sc(a, b)),
         "sc_nocheck": run(lambda: sc_nocheck(a, b)),
+        "fast": run(lambda: fast(a, b)),
+        "fast_nocheck": run(lambda: fast_nocheck(a, b)),
     }
     return best_times(steps, repeats)
 
@@ -103,14 +119,18 @@ def bench_jax(a_np: np.ndarray, b_np: np.ndarray, labels: tuple[np.ndarray, np.n
         logp = jax.nn.log_softmax(x, axis=1)
         return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
+    from clusterlearn.adapters._jax_self_classifier import SelfClassifierLoss as FastLoss
+
     sc = SelfClassifierLoss()
+    fast = FastLoss()
     ce_step = jax.jit(jax.value_and_grad(lambda p, q: cross_entropy(p, y1) + cross_entropy(q, y2), argnums=(0, 1)))
     sc_step = jax.jit(jax.value_and_grad(lambda p, q: sc(p, q), argnums=(0, 1)))
+    fast_step = jax.jit(jax.value_and_grad(lambda p, q: fast(p, q), argnums=(0, 1)))
 
     def run(step: Callable) -> Callable[[], None]:
         return lambda: jax.block_until_ready(step(a, b))
 
-    return best_times({"ce": run(ce_step), "sc": run(sc_step)}, repeats)
+    return best_times({"ce": run(ce_step), "sc": run(sc_step), "fast": run(fast_step)}, repeats)
 
 
 def main() -> None:
@@ -167,17 +187,14 @@ def main() -> None:
         f"{os.cpu_count()} cores{threads}{ftz}; {', '.join(versions)}). Best of the repeats shown."
     )
     print()
-    print("| backend | N | C | repeats | cross-entropy (ms) | SelfClassifierLoss (ms) | ratio | without finite check (ms) | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| backend | N | C | repeats | cross-entropy (ms) | " + " | ".join(f"{label} (ms) | ratio" for label in STEPS.values()) + " |")
+    print("|---|---:|---:|---:|---:|" + "---:|---:|" * len(STEPS))
     for backend, n, c, repeats, r in rows:
-        nocheck = r.get("sc_nocheck")
-        extra = (
-            f"{nocheck * 1e3:.2f} | {nocheck / r['ce']:.2f}×" if nocheck is not None else "n/a (jit: no check) | –"
-        )
-        print(
-            f"| {backend} | {n} | {c} | {repeats} | {r['ce'] * 1e3:.2f} | {r['sc'] * 1e3:.2f} | "
-            f"{r['sc'] / r['ce']:.2f}× | {extra} |"
-        )
+        cells = [
+            f"{r[key] * 1e3:.2f} | {r[key] / r['ce']:.2f}×" if key in r else "n/a (jit: no check) | –"
+            for key in STEPS
+        ]
+        print(f"| {backend} | {n} | {c} | {repeats} | {r['ce'] * 1e3:.2f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -201,12 +201,16 @@ class OnlineDeepClustering:
             check_labels(labels, "labels", upper=self.num_clusters, length=self.num_samples)
         feats = l2_normalize(self.samples.to_memory(features))
         if labels is None:
-            labels = kmeans(feats, self.num_clusters, n_iter=kmeans_iters, seed=self.seed, init=kmeans_init).labels
+            labels = self._kmeans_labels(feats, kmeans_iters, kmeans_init)
         self.samples.initialize(feats, self.samples.to_memory(labels))
         self.centroids.initialize(self.samples.features, self.samples.labels)
         self.iteration = 0
         handled = self.handler(self.samples, self.centroids, key=0)
         return {"num_small_clusters": handled.num_small_clusters, "num_splits": handled.num_splits}
+
+    def _kmeans_labels(self, unit_features: Array, kmeans_iters: int, kmeans_init: str) -> Array:
+        """(N,) initial labels: k-means of the L2-normalised memory-namespace features."""
+        return kmeans(unit_features, self.num_clusters, n_iter=kmeans_iters, seed=self.seed, init=kmeans_init).labels
 
     def labels_of(self, indices: Array) -> Array:
         """(B,) pseudo-labels of dataset ``indices`` (B,), in their namespace and on their device."""

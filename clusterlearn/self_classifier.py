@@ -621,18 +621,18 @@ def self_classifier_loss(
     )
 
 
-def _loss(
+def _prepare(
     heads: list[list[Array]],
     names: list[list[str]],
-    pairs: Sequence[tuple[int, int]],
-    row_temperature: float,
-    col_temperature: float,
-    eps: float,
-    sum_floor: float | None,
     gather: Gather | None,
     check_finite: bool,
-) -> Array:
-    """Validated parameters; checks the arrays, then averages the pair terms over heads."""
+) -> tuple[ModuleType, list[tuple[list[Array], slice | None]]]:
+    """Check every head's views, gather them, and return ``(xp, [(views, rows), ...])``.
+
+    ``views`` are the (gathered, finiteness-checked) logits of one head, in their own dtype;
+    ``rows`` is the slice of this process's rows in them (None: all rows). Shared by the core
+    and the adapters' fast losses, so that all raise the same errors.
+    """
     xp = namespace(**{names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)})
 
     min_rows = 1 if gather is not None else 2
@@ -647,7 +647,7 @@ def _loss(
                     f"{name} has {tuple(x.shape)}"
                 )
 
-    total = None
+    prepared = []
     for views, labels in zip(heads, names):
         rows: slice | None = None
         full: list[Array] = []
@@ -669,9 +669,29 @@ def _loss(
                 x, name = g, f"gather({name})"
             if check_finite:
                 _check_finite(name, x, xp)
-            full.append(_as_float(x, xp))
+            full.append(x)
         if rows is not None and rows.indices(full[0].shape[0]) == slice(None).indices(full[0].shape[0]):
             rows = None  # whole batch: skip the no-op slice
+        prepared.append((full, rows))
+    return xp, prepared
+
+
+def _loss(
+    heads: list[list[Array]],
+    names: list[list[str]],
+    pairs: Sequence[tuple[int, int]],
+    row_temperature: float,
+    col_temperature: float,
+    eps: float,
+    sum_floor: float | None,
+    gather: Gather | None,
+    check_finite: bool,
+) -> Array:
+    """Validated parameters; checks the arrays, then averages the pair terms over heads."""
+    xp, prepared = _prepare(heads, names, gather, check_finite)
+    total = None
+    for views, rows in prepared:
+        full = [_as_float(x, xp) for x in views]
         used_t = sorted({i for i, _ in pairs})
         used_p = sorted({j for _, j in pairs})
         targets = {i: _targets(full[i], col_temperature, sum_floor, rows, xp) for i in used_t}

@@ -1,0 +1,202 @@
+"""ODC memories for PyTorch, consistent across ``torch.distributed`` ranks.
+
+Every rank keeps a full replica of the memories. :meth:`OnlineDeepClustering.step` gathers
+the local batches of all ranks (in rank order) and every replica applies the same
+deterministic update on that global batch, so replicas stay bit-identical and equal to one
+process stepping on the concatenated batches. Initialisation is computed on rank 0 and
+broadcast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from clusterlearn import _backend as B
+from clusterlearn.odc import OnlineDeepClustering as _CoreODC
+from clusterlearn.sample_memory import l2_normalize
+
+from . import _torch_distributed as D
+
+__all__ = ["OnlineDeepClustering"]
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class OnlineDeepClustering(_CoreODC):
+    """:class:`clusterlearn.OnlineDeepClustering` on torch tensors, kept identical on all ranks.
+
+    Same constructor and methods as the core class, plus:
+
+    Parameters
+    ----------
+    device : where the memories live (default: the current CUDA device if CUDA is available,
+        else the CPU); independent of the model's device
+    dtype : floating dtype of the sample memory and centroids (default ``torch.float32``)
+    feature_device : the device ``step`` expects features on (default: the memory's device);
+        features on any other device raise ``ValueError`` (the promise is checked, not
+        silently copied). Indices may be on the CPU or on this device.
+    group : the ``torch.distributed`` process group (default: the world)
+
+    When ``torch.distributed`` is initialised with several ranks, :meth:`step` and
+    :meth:`initialize` are collectives: every rank must call them, with batches of the same
+    size (pad the last batch, as ``DistributedSampler`` does by repeating indices). Invalid
+    input on one rank makes every rank raise instead of hanging.
+
+    Examples
+    --------
+    >>> odc = OnlineDeepClustering(len(dataset), 10_000, 256, device="cuda")  # doctest: +SKIP
+    >>> odc.initialize(extract_features(model, loader))                        # doctest: +SKIP
+    >>> for idx, x in loader:                                                  # doctest: +SKIP
+    ...     f = model(x); y = odc.labels_of(idx).to(f.device)
+    ...     loss = cross_entropy(head(f), y, weight=odc.loss_weights(like=f))
+    ...     loss.backward(); opt.step(); opt.zero_grad()
+    ...     stats = odc.step(idx, f.detach())
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_clusters: int,
+        feat_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        feature_device: torch.device | str | None = None,
+        group: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if "like" in kwargs:
+            raise TypeError("the torch adapter takes device= and dtype= instead of like=")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        device = _default_device() if device is None else torch.device(device)
+        super().__init__(num_samples, num_clusters, feat_dim, like=torch.empty(0, dtype=dtype, device=device), **kwargs)
+        self.feature_device = device if feature_device is None else torch.device(feature_device)
+        self.group = group
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks whose batches each step combines."""
+        return D.world_size(self.group)
+
+    # ------------------------------------------------------------------ checks
+    def _check_tensor_device(self, name: str, x: Any, allowed: tuple[torch.device, ...]) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not any(_same_device(x.device, d) for d in allowed):
+            want = " or ".join(str(d) for d in allowed)
+            raise ValueError(
+                f"{name} is on {x.device}, this memory expects it on {want} "
+                "(set feature_device= in the constructor to the model's device)"
+            )
+
+    def _check_devices(self, indices: Any, features: Any) -> None:
+        self._check_tensor_device("indices", indices, (torch.device("cpu"), self.feature_device))
+        self._check_tensor_device("features", features, (self.feature_device,))
+
+    def _check_batch(self, indices: Any, features: Any) -> None:
+        self._check_devices(indices, features)
+        self.samples.validate_batch(indices, features)
+
+    # ------------------------------------------------------------------ collectives
+    def initialize(
+        self, features: Any, labels: Any = None, *, kmeans_iters: int = 20, kmeans_init: str = "k-means++"
+    ) -> dict[str, int]:
+        """Fill the memories from the (N, D) features of the whole data set (a collective).
+
+        Under ``torch.distributed`` rank 0's features are used on every rank and k-means runs on
+        rank 0 only; its labels are broadcast. Pass the same ``labels`` (or None) on every rank.
+        """
+        if self.world_size == 1:
+            return super().initialize(features, labels, kmeans_iters=kmeans_iters, kmeans_init=kmeans_init)
+
+        def check() -> None:
+            if not isinstance(features, torch.Tensor):
+                raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+            if tuple(features.shape) != (self.num_samples, self.feat_dim):
+                raise ValueError(f"features must have shape ({self.num_samples}, {self.feat_dim}), got {tuple(features.shape)}")
+
+        _, err = D.first_error(check)
+        D.agree([int(labels is None)], err, what="OnlineDeepClustering.initialize", names=["labels given"], group=self.group)
+        if D.rank(self.group) == 0 and labels is None:
+            labels = self._kmeans_labels(l2_normalize(self.samples.to_memory(features)), kmeans_iters, kmeans_init)
+        if labels is None:
+            labels = torch.zeros(self.num_samples, dtype=torch.int64)
+        labels = D.broadcast_(torch.as_tensor(labels, dtype=torch.int64), group=self.group)
+        feats = D.broadcast_(features.to(self.samples.dtype), group=self.group)
+        return super().initialize(feats, labels)
+
+    def step(self, indices: Any, features: Any) -> dict[str, float | int | bool]:
+        """One ODC memory iteration on this rank's batch; a collective under torch.distributed.
+
+        Parameters
+        ----------
+        indices : (b,) integer dataset indices of this rank's batch (CPU or ``feature_device``)
+        features : (b, D) their features on ``feature_device`` (detached here)
+
+        Every rank must pass the same b. The global batch (world·b rows, rank order) updates
+        every replica identically; the returned statistics describe the global batch.
+        """
+        if isinstance(features, torch.Tensor):
+            features = features.detach()
+        if self.world_size == 1:
+            self._check_devices(indices, features)
+            return super().step(indices, features)  # validates the batch before any change
+        _, err = D.first_error(lambda: self._check_batch(indices, features))
+        shape = list(features.shape) if err is None else [-1, -1]
+        D.agree(shape, err, what="OnlineDeepClustering.step", names=["batch size", "feature dim"], group=self.group)
+        dev = D.comm_device(self.group)
+        global_idx = D.all_gather_cat(indices.to(device=dev, dtype=torch.int64), self.group)
+        global_feats = D.all_gather_cat(features.to(device=dev, dtype=self.samples.dtype), self.group)
+        return super().step(global_idx, global_feats)
+
+    def fingerprint(self) -> str:
+        """A SHA-256 digest of the memories' exact bytes (features, labels, centroids, sizes, sums)."""
+        self._require_initialized()
+        digest = hashlib.sha256()
+        s, c = self.samples, self.centroids
+        for x in (s.features, s.labels, c.centroids, c.sizes, c.sums):
+            digest.update(np.ascontiguousarray(B.to_numpy(x)).tobytes())
+        return digest.hexdigest()
+
+    def check_consistency(self) -> None:
+        """Raise ``RuntimeError`` if any rank's memories differ from rank 0's (a collective).
+
+        Replicas stay identical when every rank runs the same deterministic kernels (always on
+        CPU; on CUDA, float atomics in scatter-adds may differ in the last bits across GPUs).
+        Call it, e.g., once per epoch; :meth:`sync_from_rank0` repairs a divergence.
+        """
+        if self.world_size == 1:
+            return
+        mine = torch.tensor(list(bytes.fromhex(self.fingerprint())), dtype=torch.int64)
+        table = D.all_gather_cat(mine, self.group).view(self.world_size, -1).cpu()
+        differ = [r for r in range(self.world_size) if not torch.equal(table[r], table[0])]
+        if differ:
+            raise RuntimeError(f"ODC memories of rank(s) {differ} differ from rank 0's")
+
+    def sync_from_rank0(self) -> None:
+        """Overwrite every rank's memories with rank 0's (a collective)."""
+        if self.world_size == 1:
+            return
+        s, c = self.samples, self.centroids
+        s.features = D.broadcast_(s.features, group=self.group)
+        s.labels = D.broadcast_(s.labels, group=self.group)
+        c.sizes = D.broadcast_(c.sizes, group=self.group)
+        c.sums = D.broadcast_(c.sums, group=self.group)
+        c.set_centroids(D.broadcast_(c.centroids, group=self.group))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Equal devices, treating ``cuda`` as the current CUDA device."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)

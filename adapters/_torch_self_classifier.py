@@ -1,0 +1,422 @@
+"""Self-Classifier loss for PyTorch with a closed-form backward (``torch.autograd.Function``).
+
+Same value as :func:`clusterlearn.self_classifier.self_classifier_loss` (same formula, same
+``eps`` and ``max(sum, eps)`` clamps, same pairs of views, same mean over heads, same choice
+between the linear-space and log-space arithmetic), but the gradient is written out instead of
+being recorded op by op by autograd, and the views of one head are processed as one stacked
+``(K, N, C)`` tensor: about 20 passes over ``K·N·C`` forward and 11 backward (plus one for
+the finiteness check), where autograd through the core records about 100. Cross-entropy
+takes about 5, so eager PyTorch stays above 2× its time (see ``benchmarks/self_classifier.py``).
+
+Gradient
+--------
+For one head with views ``x_v`` (``N × C``), ``P`` ordered pairs ``(i, j)`` (target view ``i``,
+prediction view ``j``) and ``n`` loss rows ``R`` (this process's rows of the global batch)::
+
+    L = −1/(P n) Σ_v Σ_{n∈R} Σ_y T_v[n, y] · A_v[n, y],    A_v = Σ_{j:(v,j)} LP_j,  B_v = Σ_{i:(i,v)} T_i
+
+Targets, ``z = x/τ_col``: ``p = softmax_dim0(z)``, ``S_n = Σ_y p[n, y]``, ``T = p / max(S, eps)``
+(rows ``R``), ``a_n = [S_n > eps]`` (1 without the clamp). With ``G_T = ∂L/∂T``::
+
+    U = T ⊙ (G_T − a ⊙ Σ_y G_T T)           ∂L/∂z = U − p ⊙ Σ_n U
+
+Predictions, ``ζ = x/τ_row``: ``q = softmax_dim1(ζ)``, ``Q_y = max(Σ_n q[n, y], eps)``,
+``w = (N/C) q / Q``, ``LP = log(w + eps)``, ``π = w / (w + eps)``, ``b_y = [Σ_n q > eps]``.
+With ``G = ∂L/∂LP``::
+
+    V = π ⊙ G − (q / Q) ⊙ b ⊙ Σ_n π G        ∂L/∂ζ = V − q ⊙ Σ_y V
+
+Every factor is bounded (``T, p, q, π, q/Q ∈ [0, 1]``, ``|LP| <= max(−log eps, log(N/C + eps))``),
+so the gradient is finite for logits of any finite magnitude, and ``G_T = −A/(P n)`` and
+``G = −B/(P n)``. The sum ``Σ_y A T`` of the target term is also the loss, so the forward
+pass computes it once for both. In log space (``clamp_sums=False`` or an ``eps`` the dtype
+cannot resolve, as in the core) ``T``, ``q / Q`` and ``π = exp(log w − LP)`` are formed from
+log-softmaxes; the backward is the same.
+
+Memory: the forward saves ``p, T, q, π`` and ``A`` (five ``K·N·C`` tensors; one more, ``q / Q``,
+in log space) for the backward; autograd frees them after it (unless ``retain_graph=True``).
+Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from clusterlearn._backend import namespace
+from clusterlearn.self_classifier import (
+    Gather,
+    _as_float,
+    _check_logits,
+    _check_positive,
+    _parse,
+    _prepare,
+    view_pairs,
+)
+
+from ._torch_distributed import all_gather_with_grad, world_size
+
+__all__ = ["SelfClassifierFunction", "SelfClassifierLoss", "self_classifier_head_loss"]
+
+
+class _Config(NamedTuple):
+    """Static parameters of one head's loss (validated by the caller)."""
+
+    row_temperature: float
+    col_temperature: float
+    eps: float
+    clamp_sums: bool
+    rows: slice | None  # loss rows within the global batch; None: all
+    pairs: tuple[tuple[int, int], ...]  # (target view, prediction view)
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    """8 × the smallest normal number of ``dtype`` (the core's ``exp`` floor)."""
+    return 8.0 * torch.finfo(dtype).tiny
+
+
+def _linear_targets(dtype: torch.dtype, n_classes: int, cfg: _Config) -> bool:
+    """The core's condition for computing clamped targets as ``p / max(Σ p, eps)`` directly."""
+    resolution = torch.finfo(dtype).eps / 1024
+    return cfg.clamp_sums and n_classes * _tiny(dtype) / cfg.eps <= resolution
+
+
+def _linear_predictions(dtype: torch.dtype, n: int, n_classes: int, cfg: _Config) -> bool:
+    """The core's condition for computing clamped ``log((N/C)·q/max(Σq, eps) + eps)`` directly."""
+    tiny, resolution = _tiny(dtype), torch.finfo(dtype).eps / 16
+    return (
+        cfg.clamp_sums
+        and (n / n_classes) * tiny / cfg.eps / cfg.eps <= resolution
+        and n * tiny / cfg.eps <= resolution
+    )
+
+
+def _target_floor(dtype: torch.dtype, n_classes: int, eps: float) -> float:
+    """Floor of the column softmax's ``exp`` on the linear-space target path.
+
+    The core floors ``exp`` at ``_tiny`` and shows that the change is below rounding while
+    ``C · floor / eps <= (dtype eps) / 1024``. The largest floor with that bound keeps ``p``,
+    ``T`` and their products in the backward away from denormal numbers, which cost 10-30×
+    per operation on x86 CPUs without flush-to-zero (``torch.set_flush_denormal`` only sets it
+    for the calling thread, not for the intra-op worker threads).
+    """
+    return max(_tiny(dtype), eps * torch.finfo(dtype).eps / 1024 / n_classes)
+
+
+def _prediction_floor(dtype: torch.dtype, n: int, n_classes: int, eps: float) -> float:
+    """Floor of the row softmax's ``exp`` on the linear-space prediction path: the largest value
+    meeting the core's guards ``(N/C)·floor/eps² <= (dtype eps)/16`` and ``N·floor/eps <= (dtype eps)/16``
+    (see :func:`_target_floor`)."""
+    resolution = torch.finfo(dtype).eps / 16
+    return max(_tiny(dtype), min(eps * eps * resolution * n_classes / n, eps * resolution / n))
+
+
+def _softmax(views: Sequence[torch.Tensor], dim: int, temperature: float, floor: float) -> torch.Tensor:
+    """``softmax(x_v / temperature, dim)`` of every view, stacked to ``(K, N, C)``; ``exp`` floored.
+
+    ``(x − max) / τ`` is clamped at ``log floor`` (<< 1) before ``exp``, so that no ``exp``
+    underflows to a denormal number (slow on CPUs); the floor is negligible by the callers'
+    guards. The views are written straight into the stacked buffer (no separate stack copy).
+    """
+    e = views[0].new_empty((len(views), *views[0].shape))
+    for v, x in enumerate(views):
+        torch.sub(x, x.amax(dim=dim, keepdim=True), out=e[v])
+    e.mul_(1.0 / temperature).clamp_min_(math.log(floor)).exp_()
+    return e.div_(e.sum(dim=dim + 1, keepdim=True))
+
+
+def _combine(x: torch.Tensor, sources: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``out[i] = Σ_{j ∈ sources[i]} x[j]`` for ``x`` of shape ``(K, ...)`` (one pass over ``x``)."""
+    mix = torch.zeros((len(sources), x.shape[0]), dtype=x.dtype, device=x.device)
+    for i, js in enumerate(sources):
+        mix[i, list(js)] = 1.0
+    return (mix @ x.reshape(x.shape[0], -1)).reshape((len(sources), *x.shape[1:]))
+
+
+def _sources(pairs: Sequence[tuple[int, int]], num_views: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Prediction views paired with each target view, and target views paired with each prediction view."""
+    to_pred = [[j for i, j in pairs if i == v] for v in range(num_views)]
+    to_target = [[i for i, j in pairs if j == v] for v in range(num_views)]
+    return to_pred, to_target
+
+
+class SelfClassifierFunction(torch.autograd.Function):
+    """Loss of one head from its global logits, with the closed-form gradient.
+
+    ``SelfClassifierFunction.apply(cfg, x_0, ..., x_{K−1})`` with a :class:`_Config` and ``K >= 2``
+    views of shape ``(N, C)`` (the same ``N`` samples, one float32 or float64 dtype, finite)
+    returns the 0-d mean over ``cfg.pairs`` of the pair terms, each averaged over the rows
+    ``cfg.rows``; its backward returns the ``(N, C)`` gradient of every view (views of one
+    ``(K, N, C)`` tensor). Use :func:`self_classifier_head_loss` or :class:`SelfClassifierLoss`,
+    which validate.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, cfg: _Config, *views: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        k = len(views)
+        n_global, n_classes = views[0].shape
+        dtype = views[0].dtype
+        rows = cfg.rows if cfg.rows is not None else slice(None)
+        to_pred, to_target = _sources(cfg.pairs, k)
+        log_eps = math.log(cfg.eps)
+        stacked = None if _linear_targets(dtype, n_classes, cfg) and _linear_predictions(
+            dtype, n_global, n_classes, cfg
+        ) else torch.stack(views)
+        with torch.no_grad():
+            # Targets T (loss rows) and the column softmax p (all rows).
+            if stacked is None or _linear_targets(dtype, n_classes, cfg):
+                p = _softmax(views, 0, cfg.col_temperature, _target_floor(dtype, n_classes, cfg.eps))
+                row_sum = p[:, rows].sum(dim=2, keepdim=True)
+                target = p[:, rows] / row_sum.clamp_min(cfg.eps)
+                active_t = row_sum > cfg.eps
+            else:
+                log_p = torch.log_softmax(stacked / cfg.col_temperature, dim=1)
+                target = torch.softmax(log_p[:, rows], dim=2)  # exp(log p − m) / Σ, m = row max
+                if cfg.clamp_sums:
+                    # p / max(S, eps) = softmax · exp(min(log S − log eps, 0))
+                    excess = torch.logsumexp(log_p[:, rows], dim=2, keepdim=True) - log_eps
+                    target.mul_(excess.clamp_max(0.0).exp_())
+                    active_t = excess > 0
+                else:
+                    active_t = None
+                p = log_p.exp_()
+
+            # Predictions LP = log((N/C)·pred + eps) (loss rows), π = w / (w + eps), the row
+            # softmax q and q/Q = rho * rho_scale (all rows).
+            ratio = n_global / n_classes
+            if stacked is None or _linear_predictions(dtype, n_global, n_classes, cfg):
+                floor = _prediction_floor(dtype, n_global, n_classes, cfg.eps)
+                q = _softmax(views, 1, cfg.row_temperature, floor)
+                col_sum = q.sum(dim=1, keepdim=True)
+                inv_norm = col_sum.clamp_min(cfg.eps).reciprocal_()
+                w = q[:, rows] * (inv_norm * ratio)
+                w_eps = w + cfg.eps
+                rho, rho_scale = q, inv_norm.mul_(col_sum > cfg.eps)
+            else:
+                log_q = torch.log_softmax(stacked / cfg.row_temperature, dim=2)
+                log_norm = torch.logsumexp(log_q, dim=1, keepdim=True)
+                rho_scale = None
+                if cfg.clamp_sums:
+                    rho_scale = (log_norm > log_eps).to(dtype)
+                    log_norm.clamp_min_(log_eps)
+                rho = (log_q - log_norm).exp_()  # q / Q
+                log_w = (log_q[:, rows] - log_norm).add_(math.log(ratio))
+                w_eps = None
+                q = log_q.exp_()
+            # A_v = Σ_j LP_j over the prediction views j paired with target view v.
+            single = all(len(js) == 1 for js in to_pred)
+            if w_eps is not None and single:
+                acc = torch.empty_like(w_eps)
+                for v, (j,) in enumerate(to_pred):
+                    torch.log(w_eps[j], out=acc[v])
+                pi = w.div_(w_eps)
+            elif w_eps is not None:
+                acc = _combine(torch.log(w_eps), to_pred)
+                pi = w.div_(w_eps)
+            else:
+                log_pred = torch.logaddexp(log_w, torch.tensor(log_eps, dtype=dtype, device=log_w.device))
+                acc = _combine(log_pred, to_pred)
+                pi = log_w.sub_(log_pred).exp_()
+            del w_eps
+            dots = torch.linalg.vecdot(target, acc, dim=2)  # Σ_y T_v A_v: the loss, and r of the backward
+            loss = dots.sum() * (-1.0 / (len(cfg.pairs) * target.shape[1]))
+
+        ctx.cfg, ctx.n_loss, ctx.to_target = cfg, target.shape[1], to_target
+        ctx.save_for_backward(p, target, active_t, q, rho, rho_scale, pi, acc, dots)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
+        cfg = ctx.cfg
+        p, target, active_t, q, rho, rho_scale, pi, acc, dots = ctx.saved_tensors
+        whole = cfg.rows is None
+        # grad_x = −g/(P n) · [(U − p Σ_n U)/τ_col + (V − q Σ_y V)/τ_row], with G_T = −A/(P n) and
+        # G = −B/(P n) factored out: U = T ⊙ (A − a·Σ_y A T), V = π ⊙ B − (q/Q) ⊙ b·Σ_n π B.
+        r = dots.unsqueeze(2) if active_t is None else dots.unsqueeze(2) * active_t
+        u = torch.sub(acc, r).mul_(target)
+        del acc, r
+        col = u.sum(dim=1, keepdim=True)
+        if whole:
+            d_col = u.addcmul_(p, col, value=-1.0)
+        else:
+            d_col = torch.mul(p, col).neg_()
+            d_col[:, cfg.rows] += u
+        del u, p, col
+
+        if all(len(i) == 1 for i in ctx.to_target):  # π ⊙ B, B_v = Σ_i T_i
+            v_loc = torch.empty_like(pi)
+            for v, (i,) in enumerate(ctx.to_target):
+                torch.mul(pi[v], target[i], out=v_loc[v])
+        else:
+            v_loc = _combine(target, ctx.to_target).mul_(pi)
+        del target, pi
+        c = v_loc.sum(dim=1, keepdim=True)
+        if rho_scale is not None:
+            c.mul_(rho_scale)
+        if whole:
+            v_full = v_loc.addcmul_(rho, c, value=-1.0)
+        else:
+            v_full = torch.mul(rho, c).neg_()
+            v_full[:, cfg.rows] += v_loc
+        del v_loc, rho, c
+        d_row = v_full.addcmul_(q, v_full.sum(dim=2, keepdim=True), value=-1.0)
+        del q
+
+        d_col.add_(d_row, alpha=cfg.col_temperature / cfg.row_temperature)
+        d_col.mul_(grad * (-1.0 / (len(cfg.pairs) * ctx.n_loss * cfg.col_temperature)))
+        return (None, *d_col.unbind(0))
+
+
+def self_classifier_head_loss(
+    logits: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    row_temperature: float = 0.1,
+    col_temperature: float = 0.05,
+    eps: float = 1e-12,
+    clamp_sums: bool = True,
+    rows: slice | None = None,
+) -> torch.Tensor:
+    """Loss of one head from its global logits, with the closed-form backward.
+
+    Parameters
+    ----------
+    logits : tensor of shape (K, N, C), or a sequence of K tensors of shape (N, C)
+        ``K >= 2`` views (0, 1 global, 2.. local) of the same ``N`` samples, real floating
+        (half precision is computed in float32), finite (not checked here). A sequence is
+        stacked (its backward is free: the gradient is split back into views of one tensor).
+    row_temperature, col_temperature, eps, clamp_sums
+        As in :class:`clusterlearn.self_classifier.SelfClassifierLoss`.
+    rows : slice, optional
+        This process's rows of a gathered global batch: the targets and predictions use all
+        ``N`` rows (``N/C`` with the global ``N``), the pair terms average over these rows.
+
+    Returns
+    -------
+    0-d tensor, dtype of the (float32-promoted) logits
+        Mean over the ``4K − 6`` pairs of :func:`clusterlearn.self_classifier.view_pairs`;
+        equal to the core's loss of this head.
+    """
+    views = list(logits.unbind(0) if isinstance(logits, torch.Tensor) and logits.ndim == 3 else logits)
+    xp = namespace(**{f"logits[{v}]": x for v, x in enumerate(views)})
+    if len(views) < 2:
+        raise ValueError(f"need at least 2 views, got {len(views)}")
+    for v, x in enumerate(views):
+        _check_logits(f"logits[{v}]", x, xp, min_rows=1 if rows is not None else 2)
+        if x.shape != views[0].shape:
+            raise ValueError(f"views of one head must have the same shape, got {tuple(views[0].shape)} and {tuple(x.shape)}")
+    dtype = functools.reduce(torch.promote_types, [x.dtype for x in views])
+    views = [_as_float(x.to(dtype), xp) for x in views]
+    n = views[0].shape[0]
+    cfg = _Config(
+        _check_positive("row_temperature", row_temperature),
+        _check_positive("col_temperature", col_temperature),
+        _check_positive("eps", eps),
+        bool(clamp_sums),
+        None if rows is None or rows.indices(n) == slice(None).indices(n) else rows,
+        view_pairs(len(views)),
+    )
+    return SelfClassifierFunction.apply(cfg, *views)
+
+
+class SelfClassifierLoss(torch.nn.Module):
+    """Self-Classifier loss module with the closed-form backward; same value as the core's.
+
+    Parameters
+    ----------
+    row_temperature : float, default 0.1
+        ``τ_row > 0`` of the row softmax ``p(y|x)`` (predictions).
+    col_temperature : float, default 0.05
+        ``τ_col > 0`` of the column softmax ``p(x|y)`` (targets).
+    eps : float, default 1e-12
+        ``eps > 0`` inside ``log((N/C)·pred + eps)`` and (``clamp_sums``) the sums' floor.
+    clamp_sums : bool, default True
+        Divide the L1 normalisations by ``max(sum, eps)`` (the reference) or the exact sums.
+    check_finite : bool, default True
+        Raise ValueError on NaN/inf in the (gathered) logits (one pass and a device sync).
+    gather : "auto", None or callable, default "auto"
+        ``None``: the local batch only. A callable with the core's contract
+        ``gather(local (n, C)) -> (global (N, C), rows slice)`` whose backward sums the
+        gradient over processes. ``"auto"``: :func:`clusterlearn.adapters._torch_distributed.all_gather_with_grad`
+        when ``torch.distributed`` is initialised with more than one process (decided at each
+        call), else none. The loss is computed on the global logits, averaged over this
+        process's rows, and its gradient flows back through the gather to the local logits.
+
+    Notes
+    -----
+    Call as ``criterion(v1, v2)``, ``criterion(v0, v1, v2, ...)``, ``criterion([v0, v1, ...])``
+    or ``criterion([[h0v0, h0v1, ...], [h1v0, h1v1, ...]])`` with torch tensors of shape
+    ``(N, C)`` (``C`` may differ between heads); the result is the 0-d mean over heads and view
+    pairs, as :class:`clusterlearn.self_classifier.SelfClassifierLoss`, and raises the same
+    errors on bad input. Each head runs :class:`SelfClassifierFunction` once on its stacked views.
+    """
+
+    def __init__(
+        self,
+        row_temperature: float = 0.1,
+        col_temperature: float = 0.05,
+        eps: float = 1e-12,
+        *,
+        clamp_sums: bool = True,
+        check_finite: bool = True,
+        gather: Gather | str | None = "auto",
+    ) -> None:
+        super().__init__()
+        self.row_temperature = _check_positive("row_temperature", row_temperature)
+        self.col_temperature = _check_positive("col_temperature", col_temperature)
+        self.eps = _check_positive("eps", eps)
+        if not (gather is None or gather == "auto" or callable(gather)):
+            raise TypeError(f"gather must be 'auto', None or a callable, got {gather!r}")
+        self.gather = gather
+        self.clamp_sums = bool(clamp_sums)
+        self.check_finite = bool(check_finite)
+
+    def _gather(self) -> Gather | None:
+        if self.gather == "auto":
+            return all_gather_with_grad if world_size() > 1 else None
+        return self.gather  # type: ignore[return-value]
+
+    def forward(self, *logits: Any) -> torch.Tensor:
+        """``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
+        if len(logits) == 1:
+            arg = logits[0]
+        elif len(logits) >= 2:
+            if not all(isinstance(x, torch.Tensor) for x in logits):
+                raise TypeError(
+                    "pass either two or more view tensors as positional arguments, or a single "
+                    "list of views / list of heads"
+                )
+            arg = list(logits)
+        else:
+            raise ValueError("need at least 2 views, got none")
+        heads, names = _parse(arg)
+        xp = namespace(**{names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)})
+        if not all(isinstance(x, torch.Tensor) for views in heads for x in views):
+            raise TypeError(f"SelfClassifierLoss (torch) needs torch tensors, got {xp.__name__} arrays")
+        _, prepared = _prepare(heads, names, self._gather(), self.check_finite)
+        total = None
+        for full, rows in prepared:
+            term = self_classifier_head_loss(
+                full,
+                row_temperature=self.row_temperature,
+                col_temperature=self.col_temperature,
+                eps=self.eps,
+                clamp_sums=self.clamp_sums,
+                rows=rows,
+            )
+            total = term if total is None else total + term
+        return total / len(heads)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        gather = self.gather if isinstance(self.gather, str) or self.gather is None else getattr(
+            self.gather, "__name__", repr(self.gather)
+        )
+        return (
+            f"row_temperature={self.row_temperature}, col_temperature={self.col_temperature}, "
+            f"eps={self.eps}, clamp_sums={self.clamp_sums}, check_finite={self.check_finite}, "
+            f"gather={gather!r}"
+        )

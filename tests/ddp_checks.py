@@ -1,0 +1,189 @@
+"""Scenarios run inside real 2-process gloo groups by tests/test_torch_ddp.py.
+
+Each rank runs every scenario and saves what it observed to ``out_dir/rank{r}.pt``; the test
+compares the ranks with each other and with one process working on the concatenated batches
+(computed here too, on rank 0, without the process group).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import clusterlearn as cl
+from clusterlearn.adapters import torch as clt
+
+N, C, DIM, MIN = 96, 4, 8, 3
+LOCAL_B = 6
+STEPS = 7
+
+
+def make_stream(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Global batches (world·LOCAL_B rows); features drift to two attractors so labels change.
+
+    The last batch is padded by repeating indices, as DistributedSampler pads an epoch.
+    """
+    gen = np.random.default_rng(7)
+    attract = gen.normal(size=(2, DIM)) * 3
+    out = []
+    for s in range(STEPS):
+        idx = gen.permutation(N)[: world * LOCAL_B]
+        if s == STEPS - 1:
+            idx[-3:] = idx[:3]
+        f = gen.normal(size=(idx.shape[0], DIM)) + attract[idx % 2] * (s + 1) / STEPS
+        out.append((torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(f.astype(np.float32))))
+    return out
+
+
+def initial_features() -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(3).normal(size=(N, DIM)).astype(np.float32))
+
+
+def odc_kwargs() -> dict[str, Any]:
+    return dict(momentum=0.3, min_cluster_size=MIN, centroid_update_interval=2, seed=5, device="cpu")
+
+
+def odc_scenario(rank: int, world: int) -> dict[str, Any]:
+    """Several steps with different data per rank, a padded last batch, and k-means init."""
+    odc = clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs())
+    feats = initial_features()
+    if rank == 1:
+        feats = feats + 1.0  # rank 0's features are the ones used
+    odc.initialize(feats)
+    prints = [odc.fingerprint()]
+    stats = []
+    for idx, f in make_stream(world):
+        part = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+        stats.append(odc.step(idx[part], f[part]))
+        prints.append(odc.fingerprint())
+    odc.check_consistency()
+    state = odc.state_dict()
+    return {"prints": prints, "stats": stats, "state": state}
+
+
+def odc_single(world: int) -> dict[str, Any]:
+    """The same stream in one process (no process group) on the concatenated batches."""
+    odc = clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs())
+    odc.initialize(initial_features())
+    prints = [odc.fingerprint()]
+    stats = []
+    for idx, f in make_stream(world):
+        stats.append(odc.step(idx, f))
+        prints.append(odc.fingerprint())
+    return {"prints": prints, "stats": stats}
+
+
+def errors_scenario(rank: int, world: int) -> dict[str, Any]:
+    """Bad input on one rank raises on every rank, the memory is unchanged, the group still works."""
+    odc = clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs())
+    odc.initialize(initial_features())
+    before = odc.fingerprint()
+    idx = torch.arange(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+    f = torch.ones(LOCAL_B, DIM)
+    cases = {
+        "float indices on rank 1": (idx.float() if rank == 1 else idx, f),
+        "short batch on rank 1": (idx[:-1] if rank == 1 else idx, f[:-1] if rank == 1 else f),
+        "out of range on rank 0": (idx + N if rank == 0 else idx, f),
+        "NaN on rank 1": (idx, f * float("nan") if rank == 1 else f),
+    }
+    seen: dict[str, str] = {}
+    for name, (i, x) in cases.items():
+        try:
+            odc.step(i, x)
+            seen[name] = "no error"
+        except (ValueError, TypeError) as err:
+            seen[name] = f"{type(err).__name__}: {err}"
+    after = odc.fingerprint()
+    odc.step(idx, f)  # the group still works after the errors
+    return {"errors": seen, "unchanged": before == after}
+
+
+def loss_scenario(rank: int, world: int) -> dict[str, Any]:
+    """Self-Classifier loss over the global batch under DDP: loss and parameter gradients."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(5, 6)
+    x = torch.from_numpy(np.random.default_rng(11).normal(size=(2, world * 4, 5)).astype(np.float32))
+    out: dict[str, Any] = {}
+    for name, make in {
+        "fast": lambda: clt.SelfClassifierLoss(),
+        "core+gather": lambda: cl.SelfClassifierLoss(gather=clt.all_gather_with_grad),
+    }.items():
+        model = torch.nn.parallel.DistributedDataParallel(_copy(base))
+        part = slice(rank * 4, (rank + 1) * 4)
+        loss = make()(model(x[0, part]), model(x[1, part]))
+        loss.backward()
+        out[name] = {"loss": loss.detach(), "grads": [p.grad.clone() for p in model.parameters()]}
+    # A plain all_gather without gradient: the trap the adapter avoids.
+    model = torch.nn.parallel.DistributedDataParallel(_copy(base))
+    part = slice(rank * 4, (rank + 1) * 4)
+
+    def plain(local: torch.Tensor) -> tuple[torch.Tensor, slice]:
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.detach())
+        parts[rank] = local
+        return torch.cat(parts), slice(rank * 4, (rank + 1) * 4)
+
+    cl.SelfClassifierLoss(gather=plain)(model(x[0, part]), model(x[1, part])).backward()
+    out["plain"] = {"grads": [p.grad.clone() for p in model.parameters()]}
+    return out
+
+
+def loss_single(world: int) -> dict[str, Any]:
+    """The loss and gradients of one process on the concatenated batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 6)
+    x = torch.from_numpy(np.random.default_rng(11).normal(size=(2, world * 4, 5)).astype(np.float32))
+    loss = cl.SelfClassifierLoss()(model(x[0]), model(x[1]))
+    loss.backward()
+    return {"loss": loss.detach(), "grads": [p.grad.clone() for p in model.parameters()]}
+
+
+def _copy(module: torch.nn.Module) -> torch.nn.Module:
+    clone = torch.nn.Linear(module.in_features, module.out_features)
+    clone.load_state_dict(module.state_dict())
+    return clone
+
+
+def data_scenario(rank: int, world: int) -> dict[str, Any]:
+    """extract_features with DistributedSampler padding; UniformClusterSampler shards."""
+    data = torch.utils.data.TensorDataset(torch.arange(11, dtype=torch.float32)[:, None].repeat(1, 3))
+    sampler = torch.utils.data.DistributedSampler(data, shuffle=False)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler)
+    model = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(model.weight, 1.0)
+    torch.nn.init.zeros_(model.bias)
+    feats = clt.extract_features(model, loader, progress=False)
+    labels = torch.from_numpy(np.repeat(np.arange(5), [2, 3, 10, 4, 6]))
+    shards = {}
+    for epoch in (0, 1):
+        s = clt.UniformClusterSampler(labels, num_samples=31, seed=4)
+        s.set_epoch(epoch)
+        shards[epoch] = torch.tensor(list(s))
+    return {"features": feats, "shards": shards}
+
+
+def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        torch.set_num_threads(1)
+        result = {
+            "odc": odc_scenario(rank, world),
+            "errors": errors_scenario(rank, world),
+            "loss": loss_scenario(rank, world),
+            "data": data_scenario(rank, world),
+        }
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

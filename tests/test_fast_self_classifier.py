@@ -1,0 +1,369 @@
+"""Closed-form-backward Self-Classifier losses (torch ``autograd.Function``, JAX ``custom_vjp``).
+
+Both must equal the core loss (:mod:`clusterlearn.self_classifier`) in value and gradient: the
+core's gradient is autograd / ``jax.grad`` through its array-API formula, which the core's own
+tests check against finite differences of a float64 NumPy transcription of the spec.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+
+from clusterlearn.self_classifier import SelfClassifierLoss as CoreLoss
+
+EPS = 1e-12
+
+
+def make_heads(seed: int, n: int, classes: list[int], views: int, scale: float = 1.0) -> list[list[np.ndarray]]:
+    """float32-representable float64 logits ``heads[h][v]`` of shape ``(n, classes[h])``."""
+    rng = np.random.default_rng(seed)
+    return [
+        [(scale * rng.standard_normal((n, c))).astype(np.float32).astype(np.float64) for _ in range(views)]
+        for c in classes
+    ]
+
+
+def collapsed(n: int = 64, c: int = 8) -> np.ndarray:
+    """Every sample confident in class 0 (logits ±3): dead classes and unclaimed samples, so
+    both ``max(sum, eps)`` clamps bite (the reference scores it 24.378)."""
+    x = np.full((n, c), -3.0)
+    x[:, 0] = 3.0
+    return x
+
+
+def arg(heads: list[list]) -> list:
+    """One head: its list of views; several heads: the list of heads."""
+    return heads[0] if len(heads) == 1 else heads
+
+
+# (N, classes per head, views, scale, row temperature, col temperature, eps)
+CASES = [
+    (8, [5], 2, 1.0, 0.1, 0.05, EPS),
+    (33, [10], 2, 3.0, 0.1, 0.05, EPS),  # peaked: clamps active
+    (16, [7], 3, 1.0, 0.1, 0.05, EPS),
+    (12, [6], 5, 0.5, 0.2, 0.5, 1e-3),
+    (10, [3, 6], 4, 2.0, 1.0, 1.0, 1e-8),
+    (24, [4, 9], 2, 1.0, 0.1, 0.05, 1e-35),  # float32 log-space paths of the clamped loss
+]
+CASE_IDS = ["2v", "peaked", "3v", "5v-tau", "heads-4v", "heads-tiny-eps"]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_value_and_grads(crit, heads, dtype):
+    torch = pytest.importorskip("torch")
+    ts = [[torch.tensor(v, dtype=dtype, requires_grad=True) for v in views] for views in heads]
+    loss = crit(arg(ts))
+    flat = [t for views in ts for t in views]
+    grads = torch.autograd.grad(loss, flat)
+    return float(loss.detach()), [g.double().numpy() for g in grads]
+
+
+def torch_fast(**kwargs):
+    from clusterlearn.adapters._torch_self_classifier import SelfClassifierLoss
+
+    return SelfClassifierLoss(**kwargs)
+
+
+@pytest.mark.parametrize("clamp", [True, False], ids=["clamped", "exact"])
+@pytest.mark.parametrize("n,classes,views,scale,tr,tc,eps", CASES, ids=CASE_IDS)
+def test_torch_matches_core(n, classes, views, scale, tr, tc, eps, clamp):
+    torch = pytest.importorskip("torch")
+    heads = make_heads(n + views, n, classes, views, scale)
+    params = dict(row_temperature=tr, col_temperature=tc, eps=eps, clamp_sums=clamp)
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        expected, expected_grads = torch_value_and_grads(CoreLoss(**params), heads, dtype)
+        got, grads = torch_value_and_grads(torch_fast(gather=None, **params), heads, dtype)
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
+        scale_g = max(np.abs(g).max() for g in expected_grads)
+        for g, e in zip(grads, expected_grads):
+            np.testing.assert_allclose(g, e, rtol=100 * rtol, atol=10 * rtol * scale_g)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(clamp_sums=False), dict(eps=1e-200, row_temperature=0.7)],
+    ids=["clamped", "exact", "clamped-log-space"],
+)
+def test_torch_gradcheck(kwargs):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    crit = torch_fast(gather=None, **kwargs)
+    views = [torch.tensor(rng.standard_normal((5, 3)), requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(lambda *v: crit(list(v)), views, eps=1e-6, atol=1e-7, rtol=1e-5)
+    peaked = [torch.tensor(rng.standard_normal((6, 4)) * 4, requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradcheck(lambda a, b: crit(a, b), peaked, eps=1e-6, atol=1e-7, rtol=1e-5)
+    heads = [torch.tensor(rng.standard_normal((4, c)), requires_grad=True) for c in (2, 2, 3, 3)]
+    assert torch.autograd.gradcheck(lambda a, b, c, d: crit([[a, b], [c, d]]), heads, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("clamp,expected", [(True, 24.378), (False, math.log(8))], ids=["clamped", "exact"])
+def test_torch_collapsed_batch(clamp, expected):
+    torch = pytest.importorskip("torch")
+    x = collapsed()
+    rng = np.random.default_rng(1)
+    heads = [[x, x + 0.1 * rng.standard_normal(x.shape)]]
+    for dtype in (torch.float64, torch.float32):
+        core, core_grads = torch_value_and_grads(CoreLoss(clamp_sums=clamp), heads, dtype)
+        got, grads = torch_value_and_grads(torch_fast(gather=None, clamp_sums=clamp), heads, dtype)
+        np.testing.assert_allclose(got, core, rtol=2e-5)
+        for g, e in zip(grads, core_grads):
+            np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-5 * np.abs(e).max())
+    got, _ = torch_value_and_grads(torch_fast(gather=None, clamp_sums=clamp), [[x, x]], torch.float64)
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    small = [torch.tensor(collapsed(8, 4) + 0.1 * rng.standard_normal((8, 4)), requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradcheck(lambda p, q: torch_fast(gather=None, clamp_sums=clamp)(p, q), small, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("clamp", [True, False], ids=["clamped", "exact"])
+def test_torch_extreme_logits_finite(clamp):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    vs = [rng.standard_normal((32, 16)) * 1e4 for _ in range(3)]
+    vs.append(np.full((32, 16), 1e4))  # a constant view
+    vs[1][:, 0] = -1e4  # a dead class
+    loss, grads = torch_value_and_grads(torch_fast(gather=None, clamp_sums=clamp), [vs], torch.float32)
+    assert math.isfinite(loss) and loss <= -math.log(EPS) + 1e-3
+    assert all(np.isfinite(g).all() for g in grads)
+    core, _ = torch_value_and_grads(CoreLoss(clamp_sums=clamp), [vs], torch.float32)
+    np.testing.assert_allclose(loss, core, rtol=1e-5)
+
+
+def test_torch_call_forms_dtypes_and_functional():
+    torch = pytest.importorskip("torch")
+    from clusterlearn.adapters._torch_self_classifier import self_classifier_head_loss
+
+    (vs,) = make_heads(1, 9, [4], 3)
+    a, b, c = (torch.tensor(v) for v in vs)
+    crit = torch_fast(gather=None)
+    two = crit(a, b)
+    assert two.shape == () and two.dtype == torch.float64
+    assert float(two) == float(crit([a, b])) == float(crit((a, b))) == float(crit([[a, b]]))
+    assert float(crit(a, b, c)) == float(crit([a, b, c]))
+    np.testing.assert_allclose(float(self_classifier_head_loss(torch.stack([a, b, c]))), float(crit(a, b, c)), rtol=1e-12)
+    half = crit(a.half(), b.half())
+    assert half.dtype == torch.float32
+    np.testing.assert_allclose(float(half), float(CoreLoss()(a.half(), b.half())), rtol=1e-5)
+    assert "gather='auto'" in repr(torch_fast())
+
+
+def test_torch_retain_graph_backward_twice():
+    torch = pytest.importorskip("torch")
+    a, b = (torch.randn(6, 4, requires_grad=True) for _ in range(2))
+    loss = torch_fast(gather=None)(a, b)
+    first = torch.autograd.grad(loss, (a, b), retain_graph=True)
+    second = torch.autograd.grad(loss, (a, b))
+    for x, y in zip(first, second):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def rank_gather(global_views, local_views, rows):
+    """A fake gather for one rank: maps each of its local views to the full batch of that view."""
+
+    def gather(x):
+        for local, full in zip(local_views, global_views):
+            if x is local:
+                return full, rows
+        raise AssertionError("gather called on an unknown array")
+
+    return gather
+
+
+def test_torch_fake_gather_gradients():
+    """Per-rank losses on gathered logits; summing their gradients over ranks (the gather's
+    backward) and DDP's mean give the full-batch gradient."""
+    torch = pytest.importorskip("torch")
+    world, n_local = 3, 4
+    (vs,) = make_heads(17, world * n_local, [6], 3, scale=2.0)
+    full = [torch.tensor(v, requires_grad=True) for v in vs]
+    expected_loss = torch_fast(gather=None)(full)
+    expected = torch.autograd.grad(expected_loss, full)
+    slices = [slice(r * n_local, (r + 1) * n_local) for r in range(world)]
+    losses, reduced = [], [0.0] * len(vs)
+    for r in range(world):
+        gathered = [torch.tensor(v, requires_grad=True) for v in vs]
+        local = [torch.tensor(v[slices[r]]) for v in vs]
+        loss = torch_fast(gather=rank_gather(gathered, local, slices[r]))(local)
+        core = CoreLoss(gather=rank_gather(gathered, local, slices[r]))(local)
+        np.testing.assert_allclose(float(loss.detach()), float(core.detach()), rtol=1e-12)
+        losses.append(float(loss.detach()))
+        reduced = [acc + g for acc, g in zip(reduced, torch.autograd.grad(loss, gathered))]
+    np.testing.assert_allclose(np.mean(losses), float(expected_loss.detach()), rtol=1e-12)
+    for g, e in zip(reduced, expected):
+        torch.testing.assert_close(g / world, e, rtol=1e-9, atol=1e-12)
+
+
+def _ddp_worker(rank: int, world: int, port: int, views: list[np.ndarray], out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        n = views[0].shape[0] // world
+        local = [torch.tensor(v[rank * n : (rank + 1) * n], requires_grad=True) for v in views]
+        loss = torch_fast()(local)  # gather="auto": all_gather_with_grad
+        loss.backward()
+        np.savez(f"{out}/rank{rank}.npz", loss=float(loss.detach()), *[x.grad.numpy() for x in local])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_two_ranks_equal_one_process(tmp_path):
+    """gather="auto" under a real 2-rank gloo group: mean loss and DDP-averaged gradients equal
+    one process on the whole batch."""
+    torch = pytest.importorskip("torch")
+    mp = pytest.importorskip("torch.multiprocessing")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (vs,) = make_heads(29, 10, [7], 3, scale=2.0)
+    mp.spawn(_ddp_worker, args=(2, port, vs, str(tmp_path)), nprocs=2, join=True)
+    full = [torch.tensor(v, requires_grad=True) for v in vs]
+    loss = torch_fast()(full)  # not initialised here: "auto" means no gather
+    loss.backward()
+    results = [np.load(os.path.join(tmp_path, f"rank{r}.npz")) for r in range(2)]
+    np.testing.assert_allclose(np.mean([r["loss"] for r in results]), float(loss.detach()), rtol=1e-12)
+    for v in range(3):
+        got = np.vstack([r[f"arr_{v}"] for r in results]) / 2  # DDP's mean over ranks
+        np.testing.assert_allclose(got, full[v].grad.numpy(), rtol=1e-9, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX (float32: this suite runs without x64)
+# ---------------------------------------------------------------------------------------------
+
+
+def jax_value_and_grads(crit, heads):
+    jax = pytest.importorskip("jax")
+    xs = [[jax.numpy.asarray(v, dtype=jax.numpy.float32) for v in views] for views in heads]
+    loss, grads = jax.jit(jax.value_and_grad(lambda h: crit(arg(h))))(xs)
+    return float(loss), [np.asarray(g, dtype=np.float64) for views in grads for g in views]
+
+
+def jax_fast(**kwargs):
+    from clusterlearn.adapters._jax_self_classifier import SelfClassifierLoss
+
+    return SelfClassifierLoss(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "case,clamp", [(0, True), (1, False), (3, True), (5, True)], ids=["2v", "peaked-exact", "5v-tau", "heads-tiny-eps"]
+)
+def test_jax_matches_core(case, clamp):
+    n, classes, views, scale, tr, tc, eps = CASES[case]
+    heads = make_heads(n + views, n, classes, views, scale)
+    params = dict(row_temperature=tr, col_temperature=tc, eps=eps, clamp_sums=clamp)
+    expected, expected_grads = jax_value_and_grads(CoreLoss(**params), heads)
+    got, grads = jax_value_and_grads(jax_fast(**params), heads)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+    scale_g = max(np.abs(g).max() for g in expected_grads)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=2e-3, atol=2e-4 * scale_g)
+
+
+def test_jax_collapsed_extreme_and_eager():
+    jax = pytest.importorskip("jax")
+    x = collapsed()
+    for clamp, expected in ((True, 24.378), (False, math.log(8))):
+        got, grads = jax_value_and_grads(jax_fast(clamp_sums=clamp), [[x, x]])
+        np.testing.assert_allclose(got, expected, atol=1e-3)
+        assert all(np.isfinite(g).all() for g in grads)
+    rng = np.random.default_rng(3)
+    vs = [rng.standard_normal((32, 16)) * 1e4 for _ in range(3)] + [np.full((32, 16), 1e4)]
+    vs[1][:, 0] = -1e4  # a dead class
+    for clamp in (True, False):
+        loss, grads = jax_value_and_grads(jax_fast(clamp_sums=clamp), [vs])
+        assert math.isfinite(loss) and loss <= -math.log(EPS) + 1e-3
+        assert all(np.isfinite(g).all() for g in grads)
+    # eager (no jit) agrees with jit, and the pure function agrees with the class
+    from clusterlearn.adapters._jax_self_classifier import self_classifier_loss
+
+    (vs,) = make_heads(4, 9, [5], 2)
+    a, b = (jax.numpy.asarray(v, dtype=jax.numpy.float32) for v in vs)
+    eager = float(jax_fast()(a, b))
+    np.testing.assert_allclose(eager, jax_value_and_grads(jax_fast(), [vs])[0], rtol=1e-6)
+    np.testing.assert_allclose(float(self_classifier_loss([a, b])), eager, rtol=1e-6)
+
+
+def test_jax_fake_gather():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    world, n_local = 2, 6
+    (vs,) = make_heads(19, world * n_local, [5], 3)
+    xs = [jnp.asarray(v, dtype=jnp.float32) for v in vs]
+
+    def ranks_mean(views):
+        total = 0.0
+        for r in range(world):
+            rows = slice(r * n_local, (r + 1) * n_local)
+            local = [x[rows, :] for x in views]
+            total = total + jax_fast(gather=rank_gather(views, local, rows))(local)
+        return total / world
+
+    l_ranks, g_ranks = jax.jit(jax.value_and_grad(ranks_mean))(xs)
+    l_full, g_full = jax.jit(jax.value_and_grad(lambda v: jax_fast()(v)))(xs)  # = core: test_jax_matches_core
+    np.testing.assert_allclose(float(l_ranks), float(l_full), rtol=1e-5)
+    for a, b in zip(g_ranks, g_full):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: the same errors as the core
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lib", ["torch", "jax"])
+def test_bad_input_raises_as_core(lib):
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        crit, asarray = torch_fast(gather=None), torch.tensor
+    else:
+        jax = pytest.importorskip("jax")
+        crit, asarray = jax_fast(), jax.numpy.asarray
+    a = asarray(np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"same shape.*logits\[1\] has \(5, 3\)"):
+        crit(a, asarray(np.zeros((5, 3), np.float32)))
+    with pytest.raises(ValueError, match=r"at least 2 rows.*N=1"):
+        crit(asarray(np.zeros((1, 3), np.float32)), asarray(np.zeros((1, 3), np.float32)))
+    with pytest.raises(ValueError, match=r"at least 2 columns.*C=1"):
+        crit(asarray(np.zeros((4, 1), np.float32)), asarray(np.zeros((4, 1), np.float32)))
+    with pytest.raises(ValueError, match="2-D"):
+        crit(asarray(np.zeros(4, np.float32)), asarray(np.zeros(4, np.float32)))
+    for bad in (np.nan, np.inf):
+        x = np.zeros((4, 3), np.float32)
+        x[2, 1] = bad
+        with pytest.raises(ValueError, match=r"logits\[1\].*non-finite"):
+            crit(a, asarray(x))
+    for call, match in [
+        (lambda: crit(a), "at least 2 views"),
+        (lambda: crit(), "at least 2 views"),
+        (lambda: crit([[a, a], [a]]), "head 1"),
+        (lambda: crit([[a, a], [a, a, a]]), "same number of views"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(TypeError, match="mixes"):
+        crit([a, [a, a]])
+    with pytest.raises(TypeError, match="floating"):
+        crit(asarray(np.zeros((4, 3), np.int32)), asarray(np.zeros((4, 3), np.int32)))
+    with pytest.raises(TypeError, match=r"logits\[0\] from .*numpy"):
+        crit([np.zeros((4, 3)), a])
+    make = torch_fast if lib == "torch" else jax_fast
+    for kwargs, match in [(dict(row_temperature=0.0), "row_temperature"), (dict(eps=-1.0), "eps")]:
+        with pytest.raises(ValueError, match=match):
+            make(**kwargs)
+    with pytest.raises(TypeError, match="gather"):
+        make(gather=3)
+    full = asarray(np.zeros((8, 3), np.float32))
+    with pytest.raises(ValueError, match="expected 4"):
+        make(gather=lambda x: (full, slice(0, 3)))(a, a)
+    with pytest.raises(TypeError, match="slice"):
+        make(gather=lambda x: (full, 0))(a, a)

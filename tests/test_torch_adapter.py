@@ -1,0 +1,238 @@
+"""The PyTorch adapter in one process: memories, modules, sampler, feature extraction.
+
+The multi-process behaviour is in tests/test_torch_ddp.py.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import clusterlearn as cl  # noqa: E402
+from clusterlearn.adapters import torch as clt  # noqa: E402
+
+N, C, D = 120, 5, 8
+
+
+def stream(steps: int = 6, b: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
+    gen = np.random.default_rng(1)
+    pull = gen.normal(size=(2, D)) * 3
+    out = []
+    for s in range(steps):
+        idx = gen.integers(0, N, size=b)  # duplicates happen
+        f = gen.normal(size=(b, D)) + pull[idx % 2] * (s + 1) / steps
+        out.append((idx, f.astype(np.float32)))
+    return out
+
+
+@pytest.fixture
+def feats() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(N, D)).astype(np.float32)
+
+
+def make(**kw: object) -> clt.OnlineDeepClustering:
+    return clt.OnlineDeepClustering(N, C, D, momentum=0.8, min_cluster_size=4, centroid_update_interval=2, device="cpu", **kw)
+
+
+def test_single_process_equals_core(feats: np.ndarray) -> None:
+    odc = make()
+    core = cl.OnlineDeepClustering(N, C, D, momentum=0.8, min_cluster_size=4, centroid_update_interval=2, like=torch.empty(0))
+    odc.initialize(torch.from_numpy(feats))
+    core.initialize(torch.from_numpy(feats))
+    changed = 0.0
+    for idx, f in stream():
+        a = odc.step(torch.from_numpy(idx), torch.from_numpy(f))
+        b = core.step(torch.from_numpy(idx), torch.from_numpy(f))
+        assert a == b
+        changed += a["change_ratio"]
+    assert changed > 0
+    for key, value in core.state_dict().items():
+        got = odc.state_dict()[key]
+        assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
+    assert isinstance(odc.labels, torch.Tensor) and odc.labels.device.type == "cpu"
+
+
+def test_fingerprint_tracks_every_change(feats: np.ndarray) -> None:
+    odc = make()
+    odc.initialize(torch.from_numpy(feats))
+    seen = {odc.fingerprint()}
+    for idx, f in stream(3):
+        odc.step(torch.from_numpy(idx), torch.from_numpy(f))
+        seen.add(odc.fingerprint())
+    assert len(seen) == 4
+    odc.check_consistency()  # one process: trivially consistent
+    odc.sync_from_rank0()
+
+
+def test_state_dict_round_trips_through_torch_save_weights_only(feats: np.ndarray) -> None:
+    odc = make()
+    odc.initialize(torch.from_numpy(feats))
+    odc.step(torch.arange(10), torch.from_numpy(feats[:10]))
+    buf = io.BytesIO()
+    torch.save(odc.state_dict(), buf)
+    buf.seek(0)
+    other = make()
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert other.fingerprint() == odc.fingerprint() and other.iteration == odc.iteration
+
+
+def test_features_on_another_device_than_promised_raise(feats: np.ndarray) -> None:
+    odc = make()
+    odc.initialize(torch.from_numpy(feats))
+    before = odc.fingerprint()
+    with pytest.raises(ValueError, match="features is on meta, this memory expects it on cpu"):
+        odc.step(torch.arange(4), torch.empty(4, D, device="meta"))
+    with pytest.raises(ValueError, match="indices is on meta"):
+        odc.step(torch.arange(4, device="meta"), torch.ones(4, D))
+    assert odc.fingerprint() == before
+
+
+@pytest.mark.parametrize(
+    ("indices", "features", "error", "match"),
+    [
+        (torch.arange(4.0), torch.ones(4, D), TypeError, "indices"),
+        (np.arange(4), torch.ones(4, D), TypeError, "indices must be a torch.Tensor"),
+        (torch.arange(4), torch.ones(4, D + 1), ValueError, "features"),
+        (torch.arange(4) + N, torch.ones(4, D), ValueError, "indices"),
+        (torch.arange(4), torch.full((4, D), float("inf")), ValueError, "features"),
+    ],
+)
+def test_bad_input_raises_and_changes_nothing(feats: np.ndarray, indices, features, error, match) -> None:
+    odc = make()
+    odc.initialize(torch.from_numpy(feats))
+    before = odc.fingerprint()
+    with pytest.raises(error, match=match):
+        odc.step(indices, features)
+    assert odc.fingerprint() == before
+
+
+def test_constructor_checks() -> None:
+    with pytest.raises(TypeError, match="dtype"):
+        clt.OnlineDeepClustering(N, C, D, dtype=torch.int64, device="cpu")
+    with pytest.raises(TypeError, match="like="):
+        clt.OnlineDeepClustering(N, C, D, like=torch.empty(0))
+    odc = clt.OnlineDeepClustering(N, C, D, device="cpu", dtype=torch.float64, min_cluster_size=1)
+    assert odc.samples.dtype == torch.float64 and odc.world_size == 1
+
+
+def test_memory_on_cpu_in_float64_accepts_float32_features(feats: np.ndarray) -> None:
+    odc = clt.OnlineDeepClustering(N, C, D, device="cpu", dtype=torch.float64, min_cluster_size=1)
+    odc.initialize(torch.from_numpy(feats))
+    odc.step(torch.arange(3), torch.ones(3, D))
+    assert odc.features.dtype == torch.float64
+
+
+# ---------------------------------------------------------------------- modules
+def test_odc_neck_pools_and_projects() -> None:
+    neck = clt.ODCNeck(16, 32, 8)
+    assert neck(torch.randn(4, 16, 3, 3)).shape == (4, 8)
+    assert neck(torch.randn(4, 16)).shape == (4, 8)
+    with pytest.raises(ValueError, match="feature maps"):
+        neck(torch.randn(4, 16, 3))
+
+
+def test_odc_head_loss_is_weighted_cross_entropy(feats: np.ndarray) -> None:
+    odc = make()
+    odc.initialize(torch.from_numpy(feats))
+    head = clt.ODCHead(D, C)
+    idx = torch.tensor([0, 5, 7, 7, 30])
+    logits = head(torch.from_numpy(feats)[idx])
+    y = odc.labels[idx]
+    w = odc.loss_weights()
+    logp = torch.log_softmax(logits, dim=1)
+    want = -(w[y] * logp[torch.arange(5), y]).sum() / w[y].sum()
+    torch.testing.assert_close(clt.ODCHead.loss(logits, idx, odc), want)
+    before = head.fc.weight.clone()
+    head.reset_parameters()
+    assert not torch.equal(before, head.fc.weight)
+
+
+def test_self_classifier_head_outputs_one_logit_matrix_per_head() -> None:
+    head = clt.SelfClassifierHead(16, 32, 8, num_classes=(3, 5), num_layers=2, fixed_heads=True)
+    out = head(torch.randn(6, 16, 2, 2))
+    assert [o.shape for o in out] == [(6, 3), (6, 5)]
+    torch.testing.assert_close(head.embed(torch.randn(6, 16)).norm(dim=1), torch.ones(6))
+    assert not any(p.requires_grad for p in head.heads.parameters())
+    assert all(p.requires_grad for p in head.projection.parameters())
+    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in head.projection) == 2
+    with pytest.raises(ValueError, match="num_classes"):
+        clt.SelfClassifierHead(16, 32, 8, num_classes=(1,))
+
+
+def test_self_classifier_module_matches_core() -> None:
+    gen = np.random.default_rng(2)
+    a, b = (torch.from_numpy(gen.normal(size=(12, 7))).requires_grad_() for _ in range(2))
+    got = clt.SelfClassifierLoss()(a, b)
+    want = cl.SelfClassifierLoss()(a.detach(), b.detach())
+    torch.testing.assert_close(got.detach(), want)
+    got.backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+
+
+# ---------------------------------------------------------------------- data
+def test_uniform_cluster_sampler_single_process() -> None:
+    labels = torch.from_numpy(np.repeat(np.arange(4), [1, 2, 3, 20]))
+    sampler = clt.UniformClusterSampler(labels, seed=3)
+    assert len(sampler) == 26
+    epoch0 = list(sampler)
+    np.testing.assert_array_equal(epoch0, cl.UniformLabelSampler(labels, seed=3).epoch_indices(0))
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0
+    sampler.set_labels(torch.zeros(26, dtype=torch.int64))
+    assert sampler.epoch == 1 and sorted(sampler) != sorted(epoch0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(26)), batch_size=5, sampler=sampler)
+    assert sum(len(b[0]) for b in loader) == 26
+    with pytest.raises(ValueError, match="rank"):
+        clt.UniformClusterSampler(labels, num_replicas=2, rank=2)
+
+
+def test_uniform_cluster_sampler_explicit_shards_cover_the_epoch() -> None:
+    labels = np.repeat(np.arange(3), [2, 5, 9])
+    shards = [list(clt.UniformClusterSampler(labels, seed=1, num_replicas=3, rank=r)) for r in range(3)]
+    full = cl.UniformLabelSampler(labels, seed=1).epoch_indices(0)
+    merged = np.empty(18, dtype=np.int64)
+    for r in range(3):
+        merged[r::3] = shards[r]
+    np.testing.assert_array_equal(merged[:16], full)
+
+
+def test_extract_features_in_dataset_order() -> None:
+    x = torch.randn(13, 4)
+    data = torch.utils.data.TensorDataset(x, torch.arange(13))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    model.train()
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    got = clt.extract_features(model, loader, progress=False)
+    assert model.training  # restored
+    model.eval()
+    torch.testing.assert_close(got, model(x).detach())
+    shuffled = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="fixed order"):
+        clt.extract_features(model, shuffled, progress=False)
+    dropped = torch.utils.data.DataLoader(data, batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match="never visited"):
+        clt.extract_features(model, dropped, progress=False)
+    with pytest.raises(TypeError, match="inputs_of"):
+        clt.extract_features(model, torch.utils.data.DataLoader([{"x": v} for v in x], batch_size=4), progress=False)
+    picked = clt.extract_features(model, torch.utils.data.DataLoader([{"x": v} for v in x], batch_size=4), inputs_of=lambda b: b["x"], progress=False)
+    torch.testing.assert_close(picked, got)
+
+
+def test_odc_initialize_from_extracted_features() -> None:
+    gen = np.random.default_rng(5)
+    centres = gen.normal(size=(C, 4)) * 5
+    truth = np.arange(N) % C
+    x = torch.from_numpy((centres[truth] + gen.normal(size=(N, 4))).astype(np.float32))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, D)
+    feats = clt.extract_features(model, torch.utils.data.DataLoader(x, batch_size=32), progress=False)
+    odc = make()
+    odc.initialize(feats)
+    core = cl.OnlineDeepClustering(N, C, D, momentum=0.8, min_cluster_size=4, centroid_update_interval=2)
+    core.initialize(feats.numpy())
+    np.testing.assert_array_equal(odc.labels.numpy(), core.labels)
+    assert cl.metrics.nmi(truth, core.labels) > 0.8
