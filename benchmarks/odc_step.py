@@ -5,22 +5,26 @@ Features are random unit vectors around C random centres and labels their centre
 like"). Every timing is amortised over ``--iters`` steps (default 30), so centroid refreshes
 (every 10th step) and the per-step small-cluster checks are included.
 
-Each backend runs in its own child process (so that NumPy's and PyTorch's thread pools do not
-compete), and within it every number is measured in the same process. Printed, per backend
-(numpy, torch CPU):
-- the bare B x D . D x C matmul, the floor of an ODC step, timed right before every step;
-- ``OnlineDeepClustering.step`` and its ratio to that matmul (target <= 1.3);
+Each backend runs in its own child process (so that NumPy's, PyTorch's and XLA's thread pools
+do not compete), and within it every number is measured in the same process. Printed, per
+backend (numpy, torch CPU, jax):
+- the bare B x D . D x C matmul, the floor of an ODC step, timed right before every step
+  (for jax: ``jnp`` ``f @ cen.T`` under ``jax.jit``);
+- ``OnlineDeepClustering.step`` and its ratio to that matmul (target <= 1.3); for jax the
+  adapter's jitted ``clusterlearn.adapters.jax.step`` plus ``loss_weights`` and the host-side
+  ``handle_small_clusters`` check that a loop runs every step (compiled once before timing);
 - for numpy, a straightforward re-statement of the reference implementation: all centroids
   recomputed every 10 steps by sorting the N labels and gathering each cluster's members, an
   O(N) bincount per step for the small-cluster check and another for the loss weights, and a
   scan of all N labels per small cluster; and our speed-up over it.
 
-Usage: ``python benchmarks/odc_step.py [--n N --c C --d D --b B --iters K]``
+Usage: ``python benchmarks/odc_step.py [--n N --c C --d D --b B --iters K --backends numpy,torch,jax]``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -164,6 +168,57 @@ def bench_backend(name: str, feats: np.ndarray, labels: np.ndarray, args: argpar
     return {"backend": name, "matmul": matmul / n, "step": step / n, "resync": resync, "small": small, "handling": handling}
 
 
+def bench_jax(feats: np.ndarray, labels: np.ndarray, args: argparse.Namespace, batches: list) -> dict:
+    """The JAX adapter's jitted step against a jitted ``jnp`` matmul, both timed in this process."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from clusterlearn.adapters import jax as clj
+
+    def start(labels: np.ndarray, min_cluster_size: int) -> tuple[Any, Any]:
+        """Config and state from a core initialised on NumPy (no handling: planted clusters stay)."""
+        odc = cl.OnlineDeepClustering(args.n, args.c, args.d, seed=0, min_cluster_size=0)
+        odc.initialize(feats, labels)
+        config = dataclasses.replace(clj.config_from_core(odc), min_cluster_size=min_cluster_size)
+        return config, clj.state_from_core(odc)
+
+    config, state = start(labels, 20)
+    batches = [(jnp.asarray(i), jnp.asarray(f)) for i, f in batches]
+    floor = jax.jit(lambda f, cen: f @ cen.T)
+    small = 0
+
+    def iteration(state: Any, idx: Any, f: Any) -> tuple[Any, int]:
+        state, _ = clj.step(state, idx, f, config)
+        clj.loss_weights(state, config).block_until_ready()
+        state, handled = clj.handle_small_clusters(state, config)  # reads sizes: synchronises
+        return state, handled.num_small_clusters
+
+    state, _ = iteration(state, *batches[0])  # compiles
+    floor(batches[0][1], state.centroids).block_until_ready()
+    matmul = step = 0.0
+    for idx, f in batches[1 : args.iters + 1]:
+        t0 = time.perf_counter()
+        floor(f, state.centroids).block_until_ready()
+        t1 = time.perf_counter()
+        state, handled = iteration(state, idx, f)
+        t2 = time.perf_counter()
+        matmul, step, small = matmul + t1 - t0, step + t2 - t1, small + handled
+    clj.resync(state).sums.block_until_ready()  # compiles
+    start_time = time.perf_counter()
+    clj.resync(state).sums.block_until_ready()
+    resync = time.perf_counter() - start_time
+    config, planted = start(plant_small_clusters(labels, args.c, args.small, keep=5), 20)
+    jax.block_until_ready(planted)  # the host-to-device copy is not part of the handling
+    start_time = time.perf_counter()
+    _, stats = clj.handle_small_clusters(planted, config, key=1)
+    handling = time.perf_counter() - start_time
+    assert stats.num_small_clusters == args.small, stats
+    n = args.iters
+    return {"backend": "jax", "matmul": matmul / n, "step": step / n, "resync": resync, "small": small, "handling": handling}
+
+
 def worker(args: argparse.Namespace) -> dict:
     """Measure one backend (and, for numpy, the reference) in this process."""
     feats, labels = synthetic(args.n, args.c, args.d)
@@ -173,7 +228,8 @@ def worker(args: argparse.Namespace) -> dict:
         idx = rng.choice(args.n, size=args.b, replace=False)
         f = feats[idx] + 0.3 * rng.standard_normal((args.b, args.d), dtype=np.float32)
         batches.append((idx, f))
-    row = bench_backend(args.worker, feats, labels, args, batches)
+    bench = bench_jax if args.worker == "jax" else functools.partial(bench_backend, args.worker)
+    row = bench(feats, labels, args, batches)
     if args.worker == "numpy":
         ref = ReferenceODC(feats, labels, args.c)
         it = iter(batches * 2)
@@ -193,7 +249,7 @@ def main() -> None:
     p.add_argument("--b", type=int, default=512)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--small", type=int, default=100, help="planted small clusters for the handling timing")
-    p.add_argument("--backends", default="numpy,torch")
+    p.add_argument("--backends", default="numpy,torch,jax")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

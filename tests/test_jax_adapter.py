@@ -1,0 +1,332 @@
+"""JAX adapter: the jitted ODC step against the core, small clusters, conversions, 2 devices.
+
+Streams drag features towards two attractors (as in test_odc.py), so labels really change,
+clusters shrink below the threshold and get re-seeded; batches repeat indices (DDP padding).
+Momenta are 0.2 and 0.8 so that a swap of m and 1 - m is caught. The 2-device checks run in
+a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=2``, set before JAX starts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+
+import clusterlearn as cl  # noqa: E402
+from clusterlearn import _backend as B  # noqa: E402
+from clusterlearn.adapters import jax as clj  # noqa: E402
+
+N, C, D, BATCH = 240, 6, 8, 32
+
+
+def make_stream(seed: int, steps: int, batch: int = BATCH):
+    """Initial features and (indices, features) batches drifting to two attractors."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.normal(size=(N, D)).astype(np.float32)
+    attract = rng.normal(size=(2, D)) * 2
+    batches = []
+    for _ in range(steps):
+        idx = rng.choice(N, size=batch, replace=False)
+        idx[-3:] = idx[:3]  # DDP padding: the tail repeats the head
+        f = attract[idx % 2] + 0.5 * rng.normal(size=(batch, D))
+        batches.append((idx.astype(np.int64), f.astype(np.float32)))
+    return x0, batches
+
+
+def core(like=None, **kw):
+    odc = cl.OnlineDeepClustering(N, C, D, **{"momentum": 0.8, "min_cluster_size": 0, **kw}, like=like)
+    return odc
+
+
+def assert_state_matches_core(state: clj.ODCState, odc: cl.OnlineDeepClustering) -> None:
+    np.testing.assert_array_equal(np.asarray(state.labels), B.to_numpy(odc.labels))
+    np.testing.assert_array_equal(np.asarray(state.sizes), B.to_numpy(odc.cluster_sizes))
+    np.testing.assert_allclose(np.asarray(state.features), B.to_numpy(odc.features), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(state.centroids), B.to_numpy(odc.centroids.centroids), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(state.sums), B.to_numpy(odc.centroids.sums), rtol=1e-5, atol=1e-4)  # float32 vs float64 sums
+    assert int(state.iteration) == odc.iteration
+
+
+def run_both(odc, state, config, batches, conv=np.asarray):
+    """Step the core and the JAX state side by side; returns the state and counters."""
+    seen = {"changed": 0, "small": 0, "refreshed": 0}
+    for idx, f in batches:
+        want = odc.step(conv(idx), conv(f))
+        state, stats = clj.step(state, jnp.asarray(idx), jnp.asarray(f), config)
+        assert int(stats["num_changed"]) / int(stats["num_distinct"]) == want["change_ratio"]
+        assert float(stats["change_ratio"]) == pytest.approx(want["change_ratio"], rel=1e-6)
+        assert bool(stats["centroids_refreshed"]) == want["centroids_refreshed"]
+        handled = cl.SmallClusterStats(0, 0, 0)
+        if int(state.iteration) % config.small_cluster_interval == 0:
+            state, handled = clj.handle_small_clusters(state, config)
+        assert (handled.num_small_clusters, handled.num_splits) == (want["num_small_clusters"], want["num_splits"])
+        assert_state_matches_core(state, odc)
+        np.testing.assert_allclose(np.asarray(clj.loss_weights(state, config)), B.to_numpy(odc.loss_weights()), rtol=1e-6)
+        seen["changed"] += int(stats["num_changed"])
+        seen["small"] += handled.num_small_clusters
+        seen["refreshed"] += bool(stats["centroids_refreshed"])
+    return state, seen
+
+
+@pytest.mark.parametrize(
+    ("momentum", "assign", "resync", "min_size"),
+    [(0.2, "l2", 3, N // (2 * C)), (0.8, "dot", None, N // (2 * C)), (0.8, "l2", None, N // C)],
+)
+def test_jitted_step_equals_numpy_core(momentum, assign, resync, min_size):
+    """Labels, sizes exactly; features, centroids, sums closely; stats equal; every step."""
+    x0, batches = make_stream(int(momentum * 10) + len(assign), steps=24)
+    odc = core(momentum=momentum, assign=assign, resync_interval=resync, min_cluster_size=min_size,
+               centroid_update_interval=3, small_cluster_interval=2, seed=5)
+    odc.initialize(x0)
+    config, state = clj.config_from_core(odc), clj.state_from_core(odc)
+    assert config.momentum == momentum and config.assign == assign and config.resync_interval == resync
+    _, seen = run_both(odc, state, config, batches)
+    assert seen["changed"] > 0 and seen["refreshed"] == 8, seen  # labels really changed
+    assert seen["small"] > 0, seen  # the handler really ran
+
+
+def test_jitted_step_equals_jax_core():
+    """Against the core on JAX arrays (float32 sums, resync every 2 steps; eager, so short)."""
+    x0, batches = make_stream(3, steps=3)
+    kw = dict(momentum=0.2, centroid_update_interval=1, resync_interval=2)
+    start = core(**kw)
+    start.initialize(x0)  # NumPy k-means: eager JAX k-means compiles for seconds
+    odc = core(**kw, like=jnp.zeros(1))
+    odc.load_state_dict(start.state_dict())
+    config, state = clj.config_from_core(odc), clj.state_from_core(odc)
+    _, seen = run_both(odc, state, config, batches, conv=jnp.asarray)
+    assert seen["changed"] > 0
+
+
+def test_default_resync_follows_the_sums_dtype():
+    """Core default (float64 sums: never) maps to None: float32 JAX sums resync every 1000."""
+    odc = core()
+    odc.initialize(make_stream(0, 0)[0])
+    config = clj.config_from_core(odc)
+    assert odc.resync_interval == 0 and config.resync_interval is None
+    assert config.resync_every(jnp.float32) == clj.DEFAULT_FLOAT32_RESYNC and config.resync_every(jnp.float64) == 0
+    with jax.enable_x64(True):
+        state = clj.state_from_core(odc)
+        assert state.sums.dtype == jnp.float64 and state.labels.dtype == jnp.int64
+        idx, f = make_stream(0, 1)[1][0]
+        state, _ = clj.step(state, jnp.asarray(idx), jnp.asarray(f), config)
+        odc.step(idx, f)
+        np.testing.assert_allclose(np.asarray(state.sums), odc.centroids.sums, atol=1e-5)
+
+
+def test_duplicates_merged_as_the_core_and_counted_once():
+    x0, _ = make_stream(2, steps=0)
+    rng = np.random.default_rng(2)
+    idx = np.array([5, 9, 5, 17, 9, 5])
+    f = rng.normal(size=(6, D)).astype(np.float32)
+    odc = core(momentum=0.2)
+    odc.initialize(x0)
+    config, state = clj.config_from_core(odc), clj.state_from_core(odc)
+    want = odc.step(idx, f)
+    perm = rng.permutation(6)
+    state, stats = clj.step(state, jnp.asarray(idx[perm]), jnp.asarray(f[perm]), config)
+    assert int(stats["num_distinct"]) == 3 and float(stats["change_ratio"]) == pytest.approx(want["change_ratio"])
+    assert_state_matches_core(state, odc)
+
+
+def test_step_compiles_once_per_config_and_batch_shape():
+    x0, batches = make_stream(4, steps=5)
+    odc = core(seed=11)  # a config no other test uses: a fresh cache entry
+    odc.initialize(x0)
+    config, state = clj.config_from_core(odc), clj.state_from_core(odc)
+    before = clj.step._cache_size()
+    for idx, f in batches:
+        state, _ = clj.step(state, jnp.asarray(idx), jnp.asarray(f), config)
+    assert clj.step._cache_size() == before + 1
+
+
+def test_load_into_core_continues_the_run():
+    x0, batches = make_stream(6, steps=6)
+    kw = dict(momentum=0.2, min_cluster_size=10, centroid_update_interval=2)
+    odc = core(**kw)
+    odc.initialize(x0)
+    config, state = clj.config_from_core(odc), clj.state_from_core(odc)
+    for idx, f in batches[:3]:
+        state, _ = clj.step(state, jnp.asarray(idx), jnp.asarray(f), config)
+        state, _ = clj.handle_small_clusters(state, config)
+    with pytest.raises(ValueError, match="momentum"):
+        clj.load_into_core(core(**{**kw, "momentum": 0.35}), state, config)
+    resumed = core(**kw)
+    clj.load_into_core(resumed, state, config)
+    assert_state_matches_core(state, resumed)
+    run_both(resumed, state, config, batches[3:])  # donates state
+
+
+def test_resync_recomputes_exact_sums():
+    odc = core()
+    odc.initialize(make_stream(7, 0)[0])
+    state = clj.state_from_core(odc)
+    broken = state._replace(sums=state.sums + 1.0, sizes=state.sizes * 0)
+    fixed = clj.resync(broken)
+    np.testing.assert_array_equal(np.asarray(fixed.sizes), np.bincount(np.asarray(state.labels), minlength=C))
+    np.testing.assert_allclose(np.asarray(fixed.sums), odc.centroids.sums, atol=1e-5)
+
+
+def test_handle_small_clusters_leaves_a_healthy_state_alone():
+    odc = core(min_cluster_size=5)
+    odc.initialize(make_stream(8, 0)[0])
+    config, state = clj.config_from_core(odc), clj.state_from_core(odc)
+    out, stats = clj.handle_small_clusters(state, config)
+    assert out is state and stats == cl.SmallClusterStats(0, 0, 0)
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def ready():
+    odc = core()
+    x0, batches = make_stream(9, steps=1)
+    odc.initialize(x0)
+    return odc, clj.config_from_core(odc), batches[0]
+
+
+BAD_STEPS = [
+    (lambda i, f: (i[:, None], f), ValueError, "indices must be 1-D"),
+    (lambda i, f: (i.astype(np.float32), f), TypeError, "indices must have an integer dtype"),
+    (lambda i, f: (i[:0], f[:0]), ValueError, "indices must not be empty"),
+    (lambda i, f: (i, f[:, :-1]), ValueError, r"features must have shape \(32, 8\)"),
+    (lambda i, f: (i, f[:-1]), ValueError, r"features must have shape \(32, 8\)"),
+    (lambda i, f: (i, f.astype(np.int32)), TypeError, "features must have a real floating dtype"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "err", "match"), BAD_STEPS, ids=[b[2][:24] for b in BAD_STEPS])
+def test_bad_batch_rejected(ready, mutate, err, match):
+    odc, config, (idx, f) = ready
+    bad_i, bad_f = mutate(idx, f)
+    with pytest.raises(err, match=match):
+        clj.step(clj.state_from_core(odc), jnp.asarray(bad_i), jnp.asarray(bad_f), config)
+
+
+def test_bad_state_config_and_core_rejected(ready):
+    odc, config, (idx, f) = ready
+    state = clj.state_from_core(odc)
+    args = (jnp.asarray(idx), jnp.asarray(f))
+    with pytest.raises(ValueError, match=r"state.features must have shape \(240, 8\)"):
+        clj.step(state._replace(features=state.features[:, :-1]), *args, config)
+    with pytest.raises(TypeError, match="state.labels must have a integral dtype"):
+        clj.step(state._replace(labels=state.labels.astype(jnp.float32)), *args, config)
+    with pytest.raises(TypeError, match="state must be an ODCState"):
+        clj.handle_small_clusters(tuple(state), config)
+    with pytest.raises(TypeError, match="config must be an ODCConfig"):
+        clj.handle_small_clusters(state, {"num_samples": N})
+    with pytest.raises(ValueError, match="key must be >= 0"):
+        clj.handle_small_clusters(state, config, key=-1)
+    with pytest.raises(TypeError, match="odc must be a clusterlearn.OnlineDeepClustering"):
+        clj.state_from_core(state)
+    with pytest.raises(cl.NotInitializedError):
+        clj.state_from_core(core())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err", "match"),
+    [
+        (dict(momentum=1.5), ValueError, "momentum must be in"),
+        (dict(assign="cosine"), ValueError, "assign must be one of"),
+        (dict(num_clusters=2.0), TypeError, "num_clusters must be an integer"),
+        (dict(centroid_update_interval=0), ValueError, "centroid_update_interval must be >= 1"),
+        (dict(resync_interval=0), ValueError, "resync_interval must be >= 1"),
+        (dict(min_cluster_size=N), ValueError, "exceeds num_samples"),
+    ],
+)
+def test_bad_config(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        clj.ODCConfig(**{"num_samples": N, "num_clusters": C, "feat_dim": D, **kwargs})
+
+
+def test_sharded_step_validates_mesh_and_axis():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    config = clj.ODCConfig(N, C, D)
+    with pytest.raises(ValueError, match="axis_name 'batch' is not an axis"):
+        clj.make_sharded_step(mesh, config, axis_name="batch")
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        clj.make_sharded_step(jax.devices(), config)
+
+
+# ---------------------------------------------------------------------------- 2 devices
+def two_device_worker() -> dict:
+    """Runs in a subprocess with 2 CPU devices; returns the differences to a 1-device run."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    assert jax.device_count() == 2, jax.devices()
+    mesh = jax.make_mesh((2,), ("data",))
+    out: dict = {}
+
+    # ODC: sharded step vs the plain step on the concatenated batch. Device 1's batch repeats
+    # device 0's indices, so duplicates span devices.
+    x0, batches = make_stream(12, steps=6)
+    odc = core(momentum=0.2, centroid_update_interval=2, resync_interval=3)
+    odc.initialize(x0)
+    config = clj.config_from_core(odc)
+    single, sharded = clj.state_from_core(odc), clj.state_from_core(odc)
+    sharded_step = clj.make_sharded_step(mesh, config)
+    changed, worst = 0, {k: 0.0 for k in clj.ODCState._fields}
+    for idx, f in batches:
+        idx[BATCH // 2 : BATCH // 2 + 2] = idx[:2]
+        single, s1 = clj.step(single, jnp.asarray(idx), jnp.asarray(f), config)
+        sharded, s2 = sharded_step(sharded, jnp.asarray(idx), jnp.asarray(f))
+        assert {k: v.tolist() for k, v in s1.items()} == {k: v.tolist() for k, v in s2.items()}, (s1, s2)
+        changed += int(s1["num_changed"])
+        for k in worst:
+            shards = [np.asarray(s.data) for s in getattr(sharded, k).addressable_shards]
+            assert len(shards) == 2 and np.array_equal(shards[0], shards[1]), k  # replicas identical
+            worst[k] = max(worst[k], float(np.max(np.abs(shards[0] - np.asarray(getattr(single, k))))))
+    out["odc_max_diff"], out["odc_changed"] = worst, changed
+
+    # Self-Classifier loss over the global batch: value and gradients (logits = x @ w).
+    rng = np.random.default_rng(0)
+    views = [jnp.asarray(rng.normal(size=(16, D)).astype(np.float32)) for _ in range(2)]
+    local = [jax.device_put(v, NamedSharding(mesh, P("data"))) for v in views]  # 8 rows per device
+    w = jnp.asarray(rng.normal(size=(D, 10)).astype(np.float32))
+
+    def global_loss(w, a, b):
+        return cl.SelfClassifierLoss()(a @ w, b @ w)
+
+    criterion = cl.SelfClassifierLoss(gather=clj.make_gather("data"))
+
+    def per_device(w, a, b):
+        # the global-batch loss is the mean of the per-device losses (equal local batches)
+        def loss(w, a, b):
+            return jax.lax.pmean(criterion(a @ w, b @ w), "data")
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(w, a, b)
+
+    mapped = jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), (P(), P("data"), P("data"))))
+    )
+    value, grads = mapped(w, *local)
+    want_value, want_grads = jax.value_and_grad(global_loss, argnums=(0, 1, 2))(w, *views)
+    out["loss"] = [float(value), float(want_value)]
+    out["loss_grad_max_diff"] = [float(jnp.max(jnp.abs(g - h))) for g, h in zip(grads, want_grads)]
+    out["loss_grad_max"] = [float(jnp.max(jnp.abs(h))) for h in want_grads]
+    return out
+
+
+def test_two_devices_sharded_step_and_global_loss():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["odc_changed"] > 0, out
+    for key, diff in out["odc_max_diff"].items():
+        assert diff <= (1e-5 if key == "sums" else 1e-6), out
+    value, want = out["loss"]
+    assert value == pytest.approx(want, rel=1e-5), out
+    for diff, scale in zip(out["loss_grad_max_diff"], out["loss_grad_max"]):
+        assert scale > 0 and diff <= 1e-5 * scale, out
+
+
+if __name__ == "__main__":
+    print(json.dumps(two_device_worker()))
