@@ -27,6 +27,10 @@ __all__ = [
 ]
 
 
+#: ``all_gather_single`` (torch >= 2.14) replaces the deprecated ``all_gather_into_tensor``.
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _active(group: Any = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
@@ -81,7 +85,7 @@ def agree(
         return [ok[1:]]
     local = torch.tensor(ok, dtype=torch.int64, device=comm_device(group))
     table = torch.empty((world_size(group), local.numel()), dtype=torch.int64, device=local.device)
-    dist.all_gather_into_tensor(table.view(-1), local, group=group)
+    _all_gather_into(table.view(-1), local, group=group)
     rows = table.cpu().tolist()
     bad = [r for r, row in enumerate(rows) if row[0] == 0]
     if error is not None:
@@ -107,7 +111,7 @@ def all_gather_cat(x: torch.Tensor, group: Any = None) -> torch.Tensor:
         return x
     x = x.detach().to(comm_device(group)).contiguous()
     out = torch.empty((world_size(group) * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_into(out, x, group=group)
     return out
 
 

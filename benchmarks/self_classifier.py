@@ -13,7 +13,8 @@ The baseline is plain cross-entropy on the same two logits arrays with fixed ran
   adapter's ``custom_vjp`` loss (compilation excluded: one warm-up call first).
 
 Times are the best of interleaved repeats (fewer repeats at large sizes; one warm-up call
-each). "without finite check" is the torch loss with ``check_finite=False`` (the finiteness
+each; ``--compile`` adds torch.compile'd versions, compilation excluded). "without finite
+check" is the torch loss with ``check_finite=False`` (the finiteness
 check reads the logits once more). The table is printed in Markdown; every number in it is
 measured by this run. ``--threads`` sets torch's intra-op threads and ``--flush-denormal``
 calls ``torch.set_flush_denormal(True)`` (denormal numbers in the backward pass are slow on
@@ -45,6 +46,8 @@ STEPS = {
     "sc_nocheck": "core, no finite check",
     "fast": "closed-form backward",
     "fast_nocheck": "closed-form, no finite check",
+    "fast_compiled": "closed-form + torch.compile",
+    "ce_compiled": "cross-entropy + torch.compile",
 }
 
 
@@ -75,7 +78,9 @@ def repeats_for(n: int, c: int, quick: bool) -> int:
     return 3
 
 
-def bench_torch(a_np: np.ndarray, b_np: np.ndarray, labels: tuple[np.ndarray, np.ndarray], repeats: int) -> dict:
+def bench_torch(
+    a_np: np.ndarray, b_np: np.ndarray, labels: tuple[np.ndarray, np.ndarray], repeats: int, compile_: bool
+) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -104,6 +109,11 @@ def bench_torch(a_np: np.ndarray, b_np: np.ndarray, labels: tuple[np.ndarray, np
         "fast": run(lambda: fast(a, b)),
         "fast_nocheck": run(lambda: fast_nocheck(a, b)),
     }
+    if compile_:
+        fast_compiled = torch.compile(FastLoss(gather=None, check_finite=False))
+        ce_compiled = torch.compile(lambda p, q: F.cross_entropy(p, y1) + F.cross_entropy(q, y2))
+        steps["fast_compiled"] = run(lambda: fast_compiled(a, b))
+        steps["ce_compiled"] = run(lambda: ce_compiled(a, b))
     return best_times(steps, repeats)
 
 
@@ -142,6 +152,10 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
     )
     parser.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="also time torch.compile of the closed-form loss and of cross-entropy (compilation excluded)",
+    )
     args = parser.parse_args()
     if "torch" in args.backends:
         import torch
@@ -167,7 +181,10 @@ def main() -> None:
             labels = (rng.integers(0, c, n), rng.integers(0, c, n))
             repeats = repeats_for(n, c, args.quick)
             for backend in backends:
-                result = (bench_torch if backend == "torch" else bench_jax)(a, b, labels, repeats)
+                if backend == "torch":
+                    result = bench_torch(a, b, labels, repeats, args.compile)
+                else:
+                    result = bench_jax(a, b, labels, repeats)
                 rows.append((backend, n, c, repeats, result))
                 print(f"  {backend:5s} N={n:5d} C={c:5d}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in result.items()), flush=True)
 
@@ -191,7 +208,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|" + "---:|---:|" * len(STEPS))
     for backend, n, c, repeats, r in rows:
         cells = [
-            f"{r[key] * 1e3:.2f} | {r[key] / r['ce']:.2f}×" if key in r else "n/a (jit: no check) | –"
+            f"{r[key] * 1e3:.2f} | {r[key] / r['ce']:.2f}×" if key in r else "n/a | –"
             for key in STEPS
         ]
         print(f"| {backend} | {n} | {c} | {repeats} | {r['ce'] * 1e3:.2f} | " + " | ".join(cells) + " |")

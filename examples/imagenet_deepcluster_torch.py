@@ -1,0 +1,193 @@
+"""DeepCluster (Caron et al., ECCV 2018) with a torchvision ResNet, one process or many.
+
+ImageNet (the paper's settings are the defaults: k = 10,000, PCA-whitening to 256 + L2,
+SGD lr 0.05, momentum 0.9, weight decay 1e-5, batch 256, 500 epochs; ResNet-50 here instead of
+the paper's AlexNet, and no Sobel filter)::
+
+    torchrun --nproc_per_node=8 examples/imagenet_deepcluster_torch.py --data /path/to/imagenet/train
+
+The demo (no --data): scikit-learn's 1797 digits upscaled to 16×16 RGB, ResNet-18, 10
+clusters, a few epochs on the CPU::
+
+    python examples/imagenet_deepcluster_torch.py
+
+Each epoch: features of the whole data set (no augmentation, eval mode, every rank extracts
+its shard and gathers), PCA-whitening + L2 + k-means on rank 0 (broadcast), a re-initialised
+top layer (fresh momentum), then one epoch of cross-entropy on the pseudo-labels with samples
+drawn uniformly over the clusters. Writes ``metrics.jsonl``, ``checkpoint.pt`` (every epoch)
+and ``summary.png`` to the run directory; ``--resume <dir>/checkpoint.pt`` continues a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms as T
+
+import common
+from clusterlearn.adapters import torch as clt
+from clusterlearn.deepcluster import DeepClusterLabeler
+
+METHOD = "deepcluster"
+PRESETS = {
+    "imagenet": {"epochs": 500, "batch_size": 256, "arch": "resnet50", "resolution": 224, "workers": 8,
+                 "clusters": 10_000, "pca_dim": 256, "lr": 0.05, "min_scale": 0.08},
+    "demo": {"epochs": 15, "batch_size": 64, "arch": "resnet18", "resolution": 16, "workers": 0,
+             "clusters": 10, "pca_dim": 32, "lr": 0.05, "min_scale": 0.5},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line, with the ImageNet or demo preset filled in."""
+    parser = common.PresetParser(PRESETS, description=__doc__)
+    common.add_common_arguments(parser)
+    parser.add_preset("--clusters", type=common.positive_int, help="k of k-means")
+    parser.add_preset("--pca-dim", type=common.positive_int, help="PCA-whitened dimension before k-means")
+    parser.add_preset("--lr", type=common.positive_float, help="SGD learning rate (momentum 0.9)")
+    parser.add_argument("--weight-decay", type=common.positive_float, default=1e-5, help="(default: 1e-5)")
+    parser.add_argument("--kmeans-backend", choices=["auto", "faiss", "array"], default="auto",
+                        help="k-means implementation (auto: faiss when installed; default: auto)")
+    parser.add_argument("--kmeans-iters", type=common.positive_int, default=20, help="(default: 20)")
+    parser.add_preset("--min-scale", type=common.unit_float, help="smallest area fraction of a random resized crop")
+    return parser, parser.parse_args(argv)
+
+
+def augmentation(resolution: int, min_scale: float) -> T.Compose:
+    """DeepCluster's training augmentation: random resized crop and horizontal flip."""
+    return T.Compose([T.RandomResizedCrop(resolution, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(), common.normalize()])
+
+
+class DeepClusterNet(nn.Module):
+    """Backbone (pooled features, what k-means clusters) and the k-way top layer."""
+
+    def __init__(self, arch: str, num_clusters: int) -> None:
+        super().__init__()
+        self.backbone, width = common.backbone(arch)
+        self.top = nn.Linear(width, num_clusters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.top(self.backbone(x))
+
+
+def recluster(net: DeepClusterNet, labeler: DeepClusterLabeler, loader: Any, n: int,
+              ctx: common.DistContext, show: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+    """This epoch's pseudo-labels (N,) on every rank (k-means on rank 0) and the labeller's report."""
+    common.broadcast_module(net, ctx)  # every rank extracts with rank 0's BatchNorm statistics
+    started = time.perf_counter()
+    feats = clt.extract_features(net.backbone, loader, device=ctx.device, progress=show)
+    labels = torch.zeros(n, dtype=torch.int64)
+    report: dict[str, Any] = {}
+    if ctx.main:
+        result = labeler(feats)
+        labels = torch.as_tensor(result.labels, dtype=torch.int64).cpu()
+        report = {"nmi_previous": result.nmi_previous, "empty_clusters_fixed": result.n_empty_fixed,
+                  "kmeans_inertia": result.inertia}
+    labels = common.broadcast_tensor(labels, ctx)
+    report["cluster_seconds"] = time.perf_counter() - started
+    return labels, report
+
+
+def reset_top_layer(net: DeepClusterNet, optimizer: torch.optim.Optimizer, ctx: common.DistContext) -> None:
+    """Re-initialise the top layer (cluster ids are permuted between clusterings) and its momentum."""
+    net.top.reset_parameters()
+    for p in net.top.parameters():
+        optimizer.state.pop(p, None)
+    common.broadcast_module(net.top, ctx)
+
+
+def train_epoch(model: nn.Module, labels: torch.Tensor, loader: Any, optimizer: torch.optim.Optimizer,
+                ctx: common.DistContext, show: bool, desc: str) -> dict[str, float]:
+    """One epoch of cross-entropy on the pseudo-labels; the mean loss (over ranks) and throughput."""
+    model.train()
+    loss_sum = torch.zeros((), device=ctx.device)
+    steps, images = 0, 0
+    start = time.perf_counter()
+    for x, idx in common.progress(loader, show, desc):
+        logits = model(x.to(ctx.device, non_blocking=True))
+        loss = F.cross_entropy(logits, labels[idx].to(ctx.device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        steps += 1
+        images += x.shape[0] * ctx.world_size
+    seconds = time.perf_counter() - start
+    (loss,) = common.mean_over_ranks([float(loss_sum) / steps], ctx)
+    return {"loss": loss, "images_per_s": images / seconds, "train_seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, args = parse_args(argv)
+    data = common.open_data(parser, args, args.clusters)
+    ckpt = common.load_checkpoint(parser, args)
+    ctx = common.setup_distributed()
+    try:
+        run(parser, args, data, ckpt, ctx)
+    finally:
+        common.teardown_distributed()
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.ImageData,
+        ckpt: dict[str, Any] | None, ctx: common.DistContext) -> None:
+    """Train (or resume), log, checkpoint and plot."""
+    common.seed_everything(args.seed, ctx)
+    n = len(data)
+    sampler = clt.UniformClusterSampler(torch.zeros(n, dtype=torch.int64), n, seed=args.seed,
+                                        num_replicas=ctx.world_size, rank=ctx.rank)  # labels set each epoch
+    train_loader, eval_loader = common.loaders(parser, args, data, augmentation(args.resolution, args.min_scale), ctx, sampler)
+    net = DeepClusterNet(args.arch, args.clusters).to(ctx.device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    labeler = DeepClusterLabeler(args.clusters, pca_dim=args.pca_dim, n_iter=args.kmeans_iters, seed=args.seed,
+                                 backend=args.kmeans_backend)
+    start = 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        labeler.load_state_dict(ckpt["labeler"])
+        start = ckpt["epoch"]
+        common.set_rng_state(ckpt["rng"][ctx.rank])
+    model = common.wrap_ddp(net, ctx)
+    out = common.run_dir(args, METHOD)
+    log = common.MetricsLog(out, ctx.main, resumed=ckpt is not None)
+    show = args.progress and ctx.main
+    baseline = common.pixel_kmeans_scores(data, args.clusters, args.seed) if ctx.main else None
+    if ctx.main:
+        print(f"DeepCluster: {data.name}, {n} images; {args.arch}, k = {args.clusters}, "
+              f"{ctx.world_size} process(es) on {ctx.device}; run directory {out}", flush=True)
+    stop = min(args.epochs, args.stop_after or args.epochs)
+    for epoch in range(start, stop):
+        started = time.perf_counter()
+        labels, report = recluster(net, labeler, eval_loader, n, ctx, show)
+        sampler.set_labels(labels)
+        sampler.set_epoch(epoch)
+        reset_top_layer(net, optimizer, ctx)
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **report}
+        record |= train_epoch(model, labels, train_loader, optimizer, ctx, show, f"epoch {epoch + 1}/{args.epochs}")
+        rng = common.all_rng_states(ctx)
+        if ctx.main:
+            state = labeler.state_dict()
+            common.save_checkpoint(out / common.CHECKPOINT, {
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "rng": rng,
+                "labeler": {"epoch": state["epoch"], "previous_labels": torch.from_numpy(state["previous_labels"])},
+                "args": common.args_record(args),
+            })
+            record |= common.cluster_scores(data.targets, labels)
+            record |= common.size_stats(labels, args.clusters)[1]
+            record["seconds"] = time.perf_counter() - started
+            log.write(record)
+            print(common.epoch_line(record), flush=True)
+    if ctx.main:
+        records = log.read()
+        sizes = common.size_stats(labeler.state_dict()["previous_labels"], args.clusters)[0]
+        plot = common.plot_run(out, records, sizes, f"DeepCluster on {data.name}, {args.arch}, k = {args.clusters}")
+        print(f"wrote {log.path}, {out / common.CHECKPOINT}, {plot}")
+        print(common.final_line("DeepCluster (k-means labels)", records[-1], baseline), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Online Deep Clustering (Zhan et al., CVPR 2020) with a torchvision ResNet, one process or many.
+
+ImageNet (the paper's settings are the defaults: ResNet-50, 10,000 clusters, batch 512,
+SGD lr 0.03, 400 epochs; 8 GPUs)::
+
+    torchrun --nproc_per_node=8 examples/imagenet_odc_torch.py --data /path/to/imagenet/train
+
+The demo (no --data): scikit-learn's 1797 digits upscaled to 16×16 RGB, ResNet-18, 10
+clusters, a few epochs on the CPU::
+
+    python examples/imagenet_odc_torch.py
+
+Each iteration: features ``f = neck(backbone(x))``, cross-entropy of ``head(f)`` against the
+memory's labels (read before the update) weighted by ``w_c ∝ n_c^-1/2``, an optimiser step,
+then ``odc.step(idx, f)`` (memory update, re-labelling, centroid refresh every 10 iterations,
+small-cluster handling). Under torchrun every rank keeps an identical replica of the memories
+(checked each epoch). Writes ``metrics.jsonl``, ``checkpoint.pt`` (every epoch) and
+``summary.png`` to the run directory; ``--resume <dir>/checkpoint.pt`` continues a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import transforms as T
+
+import common
+from clusterlearn.adapters import torch as clt
+
+METHOD = "odc"
+FEAT_DIM = 256
+PRESETS = {
+    "imagenet": {"epochs": 400, "batch_size": 512, "arch": "resnet50", "resolution": 224, "workers": 8,
+                 "clusters": 10_000, "lr": 0.03, "lr_steps": [360], "min_scale": 0.08},
+    "demo": {"epochs": 20, "batch_size": 64, "arch": "resnet18", "resolution": 16, "workers": 0,
+             "clusters": 10, "lr": 0.03, "lr_steps": [16], "min_scale": 0.5},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line, with the ImageNet or demo preset filled in."""
+    parser = common.PresetParser(PRESETS, description=__doc__)
+    common.add_common_arguments(parser)
+    parser.add_preset("--clusters", type=common.positive_int, help="number of clusters C")
+    parser.add_preset("--lr", type=common.positive_float, help="SGD learning rate (momentum 0.9)")
+    parser.add_preset("--lr-steps", type=common.positive_int_list, help="epochs after which the lr drops ×0.1")
+    parser.add_argument("--weight-decay", type=common.positive_float, default=1e-4, help="(default: 1e-4)")
+    parser.add_argument("--momentum-memory", type=common.unit_float, default=0.5,
+                        help="weight of the fresh feature in the sample memory (default: 0.5)")
+    parser.add_argument("--min-cluster-size", type=common.non_negative_int, default=20,
+                        help="clusters below this are dissolved and re-seeded (default: 20)")
+    parser.add_argument("--centroid-interval", type=common.positive_int, default=10,
+                        help="refresh all centroids every this many iterations (default: 10)")
+    parser.add_preset("--min-scale", type=common.unit_float, help="smallest area fraction of a random resized crop")
+    return parser, parser.parse_args(argv)
+
+
+def augmentation(resolution: int, min_scale: float) -> T.Compose:
+    """ODC's augmentation: random resized crop, flip, rotation ±2°, colour jitter, grey p = 0.2."""
+    return T.Compose([
+        T.RandomResizedCrop(resolution, scale=(min_scale, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomRotation(2),
+        T.ColorJitter(brightness=0.4, contrast=0.4, saturation=1.0, hue=0.5),
+        T.RandomGrayscale(p=0.2),
+        common.normalize(),
+    ])
+
+
+class ODCNet(nn.Module):
+    """Backbone, ODC's non-linear neck (width → width → 256) and the C-way linear head."""
+
+    def __init__(self, arch: str, num_clusters: int) -> None:
+        super().__init__()
+        self.backbone, width = common.backbone(arch)
+        self.neck = clt.ODCNeck(width, width, FEAT_DIM)
+        self.head = clt.ODCHead(FEAT_DIM, num_clusters)
+
+    def features(self) -> nn.Module:
+        """The module mapping images to the memory's features (shares this net's weights)."""
+        return nn.Sequential(self.backbone, self.neck)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.neck(self.backbone(x))
+        return f, self.head(f)
+
+
+def train_epoch(model: nn.Module, odc: clt.OnlineDeepClustering, loader: Any, optimizer: torch.optim.Optimizer,
+                ctx: common.DistContext, show: bool, desc: str) -> dict[str, float]:
+    """One epoch of ODC iterations; the mean loss (over ranks), change ratio and throughput."""
+    model.train()
+    loss_sum = torch.zeros((), device=ctx.device)
+    change_sum, small, steps, images = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    for x, idx in common.progress(loader, show, desc):
+        feats, logits = model(x.to(ctx.device, non_blocking=True))
+        loss = clt.ODCHead.loss(logits, idx, odc)  # labels read before this iteration's update
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        stats = odc.step(idx, feats)
+        loss_sum += loss.detach()
+        change_sum += stats["change_ratio"]
+        small += stats["num_small_clusters"]
+        steps += 1
+        images += x.shape[0] * ctx.world_size
+    seconds = time.perf_counter() - start
+    (loss,) = common.mean_over_ranks([float(loss_sum) / steps], ctx)
+    return {"loss": loss, "change_ratio": change_sum / steps, "small_clusters_dissolved": small,
+            "images_per_s": images / seconds, "train_seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, args = parse_args(argv)
+    min_images = args.clusters * max(args.min_cluster_size, 1)
+    data = common.open_data(parser, args, min_images)
+    ckpt = common.load_checkpoint(parser, args)
+    ctx = common.setup_distributed()
+    try:
+        run(parser, args, data, ckpt, ctx)
+    finally:
+        common.teardown_distributed()
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.ImageData,
+        ckpt: dict[str, Any] | None, ctx: common.DistContext) -> None:
+    """Initialise (or resume), train, log, checkpoint and plot."""
+    common.seed_everything(args.seed, ctx)
+    train_loader, eval_loader = common.loaders(parser, args, data, augmentation(args.resolution, args.min_scale), ctx)
+    net = ODCNet(args.arch, args.clusters).to(ctx.device)
+    common.broadcast_module(net, ctx)  # ranks seed differently: extract the initial features with rank 0's net
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    steps = sorted(args.lr_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.1 ** sum(e >= s for s in steps))
+    odc = clt.OnlineDeepClustering(
+        len(data), args.clusters, FEAT_DIM, device=ctx.device, momentum=args.momentum_memory,
+        min_cluster_size=args.min_cluster_size, centroid_update_interval=args.centroid_interval, seed=args.seed,
+    )
+    out = common.run_dir(args, METHOD)
+    log = common.MetricsLog(out, ctx.main, resumed=ckpt is not None)
+    show = args.progress and ctx.main
+    baseline = common.pixel_kmeans_scores(data, args.clusters, args.seed) if ctx.main else None
+    if ctx.main:
+        print(f"ODC: {data.name}, {len(data)} images; {args.arch}, {args.clusters} clusters, "
+              f"{ctx.world_size} process(es) on {ctx.device}; run directory {out}", flush=True)
+    if ckpt is None:
+        feats = clt.extract_features(net.features(), eval_loader, device=ctx.device, progress=show)
+        odc.initialize(feats)
+        start = 0
+        if ctx.main:
+            scores = common.cluster_scores(data.targets, odc.labels)
+            print(f"initial k-means on the random network's features: NMI {scores['nmi']:.3f}  ACC {scores['acc']:.3f}", flush=True)
+    else:
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        odc.load_state_dict(ckpt["odc"])
+        start = ckpt["epoch"]
+        common.set_rng_state(ckpt["rng"][ctx.rank])
+    model = common.wrap_ddp(net, ctx)
+    stop = min(args.epochs, args.stop_after or args.epochs)
+    for epoch in range(start, stop):
+        train_loader.sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        record |= train_epoch(model, odc, train_loader, optimizer, ctx, show, f"epoch {epoch + 1}/{args.epochs}")
+        odc.check_consistency()  # raises if any rank's memories differ from rank 0's
+        scheduler.step()
+        rng = common.all_rng_states(ctx)
+        if ctx.main:
+            common.save_checkpoint(out / common.CHECKPOINT, {
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "odc": odc.state_dict(), "epoch": epoch + 1, "rng": rng, "args": common.args_record(args),
+            })
+            record |= common.cluster_scores(data.targets, odc.labels)
+            record |= common.size_stats(odc.labels, args.clusters)[1]
+            record |= {"fingerprint": odc.fingerprint(), "seconds": time.perf_counter() - started}
+            log.write(record)
+            print(common.epoch_line(record), flush=True)
+    print(f"rank {ctx.rank}: ODC memory fingerprint {odc.fingerprint()}", flush=True)
+    if ctx.main:
+        records = log.read()
+        sizes = odc.cluster_sizes.cpu().numpy()
+        plot = common.plot_run(out, records, sizes, f"ODC on {data.name}, {args.arch}, C = {args.clusters}")
+        print(f"wrote {log.path}, {out / common.CHECKPOINT}, {plot}")
+        print(common.final_line("ODC (memory labels)", records[-1], baseline), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The PyTorch training examples run end to end on a tiny subset of the demo data.
+
+Single-process runs call the scripts' ``main(argv)`` in this process (no interpreter and torch
+start-up per run); the 2-process run goes through ``torch.distributed.run`` with gloo, under a
+timeout that kills the whole process group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TINY = ["--subset", "16", "--resolution", "16", "--batch-size", "8", "--no-progress"]
+ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]
+
+
+def script(name: str) -> ModuleType:
+    """An example script imported as a module (``examples/`` on ``sys.path``, as when run)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def odc_straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Two ODC epochs in one go (the smoke run, and the reference for the resume test)."""
+    out = tmp_path_factory.mktemp("odc_straight")
+    return out, _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--out", str(out)])
+
+
+def _run_main(name: str, argv: list[str]) -> str:
+    """Run a script's ``main`` here and return what it printed."""
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    buf = StringIO()
+    with redirect_stdout(buf):
+        script(name).main(argv)
+    return buf.getvalue()
+
+
+def test_odc_smoke_writes_metrics_plot_and_checkpoint(odc_straight: tuple[Path, str]) -> None:
+    out, text = odc_straight
+    rows = records(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("loss", "change_ratio", "cluster_size_min", "cluster_size_max", "nmi", "acc", "images_per_s", "fingerprint"):
+        assert key in rows[-1], key
+    assert 0 <= rows[-1]["nmi"] <= 1 and rows[-1]["images_per_s"] > 0
+    assert (out / "summary.png").stat().st_size > 0
+    assert not list(out.glob("*.tmp"))  # atomic writes leave no temporary file behind
+    line = final_line(text)
+    assert line.startswith("final ODC") and "NMI" in line and "ACC" in line and "k-means on raw pixels" in line
+    state = load(out / "checkpoint.pt")
+    assert set(state) >= {"model", "optimizer", "scheduler", "odc", "epoch", "rng", "args"} and state["epoch"] == 2
+
+
+def test_odc_resume_is_bit_exact(odc_straight: tuple[Path, str], tmp_path: Path) -> None:
+    straight, _ = odc_straight
+    _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(tmp_path)])
+    assert [r["epoch"] for r in records(tmp_path)] == [1]
+    _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pt")])
+    a, b = load(straight / "checkpoint.pt"), load(tmp_path / "checkpoint.pt")
+    assert b["epoch"] == 2
+    for part in ("model", "odc"):
+        for key, value in a[part].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resuming"
+            else:
+                assert value == b[part][key], f"{part}.{key} differs after resuming"
+    assert records(straight)[-1]["fingerprint"] == records(tmp_path)[-1]["fingerprint"]
+
+
+def test_resume_with_other_settings_is_refused(odc_straight: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    out, _ = odc_straight
+    argv = [*ODC_TINY, "--clusters", "3", "--epochs", "3", "--resume", str(out / "checkpoint.pt")]
+    with pytest.raises(SystemExit) as exc:
+        script("imagenet_odc_torch").main(argv)
+    assert exc.value.code == 2
+    assert "--clusters 2" in capsys.readouterr().err
+
+
+def test_deepcluster_smoke(tmp_path: Path) -> None:
+    text = _run_main("imagenet_deepcluster_torch", [*TINY, "--clusters", "4", "--epochs", "1", "--out", str(tmp_path)])
+    (row,) = records(tmp_path)
+    assert {"loss", "nmi", "acc", "cluster_size_min", "cluster_size_max", "images_per_s"} <= set(row)
+    assert row["cluster_size_min"] >= 1  # k-means never returns an empty cluster
+    assert final_line(text).startswith("final DeepCluster") and (tmp_path / "summary.png").exists()
+    assert load(tmp_path / "checkpoint.pt")["labeler"]["epoch"] == 1
+
+
+def test_selfclassifier_smoke(tmp_path: Path) -> None:
+    argv = [*TINY, "--batch-size", "16", "--classes", "4,8", "--hidden-dim", "32", "--local-crops", "1",
+            "--epochs", "1", "--out", str(tmp_path)]
+    text = _run_main("imagenet_selfclassifier_torch", argv)
+    (row,) = records(tmp_path)
+    assert {"loss", "nmi", "acc", "cluster_size_min", "cluster_size_max", "images_per_s"} <= set(row)
+    assert np.isfinite(row["loss"])
+    assert final_line(text).startswith("final Self-Classifier") and (tmp_path / "summary.png").exists()
+    assert load(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_odc_two_gloo_processes_keep_identical_memories(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(EXAMPLES / "imagenet_odc_torch.py"), *ODC_TINY, "--epochs", "1", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the 2-process run did not finish in 240 s")
+    assert proc.returncode == 0, log[-4000:]
+    prints = {line.split()[1].rstrip(":"): line.split()[-1] for line in log.splitlines() if "ODC memory fingerprint" in line}
+    assert set(prints) == {"0", "1"}, log[-4000:]
+    assert prints["0"] == prints["1"] == records(tmp_path)[-1]["fingerprint"]
+    assert "1 process(es)" not in log and "2 process(es)" in log
+
+
+BAD_INPUT = [
+    ("imagenet_odc_torch", ["--data", "/nonexistent/imagenet"], "is not a directory"),
+    ("imagenet_odc_torch", ["--data", "{empty}"], "holds no images"),
+    ("imagenet_odc_torch", ["--clusters", "1000"], "fewer than"),
+    ("imagenet_odc_torch", ["--epochs", "0"], "must be a positive integer"),
+    ("imagenet_odc_torch", ["--batch-size", "-4"], "must be a positive integer"),
+    ("imagenet_odc_torch", ["--subset", "5000"], "exceeds the 1797 images"),
+    ("imagenet_odc_torch", ["--subset", "32", "--clusters", "2", "--min-cluster-size", "4", "--batch-size", "64"], "exceeds the 32 images"),
+    ("imagenet_deepcluster_torch", ["--clusters", "2000"], "fewer than the 2000"),
+    ("imagenet_deepcluster_torch", ["--resolution", "0"], "must be a positive integer"),
+    ("imagenet_selfclassifier_torch", ["--classes", "1,4"], "at least 2 classes"),
+    ("imagenet_selfclassifier_torch", ["--classes", "10,x"], "comma-separated positive integers"),
+    ("imagenet_selfclassifier_torch", ["--resume", "/nonexistent/checkpoint.pt"], "no checkpoint file"),
+]
+
+
+@pytest.mark.parametrize(("name", "argv", "message"), BAD_INPUT, ids=[" ".join(c[1]) for c in BAD_INPUT])
+def test_bad_input_is_a_one_line_error(name: str, argv: list[str], message: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("{empty}", str(tmp_path / "empty")) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        script(name).main([*argv, "--no-progress", "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert message in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_rng_state_survives_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    common = script("common")
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.normal()  # leave cached Gaussians in both
+    path = tmp_path / "rng.pt"
+    common.save_checkpoint(path, {"rng": common.rng_state()})
+    want = (random.random(), random.gauss(0, 1), np.random.normal(), float(torch.rand(())))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    common.set_rng_state(load(path)["rng"])
+    assert (random.random(), random.gauss(0, 1), np.random.normal(), float(torch.rand(()))) == want
+    assert [p.name for p in tmp_path.iterdir()] == ["rng.pt"]
