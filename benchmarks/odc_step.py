@@ -34,7 +34,6 @@ from typing import Any, Callable
 import numpy as np
 
 import clusterlearn as cl
-from clusterlearn import _backend as B
 
 
 def synthetic(n: int, c: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
