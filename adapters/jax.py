@@ -62,6 +62,7 @@ from clusterlearn._validation import check_int, check_real
 from clusterlearn.assignment import METRICS, Metric, nearest_centroid
 from clusterlearn.centroid_memory import CentroidMemory
 from clusterlearn.odc import OnlineDeepClustering
+from clusterlearn.reweighting import size_weights
 from clusterlearn.sample_memory import SampleMemory, l2_normalize, momentum_update
 from clusterlearn.small_clusters import SmallClusterHandler, SmallClusterStats
 
@@ -368,9 +369,7 @@ def loss_weights(state: ODCState, config: ODCConfig) -> jax.Array:
     Equal to :meth:`clusterlearn.OnlineDeepClustering.loss_weights` (:func:`clusterlearn.reweight`
     of ``state.sizes`` with ``p = config.reweight_power``), without its host-side checks.
     """
-    n = state.sizes.astype(jnp.float32)
-    w = jnp.where(n > 0, jnp.where(n > 0, n, 1.0) ** (-config.reweight_power), 0.0)
-    return w / jnp.sum(w)
+    return size_weights(state.sizes, config.reweight_power)
 
 
 # ---------------------------------------------------------------------------- small clusters

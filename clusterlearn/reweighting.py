@@ -9,7 +9,7 @@ from ._validation import check_real
 
 Array = Any
 
-__all__ = ["LossReweighter", "reweight"]
+__all__ = ["LossReweighter", "reweight", "size_weights"]
 
 
 def reweight(sizes: Array, power: float = 0.5) -> Array:
@@ -31,6 +31,15 @@ def reweight(sizes: Array, power: float = 0.5) -> Array:
         raise ValueError(f"sizes must be 1-D (clusters,), got shape {tuple(sizes.shape)}")
     if bool(xp.any(sizes < 0)) or not bool(xp.any(sizes > 0)):
         raise ValueError("sizes must be non-negative with at least one positive entry")
+    return size_weights(sizes, power)
+
+
+def size_weights(sizes: Array, power: float) -> Array:
+    """:func:`reweight` without its input checks: a pure function, traceable by ``jax.jit``.
+
+    sizes : (C,) integer sizes, non-negative, at least one positive (not checked)
+    """
+    xp = B.namespace(sizes=sizes)
     n = xp.astype(sizes, xp.float32)
     safe = xp.where(n > 0, n, xp.ones_like(n))
     w = xp.where(n > 0, safe ** (-power), xp.zeros_like(n))

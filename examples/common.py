@@ -292,12 +292,30 @@ def loaders(
 
 
 # ---------------------------------------------------------------------------- model
-def backbone(arch: str) -> tuple[nn.Module, int]:
+SMALL_INPUT_MAX = 32  # crops up to this size get the small-image stem
+
+
+def small_input(resolution: int) -> bool:
+    """Whether crops of ``resolution`` pixels get the small-image stem (≤ 32 px, as for CIFAR).
+
+    torchvision's ImageNet stem (7×7 stride-2 conv, 3×3 stride-2 max-pool) shrinks a 16-pixel
+    image to 4×4 before the first residual block and a 32-pixel one to 8×8.
+    """
+    return resolution <= SMALL_INPUT_MAX
+
+
+def backbone(arch: str, small_input: bool = False) -> tuple[nn.Module, int]:
     """A randomly initialised torchvision ResNet without its classifier, and its feature width.
 
-    ``weights=None``: nothing is ever downloaded. Output: (B, width) pooled features.
+    ``weights=None``: nothing is ever downloaded. ``small_input``: the 3×3 stride-1 stem
+    without max-pool (CIFAR-style), so the first block sees the full resolution; the rest of
+    the network is torchvision's. Output: (B, width) pooled features.
     """
     net = torchvision.models.get_model(arch, weights=None)
+    if small_input:
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's
+        net.maxpool = nn.Identity()
     width = net.fc.in_features
     net.fc = nn.Identity()
     return net, width
