@@ -1,0 +1,256 @@
+"""Online Deep Clustering (Zhan et al., CVPR 2020) in JAX: a Flax NNX ResNet, optax, all local devices.
+
+ImageNet (the paper's settings are the defaults: ResNet-50, 10,000 clusters, batch 512,
+SGD momentum 0.9, weight decay 1e-4, lr 0.03 with a ×0.1 step, 400 epochs)::
+
+    python examples/imagenet_odc_jax.py --data /path/to/imagenet/train
+
+The demo (no --data): scikit-learn's 1797 digits upscaled to small RGB images, a narrow
+ResNet-18 (width 16, 3×3 stem), 10 clusters, a few epochs on the CPU::
+
+    python examples/imagenet_odc_jax.py
+
+Each iteration is one jitted step over a mesh of all local devices (batch sharded along
+"data", parameters replicated): augmentation on the devices, features ``f = neck(backbone(x))``
+(neck width → width → 256 with BatchNorm/ReLU), cross-entropy of ``head(f)`` against the
+memory's labels (read before the update) weighted by ``w_c ∝ n_c^-1/2`` (the adapter's
+``loss_weights``), an SGD step; then the adapter's ``make_sharded_step`` updates the memory
+(every device applies the same update to its replica from the all-gathered batch) and
+``handle_small_clusters`` runs on the host. Writes ``metrics.jsonl``, ``checkpoint.npz`` (every
+epoch) and ``summary.png`` to the run directory; ``--resume <dir>/checkpoint.npz`` continues a
+run exactly. Not implemented (as torchvision's): the ±2° rotation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import jax_common as jc
+import runs
+import clusterlearn as cl
+from clusterlearn.adapters import jax as clj
+
+METHOD = "odc"
+FEAT_DIM = 256
+PRESETS = {
+    "imagenet": {"epochs": 400, "batch_size": 512, "arch": "resnet50", "width": 64, "resolution": 224, "workers": 8,
+                 "clusters": 10_000, "lr": 0.03, "lr_steps": [360], "min_scale": 0.08},
+    "demo": {"epochs": 6, "batch_size": 64, "arch": "resnet18", "width": 16, "resolution": 24, "workers": 0,
+             "clusters": 10, "lr": 0.03, "lr_steps": [5], "min_scale": 0.5},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line, with the ImageNet or demo preset filled in."""
+    parser = runs.PresetParser(PRESETS, description=__doc__)
+    runs.add_common_arguments(parser, jc.ARCHS, workers_help=jc.WORKERS_HELP)
+    parser.add_preset("--width", type=runs.positive_int, help="channels of the ResNet's first stage")
+    parser.add_preset("--clusters", type=runs.positive_int, help="number of clusters C")
+    parser.add_preset("--lr", type=runs.positive_float, help="SGD learning rate (momentum 0.9)")
+    parser.add_preset("--lr-steps", type=runs.positive_int_list, help="epochs after which the lr drops ×0.1")
+    parser.add_argument("--weight-decay", type=runs.positive_float, default=1e-4, help="(default: 1e-4)")
+    parser.add_argument("--momentum-memory", type=runs.unit_float, default=0.5,
+                        help="weight of the fresh feature in the sample memory (default: 0.5)")
+    parser.add_argument("--min-cluster-size", type=runs.non_negative_int, default=20,
+                        help="clusters below this are dissolved and re-seeded (default: 20)")
+    parser.add_argument("--centroid-interval", type=runs.positive_int, default=10,
+                        help="refresh all centroids every this many iterations (default: 10)")
+    parser.add_preset("--min-scale", type=runs.unit_float, help="smallest area fraction of a random resized crop")
+    return parser, parser.parse_args(argv)
+
+
+def view(resolution: int, min_scale: float) -> jc.ViewSpec:
+    """ODC's augmentation: random resized crop, flip, colour jitter (0.4, 0.4, 1.0, 0.5), grey p = 0.2."""
+    return jc.ViewSpec(resolution, scale=(min_scale, 1.0), jitter=(0.4, 0.4, 1.0, 0.5), gray_p=0.2)
+
+
+class ODCNet(nnx.Module):
+    """Backbone, ODC's non-linear neck (width → width → 256) and the C-way linear head."""
+
+    def __init__(self, arch: str, width: int, resolution: int, num_clusters: int, *, rngs: nnx.Rngs) -> None:
+        self.backbone = jc.backbone(arch, width, jc.small_input(resolution), rngs)
+        d = self.backbone.num_features
+        self.neck = nnx.Sequential(
+            nnx.Linear(d, d, use_bias=False, rngs=rngs),
+            nnx.BatchNorm(d, momentum=0.9, epsilon=1e-5, rngs=rngs),
+            nnx.relu,
+            nnx.Linear(d, FEAT_DIM, rngs=rngs),
+        )
+        self.head = nnx.Linear(FEAT_DIM, num_clusters, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """(B, 256) features, what the sample memory stores."""
+        return self.neck(self.backbone(x))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        f = self.features(x)
+        return f, self.head(f)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """SGD (momentum 0.9, weight decay on every parameter, as torch's SGD) with ×0.1 steps per epoch."""
+
+    lr: float
+    lr_steps: tuple[int, ...]
+    weight_decay: float
+    steps_per_epoch: int
+
+    def lr_at(self, count: Any) -> Any:
+        """Learning rate at optimiser step ``count`` (int or traced)."""
+        epoch = count // self.steps_per_epoch
+        drops = sum((epoch >= s) * 1 for s in self.lr_steps)
+        return self.lr * jnp.power(0.1, drops)
+
+    def build(self) -> optax.GradientTransformation:
+        return optax.chain(optax.add_decayed_weights(self.weight_decay), optax.sgd(self.lr_at, momentum=0.9))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opt", "spec", "config"),
+                   donate_argnames=("params", "stats", "opt_state"))
+def train_step(params: dict, stats: dict, opt_state: Any, memory: clj.ODCState, images: jax.Array,
+               indices: jax.Array, key: jax.Array, *, graphdef: nnx.GraphDef, opt: Optimizer, spec: jc.ViewSpec,
+               config: clj.ODCConfig) -> tuple[dict, dict, Any, jax.Array, jax.Array]:
+    """Augment, forward, weighted cross-entropy against the memory's labels, SGD step.
+
+    Returns the new parameters, BatchNorm statistics and optimiser state, the (B, 256)
+    features (for the memory update) and the loss. With the batch sharded over the mesh, every
+    reduction (BatchNorm statistics, the loss) runs over the global batch.
+    """
+    x = jc.augment(key, images, spec)
+    labels = memory.labels[indices]  # read before this iteration's memory update
+    weights = clj.loss_weights(memory, config)[labels]
+
+    def loss_fn(p: dict) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+        model = nnx.merge(graphdef, p, stats)
+        f, logits = model(x)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
+        loss = jnp.sum(weights * nll) / jnp.sum(weights)  # F.cross_entropy(weight=w): a weighted mean
+        return loss, (f, jc.merged_stats(model))
+
+    (loss, (f, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = opt.build().update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state, f, loss
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "resolution"))
+def eval_features(params: dict, stats: dict, images: jax.Array, *, graphdef: nnx.GraphDef, resolution: int) -> jax.Array:
+    """(B, 256) features of centre crops, BatchNorm in inference mode."""
+    return nnx.merge(graphdef, params, stats).features(jc.center_crop(images, resolution))
+
+
+@functools.lru_cache(maxsize=8)
+def memory_step(mesh: jax.sharding.Mesh, config: clj.ODCConfig) -> Any:
+    """The adapter's data-parallel memory step for ``mesh`` (cached: compiled once per process)."""
+    return clj.make_sharded_step(mesh, config, jc.AXIS)
+
+
+def memory_arrays(state: clj.ODCState) -> list[jax.Array]:
+    return [state.features, state.labels, state.centroids, state.sizes, state.sums]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, args = parse_args(argv)
+    data = runs.open_data(parser, args, args.clusters * max(args.min_cluster_size, 1))
+    mesh = jc.make_mesh()
+    runs.check_batch_size(parser, args.batch_size, mesh.size, "devices", len(data))
+    ckpt = jc.load_checkpoint(parser, args)
+    run(args, data, ckpt, mesh)
+
+
+def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh) -> None:
+    """Initialise (or resume), train, log, checkpoint and plot."""
+    out = runs.run_dir(args, METHOD)
+    log = runs.MetricsLog(out, True, resumed=ckpt is not None)
+    show = args.progress
+    steps = len(data) // args.batch_size
+    opt = Optimizer(args.lr, tuple(sorted(args.lr_steps)), args.weight_decay, steps)
+    spec = view(args.resolution, args.min_scale)
+    key = jax.random.key(args.seed) if ckpt is None else jc.key_from_data(ckpt["rng/key"])
+    init_key, train_key = jax.random.split(key)
+    train_def, eval_def, params, stats = jc.init_model(ODCNet, (args.arch, args.width, args.resolution, args.clusters), init_key)
+    opt_state = opt.build().init(params)
+    odc = cl.OnlineDeepClustering(
+        len(data), args.clusters, FEAT_DIM, momentum=args.momentum_memory, min_cluster_size=args.min_cluster_size,
+        centroid_update_interval=args.centroid_interval, seed=args.seed,
+    )
+    images = jc.Images(data, jc.base_size(args.resolution), args.workers)
+    baseline = runs.pixel_kmeans_scores(data, args.clusters, args.seed)
+    print(f"ODC (JAX): {data.name}, {len(data)} images; {args.arch} (width {args.width}, "
+          f"{jc.count(params):,} parameters), {args.clusters} clusters, {jc.describe(mesh)}; run directory {out}", flush=True)
+    if ckpt is None:
+        params, stats = jc.replicate((params, stats), mesh)
+        feats = jc.extract(functools.partial(eval_features, params, stats, graphdef=eval_def, resolution=args.resolution),
+                           images, args.batch_size, mesh, show, "features")
+        odc.initialize(feats)
+        start = 0
+        scores = runs.cluster_scores(data.targets, np.asarray(odc.labels))
+        print(f"initial k-means on the random network's features: NMI {scores['nmi']:.3f}  ACC {scores['acc']:.3f}", flush=True)
+    else:
+        params = jc.unflatten("params", params, ckpt)
+        stats = jc.unflatten("stats", stats, ckpt)
+        opt_state = jc.unflatten("opt", opt_state, ckpt)
+        odc.load_state_dict({name: ckpt[f"odc/{name}"] for name in clj.ODCState._fields})
+        start = int(ckpt["epoch"])
+    params, stats, opt_state = jc.replicate((params, stats, opt_state), mesh)
+    config = clj.config_from_core(odc)
+    state = jc.replicate(clj.state_from_core(odc), mesh)
+    sharded_step = memory_step(mesh, config)
+    stop = min(args.epochs, args.stop_after or args.epochs)
+    for epoch in range(start, stop):
+        started = time.perf_counter()
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": float(opt.lr_at(epoch * steps))}
+        losses, changes, small = [], [], 0
+        order = runs.epoch_order(len(data), args.batch_size, args.seed, epoch)
+        batches = runs.progress(images.batches(order), show, f"epoch {epoch + 1}/{args.epochs}", len(order))
+        for step, (idx, x) in enumerate(batches):
+            idx_dev = jc.shard_batch(idx.astype(np.int32), mesh)
+            params, stats, opt_state, f, loss = train_step(
+                params, stats, opt_state, state, jc.shard_batch(x, mesh), idx_dev, jc.step_key(train_key, epoch, step),
+                graphdef=train_def, opt=opt, spec=spec, config=config)
+            state, st = sharded_step(state, idx_dev, f)
+            if int(state.iteration) % config.small_cluster_interval == 0:
+                state, handled = clj.handle_small_clusters(state, config)
+                small += handled.num_small_clusters
+            losses.append(loss)
+            changes.append(st["change_ratio"])
+        losses, changes = jax.device_get((losses, changes))  # waits for the last step (dispatch is asynchronous)
+        seconds = time.perf_counter() - started
+        record |= {"loss": float(np.mean(losses)), "change_ratio": float(np.mean(changes)),
+                   "small_clusters_dissolved": small, "images_per_s": len(order) * args.batch_size / seconds,
+                   "train_seconds": seconds}
+        replicas = jc.replica_fingerprints(memory_arrays(state))
+        if len(set(replicas.values())) != 1:
+            raise RuntimeError(f"the ODC memory replicas differ across devices: {replicas}")
+        arrays = {**jc.flatten("params", params), **jc.flatten("stats", stats), **jc.flatten("opt", opt_state),
+                  **{f"odc/{k}": np.asarray(v) for k, v in state._asdict().items()}, "rng/key": jc.key_data(key)}
+        jc.save_checkpoint(out / jc.CHECKPOINT, arrays, args, epoch + 1)
+        labels = np.asarray(state.labels)
+        record |= runs.cluster_scores(data.targets, labels)
+        record |= runs.size_stats(labels, args.clusters)[1]
+        record |= {"fingerprint": runs.fingerprint(np.asarray(a) for a in memory_arrays(state)),
+                   "seconds": time.perf_counter() - started}
+        log.write(record)
+        print(runs.epoch_line(record), flush=True)
+    images.close()
+    for device, digest in jc.replica_fingerprints(memory_arrays(state)).items():
+        print(f"device {device}: ODC memory fingerprint {digest}", flush=True)
+    records = log.read()
+    plot = runs.plot_run(out, records, np.asarray(state.sizes),
+                         f"ODC (JAX) on {data.name}, {args.arch}, C = {args.clusters}")
+    print(f"wrote {log.path}, {out / jc.CHECKPOINT}, {plot}")
+    print(runs.final_line("ODC (memory labels)", records[-1], baseline), flush=True)
+
+
+if __name__ == "__main__":
+    main()

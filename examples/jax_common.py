@@ -1,0 +1,373 @@
+"""Shared parts of the JAX training examples (ODC, Self-Classifier): mesh, data, augmentations, checkpoints.
+
+- :func:`make_mesh`: a 1-D ``jax.sharding.Mesh`` over all local devices, axis ``"data"``;
+  batches are sharded along it (:func:`shard_batch`), parameters and memories replicated
+  (:func:`replicate`). Under ``jit`` the global batch is one array: BatchNorm statistics and
+  the losses see the whole global batch, whatever the number of devices.
+- :class:`Images`: fixed-size square uint8 *base* images on the host (the short side resized
+  to 8/7 of the resolution, centre-cropped; the demo data is prepared once, ImageFolder files
+  are decoded by ``--workers`` threads, one batch ahead).
+- :class:`ViewSpec` and :func:`augment`: the augmentations, in JAX on the devices, fused into
+  the training step: random resized crop (separable antialiased bilinear resampling as two
+  small matrix products) with a horizontal flip, colour jitter (brightness, contrast,
+  saturation, and hue as a rotation in YIQ space, a cheap stand-in for torchvision's HSV
+  shift; fixed order), random grey, Gaussian blur (separable), solarisation.
+  :func:`center_crop` is the evaluation view (torchvision's resize to 8/7 + centre crop).
+- :func:`init_model`: an NNX model, initialised in one compiled program, as train/eval ``GraphDef``\\ s (static, hashable, equal for
+  equal architectures, so ``jit`` caches hit across runs in one process) and plain nested
+  dicts of parameters and BatchNorm statistics.
+- Checkpoints: one ``.npz`` of plain arrays (flattened pytrees under ``/``-joined key paths,
+  the run's settings as a JSON string), written atomically (temporary file + ``os.replace``)
+  and read back with ``allow_pickle=False``.
+
+Single process only (no ``jax.distributed``); the devices of that process form the mesh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+import flax_resnet
+import runs
+
+AXIS = "data"
+ARCHS = ("resnet18", "resnet50")
+WORKERS_HELP = "threads decoding ImageFolder images (the demo data is prepared once in memory)"
+
+
+# ---------------------------------------------------------------------------- devices
+def make_mesh() -> Mesh:
+    """A 1-D mesh of all local devices along :data:`AXIS` (data parallelism)."""
+    return Mesh(np.asarray(jax.local_devices()), (AXIS,))
+
+
+def describe(mesh: Mesh) -> str:
+    """``"2 device(s) (cpu)"``."""
+    return f"{mesh.size} device(s) ({mesh.devices.flat[0].platform})"
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree``'s arrays placed, whole, on every device of ``mesh``."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host batch split along its first axis over the devices (each gets B / devices rows)."""
+    return jax.device_put(x, NamedSharding(mesh, P(AXIS)))
+
+
+def replica_fingerprints(arrays: list[jax.Array]) -> dict[str, str]:
+    """Per device: the fingerprint of its copies of ``arrays`` (replicated arrays agree everywhere)."""
+    per_device: dict[str, list[np.ndarray]] = {}
+    for a in arrays:
+        for shard in sorted(a.addressable_shards, key=lambda s: s.device.id):
+            per_device.setdefault(f"{shard.device.platform}:{shard.device.id}", []).append(np.asarray(shard.data))
+    return {device: runs.fingerprint(parts) for device, parts in per_device.items()}
+
+
+# ---------------------------------------------------------------------------- model
+def backbone(arch: str, width: int, small_input: bool, rngs: nnx.Rngs) -> flax_resnet.ResNet:
+    """A randomly initialised ResNet of ``examples/flax_resnet.py`` returning pooled features."""
+    make = {"resnet18": flax_resnet.resnet18, "resnet50": flax_resnet.resnet50}[arch]
+    return make(rngs=rngs, num_classes=None, width=width, small_input=small_input)
+
+
+def small_input(resolution: int) -> bool:
+    """Whether the 3×3 stride-1 stem (no max-pool) suits crops of ``resolution`` (≤ 32 pixels)."""
+    return resolution <= 32
+
+
+def init_model(cls: type[nnx.Module], args: tuple, key: jax.Array) -> tuple[nnx.GraphDef, nnx.GraphDef, dict, dict]:
+    """Build ``cls(*args, rngs=nnx.Rngs(key))``: (train graphdef, eval graphdef, parameters, BatchNorm statistics).
+
+    The initialisers run in one compiled program (eager NNX construction compiles every
+    initialiser separately: tens of seconds for a ResNet on a CPU). The states are plain
+    nested dicts of arrays (``nnx.to_pure_dict``); rebuild the module inside a traced function
+    with ``nnx.merge(graphdef, params, stats)``. The graphdefs are hashable and equal for equal
+    ``cls`` and ``args``: pass them to ``jit`` as static arguments.
+    """
+    abstract = nnx.eval_shape(lambda: cls(*args, rngs=nnx.Rngs(0)))
+    abstract.eval()
+    eval_def = nnx.split(abstract, nnx.Param, ...)[0]
+    abstract.train()
+    train_def = nnx.split(abstract, nnx.Param, ...)[0]
+    params, stats = _init(cls, args, key)
+    return train_def, eval_def, params, stats
+
+
+# Initialisers need no optimised code: unoptimised compilation is several times faster on a CPU.
+@functools.partial(jax.jit, static_argnums=(0, 1), compiler_options={"xla_backend_optimization_level": 0})
+def _init(cls: type[nnx.Module], args: tuple, key: jax.Array) -> tuple[dict, dict]:
+    _, params, stats = nnx.split(cls(*args, rngs=nnx.Rngs(key)), nnx.Param, ...)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+def merged_stats(model: nnx.Module) -> dict:
+    """The non-parameter state of a model merged inside a traced function, as a plain dict."""
+    return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+
+
+def count(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+# ---------------------------------------------------------------------------- data
+def base_size(resolution: int) -> int:
+    """Side of the host's base images: 8/7 of the crop (256 for 224), as the evaluation resize."""
+    return round(resolution * 8 / 7)
+
+
+class Images:
+    """Square uint8 base images of ``size``² by dataset index, for a data set.
+
+    Array data (the demo) is prepared once; files are decoded on demand by ``workers``
+    threads (PIL releases the GIL while decoding and resizing).
+    """
+
+    def __init__(self, data: runs.ImageData, size: int, workers: int) -> None:
+        self.data, self.size = data, size
+        self.cache = None
+        if isinstance(data.images, np.ndarray):
+            self.cache = np.stack([runs.square_image(Image.fromarray(im), size) for im in data.images])
+        self.pool = ThreadPoolExecutor(workers) if workers > 0 and self.cache is None else None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        """(B, size, size, 3) uint8 images at ``indices``."""
+        if self.cache is not None:
+            return self.cache[indices]
+        load = lambda i: runs.square_image(self.data.image(int(i)), self.size)  # noqa: E731
+        loaded = self.pool.map(load, indices) if self.pool is not None else map(load, indices)
+        return np.stack(list(loaded))
+
+    def batches(self, order: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(indices, images)`` for each row of ``order`` (steps, B), the next batch loading meanwhile."""
+        with ThreadPoolExecutor(1) as ahead:
+            pending: Future | None = ahead.submit(self, order[0]) if len(order) else None
+            for step in range(len(order)):
+                images = pending.result()
+                pending = ahead.submit(self, order[step + 1]) if step + 1 < len(order) else None
+                yield order[step], images
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def extract(fn: Callable[[jax.Array], jax.Array], images: Images, batch_size: int, mesh: Mesh,
+            show: bool, desc: str) -> np.ndarray:
+    """``fn`` over all images in dataset order, batch by batch (the last one padded), on the host."""
+    n = len(images)
+    order = np.arange(-(-n // batch_size) * batch_size).clip(max=n - 1).reshape(-1, batch_size)
+    outs = [np.asarray(fn(shard_batch(x, mesh))) for _, x in runs.progress(images.batches(order), show, desc, len(order))]
+    return np.concatenate(outs)[:n]
+
+
+# ---------------------------------------------------------------------------- augmentations
+_MEAN = np.asarray(runs.IMAGENET_MEAN, np.float32)
+_STD = np.asarray(runs.IMAGENET_STD, np.float32)
+_RGB_TO_YIQ = np.asarray([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One augmented view (hashable: a static argument of ``jit``).
+
+    size : output side in pixels; scale, ratio : area fraction and aspect range of the crop;
+    jitter : (brightness, contrast, saturation, hue) strengths, applied with ``jitter_p``;
+    gray_p, blur_p, solarize_p : probabilities of grey, Gaussian blur (σ in [0.1, 2]) and
+    solarisation (threshold 0.5).
+    """
+
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    jitter_p: float = 1.0
+    gray_p: float = 0.0
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+
+
+def _resample(start: jax.Array, length: jax.Array, size: int, source: int, flip: jax.Array) -> jax.Array:
+    """(size, source) weights mapping ``source`` pixels to ``size`` samples of [start, start + length).
+
+    Triangle (bilinear) filter widened by the shrink factor (antialiasing, as PIL), rows
+    normalised; ``flip`` reverses the output order.
+    """
+    i = jnp.arange(size, dtype=jnp.float32)
+    i = jnp.where(flip, size - 1 - i, i)
+    centre = start + (i + 0.5) * length / size - 0.5
+    support = jnp.maximum(length / size, 1.0)
+    w = jnp.maximum(0.0, 1.0 - jnp.abs(centre[:, None] - jnp.arange(source, dtype=jnp.float32)[None, :]) / support)
+    return w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-12)
+
+
+def _gray(x: jax.Array) -> jax.Array:
+    return x @ jnp.asarray([0.299, 0.587, 0.114], x.dtype)
+
+
+def _jitter(key: jax.Array, x: jax.Array, strengths: tuple[float, float, float, float]) -> jax.Array:
+    """Brightness, contrast, saturation and hue (YIQ rotation) of an image in [0, 1]."""
+    b, c, s, h = strengths
+    kb, kc, ks, kh = jax.random.split(key, 4)
+    u = lambda k, lo, hi: jax.random.uniform(k, (), minval=lo, maxval=hi)  # noqa: E731
+    if b:
+        x = jnp.clip(x * u(kb, max(0.0, 1 - b), 1 + b), 0, 1)
+    if c:
+        m = jnp.mean(_gray(x))
+        x = jnp.clip((x - m) * u(kc, max(0.0, 1 - c), 1 + c) + m, 0, 1)
+    if s:
+        g = _gray(x)[..., None]
+        x = jnp.clip((x - g) * u(ks, max(0.0, 1 - s), 1 + s) + g, 0, 1)
+    if h:
+        angle = 2 * jnp.pi * u(kh, -h, h)
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        rot = jnp.asarray([[1, 0, 0], [0, 1, 0], [0, 0, 1]], x.dtype)
+        rot = rot.at[1, 1].set(cos).at[1, 2].set(-sin).at[2, 1].set(sin).at[2, 2].set(cos)
+        m = jnp.asarray(_YIQ_TO_RGB) @ rot @ jnp.asarray(_RGB_TO_YIQ)
+        x = jnp.clip(x @ m.T, 0, 1)
+    return x
+
+
+def _blur_matrix(sigma: jax.Array, size: int) -> jax.Array:
+    """(size, size) Gaussian smoothing with a kernel of about a tenth of the image (odd, ≥ 3)."""
+    radius = max(3, int(0.1 * size) // 2 * 2 + 1) // 2
+    d = jnp.arange(size, dtype=jnp.float32)
+    d = d[:, None] - d[None, :]
+    w = jnp.where(jnp.abs(d) <= radius, jnp.exp(-0.5 * (d / sigma) ** 2), 0.0)
+    return w / jnp.sum(w, axis=1, keepdims=True)
+
+
+def _augment_one(key: jax.Array, image: jax.Array, spec: ViewSpec) -> jax.Array:
+    """One view of one (S, S, 3) uint8 image: (size, size, 3) float32, ImageNet-normalised."""
+    source = image.shape[0]
+    k = jax.random.split(key, 10)
+    area = source * source * jax.random.uniform(k[0], (), minval=spec.scale[0], maxval=spec.scale[1])
+    log_ratio = jax.random.uniform(k[1], (), minval=np.log(spec.ratio[0]), maxval=np.log(spec.ratio[1]))
+    w = jnp.clip(jnp.sqrt(area * jnp.exp(log_ratio)), 1.0, source)
+    h = jnp.clip(jnp.sqrt(area / jnp.exp(log_ratio)), 1.0, source)
+    x0 = jax.random.uniform(k[2], ()) * (source - w)
+    y0 = jax.random.uniform(k[3], ()) * (source - h)
+    flip = jax.random.bernoulli(k[4])
+    rows = _resample(y0, h, spec.size, source, jnp.asarray(False))
+    cols = _resample(x0, w, spec.size, source, flip)
+    x = jnp.einsum("ik,klc,jl->ijc", rows, image.astype(jnp.float32) / 255.0, cols)
+    if any(spec.jitter) and spec.jitter_p > 0:
+        x = jnp.where(jax.random.bernoulli(k[5], spec.jitter_p), _jitter(k[6], x, spec.jitter), x)
+    if spec.gray_p > 0:
+        x = jnp.where(jax.random.bernoulli(k[7], spec.gray_p), jnp.repeat(_gray(x)[..., None], 3, axis=-1), x)
+    if spec.blur_p > 0:
+        kb, ks = jax.random.split(k[8])
+        g = _blur_matrix(jax.random.uniform(ks, (), minval=0.1, maxval=2.0), spec.size)
+        x = jnp.where(jax.random.bernoulli(kb, spec.blur_p), jnp.einsum("ik,klc,jl->ijc", g, x, g), x)
+    if spec.solarize_p > 0:
+        x = jnp.where(jax.random.bernoulli(k[9], spec.solarize_p), jnp.where(x >= 0.5, 1.0 - x, x), x)
+    return (x - _MEAN) / _STD
+
+
+def augment(key: jax.Array, images: jax.Array, spec: ViewSpec) -> jax.Array:
+    """(B, size, size, 3) augmented views of (B, S, S, 3) uint8 images, one key per image."""
+    return jax.vmap(_augment_one, in_axes=(0, 0, None))(jax.random.split(key, images.shape[0]), images, spec)
+
+
+def center_crop(images: jax.Array, size: int) -> jax.Array:
+    """(B, size, size, 3) normalised centre crops of (B, S, S, 3) uint8 base images."""
+    top = (images.shape[1] - size) // 2
+    left = (images.shape[2] - size) // 2
+    x = images[:, top:top + size, left:left + size].astype(jnp.float32) / 255.0
+    return (x - _MEAN) / _STD
+
+
+def step_key(key: jax.Array, epoch: int, step: int) -> jax.Array:
+    """The key of one training step: a function of the run's key, the epoch and the step only."""
+    return jax.random.fold_in(jax.random.fold_in(key, epoch), step)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+CHECKPOINT = "checkpoint.npz"
+
+
+def _name(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def flatten(prefix: str, tree: Any) -> dict[str, np.ndarray]:
+    """``{prefix/key/path: host array}`` for every leaf of ``tree``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {f"{prefix}/{_name(path)}": np.asarray(leaf) for path, leaf in leaves}
+
+
+def unflatten(prefix: str, template: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """``template``'s structure with its leaves read from ``arrays`` (shapes and dtypes checked)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    out = []
+    for path, leaf in leaves:
+        name = f"{prefix}/{_name(path)}"
+        if name not in arrays:
+            raise ValueError(f"the checkpoint has no {name}")
+        value = arrays[name]
+        if value.shape != tuple(leaf.shape) or value.dtype != np.dtype(leaf.dtype):
+            raise ValueError(f"{name} is {value.dtype}{list(value.shape)} in the checkpoint, {np.dtype(leaf.dtype)}"
+                             f"{list(leaf.shape)} in this run")
+        out.append(value)
+    extra = [k for k in arrays if k.startswith(prefix + "/") and k not in {f"{prefix}/{_name(p)}" for p, _ in leaves}]
+    if extra:
+        raise ValueError(f"the checkpoint has entries this run does not know: {extra[:3]}")
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], args: argparse.Namespace, epoch: int) -> None:
+    """Write ``arrays`` with the run's settings and ``epoch`` to ``path`` (``np.savez``, atomically)."""
+    extra = {"epoch": np.asarray(epoch, np.int64), "args": np.asarray(json.dumps(runs.args_record(args)))}
+    runs.atomic_write(path, lambda f: np.savez(f, **arrays, **extra))
+
+
+def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, np.ndarray] | None:
+    """The ``--resume`` checkpoint's arrays (``epoch`` included), or None without ``--resume``.
+
+    ``parser.error`` if it is missing, unreadable, or was trained with other settings.
+    """
+    if args.resume is None:
+        return None
+    if not args.resume.is_file():
+        parser.error(f"--resume: no checkpoint file {args.resume}")
+    try:
+        with np.load(args.resume, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        saved = json.loads(str(arrays.pop("args")))
+    except Exception as err:  # zip, format and JSON errors have many types
+        parser.error(f"--resume: cannot load {args.resume}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    mismatch = runs.resume_mismatch(saved, args)
+    if mismatch:
+        parser.error(f"--resume: {mismatch}")
+    return arrays
+
+
+def key_data(key: jax.Array) -> np.ndarray:
+    """The raw uint32 words of a typed PRNG key (for the checkpoint)."""
+    return np.asarray(jax.random.key_data(key))
+
+
+def key_from_data(data: np.ndarray) -> jax.Array:
+    """The typed PRNG key of :func:`key_data`'s words."""
+    return jax.random.wrap_key_data(jnp.asarray(data, dtype=jnp.uint32))

@@ -1,0 +1,417 @@
+"""Framework-free parts of the training examples (PyTorch and JAX alike).
+
+The command line with ImageNet/demo presets and its validators, the data (the embedded
+digits demo as NumPy arrays, an ImageFolder tree listed without torchvision, images read with
+PIL), the run directory (``metrics.jsonl``, atomic file writes, the settings check of
+``--resume``), scores against the true labels, the k-means baseline on raw pixels, the epoch
+and final lines, the summary plot and tqdm progress.
+
+It imports NumPy, PIL, scikit-learn (demo data, through ``clusterlearn.metrics``) and
+matplotlib (the plot) only: no deep-learning framework. The scripts import it as ``import
+runs`` (``python examples/x.py`` puts ``examples/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image
+
+import clusterlearn as cl
+from clusterlearn import metrics
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: File endings an ImageFolder tree's images may have (torchvision's list).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+#: Options a resumed run may change; any other difference from the checkpoint's is refused.
+RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "stop_after", "workers", "progress"})
+
+
+# ---------------------------------------------------------------------------- command line
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a float in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers, e.g. ``1000,2000``."""
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text}") from err
+
+
+def format_value(value: Any) -> str:
+    """A preset value for help texts and messages: lists as comma-separated items."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+class PresetParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose options can default to an ImageNet or a demo preset.
+
+    :meth:`add_preset` options stay ``None`` when not given; :meth:`parse_args` fills them
+    from ``presets["imagenet"]`` when ``--data`` is given, else from ``presets["demo"]``.
+    """
+
+    def __init__(self, presets: dict[str, dict[str, Any]], **kwargs: Any) -> None:
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        self.presets = presets
+
+    def add_preset(self, flag: str, *, help: str, **kwargs: Any) -> None:
+        """Add an option whose default comes from the presets (shown in ``--help``)."""
+        key = flag.lstrip("-").replace("-", "_")
+        shown = {name: format_value(values[key]) for name, values in self.presets.items()}
+        self.add_argument(flag, default=None, help=f"{help} (default: ImageNet {shown['imagenet']}, demo {shown['demo']})", **kwargs)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        preset = self.presets["imagenet" if parsed.data is not None else "demo"]
+        for key, value in preset.items():
+            if getattr(parsed, key) is None:
+                setattr(parsed, key, value)
+        return parsed
+
+
+def add_common_arguments(parser: PresetParser, archs: Sequence[str], *, workers_help: str) -> None:
+    """Data, run directory, resumption, network and loader options shared by the scripts."""
+    parser.add_argument("--data", type=Path, help="ImageFolder tree (ImageNet layout: one folder per class); "
+                        "without it: the embedded digits demo (scikit-learn's load_digits)")
+    parser.add_argument("--out", type=Path, help="run directory (default: runs/<method>-<timestamp>, or the "
+                        "checkpoint's directory with --resume)")
+    parser.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue from this checkpoint")
+    parser.add_preset("--epochs", type=positive_int, help="total training epochs")
+    parser.add_argument("--stop-after", type=positive_int, metavar="EPOCH",
+                        help="stop after this epoch (the schedule still plans --epochs; continue with --resume)")
+    parser.add_preset("--batch-size", type=positive_int, help="global batch, split evenly over the devices/processes")
+    parser.add_preset("--arch", choices=tuple(archs), help="ResNet, randomly initialised")
+    parser.add_preset("--resolution", type=positive_int, help="training crop size in pixels")
+    parser.add_preset("--workers", type=non_negative_int, help=workers_help)
+    parser.add_argument("--subset", type=positive_int, metavar="N",
+                        help="train on N images spread evenly over the data (smoke tests, quick looks)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of everything (default: 0)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="tqdm progress bars (default: on)")
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class ImageData:
+    """Images with their true class labels (for metrics only; training never sees them).
+
+    ``images`` is an (N, H, W, 3) uint8 array (the demo) or a list of N file paths (an
+    ImageFolder tree, read on access). ``pixels`` holds flat raw pixel vectors for the
+    k-means baseline where that is affordable (the demo data), else ``None``.
+    """
+
+    name: str
+    images: np.ndarray | list[str]
+    targets: np.ndarray
+    pixels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image(self, i: int) -> Image.Image:
+        """Image ``i`` as an RGB PIL image."""
+        if isinstance(self.images, np.ndarray):
+            return Image.fromarray(self.images[i])
+        with Image.open(self.images[i]) as im:
+            return im.convert("RGB")
+
+    def subset(self, n: int) -> ImageData:
+        """``n`` images spread evenly over the data (so every class of a sorted tree appears)."""
+        idx = np.linspace(0, len(self) - 1, n).round().astype(np.int64)
+        images = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
+        pixels = None if self.pixels is None else self.pixels[idx]
+        return ImageData(f"{self.name} (subset of {n})", images, self.targets[idx], pixels)
+
+
+def demo_digits(resolution: int) -> ImageData:
+    """scikit-learn's 1797 handwritten digits (8×8, 16 grey levels) as RGB images of ``resolution``².
+
+    Bilinear upscaling, the grey level repeated in 3 channels; the true digit labels are kept
+    for the metrics, and the raw 64 pixels for the k-means baseline.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    small = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BILINEAR)) for im in small])
+    rgb = np.repeat(big[..., None], 3, axis=-1)
+    return ImageData("digits (demo)", rgb, digits.target.astype(np.int64), digits.data.astype(np.float32))
+
+
+def list_image_folder(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """Files and class indices of an ImageFolder tree: ``root/<class>/**/<image>``.
+
+    Classes are the sorted sub-directories of ``root``; images are the files with an ending
+    in :data:`IMAGE_EXTENSIONS` (any case) anywhere below them, in sorted order. Raises
+    ``ValueError`` when ``root`` is not a directory or holds no image in a class folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    paths: list[str] = []
+    targets: list[int] = []
+    for index, name in enumerate(classes):
+        for directory, subdirs, files in sorted(os.walk(root / name, followlinks=True)):
+            subdirs.sort()
+            for file in sorted(files):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(directory, file))
+                    targets.append(index)
+    if not paths:
+        raise ValueError(f"{root} holds no images in class folders (endings {', '.join(IMAGE_EXTENSIONS)})")
+    return paths, np.asarray(targets, dtype=np.int64), classes
+
+
+def image_folder(root: Path) -> ImageData:
+    """An ImageFolder tree (see :func:`list_image_folder`), read with PIL on access."""
+    paths, targets, _ = list_image_folder(root)
+    return ImageData(f"ImageFolder {root}", paths, targets)
+
+
+def open_data(parser: argparse.ArgumentParser, args: argparse.Namespace, min_images: int) -> ImageData:
+    """The data of ``--data`` (or the demo), cut to ``--subset``; ``parser.error`` on bad input.
+
+    ``min_images`` is the smallest data set the method can use (e.g. its cluster count).
+    """
+    try:
+        data = image_folder(args.data) if args.data is not None else demo_digits(args.resolution)
+    except ValueError as err:
+        parser.error(f"--data: {err}")
+    if args.subset is not None:
+        if args.subset > len(data):
+            parser.error(f"--subset {args.subset} exceeds the {len(data)} images of {data.name}")
+        data = data.subset(args.subset)
+    if len(data) < min_images:
+        parser.error(f"{data.name} has {len(data)} images, fewer than the {min_images} this run needs "
+                     "(lower the number of clusters)")
+    return data
+
+
+def check_batch_size(parser: argparse.ArgumentParser, batch_size: int, shards: int, what: str, num_images: int) -> int:
+    """The per-shard batch; ``parser.error`` unless ``batch_size`` splits evenly and fits the data."""
+    if batch_size % shards:
+        parser.error(f"--batch-size {batch_size} is not divisible by the {shards} {what}")
+    if batch_size > num_images:
+        parser.error(f"--batch-size {batch_size} exceeds the {num_images} images")
+    return batch_size // shards
+
+
+def square_image(image: Image.Image, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: the short side resized to ``size`` (bilinear), centre-cropped."""
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    out = image.convert("RGB").resize((nw, nh), Image.BILINEAR).crop((left, top, left + size, top + size))
+    return np.asarray(out, dtype=np.uint8)
+
+
+def epoch_order(num_samples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """(steps, batch_size) dataset indices of one epoch: a permutation seeded by (seed, epoch),
+    the incomplete last batch dropped. Depends on nothing else, so a resumed run repeats it."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    steps = num_samples // batch_size
+    return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+# ---------------------------------------------------------------------------- run directory
+def run_dir(args: argparse.Namespace, method: str) -> Path:
+    """``--out``, else the checkpoint's directory when resuming, else ``runs/<method>-<timestamp>``."""
+    if args.out is not None:
+        return args.out
+    if args.resume is not None:
+        return args.resume.parent
+    return Path("runs") / f"{method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def args_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The options as plain JSON values (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def resume_mismatch(saved: dict[str, Any], args: argparse.Namespace) -> str | None:
+    """None if ``args`` may continue a run trained with ``saved`` (an :func:`args_record`),
+    else a message naming the checkpoint's differing settings (only :data:`RESUMABLE_CHANGES`
+    may differ)."""
+    mine = args_record(args)
+    differ = sorted(k for k in set(mine) | set(saved) if k not in RESUMABLE_CHANGES and mine.get(k) != saved.get(k))
+    if not differ:
+        return None
+    was = ", ".join(f"--{k.replace('_', '-')} {format_value(saved.get(k))}" for k in differ)
+    return f"the checkpoint was trained with {was}; pass the same settings"
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    A crash mid-write leaves the previous file intact and no temporary file behind.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class MetricsLog:
+    """Appends one JSON object per epoch to ``<dir>/metrics.jsonl`` (only where ``enabled``).
+
+    A fresh run (``resumed=False``) starts the file anew; a resumed one appends to it.
+    """
+
+    def __init__(self, directory: Path, enabled: bool, resumed: bool) -> None:
+        self.path = Path(directory) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not resumed:
+                self.path.unlink(missing_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (numbers, strings, lists)."""
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        """All records, the last one per epoch (a resumed epoch replaces its first attempt)."""
+        by_epoch: dict[int, dict[str, Any]] = {}
+        for line in self.path.read_text().splitlines():
+            record = json.loads(line)
+            by_epoch[record["epoch"]] = record
+        return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def fingerprint(arrays: Iterable[np.ndarray]) -> str:
+    """SHA-256 of the arrays' exact bytes (shapes and dtypes included), in order."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- scores and output
+def cluster_scores(truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """NMI, ARI and Hungarian-matched accuracy of cluster ``labels`` against the true classes."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return {"nmi": metrics.nmi(truth, labels), "ari": metrics.ari(truth, labels), "acc": metrics.accuracy(truth, labels)}
+
+
+def size_stats(labels: np.ndarray, num_clusters: int) -> tuple[np.ndarray, dict[str, int]]:
+    """Cluster sizes (C,) of ``labels`` and their min/max (and how many are empty)."""
+    sizes = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_clusters)
+    return sizes, {"cluster_size_min": int(sizes.min()), "cluster_size_max": int(sizes.max()),
+                   "empty_clusters": int((sizes == 0).sum())}
+
+
+def pixel_kmeans_scores(data: ImageData, num_clusters: int, seed: int) -> dict[str, float] | None:
+    """Scores of k-means on the L2-normalised raw pixels, where the data carries them."""
+    if data.pixels is None:
+        return None
+    result = cl.kmeans(cl.l2_normalize(data.pixels), num_clusters, seed=seed, backend="array")
+    return cluster_scores(data.targets, np.asarray(result.labels))
+
+
+def epoch_line(record: dict[str, Any]) -> str:
+    """A one-line summary of an epoch's metrics record."""
+    parts = [f"epoch {record['epoch']}", f"loss {record['loss']:.4f}"]
+    if "change_ratio" in record:
+        parts.append(f"change ratio {record['change_ratio']:.3f}")
+    parts += [f"NMI {record['nmi']:.3f}", f"ACC {record['acc']:.3f}",
+              f"clusters {record['cluster_size_min']}-{record['cluster_size_max']}",
+              f"{record['images_per_s']:.0f} img/s"]
+    return "  ".join(parts)
+
+
+def final_line(method: str, record: dict[str, Any], baseline: dict[str, float] | None) -> str:
+    """The run's last line: final NMI/ACC against the true labels next to k-means on raw pixels."""
+    text = f"final {method}: NMI {record['nmi']:.3f}  ACC {record['acc']:.3f}"
+    if baseline is None:
+        return text + "  |  k-means on raw pixels: not computed for ImageFolder data"
+    return text + f"  |  k-means on raw pixels: NMI {baseline['nmi']:.3f}  ACC {baseline['acc']:.3f}"
+
+
+def plot_run(directory: Path, records: list[dict[str, Any]], sizes: np.ndarray, title: str) -> Path:
+    """``<dir>/summary.png``: loss and NMI/ACC per epoch, and a histogram of the final cluster sizes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_loss, ax_nmi, ax_hist) = plt.subplots(1, 3, figsize=(14, 4))
+    ax_loss.plot(epochs, [r["loss"] for r in records], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_nmi.plot(epochs, [r["nmi"] for r in records], marker="o", label="NMI")
+    ax_nmi.plot(epochs, [r["acc"] for r in records], marker="s", label="ACC")
+    ax_nmi.set(xlabel="epoch", ylim=(0, 1), title="against the true labels")
+    ax_nmi.legend()
+    ax_hist.hist(sizes, bins=min(50, max(len(sizes), 1)))
+    ax_hist.set(xlabel="samples per cluster", ylabel="clusters", title=f"final cluster sizes (C = {len(sizes)})")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(directory) / "summary.png"
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | None = None) -> Iterable[Any]:
+    """A tqdm bar over ``iterable`` when ``enabled``."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)

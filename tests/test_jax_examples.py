@@ -1,0 +1,274 @@
+"""The JAX training examples run end to end on a tiny subset of the demo data.
+
+JAX compile time dominates these tests, so the training runs go through two subprocesses
+started together: one on 1 CPU device (ODC for 2 epochs straight, the same run stopped after
+epoch 1 and resumed, and Self-Classifier for 1 epoch, all in one interpreter so that compiled
+steps are reused) and one on 2 CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=2``,
+ODC and Self-Classifier for a few iterations). Both compile with
+``--xla_backend_optimization_level=0`` (the same programs, compiled several times faster).
+Bad command lines are checked in this process: they stop before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("optax")
+pytest.importorskip("sklearn")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TINY = ["--subset", "16", "--resolution", "16", "--width", "4", "--batch-size", "8", "--no-progress"]
+ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]
+SC_TINY = [*TINY, "--batch-size", "16", "--classes", "4,8", "--hidden-dim", "32", "--local-crops", "1"]
+XLA_FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+# Runs ``[(module, argv, stdout file), ...]`` (JSON in argv[1]) in one interpreter.
+DRIVER = """
+import contextlib, importlib, json, sys
+sys.path.insert(0, sys.argv[2])
+for name, argv, log in json.loads(sys.argv[1]):
+    with open(log, "w") as f, contextlib.redirect_stdout(f):
+        importlib.import_module(name).main(argv)
+"""
+
+
+def script(name: str) -> ModuleType:
+    """An example script imported as a module (``examples/`` on ``sys.path``, as when run)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint(out: Path) -> dict[str, np.ndarray]:
+    with np.load(out / "checkpoint.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _start(runs: list[tuple[str, list[str], Path]], devices: int) -> subprocess.Popen:
+    flags = [XLA_FAST_COMPILE] + ([f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else [])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
+    spec = json.dumps([(name, argv, str(log)) for name, argv, log in runs])
+    return subprocess.Popen([sys.executable, "-c", DRIVER, spec, str(EXAMPLES)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the example runs did not finish in {timeout} s")
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """Every training run of this file, the 1- and 2-device subprocesses side by side.
+
+    Returns ``{run: (run directory, its stdout)}``.
+    """
+    base = tmp_path_factory.mktemp("jax_examples")
+    d = {name: base / name for name in ("odc", "odc_resumed", "sc", "odc_2dev", "sc_2dev")}
+    one = [
+        ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "2", "--out", str(d["odc"])]),
+        ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(d["odc_resumed"])]),
+        ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "2", "--resume", str(d["odc_resumed"] / "checkpoint.npz")]),
+        ("imagenet_selfclassifier_jax", [*SC_TINY, "--epochs", "1", "--out", str(d["sc"])]),
+    ]
+    two = [
+        ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "1", "--out", str(d["odc_2dev"])]),
+        ("imagenet_selfclassifier_jax", [*SC_TINY, "--epochs", "1", "--out", str(d["sc_2dev"])]),
+    ]
+    logs = [base / f"{i}.txt" for i in range(len(one) + len(two))]
+    procs = [_start([(n, a, log) for (n, a), log in zip(one, logs)], 1),
+             _start([(n, a, log) for (n, a), log in zip(two, logs[len(one):])], 2)]
+    for proc in procs:
+        _finish(proc, 300)
+    text = [log.read_text() for log in logs]
+    return {"odc": (d["odc"], text[0]), "odc_stopped": (d["odc_resumed"], text[1]),
+            "odc_resumed": (d["odc_resumed"], text[2]), "sc": (d["sc"], text[3]),
+            "odc_2dev": (d["odc_2dev"], text[4]), "sc_2dev": (d["sc_2dev"], text[5])}
+
+
+def final_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------- model
+@pytest.mark.parametrize(("arch", "want"), [("resnet50", 25_557_032), ("resnet18", 11_689_512)])
+def test_resnet_has_torchvision_parameter_count(arch: str, want: int) -> None:
+    from flax import nnx
+
+    fr = script("flax_resnet")
+    model = nnx.eval_shape(lambda: getattr(fr, arch)(rngs=nnx.Rngs(0), num_classes=1000))  # shapes only
+    assert fr.count_params(model) == want
+
+
+# ---------------------------------------------------------------------------- training runs
+def test_odc_smoke_writes_metrics_plot_and_checkpoint(trained: dict) -> None:
+    out, text = trained["odc"]
+    rows = records(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("loss", "change_ratio", "cluster_size_min", "cluster_size_max", "nmi", "acc", "images_per_s", "fingerprint"):
+        assert key in rows[-1], key
+    assert np.isfinite(rows[-1]["loss"]) and 0 <= rows[-1]["nmi"] <= 1 and rows[-1]["images_per_s"] > 0
+    assert rows[-1]["cluster_size_min"] >= 4  # small-cluster handling keeps every cluster at the minimum
+    assert (out / "summary.png").stat().st_size > 0
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))  # atomic writes leave nothing behind
+    line = final_line(text)
+    assert line.startswith("final ODC") and "NMI" in line and "ACC" in line and "k-means on raw pixels" in line
+    state = checkpoint(out)
+    assert int(state["epoch"]) == 2 and json.loads(str(state["args"]))["clusters"] == 2
+    for prefix in ("params/", "stats/", "opt/", "odc/", "rng/"):
+        assert any(k.startswith(prefix) for k in state), prefix
+    sizes, labels = state["odc/sizes"], state["odc/labels"]
+    np.testing.assert_array_equal(np.bincount(labels, minlength=2), sizes)
+    assert int(state["odc/iteration"]) == 2 * (16 // 8)
+
+
+def test_odc_resume_is_exact(trained: dict) -> None:
+    straight, _ = trained["odc"]
+    resumed, _ = trained["odc_resumed"]
+    assert "epoch 1 " in trained["odc_stopped"][1] and "epoch 2 " not in trained["odc_stopped"][1]
+    assert "epoch 1 " not in trained["odc_resumed"][1]  # it continued with epoch 2
+    a, b = checkpoint(straight), checkpoint(resumed)
+    assert set(a) == set(b)
+    for key in a:
+        if key != "args":
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} differs after resuming")
+    assert [r["epoch"] for r in records(resumed)] == [1, 2]
+    timing = {"images_per_s", "train_seconds", "seconds"}
+    for x, y in zip(records(straight), records(resumed)):
+        assert {k: v for k, v in x.items() if k not in timing} == {k: v for k, v in y.items() if k not in timing}
+
+
+def test_selfclassifier_smoke(trained: dict) -> None:
+    out, text = trained["sc"]
+    (row,) = records(out)
+    assert {"loss", "nmi", "acc", "cluster_size_min", "cluster_size_max", "images_per_s", "lr"} <= set(row)
+    assert np.isfinite(row["loss"]) and 0 < row["loss"] < -np.log(1e-12)
+    assert final_line(text).startswith("final Self-Classifier") and (out / "summary.png").exists()
+    state = checkpoint(out)
+    assert int(state["epoch"]) == 1 and any(k.startswith("opt/") for k in state)
+
+
+def test_two_devices_keep_identical_memories(trained: dict) -> None:
+    out, text = trained["odc_2dev"]
+    assert "2 device(s)" in text
+    prints = {line.split()[1].rstrip(":"): line.split()[-1] for line in text.splitlines() if "ODC memory fingerprint" in line}
+    assert set(prints) == {"cpu:0", "cpu:1"}, text
+    assert prints["cpu:0"] == prints["cpu:1"] == records(out)[-1]["fingerprint"]
+    # the memory saw the global batch of 8 (4 per device) in each of the 2 iterations
+    assert int(checkpoint(out)["odc/iteration"]) == 2
+    sc_out, sc_text = trained["sc_2dev"]
+    assert "2 device(s)" in sc_text and np.isfinite(records(sc_out)[-1]["loss"])
+    # the same data and seeds on one device: the first iteration's loss sees the same global batch
+    one = records(trained["sc"][0])[-1]["loss"]
+    assert records(sc_out)[-1]["loss"] == pytest.approx(one, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------- bad input
+BAD_INPUT = [
+    ("imagenet_odc_jax", ["--data", "/nonexistent/imagenet"], "is not a directory"),
+    ("imagenet_odc_jax", ["--data", "{empty}"], "holds no images"),
+    ("imagenet_odc_jax", ["--data", "{no_images}"], "holds no images"),
+    ("imagenet_odc_jax", ["--clusters", "1000"], "fewer than"),
+    ("imagenet_odc_jax", ["--epochs", "0"], "must be a positive integer"),
+    ("imagenet_odc_jax", ["--batch-size", "-4"], "must be a positive integer"),
+    ("imagenet_odc_jax", ["--width", "0"], "must be a positive integer"),
+    ("imagenet_odc_jax", ["--subset", "5000"], "exceeds the 1797 images"),
+    ("imagenet_odc_jax", ["--subset", "32", "--clusters", "2", "--min-cluster-size", "4", "--batch-size", "64"], "exceeds the 32 images"),
+    ("imagenet_odc_jax", ["--arch", "resnet152"], "invalid choice"),
+    ("imagenet_odc_jax", ["--resume", "{garbage}"], "cannot load"),
+    ("imagenet_selfclassifier_jax", ["--classes", "1,4"], "at least 2 classes"),
+    ("imagenet_selfclassifier_jax", ["--classes", "10,x"], "comma-separated positive integers"),
+    ("imagenet_selfclassifier_jax", ["--resolution", "0"], "must be a positive integer"),
+    ("imagenet_selfclassifier_jax", ["--resume", "/nonexistent/checkpoint.npz"], "no checkpoint file"),
+]
+
+
+@pytest.mark.parametrize(("name", "argv", "message"), BAD_INPUT, ids=[" ".join(c[1]) for c in BAD_INPUT])
+def test_bad_input_is_a_one_line_error(name: str, argv: list[str], message: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_images" / "cat").mkdir(parents=True)
+    (tmp_path / "no_images" / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "garbage").write_bytes(b"not a zip file")
+    argv = [a.format(empty=tmp_path / "empty", no_images=tmp_path / "no_images", garbage=tmp_path / "garbage") for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        script(name).main([*argv, "--no-progress", "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert message in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_other_settings_is_refused(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, _ = trained["odc"]
+    argv = [*ODC_TINY, "--clusters", "3", "--epochs", "3", "--resume", str(out / "checkpoint.npz"), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exc:
+        script("imagenet_odc_jax").main(argv)
+    assert exc.value.code == 2
+    assert "--clusters 2" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- framework-free helpers
+def test_runs_reads_an_image_folder_without_a_framework(tmp_path: Path) -> None:
+    from PIL import Image
+
+    runs = script("runs")
+    for cls, n in (("b_dog", 2), ("a_cat", 3)):
+        (tmp_path / cls / "sub").mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (20 + i, 12), (i * 40, 0, 0)).save(tmp_path / cls / ("sub" if i else "") / f"{i}.PNG")
+    (tmp_path / "a_cat" / "readme.txt").write_text("skipped")
+    data = runs.image_folder(tmp_path)
+    assert len(data) == 5 and data.targets.tolist() == [0, 0, 0, 1, 1]
+    assert all(Path(p).suffix == ".PNG" for p in data.images)
+    square = runs.square_image(data.image(4), 10)
+    assert square.shape == (10, 10, 3) and square.dtype == np.uint8
+    assert data.subset(2).targets.tolist() == [0, 1]
+    jc = script("jax_common")
+    images = jc.Images(data, 8, workers=2)
+    batches = list(images.batches(np.asarray([[4, 0], [1, 2]])))
+    images.close()
+    assert [b[0].tolist() for b in batches] == [[4, 0], [1, 2]] and batches[0][1].shape == (2, 8, 8, 3)
+    source = (EXAMPLES / "runs.py").read_text()  # shared with the torch examples: no framework imports
+    assert not any(f"import {m}" in source or f"from {m}" in source for m in ("torch", "jax", "flax", "optax"))
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
+    runs = script("runs")
+    path = tmp_path / "f.bin"
+    runs.atomic_write(path, lambda f: f.write(b"old"))
+
+    def fail(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        runs.atomic_write(path, fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+    a, b = runs.epoch_order(50, 8, 0, 3), runs.epoch_order(50, 8, 0, 3)
+    assert a.shape == (6, 8) and np.array_equal(a, b) and len(set(a.ravel())) == 48
+    assert not np.array_equal(a, runs.epoch_order(50, 8, 0, 4))
