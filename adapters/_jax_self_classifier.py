@@ -26,11 +26,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from clusterlearn._backend import namespace
 from clusterlearn.self_classifier import (
     Gather,
     _as_float,
-    _check_logits,
+    _call_argument,
+    _check_head,
     _check_positive,
     _parse,
     _prepare,
@@ -191,13 +191,7 @@ def self_classifier_head_loss(
         Mean over the ``4K − 6`` pairs of :func:`clusterlearn.self_classifier.view_pairs`.
     """
     views = list(logits)
-    xp = namespace(**{f"logits[{v}]": x for v, x in enumerate(views)})
-    if len(views) < 2:
-        raise ValueError(f"need at least 2 views, got {len(views)}")
-    for v, x in enumerate(views):
-        _check_logits(f"logits[{v}]", x, xp, min_rows=1 if rows is not None else 2)
-        if x.shape != views[0].shape:
-            raise ValueError(f"views of one head must have the same shape, got {views[0].shape} and {x.shape}")
+    xp = _check_head(views, rows)
     x = _as_float(jnp.stack(views), xp)
     n = x.shape[1]
     span = None if rows is None else rows.indices(n)
@@ -297,19 +291,8 @@ class SelfClassifierLoss:
 
     def __call__(self, *logits: Any) -> jax.Array:
         """Loss of ``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
-        if len(logits) == 1:
-            arg = logits[0]
-        elif len(logits) >= 2:
-            if not all(isinstance(x, jax.Array) for x in logits):
-                raise TypeError(
-                    "pass either two or more view arrays as positional arguments, or a single "
-                    "list of views / list of heads"
-                )
-            arg = list(logits)
-        else:
-            raise ValueError("need at least 2 views, got none")
         return self_classifier_loss(
-            arg,
+            _call_argument(logits),
             row_temperature=self.row_temperature,
             col_temperature=self.col_temperature,
             eps=self.eps,

@@ -51,7 +51,8 @@ from clusterlearn._backend import namespace
 from clusterlearn.self_classifier import (
     Gather,
     _as_float,
-    _check_logits,
+    _call_argument,
+    _check_head,
     _check_positive,
     _parse,
     _prepare,
@@ -302,13 +303,7 @@ def self_classifier_head_loss(
         equal to the core's loss of this head.
     """
     views = list(logits.unbind(0) if isinstance(logits, torch.Tensor) and logits.ndim == 3 else logits)
-    xp = namespace(**{f"logits[{v}]": x for v, x in enumerate(views)})
-    if len(views) < 2:
-        raise ValueError(f"need at least 2 views, got {len(views)}")
-    for v, x in enumerate(views):
-        _check_logits(f"logits[{v}]", x, xp, min_rows=1 if rows is not None else 2)
-        if x.shape != views[0].shape:
-            raise ValueError(f"views of one head must have the same shape, got {tuple(views[0].shape)} and {tuple(x.shape)}")
+    xp = _check_head(views, rows)
     dtype = functools.reduce(torch.promote_types, [x.dtype for x in views])
     views = [_as_float(x.to(dtype), xp) for x in views]
     n = views[0].shape[0]
@@ -382,18 +377,7 @@ class SelfClassifierLoss(torch.nn.Module):
 
     def forward(self, *logits: Any) -> torch.Tensor:
         """``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
-        if len(logits) == 1:
-            arg = logits[0]
-        elif len(logits) >= 2:
-            if not all(isinstance(x, torch.Tensor) for x in logits):
-                raise TypeError(
-                    "pass either two or more view tensors as positional arguments, or a single "
-                    "list of views / list of heads"
-                )
-            arg = list(logits)
-        else:
-            raise ValueError("need at least 2 views, got none")
-        heads, names = _parse(arg)
+        heads, names = _parse(_call_argument(logits))
         xp = namespace(**{names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)})
         if not all(isinstance(x, torch.Tensor) for views in heads for x in views):
             raise TypeError(f"SelfClassifierLoss (torch) needs torch tensors, got {xp.__name__} arrays")

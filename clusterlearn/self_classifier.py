@@ -621,6 +621,23 @@ def self_classifier_loss(
     )
 
 
+def _check_head(views: Sequence[Array], rows: slice | None) -> ModuleType:
+    """Check the K views of one head for the adapters' per-head losses; return their namespace.
+
+    ``rows`` not None (a gathered global batch) allows a single row per process.
+    """
+    xp = namespace(**{f"logits[{v}]": x for v, x in enumerate(views)})
+    if len(views) < 2:
+        raise ValueError(f"need at least 2 views, got {len(views)}")
+    for v, x in enumerate(views):
+        _check_logits(f"logits[{v}]", x, xp, min_rows=1 if rows is not None else 2)
+        if tuple(x.shape) != tuple(views[0].shape):
+            raise ValueError(
+                f"views of one head must have the same shape, got {tuple(views[0].shape)} and {tuple(x.shape)}"
+            )
+    return xp
+
+
 def _prepare(
     heads: list[list[Array]],
     names: list[list[str]],
@@ -707,6 +724,23 @@ def _loss(
     return out
 
 
+def _call_argument(logits: tuple[Any, ...]) -> Any:
+    """The ``logits`` argument from a loss object's positional arguments.
+
+    ``criterion(v0, v1, ...)`` (two or more arrays) or ``criterion(views_or_heads)`` (one list).
+    """
+    if len(logits) == 1:
+        return logits[0]
+    if len(logits) >= 2:
+        if not all(aac.is_array_api_obj(x) for x in logits):
+            raise TypeError(
+                "pass either two or more view arrays as positional arguments, or a single "
+                "list of views / list of heads"
+            )
+        return list(logits)
+    raise ValueError("need at least 2 views, got none")
+
+
 class SelfClassifierLoss:
     """Self-Classifier loss: a callable over two or more views and one or more heads.
 
@@ -780,19 +814,8 @@ class SelfClassifierLoss:
 
     def __call__(self, *logits: Any) -> Array:
         """Loss of ``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
-        if len(logits) == 1:
-            arg = logits[0]
-        elif len(logits) >= 2:
-            if not all(aac.is_array_api_obj(x) for x in logits):
-                raise TypeError(
-                    "pass either two or more view arrays as positional arguments, or a single "
-                    "list of views / list of heads"
-                )
-            arg = list(logits)
-        else:
-            raise ValueError("need at least 2 views, got none")
         return self_classifier_loss(
-            arg,
+            _call_argument(logits),
             row_temperature=self.row_temperature,
             col_temperature=self.col_temperature,
             eps=self.eps,
