@@ -1,7 +1,8 @@
 """Clustering quality of the three PyTorch examples on the digits demo data, at an equal CPU budget.
 
-Each example (ODC, DeepCluster, Self-Classifier; demo defaults: ResNet-18, 10 clusters, or
-heads of 10/20/40/80 classes scored on the first) runs as its own process with the same
+Each example (ODC, DeepCluster, Self-Classifier; demo defaults: 16×16 digits, half-width
+ResNet-18 with the small-image stem, 10 clusters, or heads of 10/20/40/80 classes scored on
+the first) runs as its own process with the same
 number of torch threads and is stopped when its wall-clock budget is spent; the scores are
 those of its last finished epoch, read from its ``metrics.jsonl``. The schedules are planned
 for ``--epochs`` (more than fit in the budget), so the learning rate never decays. The

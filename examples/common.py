@@ -127,7 +127,15 @@ def add_common_arguments(parser: PresetParser) -> None:
                         help="stop after this epoch (the schedule still plans --epochs; continue with --resume)")
     parser.add_preset("--batch-size", type=positive_int, help="global batch, split evenly over the processes")
     parser.add_preset("--arch", choices=ARCHS, help="torchvision ResNet, randomly initialised")
-    parser.add_preset("--resolution", type=positive_int, help="training crop size in pixels")
+    parser.add_preset("--resolution", type=positive_int, help="training crop size in pixels (up to "
+                      f"{SMALL_INPUT_MAX}: the 3×3 stride-1 stem without max-pool)")
+    parser.add_preset("--width", type=positive_int, help="channels of the ResNet's stem and first stage "
+                      "(torchvision's: 64; later stages double it)")
+    parser.add_preset("--flip", action=argparse.BooleanOptionalAction,
+                      help="random horizontal flips (off for digits: a flip changes what they show)")
+    parser.add_preset("--colour", action=argparse.BooleanOptionalAction,
+                      help="saturation/hue jitter and random greyscale of ODC and Self-Classifier (DeepCluster has none; "
+                      "no-ops on grey images)")
     parser.add_preset("--workers", type=non_negative_int, help="data-loading processes per training process")
     parser.add_argument("--subset", type=positive_int, metavar="N",
                         help="train on N images spread evenly over the data (smoke tests, quick looks)")
@@ -304,21 +312,49 @@ def small_input(resolution: int) -> bool:
     return resolution <= SMALL_INPUT_MAX
 
 
-def backbone(arch: str, small_input: bool = False) -> tuple[nn.Module, int]:
+class _WideResNet(torchvision.models.resnet.ResNet):
+    """torchvision's ResNet with every stage's width scaled by ``width / 64`` (64 = torchvision's)."""
+
+    def __init__(self, block: type[nn.Module], layers: list[int], width: int) -> None:
+        self._width = width
+        super().__init__(block, layers)  # its _make_layer calls below see self._width
+
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        if planes == 64:  # the first stage: the stem's output is `width` channels wide
+            self.inplanes = self._width
+        return super()._make_layer(block, planes * self._width // 64, blocks, stride, dilate)
+
+
+_BLOCKS = {"resnet18": ("BasicBlock", [2, 2, 2, 2]), "resnet34": ("BasicBlock", [3, 4, 6, 3]),
+           "resnet50": ("Bottleneck", [3, 4, 6, 3]), "resnet101": ("Bottleneck", [3, 4, 23, 3]),
+           "resnet152": ("Bottleneck", [3, 8, 36, 3])}
+
+
+def backbone(arch: str, small_input: bool = False, width: int = 64) -> tuple[nn.Module, int]:
     """A randomly initialised torchvision ResNet without its classifier, and its feature width.
 
     ``weights=None``: nothing is ever downloaded. ``small_input``: the 3×3 stride-1 stem
-    without max-pool (CIFAR-style), so the first block sees the full resolution; the rest of
-    the network is torchvision's. Output: (B, width) pooled features.
+    without max-pool (CIFAR-style), so the first block sees the full resolution. ``width``:
+    channels of the stem and first stage (torchvision: 64; the later stages double it as
+    usual), e.g. 32 for a network four times cheaper. Output: (B, features) pooled features.
     """
-    net = torchvision.models.get_model(arch, weights=None)
+    if width == 64:
+        net = torchvision.models.get_model(arch, weights=None)
+    else:
+        block, layers = _BLOCKS[arch]
+        net = _WideResNet(getattr(torchvision.models.resnet, block), layers, width)
     if small_input:
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's
+        net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
-    width = net.fc.in_features
+    elif width != 64:
+        net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    if small_input or width != 64:
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's
+        net.bn1 = nn.BatchNorm2d(width)
+    features = net.fc.in_features * width // 64
     net.fc = nn.Identity()
-    return net, width
+    return net, features
 
 
 # ---------------------------------------------------------------------------- distributed

@@ -6,8 +6,9 @@ the paper's AlexNet, and no Sobel filter)::
 
     torchrun --nproc_per_node=8 examples/imagenet_deepcluster_torch.py --data /path/to/imagenet/train
 
-The demo (no --data): scikit-learn's 1797 digits upscaled to 16×16 RGB, ResNet-18, 10
-clusters, a few epochs on the CPU::
+The demo (no --data): scikit-learn's 1797 digits upscaled to 16×16 RGB, a half-width ResNet-18
+(32 channels in the first stage) with the small-image stem, no flips, 10 clusters, a few
+epochs on the CPU::
 
     python examples/imagenet_deepcluster_torch.py
 
@@ -36,9 +37,9 @@ from clusterlearn.deepcluster import DeepClusterLabeler
 METHOD = "deepcluster"
 PRESETS = {
     "imagenet": {"epochs": 500, "batch_size": 256, "arch": "resnet50", "resolution": 224, "workers": 8,
-                 "clusters": 10_000, "pca_dim": 256, "lr": 0.05, "min_scale": 0.08},
+                 "width": 64, "flip": True, "colour": True, "clusters": 10_000, "pca_dim": 256, "lr": 0.05, "min_scale": 0.08},
     "demo": {"epochs": 15, "batch_size": 64, "arch": "resnet18", "resolution": 16, "workers": 0,
-             "clusters": 10, "pca_dim": 32, "lr": 0.05, "min_scale": 0.5},
+             "width": 32, "flip": False, "colour": False, "clusters": 10, "pca_dim": 32, "lr": 0.05, "min_scale": 0.5},
 }
 
 
@@ -57,17 +58,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     return parser, parser.parse_args(argv)
 
 
-def augmentation(resolution: int, min_scale: float) -> T.Compose:
-    """DeepCluster's training augmentation: random resized crop and horizontal flip."""
-    return T.Compose([T.RandomResizedCrop(resolution, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(), common.normalize()])
+def augmentation(resolution: int, min_scale: float, flip: bool = True) -> T.Compose:
+    """DeepCluster's training augmentation: random resized crop and (unless ``flip=False``) horizontal flip."""
+    return T.Compose([T.RandomResizedCrop(resolution, scale=(min_scale, 1.0)),
+                      *([T.RandomHorizontalFlip()] if flip else []), common.normalize()])
 
 
 class DeepClusterNet(nn.Module):
     """Backbone (pooled features, what k-means clusters) and the k-way top layer."""
 
-    def __init__(self, arch: str, num_clusters: int) -> None:
+    def __init__(self, arch: str, num_clusters: int, small_input: bool = False, base_width: int = 64) -> None:
         super().__init__()
-        self.backbone, width = common.backbone(arch)
+        self.backbone, width = common.backbone(arch, small_input, base_width)
         self.top = nn.Linear(width, num_clusters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,8 +141,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     n = len(data)
     sampler = clt.UniformClusterSampler(torch.zeros(n, dtype=torch.int64), n, seed=args.seed,
                                         num_replicas=ctx.world_size, rank=ctx.rank)  # labels set each epoch
-    train_loader, eval_loader = common.loaders(parser, args, data, augmentation(args.resolution, args.min_scale), ctx, sampler)
-    net = DeepClusterNet(args.arch, args.clusters).to(ctx.device)
+    train_loader, eval_loader = common.loaders(parser, args, data, augmentation(args.resolution, args.min_scale, args.flip), ctx, sampler)
+    net = DeepClusterNet(args.arch, args.clusters, common.small_input(args.resolution), args.width).to(ctx.device)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     labeler = DeepClusterLabeler(args.clusters, pca_dim=args.pca_dim, n_iter=args.kmeans_iters, seed=args.seed,
                                  backend=args.kmeans_backend)

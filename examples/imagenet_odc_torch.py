@@ -5,8 +5,9 @@ SGD lr 0.03, 400 epochs; 8 GPUs)::
 
     torchrun --nproc_per_node=8 examples/imagenet_odc_torch.py --data /path/to/imagenet/train
 
-The demo (no --data): scikit-learn's 1797 digits upscaled to 16×16 RGB, ResNet-18, 10
-clusters, a few epochs on the CPU::
+The demo (no --data): scikit-learn's 1797 digits upscaled to 16×16 RGB, a half-width ResNet-18
+(32 channels in the first stage) with the small-image stem, no flips or hue/saturation
+jitter, 10 clusters, 20 epochs on the CPU::
 
     python examples/imagenet_odc_torch.py
 
@@ -35,9 +36,9 @@ METHOD = "odc"
 FEAT_DIM = 256
 PRESETS = {
     "imagenet": {"epochs": 400, "batch_size": 512, "arch": "resnet50", "resolution": 224, "workers": 8,
-                 "clusters": 10_000, "lr": 0.03, "lr_steps": [360], "min_scale": 0.08},
+                 "width": 64, "flip": True, "colour": True, "clusters": 10_000, "lr": 0.03, "lr_steps": [360], "min_scale": 0.08},
     "demo": {"epochs": 20, "batch_size": 64, "arch": "resnet18", "resolution": 16, "workers": 0,
-             "clusters": 10, "lr": 0.03, "lr_steps": [16], "min_scale": 0.5},
+             "width": 32, "flip": False, "colour": False, "clusters": 10, "lr": 0.03, "lr_steps": [16], "min_scale": 0.5},
 }
 
 
@@ -59,14 +60,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     return parser, parser.parse_args(argv)
 
 
-def augmentation(resolution: int, min_scale: float) -> T.Compose:
-    """ODC's augmentation: random resized crop, flip, rotation ±2°, colour jitter, grey p = 0.2."""
+def augmentation(resolution: int, min_scale: float, flip: bool = True, colour: bool = True) -> T.Compose:
+    """ODC's augmentation: random resized crop, flip, rotation ±2°, colour jitter, grey p = 0.2.
+
+    ``flip=False`` drops the flip; ``colour=False`` keeps only brightness and contrast jitter.
+    """
     return T.Compose([
         T.RandomResizedCrop(resolution, scale=(min_scale, 1.0)),
-        T.RandomHorizontalFlip(),
+        *([T.RandomHorizontalFlip()] if flip else []),
         T.RandomRotation(2),
-        T.ColorJitter(brightness=0.4, contrast=0.4, saturation=1.0, hue=0.5),
-        T.RandomGrayscale(p=0.2),
+        T.ColorJitter(brightness=0.4, contrast=0.4, **({"saturation": 1.0, "hue": 0.5} if colour else {})),
+        *([T.RandomGrayscale(p=0.2)] if colour else []),
         common.normalize(),
     ])
 
@@ -74,9 +78,9 @@ def augmentation(resolution: int, min_scale: float) -> T.Compose:
 class ODCNet(nn.Module):
     """Backbone, ODC's non-linear neck (width → width → 256) and the C-way linear head."""
 
-    def __init__(self, arch: str, num_clusters: int) -> None:
+    def __init__(self, arch: str, num_clusters: int, small_input: bool = False, base_width: int = 64) -> None:
         super().__init__()
-        self.backbone, width = common.backbone(arch)
+        self.backbone, width = common.backbone(arch, small_input, base_width)
         self.neck = clt.ODCNeck(width, width, FEAT_DIM)
         self.head = clt.ODCHead(FEAT_DIM, num_clusters)
 
@@ -130,8 +134,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         ckpt: dict[str, Any] | None, ctx: common.DistContext) -> None:
     """Initialise (or resume), train, log, checkpoint and plot."""
     common.seed_everything(args.seed, ctx)
-    train_loader, eval_loader = common.loaders(parser, args, data, augmentation(args.resolution, args.min_scale), ctx)
-    net = ODCNet(args.arch, args.clusters).to(ctx.device)
+    train_loader, eval_loader = common.loaders(parser, args, data, augmentation(args.resolution, args.min_scale, args.flip, args.colour), ctx)
+    net = ODCNet(args.arch, args.clusters, common.small_input(args.resolution), args.width).to(ctx.device)
     common.broadcast_module(net, ctx)  # ranks seed differently: extract the initial features with rank 0's net
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     steps = sorted(args.lr_steps)

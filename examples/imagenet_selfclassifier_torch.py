@@ -8,8 +8,9 @@ epochs; the paper's nearest-neighbour augmentation is not implemented)::
 
     torchrun --nproc_per_node=8 examples/imagenet_selfclassifier_torch.py --data /path/to/imagenet/train
 
-The demo (no --data): scikit-learn's 1797 digits upscaled to small RGB images, ResNet-18, heads
-of 10 / 20 / 40 / 80 classes, a few epochs on the CPU::
+The demo (no --data): scikit-learn's 1797 digits upscaled to 16×16 RGB, a half-width ResNet-18
+(32 channels in the first stage) with the small-image stem, no flips or hue/saturation
+jitter, heads of 10 / 20 / 40 / 80 classes, a few epochs on the CPU::
 
     python examples/imagenet_selfclassifier_torch.py
 
@@ -38,10 +39,10 @@ from clusterlearn.adapters import torch as clt
 METHOD = "selfclassifier"
 PRESETS = {
     "imagenet": {"epochs": 800, "batch_size": 4096, "arch": "resnet50", "resolution": 224, "workers": 8,
-                 "classes": [1000, 2000, 4000, 8000], "hidden_dim": 4096, "proj_layers": 3, "local_crops": 6,
+                 "width": 64, "flip": True, "colour": True, "classes": [1000, 2000, 4000, 8000], "hidden_dim": 4096, "proj_layers": 3, "local_crops": 6,
                  "base_lr": 0.3, "warmup_epochs": 10},
     "demo": {"epochs": 15, "batch_size": 128, "arch": "resnet18", "resolution": 16, "workers": 0,
-             "classes": [10, 20, 40, 80], "hidden_dim": 512, "proj_layers": 2, "local_crops": 0,
+             "width": 32, "flip": False, "colour": False, "classes": [10, 20, 40, 80], "hidden_dim": 512, "proj_layers": 2, "local_crops": 0,
              "base_lr": 0.3, "warmup_epochs": 1},
 }
 
@@ -66,14 +67,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     return parser, args
 
 
-def view_transform(size: int, scale: tuple[float, float], blur: float, solarize: float) -> T.Compose:
-    """One BYOL-style view: crop, flip, colour jitter (p 0.8), grey (p 0.2), blur, solarisation."""
+def view_transform(size: int, scale: tuple[float, float], blur: float, solarize: float,
+                   flip: bool = True, colour: bool = True) -> T.Compose:
+    """One BYOL-style view: crop, flip, colour jitter (p 0.8), grey (p 0.2), blur, solarisation.
+
+    ``flip=False`` drops the flip; ``colour=False`` keeps only brightness and contrast jitter.
+    """
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, about a tenth of the crop (23 at 224)
     return T.Compose([
         T.RandomResizedCrop(size, scale=scale),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
+        *([T.RandomHorizontalFlip()] if flip else []),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, *((0.2, 0.1) if colour else ()))], p=0.8),
+        *([T.RandomGrayscale(p=0.2)] if colour else []),
         T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur),
         T.RandomSolarize(128, p=solarize),
         common.normalize(),
@@ -83,12 +88,12 @@ def view_transform(size: int, scale: tuple[float, float], blur: float, solarize:
 class MultiCrop:
     """Two global views (blur p 1.0 / 0.1, solarise p 0 / 0.2) and ``local`` small views (blur p 0.5)."""
 
-    def __init__(self, resolution: int, local: int) -> None:
+    def __init__(self, resolution: int, local: int, flip: bool = True, colour: bool = True) -> None:
         small = max(8, round(resolution * 96 / 224))
         self.views: list[Callable[[Image.Image], torch.Tensor]] = [
-            view_transform(resolution, (0.14, 1.0), 1.0, 0.0),
-            view_transform(resolution, (0.14, 1.0), 0.1, 0.2),
-            *[view_transform(small, (0.05, 0.14), 0.5, 0.0)] * local,
+            view_transform(resolution, (0.14, 1.0), 1.0, 0.0, flip, colour),
+            view_transform(resolution, (0.14, 1.0), 0.1, 0.2, flip, colour),
+            *[view_transform(small, (0.05, 0.14), 0.5, 0.0, flip, colour)] * local,
         ]
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
@@ -98,9 +103,10 @@ class MultiCrop:
 class SelfClassifierNet(nn.Module):
     """Backbone and the adapter's projection + heads; ``forward(views)`` gives per-head lists of per-view logits."""
 
-    def __init__(self, arch: str, classes: list[int], hidden_dim: int, out_dim: int, layers: int) -> None:
+    def __init__(self, arch: str, classes: list[int], hidden_dim: int, out_dim: int, layers: int,
+                 small_input: bool = False, base_width: int = 64) -> None:
         super().__init__()
-        self.backbone, width = common.backbone(arch)
+        self.backbone, width = common.backbone(arch, small_input, base_width)
         self.head = clt.SelfClassifierHead(width, hidden_dim, out_dim, classes, num_layers=layers)
 
     def forward(self, views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -211,8 +217,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         ckpt: dict[str, Any] | None, ctx: common.DistContext) -> None:
     """Train (or resume), log, checkpoint and plot."""
     common.seed_everything(args.seed, ctx)
-    train_loader, eval_loader = common.loaders(parser, args, data, MultiCrop(args.resolution, args.local_crops), ctx)
-    net = SelfClassifierNet(args.arch, args.classes, args.hidden_dim, args.out_dim, args.proj_layers)
+    train_loader, eval_loader = common.loaders(parser, args, data, MultiCrop(args.resolution, args.local_crops, args.flip, args.colour), ctx)
+    net = SelfClassifierNet(args.arch, args.classes, args.hidden_dim, args.out_dim, args.proj_layers,
+                            common.small_input(args.resolution), args.width)
     if ctx.device.type == "cuda" and ctx.world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net.to(ctx.device)

@@ -187,3 +187,18 @@ def test_rng_state_survives_a_weights_only_checkpoint(tmp_path: Path) -> None:
     common.set_rng_state(load(path)["rng"])
     assert (random.random(), random.gauss(0, 1), np.random.normal(), float(torch.rand(()))) == want
     assert [p.name for p in tmp_path.iterdir()] == ["rng.pt"]
+
+
+@pytest.mark.parametrize("width", [64, 16])
+def test_small_input_stem_keeps_the_resolution(width: int) -> None:
+    common = script("common")
+    assert common.small_input(32) and not common.small_input(64) and not common.small_input(224)
+    x = torch.randn(2, 3, 16, 16)
+    for small, stem_out in ((True, 16), (False, 4)):  # ImageNet stem: 7×7/2 conv and 3×3/2 max-pool
+        net, features = common.backbone("resnet18", small_input=small, width=width)
+        stem = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        assert stem.shape == (2, width, stem_out, stem_out)
+        assert net.layer1(stem).shape[-1] == stem_out  # the first block sees the full 16×16 with the small stem
+        assert net(x).shape == (2, features) and features == 8 * width
+    big, features = common.backbone("resnet50", width=width)
+    assert features == 32 * width and big(torch.randn(1, 3, 64, 64)).shape == (1, features)
