@@ -1,9 +1,11 @@
 """Shared parts of the PyTorch training examples (ODC, DeepCluster, Self-Classifier).
 
-Data (an ImageFolder tree or the embedded digits demo), the command line with ImageNet and
-demo presets, ``torch.distributed`` set-up, the run directory with its ``metrics.jsonl`` and
-summary plot, atomic checkpoints that load with ``torch.load(weights_only=True)``, and the RNG
-state that makes ``--resume`` continue bit-exactly on CPU.
+The framework-free parts (data, command line with ImageNet and demo presets, run directory
+with its ``metrics.jsonl`` and summary plot, scores) live in :mod:`runs`, shared with the JAX
+examples, and are re-exported here. This module adds what needs torch: the data loaders and
+torchvision transforms, the ResNet backbone, ``torch.distributed`` set-up, atomic checkpoints
+that load with ``torch.load(weights_only=True)``, and the RNG state that makes ``--resume``
+continue bit-exactly on CPU.
 
 The scripts import it as ``import common`` (``python examples/x.py`` puts ``examples/`` on
 ``sys.path``).
@@ -12,14 +14,9 @@ The scripts import it as ``import common`` (``python examples/x.py`` puts ``exam
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import math
 import os
 import random
-import sys
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,103 +29,40 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import clusterlearn as cl
-from clusterlearn import metrics
+import runs
+from runs import (  # noqa: F401  (re-exported for the scripts)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageData,
+    MetricsLog,
+    PresetParser,
+    args_record,
+    cluster_scores,
+    epoch_line,
+    final_line,
+    format_value,
+    non_negative_int,
+    open_data,
+    pixel_kmeans_scores,
+    plot_run,
+    positive_float,
+    positive_int,
+    positive_int_list,
+    progress,
+    run_dir,
+    size_stats,
+    unit_float,
+)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CHECKPOINT = "checkpoint.pt"
-# Options a resumed run may change; any other difference from the checkpoint's is refused.
-RESUMABLE_CHANGES = {"resume", "out", "epochs", "stop_after", "workers", "progress"}
 
 
 # ---------------------------------------------------------------------------- command line
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def unit_float(text: str) -> float:
-    """argparse type: a float in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def positive_int_list(text: str) -> list[int]:
-    """argparse type: comma-separated positive integers, e.g. ``1000,2000``."""
-    try:
-        return [positive_int(part) for part in text.split(",")]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text}") from err
-
-
-class PresetParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose options can default to an ImageNet or a demo preset.
-
-    :meth:`add_preset` options stay ``None`` when not given; :meth:`parse_args` fills them
-    from ``presets["imagenet"]`` when ``--data`` is given, else from ``presets["demo"]``.
-    """
-
-    def __init__(self, presets: dict[str, dict[str, Any]], **kwargs: Any) -> None:
-        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-        self.presets = presets
-
-    def add_preset(self, flag: str, *, help: str, **kwargs: Any) -> None:
-        """Add an option whose default comes from the presets (shown in ``--help``)."""
-        key = flag.lstrip("-").replace("-", "_")
-        shown = {name: format_value(values[key]) for name, values in self.presets.items()}
-        self.add_argument(flag, default=None, help=f"{help} (default: ImageNet {shown['imagenet']}, demo {shown['demo']})", **kwargs)
-
-    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
-        parsed = super().parse_args(args, namespace)
-        preset = self.presets["imagenet" if parsed.data is not None else "demo"]
-        for key, value in preset.items():
-            if getattr(parsed, key) is None:
-                setattr(parsed, key, value)
-        return parsed
-
-
-def format_value(value: Any) -> str:
-    """A preset value for help texts and messages: lists as comma-separated items."""
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
 
 def add_common_arguments(parser: PresetParser) -> None:
-    """Data, run directory, resumption, network and loader options shared by the three scripts."""
-    parser.add_argument("--data", type=Path, help="ImageFolder tree (ImageNet layout: one folder per class); "
-                        "without it: the embedded digits demo (scikit-learn's load_digits)")
-    parser.add_argument("--out", type=Path, help="run directory (default: runs/<method>-<timestamp>, or the "
-                        "checkpoint's directory with --resume)")
-    parser.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue from this checkpoint.pt")
-    parser.add_preset("--epochs", type=positive_int, help="total training epochs")
-    parser.add_argument("--stop-after", type=positive_int, metavar="EPOCH",
-                        help="stop after this epoch (the schedule still plans --epochs; continue with --resume)")
-    parser.add_preset("--batch-size", type=positive_int, help="global batch, split evenly over the processes")
-    parser.add_preset("--arch", choices=ARCHS, help="torchvision ResNet, randomly initialised")
-    parser.add_preset("--resolution", type=positive_int, help="training crop size in pixels (up to "
-                      f"{SMALL_INPUT_MAX}: the 3×3 stride-1 stem without max-pool)")
+    """The options shared with the JAX examples, plus the torch backbone's and augmentations'."""
+    runs.add_common_arguments(parser, ARCHS, workers_help="data-loading processes per training process")
     parser.add_preset("--width", type=positive_int, help="channels of the ResNet's stem and first stage "
                       "(torchvision's: 64; later stages double it)")
     parser.add_preset("--flip", action=argparse.BooleanOptionalAction,
@@ -136,126 +70,22 @@ def add_common_arguments(parser: PresetParser) -> None:
     parser.add_preset("--colour", action=argparse.BooleanOptionalAction,
                       help="saturation/hue jitter and random greyscale of ODC and Self-Classifier (DeepCluster has none; "
                       "no-ops on grey images)")
-    parser.add_preset("--workers", type=non_negative_int, help="data-loading processes per training process")
-    parser.add_argument("--subset", type=positive_int, metavar="N",
-                        help="train on N images spread evenly over the data (smoke tests, quick looks)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of everything (default: 0)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="tqdm progress bars on rank 0 (default: on)")
 
 
 # ---------------------------------------------------------------------------- data
-class ArrayImages:
-    """A sequence of RGB PIL images backed by an (N, H, W, 3) uint8 array."""
-
-    def __init__(self, pixels: np.ndarray) -> None:
-        self.pixels = pixels
-
-    def __len__(self) -> int:
-        return self.pixels.shape[0]
-
-    def __getitem__(self, i: int) -> Image.Image:
-        return Image.fromarray(self.pixels[i])
-
-    def take(self, indices: np.ndarray) -> ArrayImages:
-        """The images at ``indices``."""
-        return ArrayImages(self.pixels[indices])
-
-
-class FolderImages:
-    """A sequence of RGB PIL images read from files on access."""
-
-    def __init__(self, paths: list[str]) -> None:
-        self.paths = paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> Image.Image:
-        return torchvision.datasets.folder.default_loader(self.paths[i])
-
-    def take(self, indices: np.ndarray) -> FolderImages:
-        """The images at ``indices``."""
-        return FolderImages([self.paths[i] for i in indices])
-
-
-@dataclass(frozen=True)
-class ImageData:
-    """Images with their true class labels (for metrics only; training never sees them).
-
-    ``pixels`` holds flat raw pixel vectors for the k-means baseline where that is affordable
-    (the demo data), else ``None``.
-    """
-
-    name: str
-    images: ArrayImages | FolderImages
-    targets: np.ndarray
-    pixels: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def subset(self, n: int) -> ImageData:
-        """``n`` images spread evenly over the data (so every class of a sorted tree appears)."""
-        idx = np.linspace(0, len(self) - 1, n).round().astype(np.int64)
-        pixels = None if self.pixels is None else self.pixels[idx]
-        return ImageData(f"{self.name} (subset of {n})", self.images.take(idx), self.targets[idx], pixels)
-
-
-def demo_digits(resolution: int) -> ImageData:
-    """scikit-learn's 1797 handwritten digits (8×8, 16 grey levels) as RGB images of ``resolution``²."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    small = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    big = np.stack([np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BILINEAR)) for im in small])
-    rgb = np.repeat(big[..., None], 3, axis=-1)
-    return ImageData("digits (demo)", ArrayImages(rgb), digits.target.astype(np.int64), digits.data.astype(np.float32))
-
-
-def image_folder(root: Path) -> ImageData:
-    """An ImageFolder tree; raises ``ValueError`` when it is missing or holds no image."""
-    if not root.is_dir():
-        raise ValueError(f"{root} is not a directory")
-    try:
-        folder = torchvision.datasets.ImageFolder(str(root))
-    except FileNotFoundError as err:
-        raise ValueError(f"{root} holds no images in class folders ({err})") from err
-    paths = [path for path, _ in folder.samples]
-    return ImageData(f"ImageFolder {root}", FolderImages(paths), np.asarray(folder.targets, dtype=np.int64))
-
-
-def open_data(parser: argparse.ArgumentParser, args: argparse.Namespace, min_images: int) -> ImageData:
-    """The data of ``--data`` (or the demo), cut to ``--subset``; ``parser.error`` on bad input.
-
-    ``min_images`` is the smallest data set the method can use (e.g. its cluster count).
-    """
-    try:
-        data = image_folder(args.data) if args.data is not None else demo_digits(args.resolution)
-    except ValueError as err:
-        parser.error(f"--data: {err}")
-    if args.subset is not None:
-        if args.subset > len(data):
-            parser.error(f"--subset {args.subset} exceeds the {len(data)} images of {data.name}")
-        data = data.subset(args.subset)
-    if len(data) < min_images:
-        parser.error(f"{data.name} has {len(data)} images, fewer than the {min_images} this run needs "
-                     "(lower the number of clusters)")
-    return data
-
 
 class IndexedImages(Dataset):
     """``(transform(image), dataset index)`` pairs: the methods address samples by index."""
 
-    def __init__(self, images: ArrayImages | FolderImages, transform: Callable[[Image.Image], Any]) -> None:
-        self.images = images
+    def __init__(self, data: ImageData, transform: Callable[[Image.Image], Any]) -> None:
+        self.data = data
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.data)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        return self.transform(self.images[i]), i
+        return self.transform(self.data.image(i)), i
 
 
 def normalize() -> torchvision.transforms.Compose:
@@ -289,12 +119,12 @@ def loaders(
     per_rank = args.batch_size // ctx.world_size
     if per_rank * ctx.world_size > len(data):
         parser.error(f"--batch-size {args.batch_size} exceeds the {len(data)} images")
-    train_set = IndexedImages(data.images, train_transform)
+    train_set = IndexedImages(data, train_transform)
     if train_sampler is None:
         train_sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed)
     common = {"num_workers": args.workers, "pin_memory": ctx.device.type == "cuda"}
     train = DataLoader(train_set, per_rank, sampler=train_sampler, drop_last=True, **common)
-    eval_set = IndexedImages(data.images, eval_transform(args.resolution))
+    eval_set = IndexedImages(data, eval_transform(args.resolution))
     ordered = DistributedSampler(eval_set, ctx.world_size, ctx.rank, shuffle=False)
     return train, DataLoader(eval_set, per_rank, sampler=ordered, **common)
 
@@ -487,23 +317,14 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
     A crash mid-write leaves the previous checkpoint intact.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    runs.atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any] | None:
     """The ``--resume`` checkpoint (``weights_only=True``, on the CPU), or None without ``--resume``.
 
     ``parser.error`` if it is unreadable or was trained with other settings than this run's
-    (only the options in ``RESUMABLE_CHANGES`` may differ).
+    (only the options in ``runs.RESUMABLE_CHANGES`` may differ).
     """
     if args.resume is None:
         return None
@@ -513,132 +334,7 @@ def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         state = torch.load(args.resume, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors have many types
         parser.error(f"--resume: cannot load {args.resume}: {type(err).__name__}: {str(err).splitlines()[0]}")
-    mine = args_record(args)
-    differ = sorted(k for k in set(mine) | set(state["args"]) if k not in RESUMABLE_CHANGES and mine.get(k) != state["args"].get(k))
-    if differ:
-        was = ", ".join(f"--{k.replace('_', '-')} {state['args'].get(k)}" for k in differ)
-        parser.error(f"--resume: the checkpoint was trained with {was}; pass the same settings")
+    mismatch = runs.resume_mismatch(state["args"], args)
+    if mismatch:
+        parser.error(f"--resume: {mismatch}")
     return state
-
-
-def args_record(args: argparse.Namespace) -> dict[str, Any]:
-    """The options as plain JSON/``weights_only``-safe values (paths as strings)."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
-
-# ---------------------------------------------------------------------------- run directory
-def run_dir(args: argparse.Namespace, method: str) -> Path:
-    """``--out``, else the checkpoint's directory when resuming, else ``runs/<method>-<timestamp>``."""
-    if args.out is not None:
-        return args.out
-    if args.resume is not None:
-        return args.resume.parent
-    return Path("runs") / f"{method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-
-
-class MetricsLog:
-    """Appends one JSON object per epoch to ``<dir>/metrics.jsonl`` (rank 0 only writes).
-
-    A fresh run (``resumed=False``) starts the file anew; a resumed one appends to it.
-    """
-
-    def __init__(self, directory: Path, enabled: bool, resumed: bool) -> None:
-        self.path = directory / "metrics.jsonl"
-        self.enabled = enabled
-        if enabled:
-            directory.mkdir(parents=True, exist_ok=True)
-            if not resumed:
-                self.path.unlink(missing_ok=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` (numbers, strings, lists)."""
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def read(self) -> list[dict[str, Any]]:
-        """All records, the last one per epoch (a resumed epoch replaces its first attempt)."""
-        by_epoch: dict[int, dict[str, Any]] = {}
-        for line in self.path.read_text().splitlines():
-            record = json.loads(line)
-            by_epoch[record["epoch"]] = record
-        return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def cluster_scores(truth: np.ndarray, labels: Any) -> dict[str, float]:
-    """NMI, ARI and Hungarian-matched accuracy of cluster ``labels`` against the true classes."""
-    labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
-    return {"nmi": metrics.nmi(truth, labels), "ari": metrics.ari(truth, labels), "acc": metrics.accuracy(truth, labels)}
-
-
-def size_stats(labels: Any, num_clusters: int) -> tuple[np.ndarray, dict[str, int]]:
-    """Cluster sizes (C,) of ``labels`` and their min/max (and how many are empty)."""
-    sizes = np.bincount(np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64), minlength=num_clusters)
-    return sizes, {"cluster_size_min": int(sizes.min()), "cluster_size_max": int(sizes.max()),
-                   "empty_clusters": int((sizes == 0).sum())}
-
-
-def pixel_kmeans_scores(data: ImageData, num_clusters: int, seed: int) -> dict[str, float] | None:
-    """Scores of k-means on the L2-normalised raw pixels, where the data carries them."""
-    if data.pixels is None:
-        return None
-    result = cl.kmeans(cl.l2_normalize(data.pixels), num_clusters, seed=seed, backend="array")
-    return cluster_scores(data.targets, result.labels)
-
-
-def epoch_line(record: dict[str, Any]) -> str:
-    """A one-line summary of an epoch's metrics record."""
-    parts = [f"epoch {record['epoch']}", f"loss {record['loss']:.4f}"]
-    if "change_ratio" in record:
-        parts.append(f"change ratio {record['change_ratio']:.3f}")
-    if record.get("nmi_previous") is not None:
-        parts.append(f"NMI vs previous epoch {record['nmi_previous']:.3f}")
-    parts += [f"NMI {record['nmi']:.3f}", f"ACC {record['acc']:.3f}",
-              f"clusters {record['cluster_size_min']}-{record['cluster_size_max']}",
-              f"{record['images_per_s']:.0f} img/s"]
-    return "  ".join(parts)
-
-
-def final_line(method: str, record: dict[str, Any], baseline: dict[str, float] | None) -> str:
-    """The run's last line: final NMI/ACC against the true labels next to k-means on raw pixels."""
-    text = f"final {method}: NMI {record['nmi']:.3f}  ACC {record['acc']:.3f}"
-    if baseline is None:
-        return text + "  |  k-means on raw pixels: not computed for ImageFolder data"
-    return text + f"  |  k-means on raw pixels: NMI {baseline['nmi']:.3f}  ACC {baseline['acc']:.3f}"
-
-
-def plot_run(directory: Path, records: list[dict[str, Any]], sizes: np.ndarray, title: str) -> Path:
-    """``<dir>/summary.png``: loss and NMI/ACC per epoch, and a histogram of the final cluster sizes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [r["epoch"] for r in records]
-    fig, (ax_loss, ax_nmi, ax_hist) = plt.subplots(1, 3, figsize=(14, 4))
-    ax_loss.plot(epochs, [r["loss"] for r in records], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
-    ax_nmi.plot(epochs, [r["nmi"] for r in records], marker="o", label="NMI")
-    ax_nmi.plot(epochs, [r["acc"] for r in records], marker="s", label="ACC")
-    ax_nmi.set(xlabel="epoch", ylim=(0, 1), title="against the true labels")
-    ax_nmi.legend()
-    for ax in (ax_loss, ax_nmi):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_hist.hist(sizes, bins=min(50, max(len(sizes), 1)))
-    ax_hist.set(xlabel="samples per cluster", ylabel="clusters", title=f"final cluster sizes (C = {len(sizes)})")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = directory / "summary.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def progress(iterable: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
-    """A tqdm bar over ``iterable`` when ``enabled`` (rank 0 with ``--progress``)."""
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)

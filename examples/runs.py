@@ -31,6 +31,7 @@ from PIL import Image
 
 import clusterlearn as cl
 from clusterlearn import metrics
+from clusterlearn._backend import to_numpy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -343,15 +344,15 @@ def fingerprint(arrays: Iterable[np.ndarray]) -> str:
 
 
 # ---------------------------------------------------------------------------- scores and output
-def cluster_scores(truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """NMI, ARI and Hungarian-matched accuracy of cluster ``labels`` against the true classes."""
-    labels = np.asarray(labels, dtype=np.int64)
+def cluster_scores(truth: np.ndarray, labels: Any) -> dict[str, float]:
+    """NMI, ARI and Hungarian-matched accuracy of cluster ``labels`` (any backend, any device)."""
+    labels = np.asarray(to_numpy(labels), dtype=np.int64)
     return {"nmi": metrics.nmi(truth, labels), "ari": metrics.ari(truth, labels), "acc": metrics.accuracy(truth, labels)}
 
 
-def size_stats(labels: np.ndarray, num_clusters: int) -> tuple[np.ndarray, dict[str, int]]:
-    """Cluster sizes (C,) of ``labels`` and their min/max (and how many are empty)."""
-    sizes = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_clusters)
+def size_stats(labels: Any, num_clusters: int) -> tuple[np.ndarray, dict[str, int]]:
+    """Cluster sizes (C,) of ``labels`` (any backend) and their min/max (and how many are empty)."""
+    sizes = np.bincount(np.asarray(to_numpy(labels), dtype=np.int64), minlength=num_clusters)
     return sizes, {"cluster_size_min": int(sizes.min()), "cluster_size_max": int(sizes.max()),
                    "empty_clusters": int((sizes == 0).sum())}
 
@@ -369,6 +370,8 @@ def epoch_line(record: dict[str, Any]) -> str:
     parts = [f"epoch {record['epoch']}", f"loss {record['loss']:.4f}"]
     if "change_ratio" in record:
         parts.append(f"change ratio {record['change_ratio']:.3f}")
+    if record.get("nmi_previous") is not None:
+        parts.append(f"NMI vs previous epoch {record['nmi_previous']:.3f}")
     parts += [f"NMI {record['nmi']:.3f}", f"ACC {record['acc']:.3f}",
               f"clusters {record['cluster_size_min']}-{record['cluster_size_max']}",
               f"{record['images_per_s']:.0f} img/s"]
@@ -389,6 +392,7 @@ def plot_run(directory: Path, records: list[dict[str, Any]], sizes: np.ndarray, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_nmi, ax_hist) = plt.subplots(1, 3, figsize=(14, 4))
@@ -398,6 +402,8 @@ def plot_run(directory: Path, records: list[dict[str, Any]], sizes: np.ndarray, 
     ax_nmi.plot(epochs, [r["acc"] for r in records], marker="s", label="ACC")
     ax_nmi.set(xlabel="epoch", ylim=(0, 1), title="against the true labels")
     ax_nmi.legend()
+    for ax in (ax_loss, ax_nmi):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_hist.hist(sizes, bins=min(50, max(len(sizes), 1)))
     ax_hist.set(xlabel="samples per cluster", ylabel="clusters", title=f"final cluster sizes (C = {len(sizes)})")
     fig.suptitle(title)
