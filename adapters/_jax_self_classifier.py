@@ -26,10 +26,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clusterlearn.self_classifier import SelfClassifierLoss as _CoreSelfClassifierLoss
 from clusterlearn.self_classifier import (
     Gather,
     _as_float,
-    _call_argument,
     _check_head,
     _check_positive,
     _parse,
@@ -261,50 +261,12 @@ def self_classifier_loss(
     return total / len(heads)
 
 
-class SelfClassifierLoss:
-    """Callable Self-Classifier loss for JAX with the closed-form backward; mirrors the torch module.
+class SelfClassifierLoss(_CoreSelfClassifierLoss):
+    """Callable Self-Classifier loss for JAX with the closed-form backward (``custom_vjp``).
 
-    ``SelfClassifierLoss(row_temperature=0.1, col_temperature=0.05, eps=1e-12, *,
-    clamp_sums=True, check_finite=True, gather=None)``, called as ``criterion(v1, v2)``,
-    ``criterion([v0, v1, ...])`` or ``criterion([[h0v0, h0v1], [h1v0, h1v1]])``; see
-    :func:`self_classifier_loss`. There is no ``"auto"`` gather in JAX (see the module docstring).
+    The core :class:`clusterlearn.SelfClassifierLoss` (same constructor, call forms, errors
+    and value) computing with :func:`self_classifier_loss`. There is no ``"auto"`` gather in
+    JAX (see the module docstring).
     """
 
-    def __init__(
-        self,
-        row_temperature: float = 0.1,
-        col_temperature: float = 0.05,
-        eps: float = 1e-12,
-        *,
-        clamp_sums: bool = True,
-        check_finite: bool = True,
-        gather: Gather | None = None,
-    ) -> None:
-        self.row_temperature = _check_positive("row_temperature", row_temperature)
-        self.col_temperature = _check_positive("col_temperature", col_temperature)
-        self.eps = _check_positive("eps", eps)
-        if gather is not None and not callable(gather):
-            raise TypeError(f"gather must be callable or None, got {type(gather).__name__}")
-        self.gather = gather
-        self.clamp_sums = bool(clamp_sums)
-        self.check_finite = bool(check_finite)
-
-    def __call__(self, *logits: Any) -> jax.Array:
-        """Loss of ``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
-        return self_classifier_loss(
-            _call_argument(logits),
-            row_temperature=self.row_temperature,
-            col_temperature=self.col_temperature,
-            eps=self.eps,
-            clamp_sums=self.clamp_sums,
-            gather=self.gather,
-            check_finite=self.check_finite,
-        )
-
-    def __repr__(self) -> str:
-        gather = "None" if self.gather is None else getattr(self.gather, "__name__", repr(self.gather))
-        return (
-            f"SelfClassifierLoss(row_temperature={self.row_temperature}, "
-            f"col_temperature={self.col_temperature}, eps={self.eps}, clamp_sums={self.clamp_sums}, "
-            f"check_finite={self.check_finite}, gather={gather})"
-        )
+    _loss_function = staticmethod(self_classifier_loss)

@@ -812,9 +812,12 @@ class SelfClassifierLoss:
         self.check_finite = bool(check_finite)
         self.clamp_sums = bool(clamp_sums)
 
+    #: The function computing the loss (an adapter's subclass swaps in its fast one).
+    _loss_function = staticmethod(self_classifier_loss)
+
     def __call__(self, *logits: Any) -> Array:
         """Loss of ``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
-        return self_classifier_loss(
+        return self._loss_function(
             _call_argument(logits),
             row_temperature=self.row_temperature,
             col_temperature=self.col_temperature,
@@ -827,7 +830,7 @@ class SelfClassifierLoss:
     def __repr__(self) -> str:
         gather = "None" if self.gather is None else getattr(self.gather, "__name__", repr(self.gather))
         return (
-            f"SelfClassifierLoss(row_temperature={self.row_temperature}, "
+            f"{type(self).__name__}(row_temperature={self.row_temperature}, "
             f"col_temperature={self.col_temperature}, eps={self.eps}, gather={gather}, "
             f"check_finite={self.check_finite}, clamp_sums={self.clamp_sums})"
         )
