@@ -465,13 +465,16 @@ def make_sharded_step(mesh: Mesh, config: ODCConfig, axis_name: str = "data") ->
     specs = (P(), P(axis_name), P(axis_name, None))
     mapped = jax.shard_map(replica_step, mesh=mesh, in_specs=specs, out_specs=(P(), P()))
 
-    @functools.partial(jax.jit, donate_argnums=0)
+    jitted = jax.jit(mapped, donate_argnums=0)
+
     def sharded_step(state: ODCState, indices: jax.Array, features: jax.Array) -> tuple[ODCState, dict[str, jax.Array]]:
         _check_batch(indices, features, config)
         if indices.shape[0] % mesh.shape[axis_name]:
             raise ValueError(f"indices must split evenly over the {mesh.shape[axis_name]} devices of {axis_name!r}, got {indices.shape[0]} rows")
+        # Placed outside jit: arrays committed to one device (a core memory on a jax device, a
+        # loader's batch) would be rejected by a device_put to the mesh inside jit.
         args = (state, indices, features)
-        return mapped(*(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)))
+        return jitted(*(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)))
 
     return sharded_step
 

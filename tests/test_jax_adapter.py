@@ -285,6 +285,18 @@ def two_device_worker() -> dict:
             worst[k] = max(worst[k], float(np.max(np.abs(shards[0] - np.asarray(getattr(single, k))))))
     out["odc_max_diff"], out["odc_changed"] = worst, changed
 
+    # The README's flow: a core memory on a jax device (arrays committed to device 0) and a
+    # batch committed there too; the sharded step places them on the mesh itself.
+    committed = core(momentum=0.2, like=jnp.zeros(1))
+    committed.initialize(x0)
+    state = clj.state_from_core(committed)
+    assert state.features.committed
+    idx, f = batches[0]
+    state, _ = clj.make_sharded_step(mesh, clj.config_from_core(committed))(
+        state, jax.device_put(jnp.asarray(idx), jax.devices()[0]), jax.device_put(jnp.asarray(f), jax.devices()[0])
+    )
+    out["committed_ok"] = bool(int(state.iteration) == 1)
+
     # Self-Classifier loss over the global batch: value and gradients (logits = x @ w).
     rng = np.random.default_rng(0)
     views = [jnp.asarray(rng.normal(size=(16, D)).astype(np.float32)) for _ in range(2)]
@@ -320,6 +332,7 @@ def test_two_devices_sharded_step_and_global_loss():
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["odc_changed"] > 0, out
+    assert out["committed_ok"], out
     for key, diff in out["odc_max_diff"].items():
         assert diff <= (1e-5 if key == "sums" else 1e-6), out
     value, want = out["loss"]
