@@ -95,15 +95,26 @@ def _first(batch: Any) -> torch.Tensor:
     )
 
 
+def _shuffles(sampler: Any) -> bool:
+    return isinstance(sampler, RandomSampler) or (isinstance(sampler, DistributedSampler) and sampler.shuffle)
+
+
 def _visit_order(loader: DataLoader) -> np.ndarray:
-    """Dataset indices in the order this rank's loader visits them (needs a fixed order)."""
-    sampler = loader.sampler
-    if isinstance(sampler, RandomSampler) or (isinstance(sampler, DistributedSampler) and sampler.shuffle):
+    """Dataset indices in the order this rank's loader visits them (needs a fixed order).
+
+    Read from the loader's batch sampler (which wraps its sampler, or is the user's own), so
+    ``DataLoader(batch_sampler=...)`` and ``drop_last`` are followed exactly.
+    """
+    batches = loader.batch_sampler
+    if _shuffles(loader.sampler) or _shuffles(getattr(batches, "sampler", None)):
         raise ValueError("extract_features needs a loader that visits the data in a fixed order (shuffle=False)")
-    order = np.fromiter((int(i) for i in sampler), dtype=np.int64)
-    if loader.drop_last and loader.batch_size:
-        order = order[: len(order) - len(order) % loader.batch_size]
-    return order
+    if batches is None:  # batch_size=None: the sampler yields single samples
+        return np.fromiter((int(i) for i in loader.sampler), dtype=np.int64)
+    first, second = ([int(i) for b in batches for i in b] for _ in range(2))
+    if first != second:
+        raise ValueError("extract_features needs a loader that visits the data in a fixed order (its batch "
+                         "sampler gave two different orders)")
+    return np.asarray(first, dtype=np.int64)
 
 
 @torch.no_grad()
@@ -142,8 +153,23 @@ def extract_features(
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-    order = _visit_order(loader)
     n = len(loader.dataset)
+    local, err = D.first_error(lambda: _extract(model, loader, device, inputs_of, progress))
+    feats, idx = _gather_padded(local, err)
+    seen = torch.zeros(n, dtype=torch.bool)
+    seen[idx] = True
+    if not bool(seen.all()):
+        raise ValueError(f"extract_features: {int((~seen).sum())} of {n} samples were never visited (drop_last=True?)")
+    out = torch.empty((n, feats.shape[1]), dtype=torch.float32)
+    out[idx] = feats.cpu()  # padding repeats write the same sample's feature again
+    return out.to(out_device)
+
+
+def _extract(
+    model: torch.nn.Module, loader: DataLoader, device: Any, inputs_of: Callable[[Any], torch.Tensor], progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (b, D) float32 features and their (b,) dataset indices."""
+    order = _visit_order(loader)
     was_training = model.training
     model.eval()
     chunks: list[torch.Tensor] = []
@@ -157,21 +183,22 @@ def extract_features(
     local = torch.cat(chunks)
     if local.ndim != 2 or local.shape[0] != order.shape[0]:
         raise ValueError(f"model gave features of shape {tuple(local.shape)} for {order.shape[0]} samples; expected (b, D)")
-    feats, idx = _gather_padded(local, torch.from_numpy(order))
-    seen = torch.zeros(n, dtype=torch.bool)
-    seen[idx] = True
-    if not bool(seen.all()):
-        raise ValueError(f"extract_features: {int((~seen).sum())} of {n} samples were never visited (drop_last=True?)")
-    out = torch.empty((n, feats.shape[1]), dtype=torch.float32)
-    out[idx] = feats.cpu()  # padding repeats write the same sample's feature again
-    return out.to(out_device)
+    return local, torch.from_numpy(order)
 
 
-def _gather_padded(local: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' (features, indices), padded to the largest rank's count for the gather."""
+def _gather_padded(
+    local: tuple[torch.Tensor, torch.Tensor] | None, err: BaseException | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' (features, indices), padded to the largest rank's count for the gather.
+
+    A local error (``err``) is raised on every rank instead of leaving the others waiting.
+    """
     if D.world_size() == 1:
-        return local, order
-    headers = D.agree([local.shape[1], local.shape[0]], None, what="extract_features", names=["feature dim"])
+        if err is not None:
+            raise err
+        return local
+    local, order = local if err is None else (torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64))
+    headers = D.agree([local.shape[1], local.shape[0]], err, what="extract_features", names=["feature dim"])
     counts = torch.tensor(headers)[:, 1]
     top = int(counts.max())
     dev = D.comm_device()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from clusterlearn import _backend as B
+from clusterlearn._validation import check_features, check_labels
 from clusterlearn.odc import OnlineDeepClustering as _CoreODC
 from clusterlearn.sample_memory import l2_normalize
 
@@ -101,6 +102,7 @@ class OnlineDeepClustering(_CoreODC):
         self._check_tensor_device("features", features, (self.feature_device,))
 
     def _check_batch(self, indices: Any, features: Any) -> None:
+        self._require_initialized()
         self._check_devices(indices, features)
         self.samples.validate_batch(indices, features)
 
@@ -119,16 +121,24 @@ class OnlineDeepClustering(_CoreODC):
         def check() -> None:
             if not isinstance(features, torch.Tensor):
                 raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-            if tuple(features.shape) != (self.num_samples, self.feat_dim):
-                raise ValueError(f"features must have shape ({self.num_samples}, {self.feat_dim}), got {tuple(features.shape)}")
+            check_features(features, "features", dim=self.feat_dim, rows=self.num_samples)
+            if labels is not None:
+                if not isinstance(labels, torch.Tensor):
+                    raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+                check_labels(labels, "labels", upper=self.num_clusters, length=self.num_samples)
 
+        what = "OnlineDeepClustering.initialize"
         _, err = D.first_error(check)
-        D.agree([int(labels is None)], err, what="OnlineDeepClustering.initialize", names=["labels given"], group=self.group)
-        if D.rank(self.group) == 0 and labels is None:
-            labels = self._kmeans_labels(l2_normalize(self.samples.to_memory(features)), kmeans_iters, kmeans_init)
+        D.agree([int(labels is None)], err, what=what, names=["labels given"], group=self.group)
         if labels is None:
-            labels = torch.zeros(self.num_samples, dtype=torch.int64)
-        labels = D.broadcast_(torch.as_tensor(labels, dtype=torch.int64), group=self.group)
+            labels, err = None, None
+            if D.rank(self.group) == 0:
+                unit = l2_normalize(self.samples.to_memory(features))
+                labels, err = D.first_error(lambda: self._kmeans_labels(unit, kmeans_iters, kmeans_init))
+            D.agree([], err, what=what + " (k-means on rank 0)", names=[], group=self.group)
+            if labels is None:
+                labels = torch.zeros(self.num_samples, dtype=torch.int64)
+        labels = D.broadcast_(torch.as_tensor(labels).to(torch.int64), group=self.group)
         feats = D.broadcast_(features.to(self.samples.dtype), group=self.group)
         return super().initialize(feats, labels)
 

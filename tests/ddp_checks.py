@@ -101,6 +101,31 @@ def errors_scenario(rank: int, world: int) -> dict[str, Any]:
             seen[name] = f"{type(err).__name__}: {err}"
     after = odc.fingerprint()
     odc.step(idx, f)  # the group still works after the errors
+
+    fresh = clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs())
+    half = clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs())
+    if rank == 0:
+        half.load_state_dict(odc.state_dict())
+    feats = initial_features()
+    data = torch.utils.data.TensorDataset(torch.ones(3, 2))
+    collectives = {
+        "initialize NaN on rank 0": lambda: fresh.initialize(feats * float("nan") if rank == 0 else feats),
+        "initialize float labels on rank 1": lambda: fresh.initialize(
+            feats, torch.zeros(N) if rank == 1 else torch.zeros(N, dtype=torch.int64)
+        ),
+        "step, uninitialised on rank 1": lambda: half.step(idx, f),
+        "extract_features, no batch on rank 1": lambda: clt.extract_features(
+            torch.nn.Linear(2, 2), torch.utils.data.DataLoader(data, sampler=[0, 1, 2] if rank == 0 else []),
+            progress=False,
+        ),
+    }
+    for name, call in collectives.items():
+        try:
+            call()
+            seen[name] = "no error"
+        except (ValueError, TypeError) as err:
+            seen[name] = f"{type(err).__name__}: {err}"
+    odc.step(idx, f)  # and still works
     return {"errors": seen, "unchanged": before == after}
 
 

@@ -236,3 +236,16 @@ def test_odc_initialize_from_extracted_features() -> None:
     core.initialize(feats.numpy())
     np.testing.assert_array_equal(odc.labels.numpy(), core.labels)
     assert cl.metrics.nmi(truth, core.labels) > 0.8
+
+
+def test_extract_features_follows_a_batch_sampler() -> None:
+    x = torch.arange(6, dtype=torch.float32)[:, None]
+    model = torch.nn.Linear(1, 1)
+    torch.nn.init.ones_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    reversed_batches = [[5, 4], [3, 2], [1, 0]]
+    got = clt.extract_features(model, torch.utils.data.DataLoader(x, batch_sampler=reversed_batches), progress=False)
+    torch.testing.assert_close(got, x)
+    shuffled = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(x), batch_size=2, drop_last=False)
+    with pytest.raises(ValueError, match="fixed order"):
+        clt.extract_features(model, torch.utils.data.DataLoader(x, batch_sampler=shuffled), progress=False)

@@ -71,13 +71,29 @@ def test_odc_state_dict_loads_with_weights_only(ranks: list[dict[str, Any]]) -> 
     assert odc.fingerprint() == ranks[0]["odc"]["prints"][-1]
 
 
-@pytest.mark.parametrize("case", ["float indices on rank 1", "short batch on rank 1", "out of range on rank 0", "NaN on rank 1"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "float indices on rank 1",
+        "short batch on rank 1",
+        "out of range on rank 0",
+        "NaN on rank 1",
+        "initialize NaN on rank 0",
+        "initialize float labels on rank 1",
+        "extract_features, no batch on rank 1",
+    ],
+)
 def test_bad_input_on_one_rank_raises_on_every_rank(ranks: list[dict[str, Any]], case: str) -> None:
     msgs = [r["errors"]["errors"][case] for r in ranks]
     assert all(m.startswith(("ValueError", "TypeError")) for m in msgs), msgs
     bad = 0 if "rank 0" in case else 1
     assert "rank(s) [" in msgs[1 - bad] or "differs across ranks" in msgs[1 - bad], msgs
     assert all(r["errors"]["unchanged"] for r in ranks)
+
+
+def test_step_on_a_rank_without_memories_raises_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    msgs = [r["errors"]["errors"]["step, uninitialised on rank 1"] for r in ranks]
+    assert msgs[1].startswith("NotInitializedError") and "rank(s) [1]" in msgs[0], msgs
 
 
 def test_short_batch_message_names_the_sizes(ranks: list[dict[str, Any]]) -> None:
