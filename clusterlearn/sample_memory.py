@@ -170,9 +170,13 @@ class SampleMemory:
 
     def validate_batch(self, indices: Array, features: Array) -> tuple[Array, Array]:
         """Check a (indices, features) batch and return both in the memory's namespace."""
-        xp = B.namespace(indices=indices, features=features)
+        B.namespace(indices=indices, features=features)
         check_labels(indices, "indices", upper=self.num_samples)
         check_features(features, "features", dim=self.feat_dim, rows=indices.shape[0])
-        if bool(xp.any(xp.all(features == 0, axis=1))):
-            raise ValueError("features has an all-zero row, which has no direction to store")
-        return self.xp.astype(self.to_memory(indices), self.labels.dtype), self.to_memory(features)
+        # Checked again in the memory's dtype: float64 input may overflow or underflow there.
+        feats = self.xp.astype(self.to_memory(features), self.dtype)
+        if not bool(self.xp.all(self.xp.isfinite(feats))):
+            raise ValueError(f"features exceed the range of the memory's dtype {self.dtype}")
+        if bool(self.xp.any(self.xp.all(feats == 0, axis=1))):
+            raise ValueError("features has an all-zero row (in the memory's dtype), which has no direction to store")
+        return self.xp.astype(self.to_memory(indices), self.labels.dtype), feats

@@ -436,6 +436,21 @@ def test_all_zero_feature_row_rejected(numpy_backend):
         odc.step(idx, f)
 
 
+def test_float64_features_outside_the_memory_dtype_rejected(numpy_backend):
+    odc, (idx, f) = _ready(numpy_backend)
+    before = odc.state_dict()
+    huge = f.astype(np.float64)
+    huge[2] = 1e300  # finite in float64, inf in the float32 memory
+    with pytest.raises(ValueError, match="range of the memory's dtype"):
+        odc.step(idx, huge)
+    tiny = f.astype(np.float64)
+    tiny[3] = 1e-50  # rounds to an all-zero float32 row
+    with pytest.raises(ValueError, match="all-zero row"):
+        odc.step(idx, tiny)
+    for key, value in odc.state_dict().items():
+        assert np.array_equal(np.asarray(value), np.asarray(before[key]))
+
+
 def test_dot_metric_has_no_distances():
     with pytest.raises(ValueError, match="needs metric='l2'"):
         cl.nearest_centroid(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), metric="dot", return_distances=True)
