@@ -59,7 +59,7 @@ from clusterlearn.self_classifier import (
     view_pairs,
 )
 
-from ._torch_distributed import all_gather_with_grad, world_size
+from ._torch_distributed import agree, all_gather_with_grad, first_error, world_size
 
 __all__ = ["SelfClassifierFunction", "SelfClassifierLoss", "self_classifier_head_loss"]
 
@@ -381,7 +381,10 @@ class SelfClassifierLoss(torch.nn.Module):
         xp = namespace(**{names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)})
         if not all(isinstance(x, torch.Tensor) for views in heads for x in views):
             raise TypeError(f"SelfClassifierLoss (torch) needs torch tensors, got {xp.__name__} arrays")
-        _, prepared = _prepare(heads, names, self._gather(), self.check_finite)
+        gather = self._gather()
+        if gather is all_gather_with_grad:
+            _agree_on_shapes(heads)
+        _, prepared = _prepare(heads, names, gather, self.check_finite)
         total = None
         for full, rows in prepared:
             term = self_classifier_head_loss(
@@ -404,3 +407,16 @@ class SelfClassifierLoss(torch.nn.Module):
             f"eps={self.eps}, clamp_sums={self.clamp_sums}, check_finite={self.check_finite}, "
             f"gather={gather!r}"
         )
+
+
+def _agree_on_shapes(heads: list[list[torch.Tensor]]) -> None:
+    """Check every rank's heads locally, then compare their layout across ranks.
+
+    Before the first gather, so that a rank with malformed or differently shaped logits
+    makes every rank raise instead of leaving the others waiting in a collective.
+    """
+    _, err = first_error(lambda: [_check_head(views, slice(None)) for views in heads])
+    classes = [int(views[0].shape[-1]) for views in heads] if err is None else [-1]
+    layout = [len(heads), len(heads[0]), int(heads[0][0].shape[0]), sum(classes), max(classes)] if err is None else [-1] * 5
+    names = ["number of heads", "views per head", "batch size", "total classes", "largest head"]
+    agree(layout, err, what="SelfClassifierLoss", names=names)

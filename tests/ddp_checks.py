@@ -114,6 +114,12 @@ def errors_scenario(rank: int, world: int) -> dict[str, Any]:
             feats, torch.zeros(N) if rank == 1 else torch.zeros(N, dtype=torch.int64)
         ),
         "step, uninitialised on rank 1": lambda: half.step(idx, f),
+        "Self-Classifier, mismatched views on rank 1": lambda: clt.SelfClassifierLoss()(
+            torch.randn(4, 5), torch.randn(4 if rank == 0 else 3, 5)
+        ),
+        "Self-Classifier, shorter batch on rank 1": lambda: clt.SelfClassifierLoss()(
+            torch.randn(4 if rank == 0 else 3, 5), torch.randn(4 if rank == 0 else 3, 5)
+        ),
         "extract_features, no batch on rank 1": lambda: clt.extract_features(
             torch.nn.Linear(2, 2), torch.utils.data.DataLoader(data, sampler=[0, 1, 2] if rank == 0 else []),
             progress=False,

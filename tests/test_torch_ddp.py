@@ -81,6 +81,8 @@ def test_odc_state_dict_loads_with_weights_only(ranks: list[dict[str, Any]]) -> 
         "initialize NaN on rank 0",
         "initialize float labels on rank 1",
         "extract_features, no batch on rank 1",
+        "Self-Classifier, mismatched views on rank 1",
+        "Self-Classifier, shorter batch on rank 1",
     ],
 )
 def test_bad_input_on_one_rank_raises_on_every_rank(ranks: list[dict[str, Any]], case: str) -> None:
