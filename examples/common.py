@@ -218,6 +218,21 @@ def setup_distributed() -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
 
+Runner = Callable[[argparse.ArgumentParser, argparse.Namespace, ImageData, "dict[str, Any] | None", "DistContext"], None]
+
+
+def launch(parser: argparse.ArgumentParser, args: argparse.Namespace, min_images: int, run: Runner) -> None:
+    """Open the data and the ``--resume`` checkpoint (one-line errors), join the process group,
+    call ``run(parser, args, data, checkpoint, ctx)``, and leave the group whatever happens."""
+    data = open_data(parser, args, min_images)
+    ckpt = load_checkpoint(parser, args)
+    ctx = setup_distributed()
+    try:
+        run(parser, args, data, ckpt, ctx)
+    finally:
+        teardown_distributed()
+
+
 def teardown_distributed() -> None:
     """Leave the process group, if any."""
     if dist.is_initialized():

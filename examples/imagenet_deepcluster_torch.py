@@ -125,13 +125,7 @@ def train_epoch(model: nn.Module, labels: torch.Tensor, loader: Any, optimizer: 
 
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
-    data = common.open_data(parser, args, args.clusters)
-    ckpt = common.load_checkpoint(parser, args)
-    ctx = common.setup_distributed()
-    try:
-        run(parser, args, data, ckpt, ctx)
-    finally:
-        common.teardown_distributed()
+    common.launch(parser, args, args.clusters, run)
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.ImageData,

@@ -121,13 +121,7 @@ def train_epoch(model: nn.Module, odc: clt.OnlineDeepClustering, loader: Any, op
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
     min_images = args.clusters * max(args.min_cluster_size, 1)
-    data = common.open_data(parser, args, min_images)
-    ckpt = common.load_checkpoint(parser, args)
-    ctx = common.setup_distributed()
-    try:
-        run(parser, args, data, ckpt, ctx)
-    finally:
-        common.teardown_distributed()
+    common.launch(parser, args, min_images, run)
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.ImageData,
