@@ -436,6 +436,7 @@ def test_all_zero_feature_row_rejected(numpy_backend):
         odc.step(idx, f)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # NumPy's, before our error
 def test_float64_features_outside_the_memory_dtype_rejected(numpy_backend):
     odc, (idx, f) = _ready(numpy_backend)
     before = odc.state_dict()
