@@ -161,11 +161,7 @@ def memory_arrays(state: clj.ODCState) -> list[jax.Array]:
 
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
-    data = runs.open_data(parser, args, args.clusters * max(args.min_cluster_size, 1))
-    mesh = jc.make_mesh()
-    runs.check_batch_size(parser, args.batch_size, mesh.size, "devices", len(data))
-    ckpt = jc.load_checkpoint(parser, args)
-    run(args, data, ckpt, mesh)
+    jc.launch(parser, args, args.clusters * max(args.min_cluster_size, 1), run)
 
 
 def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh) -> None:

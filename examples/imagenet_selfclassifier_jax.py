@@ -195,11 +195,7 @@ def first_head_labels(params: dict, stats: dict, images: jax.Array, *, graphdef:
 
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
-    data = runs.open_data(parser, args, args.classes[0])
-    mesh = jc.make_mesh()
-    runs.check_batch_size(parser, args.batch_size, mesh.size, "devices", len(data))
-    ckpt = jc.load_checkpoint(parser, args)
-    run(args, data, ckpt, mesh)
+    jc.launch(parser, args, args.classes[0], run)
 
 
 def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh) -> None:

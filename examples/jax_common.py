@@ -342,6 +342,20 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], args: argparse.Na
     runs.atomic_write(path, lambda f: np.savez(f, **arrays, **extra))
 
 
+def launch(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    min_images: int,
+    run: Callable[[argparse.Namespace, runs.ImageData, dict[str, np.ndarray] | None, Mesh], None],
+) -> None:
+    """Open the data, the device mesh and the ``--resume`` checkpoint (one-line errors for bad
+    options, a batch that does not split over the devices), then ``run(args, data, ckpt, mesh)``."""
+    data = runs.open_data(parser, args, min_images)
+    mesh = make_mesh()
+    runs.check_batch_size(parser, args.batch_size, mesh.size, "devices", len(data))
+    run(args, data, load_checkpoint(parser, args), mesh)
+
+
 def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, np.ndarray] | None:
     """The ``--resume`` checkpoint's arrays (``epoch`` included), or None without ``--resume``.
 
