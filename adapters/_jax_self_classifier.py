@@ -4,7 +4,12 @@ Same value as :func:`clusterlearn.self_classifier.self_classifier_loss` (same fo
 ``eps``, pairs of views, mean over heads, and the same choice between linear-space and
 log-space arithmetic); the gradient is the closed form derived in
 :mod:`clusterlearn.adapters._torch_self_classifier` instead of the transpose of every recorded
-operation. Per head, the ``K`` views are stacked to ``(K, N, C)`` and processed at once.
+operation. Where both linear-space guards hold (float32 and float64 with the default ``eps``)
+the loss is *streamed*: a few passes over the views compute (N,)- and (C,)-sized statistics,
+recomputing every full-size quantity inside the reduction that consumes it, and only the
+gradients are materialised (1.1–2.3× faster than the stacked form, see
+``benchmarks/self_classifier.py``). Otherwise the ``K`` views are stacked to ``(K, N, C)`` and
+processed at once.
 
 Global batch: :class:`SelfClassifierLoss` and :func:`self_classifier_loss` accept the core's
 ``gather(local) -> (global_logits, rows)`` contract with a *static* Python ``slice`` (the
@@ -163,6 +168,144 @@ def _head(cfg: _Config, x: jax.Array) -> jax.Array:
 _head.defvjp(_forward, _backward)
 
 
+# --- Linear-space path, streamed -------------------------------------------------------------
+# Where both of the core's linear-space guards hold (float32/float64 with the default eps), the
+# loss and its gradient are computed from the logits and a few (N,)/(C,) statistics, every
+# full-size quantity (``exp``, ``log``, products) being recomputed inside the reduction that
+# consumes it. Each pass starts from ``lax.optimization_barrier`` copies of the logits so that
+# XLA cannot merge the recomputations of different passes into one materialised (N, C) array;
+# only the gradients are materialised. Same formulas and floors as :func:`_forward`.
+
+
+def _fresh(views: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """The views behind an optimisation barrier: a pass of their own for XLA (no CSE across)."""
+    return jax.lax.optimization_barrier(views)
+
+
+class _Stats(NamedTuple):
+    """Per-view statistics (lists over views) of the streamed path."""
+
+    row_max: list[jax.Array]  # (N, 1)
+    col_max: list[jax.Array]  # (1, C)
+    inv_row: list[jax.Array]  # (N, 1) 1 / Σ_y exp of the row softmax
+    inv_col: list[jax.Array]  # (1, C) 1 / Σ_n exp of the column softmax
+    w_scale: list[jax.Array]  # (1, C) (N/C) / max(Q, eps), Q = Σ_n q
+    rho_scale: list[jax.Array]  # (1, C) [Q > eps] / max(Q, eps)
+    inv_s: list[jax.Array]  # (n, 1) 1 / max(S, eps) on the loss rows, S = Σ_y p
+    active: list[jax.Array]  # (n, 1) [S > eps] on the loss rows
+
+
+def _row_softmax(cfg: _Config, x: jax.Array, st: _Stats, v: int, lo: int, hi: int) -> jax.Array:
+    """``q`` of view ``v`` on rows ``[lo, hi)``."""
+    z = (x[lo:hi] - st.row_max[v][lo:hi]) / cfg.row_temperature
+    return jnp.exp(jnp.maximum(z, math.log(_tiny(x.dtype)))) * st.inv_row[v][lo:hi]
+
+
+def _col_softmax(cfg: _Config, x: jax.Array, st: _Stats, v: int, lo: int, hi: int) -> jax.Array:
+    """``p`` of view ``v`` on rows ``[lo, hi)``."""
+    z = (x[lo:hi] - st.col_max[v]) / cfg.col_temperature
+    return jnp.exp(jnp.maximum(z, math.log(_tiny(x.dtype)))) * st.inv_col[v]
+
+
+def _statistics(cfg: _Config, views: tuple[jax.Array, ...], lo: int, hi: int) -> _Stats:
+    """Maxima, softmax normalisers, ``Q`` and ``S`` of every view (three passes)."""
+    n, c = views[0].shape
+    floor = math.log(_tiny(views[0].dtype))
+    row_max = [jnp.max(x, axis=1, keepdims=True) for x in views]
+    col_max = [jnp.max(x, axis=0, keepdims=True) for x in views]
+    inv_row, inv_col = [], []
+    for v, x in enumerate(_fresh(views)):
+        e = jnp.exp(jnp.maximum((x - row_max[v]) / cfg.row_temperature, floor))
+        inv_row.append(1.0 / jnp.sum(e, axis=1, keepdims=True))
+        f = jnp.exp(jnp.maximum((x - col_max[v]) / cfg.col_temperature, floor))
+        inv_col.append(1.0 / jnp.sum(f, axis=0, keepdims=True))
+    st = _Stats(row_max, col_max, inv_row, inv_col, [], [], [], [])
+    for v, x in enumerate(_fresh(views)):
+        col_sum = jnp.sum(_row_softmax(cfg, x, st, v, 0, n), axis=0, keepdims=True)
+        st.w_scale.append((n / c) / jnp.maximum(col_sum, cfg.eps))
+        st.rho_scale.append(jnp.where(col_sum > cfg.eps, 1.0 / jnp.maximum(col_sum, cfg.eps), 0.0))
+        row_sum = jnp.sum(_col_softmax(cfg, x, st, v, lo, hi), axis=1, keepdims=True)
+        st.inv_s.append(1.0 / jnp.maximum(row_sum, cfg.eps))
+        st.active.append(row_sum > cfg.eps)
+    return st
+
+
+def _loss_terms(cfg: _Config, views: tuple[jax.Array, ...], st: _Stats, lo: int, hi: int) -> tuple[list, list, list]:
+    """Targets ``T``, log-predictions ``LP`` and ``π = w / (w + eps)`` of every view on the loss rows."""
+    targets, log_pred, pi = [], [], []
+    for v, x in enumerate(views):
+        targets.append(_col_softmax(cfg, x, st, v, lo, hi) * st.inv_s[v])
+        w = _row_softmax(cfg, x, st, v, lo, hi) * st.w_scale[v]
+        log_pred.append(jnp.log(w + cfg.eps))
+        pi.append(w / (w + cfg.eps))
+    return targets, log_pred, pi
+
+
+def _streamed_forward(cfg: _Config, views: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple]:
+    """Loss of one head from its views (each (N, C)), and the backward's residuals (small)."""
+    k, (n, _) = len(views), views[0].shape
+    lo, hi = cfg.rows if cfg.rows is not None else (0, n)
+    to_pred = [[j for i, j in cfg.pairs if i == v] for v in range(k)]
+    to_target = [[i for i, j in cfg.pairs if j == v] for v in range(k)]
+    st = _statistics(cfg, views, lo, hi)
+    t, lp, _ = _loss_terms(cfg, _fresh(views), st, lo, hi)
+    dots = [jnp.sum(t[v] * sum(lp[j] for j in to_pred[v]), axis=1, keepdims=True) for v in range(k)]
+    # Column sums of the backward (Σ_n U and Σ_n π B, see _backward), computed here once.
+    t, lp, pi = _loss_terms(cfg, _fresh(views), st, lo, hi)
+    col_u = [
+        jnp.sum(t[v] * (sum(lp[j] for j in to_pred[v]) - jnp.where(st.active[v], dots[v], 0.0)), axis=0, keepdims=True)
+        for v in range(k)
+    ]
+    col_v = [jnp.sum(pi[v] * sum(t[i] for i in to_target[v]), axis=0, keepdims=True) * st.rho_scale[v] for v in range(k)]
+    loss = -sum(jnp.sum(d) for d in dots) / (len(cfg.pairs) * (hi - lo))
+    return loss, (views, st, dots, col_u, col_v)
+
+
+def _streamed_backward(cfg: _Config, res: tuple, grad: jax.Array) -> tuple[tuple[jax.Array, ...]]:
+    """``grad · ∂loss/∂x_v`` for every view, from the residuals of :func:`_streamed_forward`."""
+    views, st, dots, col_u, col_v = res
+    k, (n, _) = len(views), views[0].shape
+    lo, hi = cfg.rows if cfg.rows is not None else (0, n)
+    whole = (lo, hi) == (0, n)
+    to_pred = [[j for i, j in cfg.pairs if i == v] for v in range(k)]
+    to_target = [[i for i, j in cfg.pairs if j == v] for v in range(k)]
+    scale = -grad / (len(cfg.pairs) * (hi - lo) * cfg.col_temperature)
+    ratio = cfg.col_temperature / cfg.row_temperature
+
+    def local(xs: tuple[jax.Array, ...]) -> tuple[list, list]:
+        """Loss-row terms ``U`` and ``π B`` of every view."""
+        t, lp, pi = _loss_terms(cfg, xs, st, lo, hi)
+        u = [t[v] * (sum(lp[j] for j in to_pred[v]) - jnp.where(st.active[v], dots[v], 0.0)) for v in range(k)]
+        return u, [pi[v] * sum(t[i] for i in to_target[v]) for v in range(k)]
+
+    # Row sums of V = π B (loss rows) − q (b/Q) Σ_n π B.
+    xs = _fresh(views)
+    row_v = [-jnp.sum(_row_softmax(cfg, xs[v], st, v, 0, n) * col_v[v], axis=1, keepdims=True) for v in range(k)]
+    _, v_loc = local(_fresh(views))
+    row_v = [r.at[lo:hi].add(jnp.sum(vl, axis=1, keepdims=True)) for r, vl in zip(row_v, v_loc)]
+    xs = _fresh(views)
+    grads = []
+    for v in range(k):
+        q = _row_softmax(cfg, xs[v], st, v, 0, n)
+        g = -_col_softmax(cfg, xs[v], st, v, 0, n) * col_u[v] - ratio * q * (col_v[v] + row_v[v])
+        grads.append(g)
+    u, v_loc = local(xs) if whole else local(_fresh(views))
+    grads = [
+        scale * (g + u[v] + ratio * v_loc[v]) if whole else (scale * g).at[lo:hi].add(scale * (u[v] + ratio * v_loc[v]))
+        for v, g in enumerate(grads)
+    ]
+    return (tuple(grads),)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _streamed_head(cfg: _Config, views: tuple[jax.Array, ...]) -> jax.Array:
+    """Loss of one head from its views (linear-space case); ``cfg`` is static."""
+    return _streamed_forward(cfg, views)[0]
+
+
+_streamed_head.defvjp(_streamed_forward, _streamed_backward)
+
+
 def self_classifier_head_loss(
     logits: jax.Array | Sequence[jax.Array],
     *,
@@ -192,8 +335,9 @@ def self_classifier_head_loss(
     """
     views = list(logits)
     xp = _check_head(views, rows)
-    x = _as_float(jnp.stack(views), xp)
-    n = x.shape[1]
+    dtype = functools.reduce(jnp.promote_types, [x.dtype for x in views])
+    views = [_as_float(x.astype(dtype), xp) for x in views]
+    n, n_classes = views[0].shape
     span = None if rows is None else rows.indices(n)
     if span is not None and span[2] != 1:
         raise ValueError(f"rows must be a contiguous slice, got {rows}")
@@ -205,7 +349,9 @@ def self_classifier_head_loss(
         None if span is None or span[:2] == (0, n) else span[:2],
         view_pairs(len(views)),
     )
-    return _head(cfg, x)
+    if _linear_targets(views[0].dtype, n_classes, cfg) and _linear_predictions(views[0].dtype, n, n_classes, cfg):
+        return _streamed_head(cfg, tuple(views))
+    return _head(cfg, jnp.stack(views))
 
 
 def self_classifier_loss(

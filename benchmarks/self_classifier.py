@@ -9,8 +9,10 @@ The baseline is plain cross-entropy on the same two logits arrays with fixed ran
   (``torch.autograd.Function`` with the closed-form backward), eager, ``loss.backward()`` on
   leaf tensors;
 - jax: ``jax.jit(jax.value_and_grad(f, argnums=(0, 1)))`` of a log-softmax cross-entropy
-  written with ``jax.nn.log_softmax``, of the core ``SelfClassifierLoss()(a, b)`` and of the
-  adapter's ``custom_vjp`` loss (compilation excluded: one warm-up call first).
+  written with ``jax.nn.log_softmax``, of the core ``SelfClassifierLoss()(a, b)``, of the
+  adapter's ``custom_vjp`` loss (its streamed form at these settings) and of the same
+  ``custom_vjp`` on the stacked ``(2, N, C)`` views, the form it takes where the linear-space
+  guards fail (compilation excluded: one warm-up call first).
 
 Times are the best of interleaved repeats (fewer repeats at large sizes; one warm-up call
 each; ``--compile`` adds torch.compile'd versions, compilation excluded). "without finite
@@ -45,6 +47,7 @@ STEPS = {
     "sc": "core SelfClassifierLoss",
     "sc_nocheck": "core, no finite check",
     "fast": "closed-form backward",
+    "fast_stacked": "closed-form, stacked (JAX)",
     "fast_nocheck": "closed-form, no finite check",
     "fast_compiled": "closed-form + torch.compile",
     "ce_compiled": "cross-entropy + torch.compile",
@@ -130,17 +133,22 @@ def bench_jax(a_np: np.ndarray, b_np: np.ndarray, labels: tuple[np.ndarray, np.n
         return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
     from clusterlearn.adapters._jax_self_classifier import SelfClassifierLoss as FastLoss
+    from clusterlearn.adapters._jax_self_classifier import _Config, _head
+    from clusterlearn.self_classifier import view_pairs
 
     sc = SelfClassifierLoss()
     fast = FastLoss()
+    stacked = _Config(0.1, 0.05, 1e-12, True, None, view_pairs(2))  # the loss's defaults
     ce_step = jax.jit(jax.value_and_grad(lambda p, q: cross_entropy(p, y1) + cross_entropy(q, y2), argnums=(0, 1)))
     sc_step = jax.jit(jax.value_and_grad(lambda p, q: sc(p, q), argnums=(0, 1)))
     fast_step = jax.jit(jax.value_and_grad(lambda p, q: fast(p, q), argnums=(0, 1)))
+    stacked_step = jax.jit(jax.value_and_grad(lambda p, q: _head(stacked, jnp.stack([p, q])), argnums=(0, 1)))
 
     def run(step: Callable) -> Callable[[], None]:
         return lambda: jax.block_until_ready(step(a, b))
 
-    return best_times({"ce": run(ce_step), "sc": run(sc_step), "fast": run(fast_step)}, repeats)
+    steps = {"ce": run(ce_step), "sc": run(sc_step), "fast": run(fast_step), "fast_stacked": run(stacked_step)}
+    return best_times(steps, repeats)
 
 
 def main() -> None:

@@ -269,6 +269,40 @@ def test_jax_matches_core(case, clamp):
         np.testing.assert_allclose(g, e, rtol=2e-3, atol=2e-4 * scale_g)
 
 
+@pytest.mark.parametrize("case", [1, 3, 4], ids=[CASE_IDS[i] for i in (1, 3, 4)])
+def test_jax_float64_matches_core(case):
+    """Under x64 the streamed path (both linear-space guards hold) equals the core to rounding,
+    also for one rank's loss over a gather (loss rows a slice of the global batch) and with
+    both clamps biting (case "peaked": one view collapsed)."""
+    jax = pytest.importorskip("jax")
+    from clusterlearn.adapters._jax_self_classifier import _Config, _linear_predictions, _linear_targets
+
+    n, classes, views, scale, tr, tc, eps = CASES[case]
+    heads = make_heads(40 + case, n, classes, views, scale)
+    if case == 1:
+        heads[0][0] = collapsed(n, classes[0])
+    params = dict(row_temperature=tr, col_temperature=tc, eps=eps)
+    cfg = _Config(tr, tc, eps, True, None, ())
+    rows = slice(n // 3, n // 3 + n // 2)
+
+    def rank_loss(crit_class, vs):
+        local = [x[rows] for x in vs]
+        return crit_class(gather=rank_gather(vs, local, rows), **params)(local)
+
+    with jax.enable_x64(True):
+        assert all(_linear_targets(np.float64, c, cfg) and _linear_predictions(np.float64, n, c, cfg) for c in classes)
+        xs = [[jax.numpy.asarray(v) for v in vs] for vs in heads]
+        checks = [[lambda h, c=c: c(**params)(arg(h)) for c in (CoreLoss, jax_fast)]]
+        if len(xs) == 1:  # one head: also one rank's loss over a gather
+            checks.append([lambda h, c=c: rank_loss(c, h[0]) for c in (CoreLoss, jax_fast)])
+        for core_fn, fast_fn in checks:
+            expected, expected_grads = jax.jit(jax.value_and_grad(core_fn))(xs)
+            got, grads = jax.jit(jax.value_and_grad(fast_fn))(xs)
+            np.testing.assert_allclose(float(got), float(expected), rtol=1e-11)
+            for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+                np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-8, atol=1e-12 * float(np.abs(e).max()))
+
+
 def test_jax_collapsed_extreme_and_eager():
     jax = pytest.importorskip("jax")
     x = collapsed()
