@@ -219,15 +219,16 @@ def _statistics(cfg: _Config, views: tuple[jax.Array, ...], lo: int, hi: int) ->
         inv_row.append(1.0 / jnp.sum(e, axis=1, keepdims=True))
         f = jnp.exp(jnp.maximum((x - col_max[v]) / cfg.col_temperature, floor))
         inv_col.append(1.0 / jnp.sum(f, axis=0, keepdims=True))
-    st = _Stats(row_max, col_max, inv_row, inv_col, [], [], [], [])
-    for v, x in enumerate(_fresh(views)):
-        col_sum = jnp.sum(_row_softmax(cfg, x, st, v, 0, n), axis=0, keepdims=True)
-        st.w_scale.append((n / c) / jnp.maximum(col_sum, cfg.eps))
-        st.rho_scale.append(jnp.where(col_sum > cfg.eps, 1.0 / jnp.maximum(col_sum, cfg.eps), 0.0))
-        row_sum = jnp.sum(_col_softmax(cfg, x, st, v, lo, hi), axis=1, keepdims=True)
-        st.inv_s.append(1.0 / jnp.maximum(row_sum, cfg.eps))
-        st.active.append(row_sum > cfg.eps)
-    return st
+    st = _Stats(row_max, col_max, inv_row, inv_col, [], [], [], [])  # the softmaxes' part
+    xs = _fresh(views)
+    col_sums = [jnp.sum(_row_softmax(cfg, x, st, v, 0, n), axis=0, keepdims=True) for v, x in enumerate(xs)]
+    row_sums = [jnp.sum(_col_softmax(cfg, x, st, v, lo, hi), axis=1, keepdims=True) for v, x in enumerate(xs)]
+    return st._replace(
+        w_scale=[(n / c) / jnp.maximum(q, cfg.eps) for q in col_sums],
+        rho_scale=[jnp.where(q > cfg.eps, 1.0 / jnp.maximum(q, cfg.eps), 0.0) for q in col_sums],
+        inv_s=[1.0 / jnp.maximum(s, cfg.eps) for s in row_sums],
+        active=[s > cfg.eps for s in row_sums],
+    )
 
 
 def _loss_terms(cfg: _Config, views: tuple[jax.Array, ...], st: _Stats, lo: int, hi: int) -> tuple[list, list, list]:

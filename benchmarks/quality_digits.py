@@ -9,7 +9,7 @@ for ``--epochs`` (more than fit in the budget), so the learning rate never decay
 baseline is k-means on the L2-normalised raw pixels (the 64 grey levels of each digit) with
 10 clusters. Prints a Markdown table of NMI / ARI / ACC against the true labels.
 
-Run: ``python benchmarks/quality_digits.py [--budget 300 --threads 2]``
+Run: ``python benchmarks/quality_digits.py [--budget 300 --threads 2 --methods odc,deepcluster,selfclassifier]``
 """
 
 from __future__ import annotations
@@ -63,7 +63,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default: 2)")
     p.add_argument("--epochs", type=int, default=200, help="planned epochs (schedules), more than the budget allows")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="odc,deepcluster,selfclassifier",
+                   help="comma-separated subset of odc,deepcluster,selfclassifier (default: all)")
     args = p.parse_args()
+    chosen = {m.strip() for m in args.methods.split(",") if m.strip()}
+    known = {script.split("_")[1]: name for name, script in METHODS.items()}
+    if not chosen or chosen - known.keys():
+        p.error(f"--methods: expected a subset of {','.join(known)}, got {args.methods!r}")
 
     from sklearn.datasets import load_digits
 
@@ -73,6 +79,8 @@ def main() -> None:
     rows = [("k-means on raw pixels", "-", "-", metrics.nmi(truth, base), metrics.ari(truth, base), metrics.accuracy(truth, base))]
     with tempfile.TemporaryDirectory() as tmp:
         for name, script in METHODS.items():
+            if script.split("_")[1] not in chosen:
+                continue
             record, elapsed = run_for(script, args.budget, args.threads, args.epochs, Path(tmp) / script)
             if record is None:
                 rows.append((name, "0", f"{elapsed:.0f}", float("nan"), float("nan"), float("nan")))
