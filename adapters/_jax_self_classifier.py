@@ -7,7 +7,7 @@ log-space arithmetic); the gradient is the closed form derived in
 operation. Where both linear-space guards hold (float32 and float64 with the default ``eps``)
 the loss is *streamed*: a few passes over the views compute (N,)- and (C,)-sized statistics,
 recomputing every full-size quantity inside the reduction that consumes it, and only the
-gradients are materialised (1.1–2.3× faster than the stacked form, see
+gradients are materialised (1.1–2.1× faster than the stacked form, see
 ``benchmarks/self_classifier.py``). Otherwise the ``K`` views are stacked to ``(K, N, C)`` and
 processed at once.
 
