@@ -76,11 +76,22 @@ def _linear_predictions(dtype: Any, n: int, n_classes: int, cfg: _Config) -> boo
     )
 
 
+def _floored_exp(x: jax.Array, shift: jax.Array, temperature: float) -> jax.Array:
+    """``exp((x − shift) / temperature)`` floored at ``_tiny`` (as the core)."""
+    return jnp.exp(jnp.maximum((x - shift) / temperature, math.log(_tiny(x.dtype))))
+
+
 def _softmax(x: jax.Array, axis: int, temperature: float) -> jax.Array:
     """Softmax of ``x / temperature`` along ``axis`` with ``exp`` floored at ``_tiny`` (as the core)."""
-    z = (x - jnp.max(x, axis=axis, keepdims=True)) / temperature
-    e = jnp.exp(jnp.maximum(z, math.log(_tiny(x.dtype))))
+    e = _floored_exp(x, jnp.max(x, axis=axis, keepdims=True), temperature)
     return e / jnp.sum(e, axis=axis, keepdims=True)
+
+
+def _partners(cfg: _Config, k: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Prediction views paired with each target view, and target views paired with each prediction view."""
+    to_pred = [[j for i, j in cfg.pairs if i == v] for v in range(k)]
+    to_target = [[i for i, j in cfg.pairs if j == v] for v in range(k)]
+    return to_pred, to_target
 
 
 def _combine(x: jax.Array, sources: Sequence[Sequence[int]]) -> jax.Array:
@@ -93,7 +104,7 @@ def _forward(cfg: _Config, x: jax.Array) -> tuple[jax.Array, tuple]:
     k, n_global, n_classes = x.shape
     lo, hi = cfg.rows if cfg.rows is not None else (0, n_global)
     log_eps = math.log(cfg.eps)
-    to_pred = [[j for i, j in cfg.pairs if i == v] for v in range(k)]
+    to_pred, _ = _partners(cfg, k)
 
     # Targets T (loss rows), the column softmax p (all rows) and the active rows of the clamp.
     if _linear_targets(x.dtype, n_classes, cfg):
@@ -144,7 +155,7 @@ def _backward(cfg: _Config, res: tuple, grad: jax.Array) -> tuple[jax.Array]:
     p, target, active_t, q, rho, pi, acc, dots = res
     k, n_global, _ = p.shape
     lo, hi = cfg.rows if cfg.rows is not None else (0, n_global)
-    to_target = [[i for i, j in cfg.pairs if j == v] for v in range(k)]
+    _, to_target = _partners(cfg, k)
     # grad_x = −g/(P n) · [(U − p Σ_n U)/τ_col + (V − q Σ_y V)/τ_row] with
     # U = T ⊙ (A − a·Σ_y A T) and V = π ⊙ B − (q/Q) ⊙ b·Σ_n π B (see the torch module).
     u = target * (acc - jnp.where(active_t, dots, 0.0))
@@ -197,28 +208,23 @@ class _Stats(NamedTuple):
 
 def _row_softmax(cfg: _Config, x: jax.Array, st: _Stats, v: int, lo: int, hi: int) -> jax.Array:
     """``q`` of view ``v`` on rows ``[lo, hi)``."""
-    z = (x[lo:hi] - st.row_max[v][lo:hi]) / cfg.row_temperature
-    return jnp.exp(jnp.maximum(z, math.log(_tiny(x.dtype)))) * st.inv_row[v][lo:hi]
+    return _floored_exp(x[lo:hi], st.row_max[v][lo:hi], cfg.row_temperature) * st.inv_row[v][lo:hi]
 
 
 def _col_softmax(cfg: _Config, x: jax.Array, st: _Stats, v: int, lo: int, hi: int) -> jax.Array:
     """``p`` of view ``v`` on rows ``[lo, hi)``."""
-    z = (x[lo:hi] - st.col_max[v]) / cfg.col_temperature
-    return jnp.exp(jnp.maximum(z, math.log(_tiny(x.dtype)))) * st.inv_col[v]
+    return _floored_exp(x[lo:hi], st.col_max[v], cfg.col_temperature) * st.inv_col[v]
 
 
 def _statistics(cfg: _Config, views: tuple[jax.Array, ...], lo: int, hi: int) -> _Stats:
     """Maxima, softmax normalisers, ``Q`` and ``S`` of every view (three passes)."""
     n, c = views[0].shape
-    floor = math.log(_tiny(views[0].dtype))
     row_max = [jnp.max(x, axis=1, keepdims=True) for x in views]
     col_max = [jnp.max(x, axis=0, keepdims=True) for x in views]
     inv_row, inv_col = [], []
     for v, x in enumerate(_fresh(views)):
-        e = jnp.exp(jnp.maximum((x - row_max[v]) / cfg.row_temperature, floor))
-        inv_row.append(1.0 / jnp.sum(e, axis=1, keepdims=True))
-        f = jnp.exp(jnp.maximum((x - col_max[v]) / cfg.col_temperature, floor))
-        inv_col.append(1.0 / jnp.sum(f, axis=0, keepdims=True))
+        inv_row.append(1.0 / jnp.sum(_floored_exp(x, row_max[v], cfg.row_temperature), axis=1, keepdims=True))
+        inv_col.append(1.0 / jnp.sum(_floored_exp(x, col_max[v], cfg.col_temperature), axis=0, keepdims=True))
     st = _Stats(row_max, col_max, inv_row, inv_col, [], [], [], [])  # the softmaxes' part
     xs = _fresh(views)
     col_sums = [jnp.sum(_row_softmax(cfg, x, st, v, 0, n), axis=0, keepdims=True) for v, x in enumerate(xs)]
@@ -242,21 +248,22 @@ def _loss_terms(cfg: _Config, views: tuple[jax.Array, ...], st: _Stats, lo: int,
     return targets, log_pred, pi
 
 
+def _u_terms(t: list, lp: list, st: _Stats, dots: list, to_pred: list[list[int]]) -> list[jax.Array]:
+    """``U_v = T_v ⊙ (A_v − a_v · Σ_y A_v T_v)`` on the loss rows, ``A_v = Σ_j LP_j`` (see :func:`_backward`)."""
+    return [t[v] * (sum(lp[j] for j in js) - jnp.where(st.active[v], dots[v], 0.0)) for v, js in enumerate(to_pred)]
+
+
 def _streamed_forward(cfg: _Config, views: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple]:
     """Loss of one head from its views (each (N, C)), and the backward's residuals (small)."""
     k, (n, _) = len(views), views[0].shape
     lo, hi = cfg.rows if cfg.rows is not None else (0, n)
-    to_pred = [[j for i, j in cfg.pairs if i == v] for v in range(k)]
-    to_target = [[i for i, j in cfg.pairs if j == v] for v in range(k)]
+    to_pred, to_target = _partners(cfg, k)
     st = _statistics(cfg, views, lo, hi)
     t, lp, _ = _loss_terms(cfg, _fresh(views), st, lo, hi)
     dots = [jnp.sum(t[v] * sum(lp[j] for j in to_pred[v]), axis=1, keepdims=True) for v in range(k)]
     # Column sums of the backward (Σ_n U and Σ_n π B, see _backward), computed here once.
     t, lp, pi = _loss_terms(cfg, _fresh(views), st, lo, hi)
-    col_u = [
-        jnp.sum(t[v] * (sum(lp[j] for j in to_pred[v]) - jnp.where(st.active[v], dots[v], 0.0)), axis=0, keepdims=True)
-        for v in range(k)
-    ]
+    col_u = [jnp.sum(u, axis=0, keepdims=True) for u in _u_terms(t, lp, st, dots, to_pred)]
     col_v = [jnp.sum(pi[v] * sum(t[i] for i in to_target[v]), axis=0, keepdims=True) * st.rho_scale[v] for v in range(k)]
     loss = -sum(jnp.sum(d) for d in dots) / (len(cfg.pairs) * (hi - lo))
     return loss, (views, st, dots, col_u, col_v)
@@ -268,16 +275,14 @@ def _streamed_backward(cfg: _Config, res: tuple, grad: jax.Array) -> tuple[tuple
     k, (n, _) = len(views), views[0].shape
     lo, hi = cfg.rows if cfg.rows is not None else (0, n)
     whole = (lo, hi) == (0, n)
-    to_pred = [[j for i, j in cfg.pairs if i == v] for v in range(k)]
-    to_target = [[i for i, j in cfg.pairs if j == v] for v in range(k)]
+    to_pred, to_target = _partners(cfg, k)
     scale = -grad / (len(cfg.pairs) * (hi - lo) * cfg.col_temperature)
     ratio = cfg.col_temperature / cfg.row_temperature
 
     def local(xs: tuple[jax.Array, ...]) -> tuple[list, list]:
         """Loss-row terms ``U`` and ``π B`` of every view."""
         t, lp, pi = _loss_terms(cfg, xs, st, lo, hi)
-        u = [t[v] * (sum(lp[j] for j in to_pred[v]) - jnp.where(st.active[v], dots[v], 0.0)) for v in range(k)]
-        return u, [pi[v] * sum(t[i] for i in to_target[v]) for v in range(k)]
+        return _u_terms(t, lp, st, dots, to_pred), [pi[v] * sum(t[i] for i in to_target[v]) for v in range(k)]
 
     # Row sums of V = π B (loss rows) − q (b/Q) Σ_n π B.
     xs = _fresh(views)
