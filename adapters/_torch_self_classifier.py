@@ -59,9 +59,12 @@ from clusterlearn.self_classifier import (
     view_pairs,
 )
 
+from . import _native
 from ._torch_distributed import agree, all_gather_with_grad, first_error, world_size
 
-__all__ = ["SelfClassifierFunction", "SelfClassifierLoss", "self_classifier_head_loss"]
+__all__ = ["FusedSelfClassifierFunction", "SelfClassifierFunction", "SelfClassifierLoss", "self_classifier_head_loss"]
+
+KERNELS = ("auto", "fused", "array")
 
 
 class _Config(NamedTuple):
@@ -273,6 +276,68 @@ class SelfClassifierFunction(torch.autograd.Function):
         return (None, *d_col.unbind(0))
 
 
+class FusedSelfClassifierFunction(torch.autograd.Function):
+    """:class:`SelfClassifierFunction` computed by the fused CPU kernel (:mod:`._native`).
+
+    Same arguments, value and gradient (the linear-space path only: CPU tensors, float32 or
+    float64, both guards of :func:`_linear_targets` and :func:`_linear_predictions`). The
+    forward makes three passes over the logits and keeps only ``(K, N)`` and ``(K, C)``
+    statistics; the backward makes one more and writes the gradient. Runs on
+    ``torch.get_num_threads()`` threads.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, cfg: _Config, *views: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        lib = _native.kernel()
+        views = tuple(x.detach().contiguous() for x in views)
+        k, (n, c), dtype = len(views), views[0].shape, views[0].dtype
+        rows = cfg.rows.indices(n)[:2] if cfg.rows is not None else (0, n)
+        params = _native.params(
+            k, n, c, rows, cfg.pairs,
+            row_temperature=cfg.row_temperature,
+            col_temperature=cfg.col_temperature,
+            log_floor_t=math.log(_target_floor(dtype, c, cfg.eps)),
+            log_floor_p=math.log(_prediction_floor(dtype, n, c, cfg.eps)),
+            eps=cfg.eps,
+            threads=torch.get_num_threads(),
+        )
+        stats = views[0].new_empty(lib.sc_stats_size(k, n, c))
+        suffix = "f32" if dtype == torch.float32 else "f64"
+        loss = getattr(lib, f"sc_forward_{suffix}")(_native.pointers([x.data_ptr() for x in views]), params, stats.data_ptr())
+        ctx.params, ctx.suffix, ctx.scale = params, suffix, -1.0 / (len(cfg.pairs) * (rows[1] - rows[0]) * cfg.col_temperature)
+        ctx.save_for_backward(stats, *views)
+        return torch.tensor(loss, dtype=dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
+        stats, *views = ctx.saved_tensors
+        out = views[0].new_empty((len(views), *views[0].shape))
+        getattr(_native.kernel(), f"sc_backward_{ctx.suffix}")(
+            _native.pointers([x.data_ptr() for x in views]),
+            ctx.params,
+            stats.data_ptr(),
+            float(grad) * ctx.scale,
+            _native.pointers([g.data_ptr() for g in out.unbind(0)]),
+        )
+        return (None, *out.unbind(0))
+
+
+def _fused_unavailable(views: Sequence[torch.Tensor], cfg: _Config) -> str | None:
+    """Why the fused kernel cannot compute this head (``None``: it can)."""
+    n, c = views[0].shape
+    dtype = views[0].dtype
+    if views[0].device.type != "cpu":
+        return f"the logits are on {views[0].device}, the kernel runs on the CPU"
+    if dtype not in (torch.float32, torch.float64):
+        return f"the kernel computes in float32 or float64, the logits are {dtype}"
+    if not (_linear_targets(dtype, c, cfg) and _linear_predictions(dtype, n, c, cfg)):
+        return "clamp_sums=False, or an eps too small for the dtype, needs the log-space arithmetic"
+    if _native.kernel() is None:
+        return "it could not be built (no C++ compiler, or CLUSTERLEARN_NATIVE=0)"
+    return None
+
+
 def self_classifier_head_loss(
     logits: torch.Tensor | Sequence[torch.Tensor],
     *,
@@ -281,6 +346,7 @@ def self_classifier_head_loss(
     eps: float = 1e-12,
     clamp_sums: bool = True,
     rows: slice | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Loss of one head from its global logits, with the closed-form backward.
 
@@ -295,6 +361,10 @@ def self_classifier_head_loss(
     rows : slice, optional
         This process's rows of a gathered global batch: the targets and predictions use all
         ``N`` rows (``N/C`` with the global ``N``), the pair terms average over these rows.
+    kernel : {"auto", "fused", "array"}, default "auto"
+        ``"fused"``: :class:`FusedSelfClassifierFunction` (raises ValueError where it does not
+        apply, with the reason); ``"array"``: :class:`SelfClassifierFunction`; ``"auto"``: the
+        fused kernel where it applies.
 
     Returns
     -------
@@ -315,6 +385,14 @@ def self_classifier_head_loss(
         None if rows is None or rows.indices(n) == slice(None).indices(n) else rows,
         view_pairs(len(views)),
     )
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel != "array":
+        why = _fused_unavailable(views, cfg)
+        if why is None:
+            return FusedSelfClassifierFunction.apply(cfg, *views)
+        if kernel == "fused":
+            raise ValueError(f"kernel='fused' cannot compute this loss: {why}")
     return SelfClassifierFunction.apply(cfg, *views)
 
 
@@ -340,6 +418,11 @@ class SelfClassifierLoss(torch.nn.Module):
         when ``torch.distributed`` is initialised with more than one process (decided at each
         call), else none. The loss is computed on the global logits, averaged over this
         process's rows, and its gradient flows back through the gather to the local logits.
+    kernel : {"auto", "fused", "array"}, default "auto"
+        ``"auto"``: the fused CPU kernel (:class:`FusedSelfClassifierFunction`, built with the
+        system's C++ compiler on first use) where it applies (CPU float32/float64 logits, the
+        linear-space arithmetic), else :class:`SelfClassifierFunction`. ``"fused"``: always the
+        kernel (ValueError with the reason where it does not apply). ``"array"``: never.
 
     Notes
     -----
@@ -347,7 +430,8 @@ class SelfClassifierLoss(torch.nn.Module):
     or ``criterion([[h0v0, h0v1, ...], [h1v0, h1v1, ...]])`` with torch tensors of shape
     ``(N, C)`` (``C`` may differ between heads); the result is the 0-d mean over heads and view
     pairs, as :class:`clusterlearn.self_classifier.SelfClassifierLoss`, and raises the same
-    errors on bad input. Each head runs :class:`SelfClassifierFunction` once on its stacked views.
+    errors on bad input. Each head runs the fused kernel or :class:`SelfClassifierFunction` once
+    on its views.
     """
 
     def __init__(
@@ -359,8 +443,12 @@ class SelfClassifierLoss(torch.nn.Module):
         clamp_sums: bool = True,
         check_finite: bool = True,
         gather: Gather | str | None = "auto",
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self.row_temperature = _check_positive("row_temperature", row_temperature)
         self.col_temperature = _check_positive("col_temperature", col_temperature)
         self.eps = _check_positive("eps", eps)
@@ -394,6 +482,7 @@ class SelfClassifierLoss(torch.nn.Module):
                 eps=self.eps,
                 clamp_sums=self.clamp_sums,
                 rows=rows,
+                kernel=self.kernel,
             )
             total = term if total is None else total + term
         return total / len(heads)
@@ -405,7 +494,7 @@ class SelfClassifierLoss(torch.nn.Module):
         return (
             f"row_temperature={self.row_temperature}, col_temperature={self.col_temperature}, "
             f"eps={self.eps}, clamp_sums={self.clamp_sums}, check_finite={self.check_finite}, "
-            f"gather={gather!r}"
+            f"gather={gather!r}, kernel={self.kernel!r}"
         )
 
 

@@ -5,9 +5,10 @@ The baseline is plain cross-entropy on the same two logits arrays with fixed ran
 (the sum of one cross-entropy per view), timed in the same run:
 
 - torch: ``torch.nn.functional.cross_entropy``, the core ``SelfClassifierLoss()(a, b)`` (autograd
-  through every op) and the adapter's ``SelfClassifierLoss(gather=None)(a, b)``
-  (``torch.autograd.Function`` with the closed-form backward), eager, ``loss.backward()`` on
-  leaf tensors;
+  through every op) and the adapter's ``SelfClassifierLoss(gather=None)(a, b)``, both with its
+  default fused CPU kernel (``kernel="auto"``, C++ built on first use) and with
+  ``kernel="array"`` (``torch.autograd.Function`` with the closed-form backward in torch ops),
+  eager, ``loss.backward()`` on leaf tensors;
 - jax: ``jax.jit(jax.value_and_grad(f, argnums=(0, 1)))`` of a log-softmax cross-entropy
   written with ``jax.nn.log_softmax``, of the core ``SelfClassifierLoss()(a, b)``, of the
   adapter's ``custom_vjp`` loss (its streamed form at these settings) and of the same
@@ -15,9 +16,9 @@ The baseline is plain cross-entropy on the same two logits arrays with fixed ran
   guards fail (compilation excluded: one warm-up call first).
 
 Times are the best of interleaved repeats (fewer repeats at large sizes; one warm-up call
-each; ``--compile`` adds torch.compile'd versions, compilation excluded). "without finite
-check" is the torch loss with ``check_finite=False`` (the finiteness
-check reads the logits once more). The table is printed in Markdown; every number in it is
+each; ``--compile`` adds torch.compile'd versions of the array closed form and of
+cross-entropy, compilation excluded). "no finite check" is the fused torch loss with
+``check_finite=False`` (the finiteness check reads the logits once more). The table is printed in Markdown; every number in it is
 measured by this run. ``--threads`` sets torch's intra-op threads and ``--flush-denormal``
 calls ``torch.set_flush_denormal(True)`` (denormal numbers in the backward pass are slow on
 x86 CPUs).
@@ -45,10 +46,10 @@ from clusterlearn.self_classifier import SelfClassifierLoss  # noqa: E402
 #: Row label and column order of the timed steps (``ce`` is the baseline).
 STEPS = {
     "sc": "core SelfClassifierLoss",
-    "sc_nocheck": "core, no finite check",
-    "fast": "closed-form backward",
+    "fused": "fused kernel",
+    "fused_nocheck": "fused, no finite check",
+    "fast": "closed-form backward, array ops",
     "fast_stacked": "closed-form, stacked (JAX)",
-    "fast_nocheck": "closed-form, no finite check",
     "fast_compiled": "closed-form + torch.compile",
     "ce_compiled": "cross-entropy + torch.compile",
 }
@@ -102,18 +103,18 @@ def bench_torch(
     from clusterlearn.adapters._torch_self_classifier import SelfClassifierLoss as FastLoss
 
     sc = SelfClassifierLoss()
-    sc_nocheck = SelfClassifierLoss(check_finite=False)
-    fast = FastLoss(gather=None)
-    fast_nocheck = FastLoss(gather=None, check_finite=False)
+    fused = FastLoss(gather=None, kernel="fused")
+    fused_nocheck = FastLoss(gather=None, kernel="fused", check_finite=False)
+    fast = FastLoss(gather=None, kernel="array")
     steps = {
         "ce": run(lambda: F.cross_entropy(a, y1) + F.cross_entropy(b, y2)),
         "sc": run(lambda: sc(a, b)),
-        "sc_nocheck": run(lambda: sc_nocheck(a, b)),
+        "fused": run(lambda: fused(a, b)),
+        "fused_nocheck": run(lambda: fused_nocheck(a, b)),
         "fast": run(lambda: fast(a, b)),
-        "fast_nocheck": run(lambda: fast_nocheck(a, b)),
     }
     if compile_:
-        fast_compiled = torch.compile(FastLoss(gather=None, check_finite=False))
+        fast_compiled = torch.compile(FastLoss(gather=None, check_finite=False, kernel="array"))
         ce_compiled = torch.compile(lambda p, q: F.cross_entropy(p, y1) + F.cross_entropy(q, y2))
         steps["fast_compiled"] = run(lambda: fast_compiled(a, b))
         steps["ce_compiled"] = run(lambda: ce_compiled(a, b))

@@ -7,7 +7,7 @@ from typing import Any
 import array_api_compat as aac
 
 from . import _backend as B
-from ._validation import check_features, check_int, check_labels, check_real
+from ._validation import all_finite, check_features, check_int, check_labels, check_real
 
 Array = Any
 
@@ -175,7 +175,7 @@ class SampleMemory:
         check_features(features, "features", dim=self.feat_dim, rows=indices.shape[0])
         # Checked again in the memory's dtype: float64 input may overflow or underflow there.
         feats = self.xp.astype(self.to_memory(features), self.dtype)
-        if not bool(self.xp.all(self.xp.isfinite(feats))):
+        if not all_finite(feats, self.xp):
             raise ValueError(f"features exceed the range of the memory's dtype {self.dtype}")
         if bool(self.xp.any(self.xp.all(feats == 0, axis=1))):
             raise ValueError("features has an all-zero row (in the memory's dtype), which has no direction to store")

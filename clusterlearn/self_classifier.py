@@ -112,6 +112,7 @@ from typing import Any
 import array_api_compat as aac
 
 from ._backend import namespace
+from ._validation import all_finite
 
 Array = Any
 Gather = Callable[[Array], "tuple[Array, slice]"]
@@ -237,7 +238,7 @@ def _check_finite(name: str, x: Array, xp: ModuleType) -> None:
     """Raise ValueError on NaN/inf; skipped for traced JAX arrays (inside ``jit``), whose values
     are unknown at trace time."""
     try:
-        ok = bool(xp.all(xp.isfinite(x)))
+        ok = all_finite(x, xp)
     except TypeError:  # jax.errors.ConcretizationTypeError is a TypeError
         if aac.is_jax_array(x):
             return

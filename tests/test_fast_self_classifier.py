@@ -73,14 +73,22 @@ def torch_fast(**kwargs):
     return SelfClassifierLoss(**kwargs)
 
 
+def core_params(params: dict) -> dict:
+    """The adapter's parameters without the adapter-only ``kernel``."""
+    return {k: v for k, v in params.items() if k != "kernel"}
+
+
+@pytest.mark.parametrize("kernel", ["auto", "array"])
 @pytest.mark.parametrize("clamp", [True, False], ids=["clamped", "exact"])
 @pytest.mark.parametrize("n,classes,views,scale,tr,tc,eps", CASES, ids=CASE_IDS)
-def test_torch_matches_core(n, classes, views, scale, tr, tc, eps, clamp):
+def test_torch_matches_core(n, classes, views, scale, tr, tc, eps, clamp, kernel):
+    """"auto" is the fused kernel where it applies (CPU, the linear-space cases), "array" the
+    closed form in torch ops."""
     torch = pytest.importorskip("torch")
     heads = make_heads(n + views, n, classes, views, scale)
-    params = dict(row_temperature=tr, col_temperature=tc, eps=eps, clamp_sums=clamp)
+    params = dict(row_temperature=tr, col_temperature=tc, eps=eps, clamp_sums=clamp, kernel=kernel)
     for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
-        expected, expected_grads = torch_value_and_grads(CoreLoss(**params), heads, dtype)
+        expected, expected_grads = torch_value_and_grads(CoreLoss(**core_params(params)), heads, dtype)
         got, grads = torch_value_and_grads(torch_fast(gather=None, **params), heads, dtype)
         np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
         scale_g = max(np.abs(g).max() for g in expected_grads)
@@ -90,8 +98,8 @@ def test_torch_matches_core(n, classes, views, scale, tr, tc, eps, clamp):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(), dict(clamp_sums=False), dict(eps=1e-200, row_temperature=0.7)],
-    ids=["clamped", "exact", "clamped-log-space"],
+    [dict(), dict(kernel="array"), dict(clamp_sums=False), dict(eps=1e-200, row_temperature=0.7)],
+    ids=["clamped", "clamped-array", "exact", "clamped-log-space"],
 )
 def test_torch_gradcheck(kwargs):
     torch = pytest.importorskip("torch")
