@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clusterlearn.self_classifier import SelfClassifierLoss as _CoreSelfClassifierLoss
 from clusterlearn.self_classifier import (
@@ -42,7 +44,11 @@ from clusterlearn.self_classifier import (
     view_pairs,
 )
 
+from . import _native
+
 __all__ = ["SelfClassifierLoss", "self_classifier_loss", "self_classifier_head_loss"]
+
+KERNELS = ("auto", "fused", "array")
 
 
 class _Config(NamedTuple):
@@ -312,6 +318,68 @@ def _streamed_head(cfg: _Config, views: tuple[jax.Array, ...]) -> jax.Array:
 _streamed_head.defvjp(_streamed_forward, _streamed_backward)
 
 
+# --------------------------------------------------------------------------------------------
+# Fused CPU kernel (adapters/_self_classifier_kernel.cpp through XLA FFI custom calls): three
+# passes over the views in the forward, one in the backward, only (K, N)/(K, C) statistics kept.
+# --------------------------------------------------------------------------------------------
+
+
+def _fused_attrs(cfg: _Config, views: tuple[jax.Array, ...]) -> dict[str, Any]:
+    """The kernel's parameters as FFI attributes."""
+    n, c = views[0].shape
+    floor_t, floor_p = _native.exp_floors(np.finfo(views[0].dtype), n, c, cfg.eps)
+    lo, hi = cfg.rows if cfg.rows is not None else (0, n)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return dict(
+        k=np.int64(len(views)), n=np.int64(n), c=np.int64(c), r0=np.int64(lo), r1=np.int64(hi),
+        pairs=np.asarray(cfg.pairs, dtype=np.int64).reshape(-1),
+        inv_tc=np.float64(1.0 / cfg.col_temperature), inv_tr=np.float64(1.0 / cfg.row_temperature),
+        log_floor_t=np.float64(math.log(floor_t)), log_floor_p=np.float64(math.log(floor_p)),
+        eps=np.float64(cfg.eps), threads=np.int64(threads),
+    )
+
+
+def _fused_forward(cfg: _Config, views: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple]:
+    k, (n, c), dtype = len(views), views[0].shape, views[0].dtype
+    shapes = (jax.ShapeDtypeStruct((), dtype), jax.ShapeDtypeStruct((_native.xla_targets().sc_stats_size(k, n, c),), dtype))
+    loss, stats = jax.ffi.ffi_call("clusterlearn_sc_forward", shapes)(*views, **_fused_attrs(cfg, views))
+    return loss, (views, stats)
+
+
+def _fused_backward(cfg: _Config, res: tuple, grad: jax.Array) -> tuple[tuple[jax.Array, ...]]:
+    views, stats = res
+    n = views[0].shape[0]
+    lo, hi = cfg.rows if cfg.rows is not None else (0, n)
+    scale = np.float64(-1.0 / (len(cfg.pairs) * (hi - lo) * cfg.col_temperature))
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in views]
+    grads = jax.ffi.ffi_call("clusterlearn_sc_backward", shapes)(*views, stats, grad, **_fused_attrs(cfg, views), scale=scale)
+    return (tuple(grads),)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_head(cfg: _Config, views: tuple[jax.Array, ...]) -> jax.Array:
+    """Loss of one head by the fused CPU kernel (linear-space case); ``cfg`` is static."""
+    return _fused_forward(cfg, views)[0]
+
+
+_fused_head.defvjp(_fused_forward, _fused_backward)
+
+
+def _fused_unavailable(views: Sequence[jax.Array], cfg: _Config) -> str | None:
+    """Why the fused kernel cannot compute this head (``None``: it can)."""
+    n, c = views[0].shape
+    dtype = views[0].dtype
+    if jax.default_backend() != "cpu":
+        return f"JAX computes on {jax.default_backend()}, the kernel runs on the CPU"
+    if dtype not in (jnp.float32, jnp.float64):
+        return f"the kernel computes in float32 or float64, the logits are {dtype}"
+    if not (_linear_targets(dtype, c, cfg) and _linear_predictions(dtype, n, c, cfg)):
+        return "clamp_sums=False, or an eps too small for the dtype, needs the log-space arithmetic"
+    if _native.xla_targets() is None:
+        return "it could not be built (no C++ compiler, or CLUSTERLEARN_NATIVE=0)"
+    return None
+
+
 def self_classifier_head_loss(
     logits: jax.Array | Sequence[jax.Array],
     *,
@@ -320,6 +388,7 @@ def self_classifier_head_loss(
     eps: float = 1e-12,
     clamp_sums: bool = True,
     rows: slice | None = None,
+    kernel: str = "auto",
 ) -> jax.Array:
     """Loss of one head from its global logits, with the closed-form ``custom_vjp``.
 
@@ -333,6 +402,11 @@ def self_classifier_head_loss(
     rows : slice, optional
         Static rows of this process in a gathered global batch (the pair terms average over
         them; softmaxes and ``N/C`` use all rows).
+    kernel : {"auto", "fused", "array"}, default "auto"
+        ``"fused"``: the fused CPU kernel through XLA FFI custom calls (ValueError with the
+        reason where it does not apply); ``"array"``: the streamed or stacked ``custom_vjp``
+        in ``jax.numpy``; ``"auto"``: the fused kernel where it applies (CPU backend, float32
+        or float64, the linear-space arithmetic).
 
     Returns
     -------
@@ -355,6 +429,14 @@ def self_classifier_head_loss(
         None if span is None or span[:2] == (0, n) else span[:2],
         view_pairs(len(views)),
     )
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel != "array":
+        why = _fused_unavailable(views, cfg)
+        if why is None:
+            return _fused_head(cfg, tuple(views))
+        if kernel == "fused":
+            raise ValueError(f"kernel='fused' cannot compute this loss: {why}")
     if _linear_targets(views[0].dtype, n_classes, cfg) and _linear_predictions(views[0].dtype, n, n_classes, cfg):
         return _streamed_head(cfg, tuple(views))
     return _head(cfg, jnp.stack(views))
@@ -369,6 +451,7 @@ def self_classifier_loss(
     clamp_sums: bool = True,
     gather: Gather | None = None,
     check_finite: bool = True,
+    kernel: str = "auto",
 ) -> jax.Array:
     """Self-Classifier loss over views and heads, as the core's, with the closed-form backward.
 
@@ -381,6 +464,8 @@ def self_classifier_loss(
     gather : callable, optional
         The core's contract ``gather(local) -> (global_logits, rows)`` with a static slice; see
         the module docstring for sharded arrays and ``shard_map``.
+    kernel : {"auto", "fused", "array"}, default "auto"
+        As in :func:`self_classifier_head_loss`.
 
     Returns
     -------
@@ -397,6 +482,8 @@ def self_classifier_loss(
     eps = _check_positive("eps", eps)
     if gather is not None and not callable(gather):
         raise TypeError(f"gather must be callable or None, got {type(gather).__name__}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     heads, names = _parse(logits)
     _, prepared = _prepare(heads, names, gather, check_finite)
     total = None
@@ -408,6 +495,7 @@ def self_classifier_loss(
             eps=eps,
             clamp_sums=clamp_sums,
             rows=rows,
+            kernel=kernel,
         )
         total = term if total is None else total + term
     return total / len(heads)
@@ -417,8 +505,19 @@ class SelfClassifierLoss(_CoreSelfClassifierLoss):
     """Callable Self-Classifier loss for JAX with the closed-form backward (``custom_vjp``).
 
     The core :class:`clusterlearn.SelfClassifierLoss` (same constructor, call forms, errors
-    and value) computing with :func:`self_classifier_loss`. There is no ``"auto"`` gather in
-    JAX (see the module docstring).
+    and value) computing with :func:`self_classifier_loss`, plus ``kernel`` ("auto", "fused"
+    or "array", see :func:`self_classifier_head_loss`). There is no ``"auto"`` gather in JAX
+    (see the module docstring).
     """
 
-    _loss_function = staticmethod(self_classifier_loss)
+    def __init__(self, *args: Any, kernel: str = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
+
+    def _loss_function(self, logits: Any, **kwargs: Any) -> jax.Array:  # type: ignore[override]
+        return self_classifier_loss(logits, kernel=self.kernel, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, kernel={self.kernel!r})"

@@ -22,10 +22,12 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Params", "kernel", "params"]
+__all__ = ["Params", "exp_floors", "kernel", "params", "pointers", "xla_targets"]
 
 _SOURCE = Path(__file__).with_name("_self_classifier_kernel.cpp")
+_XLA_SOURCE = Path(__file__).with_name("_self_classifier_xla.cpp")
 # No -ffast-math: the kernel's own exp/log vectorise without it, and its reductions are declared
 # with `omp simd` (-fopenmp-simd, no OpenMP runtime); a fast-math link would also add
 # crtfastmath.o, which switches the loading thread to flush-to-zero for good.
@@ -95,17 +97,55 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, source: Path, flags: Sequence[str], target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = Path(tmp) / "kernel.o", Path(tmp) / target.name
-        subprocess.run([compiler, *_COMPILE, "-c", str(_SOURCE), "-o", str(obj)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *_COMPILE, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True, text=True)
         subprocess.run([compiler, *_LINK, str(obj), "-o", str(lib), "-lm"], check=True, capture_output=True, text=True)
         os.replace(lib, target)  # atomic: concurrent builders (DDP ranks) never load half a file
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+def _load(name: str, source: Path, flags: Sequence[str] = ()) -> ctypes.CDLL | None:
+    """Compile ``source`` (with the kernel it includes) once per machine and load it."""
+    if os.environ.get("CLUSTERLEARN_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        texts = [path.read_text() for path in dict.fromkeys([_SOURCE, source])]
+        key = hashlib.sha256("\0".join([*texts, " ".join([*_COMPILE, *flags, *_LINK]), version, _cpu_id()]).encode())
+        target = _cache_dir() / f"{name}_{key.hexdigest()[:16]}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _build(compiler, source, flags, target)
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        warnings.warn(
+            f"clusterlearn: the fused Self-Classifier kernel could not be built with {compiler} "
+            f"({detail.strip()[:500]}); using the array implementation instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _declare_stats_size(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sc_stats_size.restype = ctypes.c_int64
     lib.sc_stats_size.argtypes = [ctypes.c_int64] * 3
+    return lib
+
+
+@functools.cache
+def kernel() -> ctypes.CDLL | None:
+    """The kernel's C functions (``sc_forward_f32`` ...), built on first use; ``None`` where it
+    cannot be built."""
+    lib = _load("self_classifier", _SOURCE)
+    if lib is None:
+        return None
+    _declare_stats_size(lib)
     for suffix in ("f32", "f64"):
         fwd, bwd = getattr(lib, f"sc_forward_{suffix}"), getattr(lib, f"sc_backward_{suffix}")
         fwd.restype = ctypes.c_double
@@ -116,32 +156,36 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 @functools.cache
-def kernel() -> ctypes.CDLL | None:
-    """The loaded kernel library, built on first use; ``None`` where it cannot be built."""
-    if os.environ.get("CLUSTERLEARN_NATIVE", "1") == "0":
+def xla_targets() -> ctypes.CDLL | None:
+    """Register the kernel's XLA FFI handlers (``_self_classifier_xla.cpp``) as the CPU
+    custom-call targets ``clusterlearn_sc_forward`` and ``clusterlearn_sc_backward``, building
+    them on first use against jaxlib's FFI headers. Returns their library (which also has
+    ``sc_stats_size``), or ``None`` where it cannot be built."""
+    import jax
+
+    lib = _load("self_classifier_xla", _XLA_SOURCE, [f"-I{jax.ffi.include_dir()}", f"-DJAXLIB_VERSION={jax.__version__}"])
+    if lib is None:
         return None
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        return None
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256(
-            "\0".join([_SOURCE.read_text(), " ".join(_COMPILE + _LINK), version, _cpu_id()]).encode()
-        ).hexdigest()[:16]
-        target = _cache_dir() / f"self_classifier_{key}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _build(compiler, target)
-        return _declare(ctypes.CDLL(str(target)))
-    except (OSError, subprocess.CalledProcessError) as err:
-        detail = getattr(err, "stderr", "") or str(err)
-        warnings.warn(
-            f"clusterlearn: the fused Self-Classifier kernel could not be built with {compiler} "
-            f"({detail.strip()[:500]}); using the array implementation instead",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
+    for name in ("clusterlearn_sc_forward", "clusterlearn_sc_backward"):
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    return _declare_stats_size(lib)
+
+
+def exp_floors(finfo: Any, n: int, c: int, eps: float) -> tuple[float, float]:
+    """Floors of ``exp`` in the column softmax (targets) and the row softmax (predictions) of
+    ``(n, c)`` logits on the linear-space path; ``finfo`` of their dtype (NumPy's or torch's).
+
+    The core floors ``exp`` at 8 × the smallest normal number and shows the change is below
+    rounding while ``C · floor / eps <= (dtype eps) / 1024`` (targets) and
+    ``(N/C) · floor / eps² <= (dtype eps) / 16`` and ``N · floor / eps <= (dtype eps) / 16``
+    (predictions). The largest floors within those bounds keep every product in the loss
+    and its gradient away from denormal numbers, which cost 10-100× per operation on x86.
+    """
+    tiny = 8.0 * float(finfo.tiny)
+    resolution = float(finfo.eps)
+    target = max(tiny, eps * resolution / 1024 / c)
+    prediction = max(tiny, min(eps * eps * resolution / 16 * c / n, eps * resolution / 16 / n))
+    return target, prediction
 
 
 def pointers(addresses: Sequence[int]) -> ctypes.Array:

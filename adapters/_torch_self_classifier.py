@@ -99,26 +99,6 @@ def _linear_predictions(dtype: torch.dtype, n: int, n_classes: int, cfg: _Config
     )
 
 
-def _target_floor(dtype: torch.dtype, n_classes: int, eps: float) -> float:
-    """Floor of the column softmax's ``exp`` on the linear-space target path.
-
-    The core floors ``exp`` at ``_tiny`` and shows that the change is below rounding while
-    ``C · floor / eps <= (dtype eps) / 1024``. The largest floor with that bound keeps ``p``,
-    ``T`` and their products in the backward away from denormal numbers, which cost 10-30×
-    per operation on x86 CPUs without flush-to-zero (``torch.set_flush_denormal`` only sets it
-    for the calling thread, not for the intra-op worker threads).
-    """
-    return max(_tiny(dtype), eps * torch.finfo(dtype).eps / 1024 / n_classes)
-
-
-def _prediction_floor(dtype: torch.dtype, n: int, n_classes: int, eps: float) -> float:
-    """Floor of the row softmax's ``exp`` on the linear-space prediction path: the largest value
-    meeting the core's guards ``(N/C)·floor/eps² <= (dtype eps)/16`` and ``N·floor/eps <= (dtype eps)/16``
-    (see :func:`_target_floor`)."""
-    resolution = torch.finfo(dtype).eps / 16
-    return max(_tiny(dtype), min(eps * eps * resolution * n_classes / n, eps * resolution / n))
-
-
 def _softmax(views: Sequence[torch.Tensor], dim: int, temperature: float, floor: float) -> torch.Tensor:
     """``softmax(x_v / temperature, dim)`` of every view, stacked to ``(K, N, C)``; ``exp`` floored.
 
@@ -173,7 +153,7 @@ class SelfClassifierFunction(torch.autograd.Function):
         with torch.no_grad():
             # Targets T (loss rows) and the column softmax p (all rows).
             if stacked is None or _linear_targets(dtype, n_classes, cfg):
-                p = _softmax(views, 0, cfg.col_temperature, _target_floor(dtype, n_classes, cfg.eps))
+                p = _softmax(views, 0, cfg.col_temperature, _native.exp_floors(torch.finfo(dtype), n_global, n_classes, cfg.eps)[0])
                 row_sum = p[:, rows].sum(dim=2, keepdim=True)
                 target = p[:, rows] / row_sum.clamp_min(cfg.eps)
                 active_t = row_sum > cfg.eps
@@ -193,7 +173,7 @@ class SelfClassifierFunction(torch.autograd.Function):
             # softmax q and q/Q = rho * rho_scale (all rows).
             ratio = n_global / n_classes
             if stacked is None or _linear_predictions(dtype, n_global, n_classes, cfg):
-                floor = _prediction_floor(dtype, n_global, n_classes, cfg.eps)
+                floor = _native.exp_floors(torch.finfo(dtype), n_global, n_classes, cfg.eps)[1]
                 q = _softmax(views, 1, cfg.row_temperature, floor)
                 col_sum = q.sum(dim=1, keepdim=True)
                 inv_norm = col_sum.clamp_min(cfg.eps).reciprocal_()
@@ -292,12 +272,13 @@ class FusedSelfClassifierFunction(torch.autograd.Function):
         views = tuple(x.detach().contiguous() for x in views)
         k, (n, c), dtype = len(views), views[0].shape, views[0].dtype
         rows = cfg.rows.indices(n)[:2] if cfg.rows is not None else (0, n)
+        floor_t, floor_p = _native.exp_floors(torch.finfo(dtype), n, c, cfg.eps)
         params = _native.params(
             k, n, c, rows, cfg.pairs,
             row_temperature=cfg.row_temperature,
             col_temperature=cfg.col_temperature,
-            log_floor_t=math.log(_target_floor(dtype, c, cfg.eps)),
-            log_floor_p=math.log(_prediction_floor(dtype, n, c, cfg.eps)),
+            log_floor_t=math.log(floor_t),
+            log_floor_p=math.log(floor_p),
             eps=cfg.eps,
             threads=torch.get_num_threads(),
         )

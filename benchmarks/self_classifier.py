@@ -11,9 +11,10 @@ The baseline is plain cross-entropy on the same two logits arrays with fixed ran
   eager, ``loss.backward()`` on leaf tensors;
 - jax: ``jax.jit(jax.value_and_grad(f, argnums=(0, 1)))`` of a log-softmax cross-entropy
   written with ``jax.nn.log_softmax``, of the core ``SelfClassifierLoss()(a, b)``, of the
-  adapter's ``custom_vjp`` loss (its streamed form at these settings) and of the same
-  ``custom_vjp`` on the stacked ``(2, N, C)`` views, the form it takes where the linear-space
-  guards fail (compilation excluded: one warm-up call first).
+  adapter's loss with the fused kernel (XLA FFI custom calls, ``kernel="fused"``), of its
+  ``custom_vjp`` in ``jax.numpy`` (``kernel="array"``: the streamed form at these settings) and
+  of the same ``custom_vjp`` on the stacked ``(2, N, C)`` views, the form it takes where the
+  linear-space guards fail (compilation excluded: one warm-up call first).
 
 Times are the best of interleaved repeats (fewer repeats at large sizes; one warm-up call
 each; ``--compile`` adds torch.compile'd versions of the array closed form and of
@@ -138,17 +139,25 @@ def bench_jax(a_np: np.ndarray, b_np: np.ndarray, labels: tuple[np.ndarray, np.n
     from clusterlearn.self_classifier import view_pairs
 
     sc = SelfClassifierLoss()
-    fast = FastLoss()
+    fused = FastLoss(kernel="fused")
+    fast = FastLoss(kernel="array")
     stacked = _Config(0.1, 0.05, 1e-12, True, None, view_pairs(2))  # the loss's defaults
     ce_step = jax.jit(jax.value_and_grad(lambda p, q: cross_entropy(p, y1) + cross_entropy(q, y2), argnums=(0, 1)))
     sc_step = jax.jit(jax.value_and_grad(lambda p, q: sc(p, q), argnums=(0, 1)))
+    fused_step = jax.jit(jax.value_and_grad(lambda p, q: fused(p, q), argnums=(0, 1)))
     fast_step = jax.jit(jax.value_and_grad(lambda p, q: fast(p, q), argnums=(0, 1)))
     stacked_step = jax.jit(jax.value_and_grad(lambda p, q: _head(stacked, jnp.stack([p, q])), argnums=(0, 1)))
 
     def run(step: Callable) -> Callable[[], None]:
         return lambda: jax.block_until_ready(step(a, b))
 
-    steps = {"ce": run(ce_step), "sc": run(sc_step), "fast": run(fast_step), "fast_stacked": run(stacked_step)}
+    steps = {
+        "ce": run(ce_step),
+        "sc": run(sc_step),
+        "fused": run(fused_step),
+        "fast": run(fast_step),
+        "fast_stacked": run(stacked_step),
+    }
     return best_times(steps, repeats)
 
 

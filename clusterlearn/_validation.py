@@ -7,6 +7,7 @@ their checks before touching their state, so a rejected call leaves nothing half
 
 from __future__ import annotations
 
+import math
 import numbers
 from types import ModuleType
 from typing import Any
@@ -54,12 +55,14 @@ def check_features(x: Array, name: str, *, dim: int | None = None, rows: int | N
 
 
 def all_finite(x: Array, xp: ModuleType) -> bool:
-    """Whether the non-empty floating array ``x`` holds no NaN or inf (blocks until known).
+    """Whether the floating array ``x`` holds no NaN or inf (blocks until known).
 
     Its maximum and minimum: the array API propagates NaN through ``max``/``min``, so two
     reductions decide it without the bool array of ``all(isfinite(x))`` (7x faster on a
     4096 x 8000 torch tensor here: 18 vs 132 ms).
     """
+    if math.prod(x.shape) == 0:
+        return True
     return bool(xp.isfinite(xp.max(x))) and bool(xp.isfinite(xp.min(x)))
 
 

@@ -7,6 +7,7 @@ tests check against finite differences of a float64 NumPy transcription of the s
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -262,26 +263,28 @@ def jax_fast(**kwargs):
     return SelfClassifierLoss(**kwargs)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "array"])
 @pytest.mark.parametrize(
     "case,clamp", [(0, True), (1, False), (3, True), (5, True)], ids=["2v", "peaked-exact", "5v-tau", "heads-tiny-eps"]
 )
-def test_jax_matches_core(case, clamp):
+def test_jax_matches_core(case, clamp, kernel):
     n, classes, views, scale, tr, tc, eps = CASES[case]
     heads = make_heads(n + views, n, classes, views, scale)
     params = dict(row_temperature=tr, col_temperature=tc, eps=eps, clamp_sums=clamp)
     expected, expected_grads = jax_value_and_grads(CoreLoss(**params), heads)
-    got, grads = jax_value_and_grads(jax_fast(**params), heads)
+    got, grads = jax_value_and_grads(jax_fast(kernel=kernel, **params), heads)
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
     scale_g = max(np.abs(g).max() for g in expected_grads)
     for g, e in zip(grads, expected_grads):
         np.testing.assert_allclose(g, e, rtol=2e-3, atol=2e-4 * scale_g)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "array"])
 @pytest.mark.parametrize("case", [1, 3, 4], ids=[CASE_IDS[i] for i in (1, 3, 4)])
-def test_jax_float64_matches_core(case):
-    """Under x64 the streamed path (both linear-space guards hold) equals the core to rounding,
-    also for one rank's loss over a gather (loss rows a slice of the global batch) and with
-    both clamps biting (case "peaked": one view collapsed)."""
+def test_jax_float64_matches_core(case, kernel):
+    """Under x64 the fused kernel ("auto") and the streamed path ("array"; both linear-space
+    guards hold) equal the core to rounding, also for one rank's loss over a gather (loss rows
+    a slice of the global batch) and with both clamps biting (case "peaked": one view collapsed)."""
     jax = pytest.importorskip("jax")
     from clusterlearn.adapters._jax_self_classifier import _Config, _linear_predictions, _linear_targets
 
@@ -292,6 +295,7 @@ def test_jax_float64_matches_core(case):
     params = dict(row_temperature=tr, col_temperature=tc, eps=eps)
     cfg = _Config(tr, tc, eps, True, None, ())
     rows = slice(n // 3, n // 3 + n // 2)
+    fast = functools.partial(jax_fast, kernel=kernel)
 
     def rank_loss(crit_class, vs):
         local = [x[rows] for x in vs]
@@ -300,9 +304,9 @@ def test_jax_float64_matches_core(case):
     with jax.enable_x64(True):
         assert all(_linear_targets(np.float64, c, cfg) and _linear_predictions(np.float64, n, c, cfg) for c in classes)
         xs = [[jax.numpy.asarray(v) for v in vs] for vs in heads]
-        checks = [[lambda h, c=c: c(**params)(arg(h)) for c in (CoreLoss, jax_fast)]]
+        checks = [[lambda h, c=c: c(**params)(arg(h)) for c in (CoreLoss, fast)]]
         if len(xs) == 1:  # one head: also one rank's loss over a gather
-            checks.append([lambda h, c=c: rank_loss(c, h[0]) for c in (CoreLoss, jax_fast)])
+            checks.append([lambda h, c=c: rank_loss(c, h[0]) for c in (CoreLoss, fast)])
         for core_fn, fast_fn in checks:
             expected, expected_grads = jax.jit(jax.value_and_grad(core_fn))(xs)
             got, grads = jax.jit(jax.value_and_grad(fast_fn))(xs)

@@ -1,9 +1,10 @@
 """The fused CPU kernel of the Self-Classifier loss (``adapters/_self_classifier_kernel.cpp``).
 
-It must give the value and gradient of the closed form in torch ops
-(:class:`SelfClassifierFunction`, itself checked against the core and finite differences in
-``test_fast_self_classifier.py``) for every view layout, row slice (gathered batch), dtype
-and thread count; it is chosen only where it applies; building it fails softly.
+Through either adapter (torch: ctypes in an ``autograd.Function``; JAX: XLA FFI custom calls
+in a ``custom_vjp``) it must give the value and gradient of the closed form in array ops
+(itself checked against the core and finite differences in ``test_fast_self_classifier.py``)
+for every view layout, row slice (gathered batch), dtype and thread count; it is chosen only
+where it applies; building it fails softly.
 """
 
 from __future__ import annotations
@@ -11,41 +12,55 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from clusterlearn.adapters import _native
 
-from clusterlearn.adapters import _native  # noqa: E402
-from clusterlearn.adapters._torch_self_classifier import SelfClassifierLoss, self_classifier_head_loss  # noqa: E402
+# (views, N, C, scale, loss rows, row/col temperatures); the kernel starts a second thread
+# from 65,536 elements per thread (K N C in the forward's passes)
+LAYOUTS = [
+    (2, 64, 10, 3.0, None, (0.1, 0.05)),
+    (3, 40, 7, 1.0, slice(10, 30), (0.1, 0.05)),  # a rank's rows of a gathered batch
+    (8, 200, 100, 2.0, None, (0.1, 0.05)),  # multi-crop: 2 global + 6 local views, 26 pairs
+    (3, 600, 129, 4.0, slice(100, 500), (0.3, 0.2)),  # C not a multiple of the vector width
+    (2, 300, 1000, 3.0, None, (0.1, 0.05)),
+    (2, 2, 2, 1.0, None, (1.0, 1.0)),
+]
+LAYOUT_IDS = ["2v", "rows", "8v", "3v-rows-odd-c", "large", "tiny"]
+
+
+def layout_views(k: int, n: int, c: int, scale: float) -> list[np.ndarray]:
+    rng = np.random.default_rng(k * n + c)
+    return [scale * rng.standard_normal((n, c)) for _ in range(k)]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch
+# ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def fused():
+    pytest.importorskip("torch")
     if _native.kernel() is None:
         pytest.skip("the fused kernel cannot be built here (no C++ compiler)")
 
 
 def value_and_grads(views: list[np.ndarray], dtype, grad_scale: float = 1.7, **kwargs):
+    import torch
+
+    from clusterlearn.adapters._torch_self_classifier import self_classifier_head_loss
+
     xs = [torch.tensor(v, dtype=dtype, requires_grad=True) for v in views]
     loss = self_classifier_head_loss(xs, **kwargs)
     grads = torch.autograd.grad(loss * grad_scale, xs)
     return loss.detach(), torch.stack(grads), loss.grad_fn
 
 
-# (views, N, C, scale, loss rows, row/col temperatures): two threads need N >= 32
-LAYOUTS = [
-    (2, 64, 10, 3.0, None, (0.1, 0.05)),
-    (3, 40, 7, 1.0, slice(10, 30), (0.1, 0.05)),  # a rank's rows of a gathered batch
-    (8, 48, 33, 2.0, None, (0.1, 0.05)),  # multi-crop: 2 global + 6 local views, 26 pairs
-    (5, 37, 129, 4.0, slice(0, 17), (0.3, 0.2)),  # C not a multiple of the vector width
-    (2, 300, 1000, 3.0, None, (0.1, 0.05)),
-    (2, 2, 2, 1.0, None, (1.0, 1.0)),
-]
-
-
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("k,n,c,scale,rows,temps", LAYOUTS, ids=["2v", "rows", "8v", "5v-rows-odd-c", "large", "tiny"])
+@pytest.mark.parametrize("k,n,c,scale,rows,temps", LAYOUTS, ids=LAYOUT_IDS)
 def test_fused_equals_array_closed_form(fused, k, n, c, scale, rows, temps, threads):
-    rng = np.random.default_rng(k * n + c)
-    views = [scale * rng.standard_normal((n, c)) for _ in range(k)]
+    import torch
+
+    views = layout_views(k, n, c, scale)
     tr, tc = temps
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -65,6 +80,8 @@ def test_fused_equals_array_closed_form(fused, k, n, c, scale, rows, temps, thre
 def test_fused_gradient_is_not_trivial(fused):
     """A mutation check of the test above: the gradients differ between different logits and
     scale with the incoming gradient (a backward that ignores its input would pass nothing here)."""
+    import torch
+
     rng = np.random.default_rng(5)
     views = [3 * rng.standard_normal((40, 9)) for _ in range(3)]
     _, g1, _ = value_and_grads(views, torch.float64, grad_scale=1.0, kernel="fused")
@@ -78,6 +95,8 @@ def test_fused_gradient_is_not_trivial(fused):
 def test_fused_peaked_logits_and_denormal_mode(fused):
     """Peaked logits (both max(sum, eps) clamps bite, products underflow past float32's normal
     range) stay finite and equal; the kernel's flush-to-zero does not leak into the caller."""
+    import torch
+
     x = np.full((64, 8), -3.0)
     x[:, 0] = 3.0
     views = [x * 1e3, x * 1e3 + np.random.default_rng(0).standard_normal(x.shape)]
@@ -92,6 +111,10 @@ def test_fused_peaked_logits_and_denormal_mode(fused):
 
 
 def test_fused_retain_graph_backward_twice(fused):
+    import torch
+
+    from clusterlearn.adapters._torch_self_classifier import SelfClassifierLoss
+
     a, b = (torch.randn(40, 6, requires_grad=True) for _ in range(2))
     loss = SelfClassifierLoss(gather=None, kernel="fused")(a, b)
     first = torch.autograd.grad(loss, (a, b), retain_graph=True)
@@ -101,6 +124,10 @@ def test_fused_retain_graph_backward_twice(fused):
 
 
 def test_kernel_selection(fused, monkeypatch):
+    import torch
+
+    from clusterlearn.adapters._torch_self_classifier import SelfClassifierLoss, self_classifier_head_loss
+
     rng = np.random.default_rng(2)
     a, b = (torch.tensor(rng.standard_normal((16, 5)), requires_grad=True) for _ in range(2))
 
@@ -138,3 +165,64 @@ def test_build_into_fresh_cache_and_failure_warns(tmp_path, monkeypatch):
         assert build() is None
     monkeypatch.setenv("CLUSTERLEARN_NATIVE", "0")
     assert build() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX (XLA FFI custom calls)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def jax_fused():
+    pytest.importorskip("jax")
+    if _native.xla_targets() is None:
+        pytest.skip("the fused kernel's XLA handlers cannot be built here (no C++ compiler)")
+
+
+def jax_value_and_grads(views: list[np.ndarray], dtype, **kwargs):
+    import jax
+    import jax.numpy as jnp
+
+    from clusterlearn.adapters._jax_self_classifier import self_classifier_head_loss
+
+    xs = [jnp.asarray(v, dtype=dtype) for v in views]
+    loss, grads = jax.jit(jax.value_and_grad(lambda vs: 1.7 * self_classifier_head_loss(vs, **kwargs)))(xs)
+    return float(loss), np.stack([np.asarray(g, dtype=np.float64) for g in grads])
+
+
+@pytest.mark.parametrize("k,n,c,scale,rows,temps", LAYOUTS, ids=LAYOUT_IDS)
+def test_jax_fused_equals_array_closed_form(jax_fused, k, n, c, scale, rows, temps):
+    import jax
+    import jax.numpy as jnp
+
+    views = layout_views(k, n, c, scale)
+    common = dict(rows=rows, row_temperature=temps[0], col_temperature=temps[1])
+    with jax.enable_x64(True):
+        for dtype, rtol in ((jnp.float64, 1e-12), (jnp.float32, 2e-6)):
+            loss, grads = jax_value_and_grads(views, dtype, kernel="fused", **common)
+            ref, ref_grads = jax_value_and_grads(views, dtype, kernel="array", **common)
+            np.testing.assert_allclose(loss, ref, rtol=rtol)
+            np.testing.assert_allclose(grads, ref_grads, rtol=100 * rtol, atol=10 * rtol * np.abs(ref_grads).max())
+
+
+def test_jax_kernel_selection(jax_fused):
+    import jax
+    import jax.numpy as jnp
+
+    from clusterlearn.adapters._jax_self_classifier import SelfClassifierLoss, self_classifier_head_loss
+
+    a, b = (jnp.asarray(np.random.default_rng(s).standard_normal((16, 5)), dtype=jnp.float32) for s in (0, 1))
+
+    def lowered(**kwargs) -> str:
+        return str(jax.make_jaxpr(jax.grad(lambda p, q: self_classifier_head_loss([p, q], **kwargs)))(a, b))
+
+    assert "clusterlearn_sc_forward" in lowered() and "clusterlearn_sc_backward" in lowered()
+    for kwargs in (dict(clamp_sums=False), dict(kernel="array"), dict(eps=1e-200)):
+        assert "clusterlearn_sc" not in lowered(**kwargs), kwargs
+    with pytest.raises(ValueError, match="log-space"):
+        SelfClassifierLoss(clamp_sums=False, kernel="fused")(a, b)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        SelfClassifierLoss(kernel="triton")
+    crit = SelfClassifierLoss()
+    assert repr(crit).endswith("kernel='auto')")
+    np.testing.assert_allclose(float(crit(a, b)), float(SelfClassifierLoss(kernel="array")(a, b)), rtol=2e-6)
