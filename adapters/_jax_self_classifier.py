@@ -320,7 +320,8 @@ _streamed_head.defvjp(_streamed_forward, _streamed_backward)
 
 # --------------------------------------------------------------------------------------------
 # Fused CPU kernel (adapters/_self_classifier_kernel.cpp through XLA FFI custom calls): three
-# passes over the views in the forward, one in the backward, only (K, N)/(K, C) statistics kept.
+# passes over the views in the forward, one in the backward; (K, N)/(K, C) statistics and the
+# gradient's row-local part g0 are kept in between.
 # --------------------------------------------------------------------------------------------
 
 
@@ -339,30 +340,39 @@ def _fused_attrs(cfg: _Config, views: tuple[jax.Array, ...]) -> dict[str, Any]:
     )
 
 
-def _fused_forward(cfg: _Config, views: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple]:
+def _fused_call(target: str, cfg: _Config, views: tuple[jax.Array, ...], grads: bool) -> list[jax.Array]:
+    """``[loss, stats]`` (and the gradient's row-local part ``g0``, one per view, if ``grads``)."""
     k, (n, c), dtype = len(views), views[0].shape, views[0].dtype
-    shapes = (jax.ShapeDtypeStruct((), dtype), jax.ShapeDtypeStruct((_native.xla_targets().sc_stats_size(k, n, c),), dtype))
-    loss, stats = jax.ffi.ffi_call("clusterlearn_sc_forward", shapes)(*views, **_fused_attrs(cfg, views))
-    return loss, (views, stats)
-
-
-def _fused_backward(cfg: _Config, res: tuple, grad: jax.Array) -> tuple[tuple[jax.Array, ...]]:
-    views, stats = res
-    n = views[0].shape[0]
-    lo, hi = cfg.rows if cfg.rows is not None else (0, n)
-    scale = np.float64(-1.0 / (len(cfg.pairs) * (hi - lo) * cfg.col_temperature))
-    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in views]
-    grads = jax.ffi.ffi_call("clusterlearn_sc_backward", shapes)(*views, stats, grad, **_fused_attrs(cfg, views), scale=scale)
-    return (tuple(grads),)
+    shapes = [jax.ShapeDtypeStruct((), dtype), jax.ShapeDtypeStruct((_native.xla_targets().sc_stats_size(k, n, c),), dtype)]
+    shapes += [jax.ShapeDtypeStruct(x.shape, dtype) for x in views] if grads else []
+    return jax.ffi.ffi_call(target, shapes)(*views, **_fused_attrs(cfg, views))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_head(cfg: _Config, views: tuple[jax.Array, ...]) -> jax.Array:
     """Loss of one head by the fused CPU kernel (linear-space case); ``cfg`` is static."""
-    return _fused_forward(cfg, views)[0]
+    return _fused_call("clusterlearn_sc_forward", cfg, views, grads=False)[0]
 
 
-_fused_head.defvjp(_fused_forward, _fused_backward)
+def _fused_fwd(cfg: _Config, views: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple]:
+    loss, stats, *g0 = _fused_call("clusterlearn_sc_vjp_fwd", cfg, views, grads=True)
+    return loss, (views, stats, g0)
+
+
+def _fused_bwd(cfg: _Config, res: tuple, grad: jax.Array) -> tuple[tuple[jax.Array, ...]]:
+    views, stats, g0 = res
+    k, n = len(views), views[0].shape[0]
+    lo, hi = cfg.rows if cfg.rows is not None else (0, n)
+    scale = np.float64(-1.0 / (len(cfg.pairs) * (hi - lo) * cfg.col_temperature))
+    call = jax.ffi.ffi_call(
+        "clusterlearn_sc_vjp_bwd",
+        [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in views],
+        input_output_aliases={k + 1 + v: v for v in range(k)},  # each g0 becomes its gradient
+    )
+    return (tuple(call(*views, stats, *g0, grad, **_fused_attrs(cfg, views), scale=scale)),)
+
+
+_fused_head.defvjp(_fused_fwd, _fused_bwd)
 
 
 def _fused_unavailable(views: Sequence[jax.Array], cfg: _Config) -> str | None:

@@ -1,8 +1,8 @@
 """The fused CPU kernel of the Self-Classifier loss: built with a C++ compiler on first use.
 
 ``_self_classifier_kernel.cpp`` (next to this file) streams one head's views row by row: four
-passes over the logits and only ``(K, N)`` / ``(K, C)`` statistics in between, instead of the
-~30 full-size passes and intermediates of the eager closed form. :func:`kernel` compiles it
+passes over the logits, ``(K, N)`` / ``(K, C)`` statistics in between and one gradient-sized
+buffer, instead of the ~30 full-size passes and intermediates of the eager closed form. :func:`kernel` compiles it
 once per machine into a cache directory (``$CLUSTERLEARN_CACHE``, else
 ``$XDG_CACHE_HOME/clusterlearn``, else ``~/.cache/clusterlearn``; a few seconds) and loads it
 with :mod:`ctypes`. Without a compiler, or with ``CLUSTERLEARN_NATIVE=0``, it returns ``None``
@@ -28,6 +28,8 @@ __all__ = ["Params", "exp_floors", "kernel", "params", "pointers", "xla_targets"
 
 _SOURCE = Path(__file__).with_name("_self_classifier_kernel.cpp")
 _XLA_SOURCE = Path(__file__).with_name("_self_classifier_xla.cpp")
+#: The custom-call targets of ``_self_classifier_xla.cpp``.
+XLA_TARGETS = ("clusterlearn_sc_forward", "clusterlearn_sc_vjp_fwd", "clusterlearn_sc_vjp_bwd")
 # No -ffast-math: the kernel's own exp/log vectorise without it, and its reductions are declared
 # with `omp simd` (-fopenmp-simd, no OpenMP runtime); a fast-math link would also add
 # crtfastmath.o, which switches the loading thread to flush-to-zero for good.
@@ -132,6 +134,30 @@ def _load(name: str, source: Path, flags: Sequence[str] = ()) -> ctypes.CDLL | N
         return None
 
 
+def _torch_openmp() -> tuple[int, int, int] | None:
+    """``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads`` of the OpenMP runtime
+    that PyTorch loaded (its bundled ``torch/lib/libgomp.so.1`` on Linux), or None.
+
+    The kernel then runs on PyTorch's own thread pool: its workers spin for milliseconds after
+    every parallel op, and threads of the kernel's own would have to share the cores with them
+    (measured: 512 x 1000 logits, 2 cores: 7.7 ms right after a PyTorch reduction, 5.1 ms
+    without one).
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "/torch/lib/" in line and "omp" in line.rsplit("/", 1)[-1]})
+    except OSError:
+        return None
+    names = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+    for path in paths:
+        try:
+            runtime = ctypes.CDLL(path)  # already loaded: the same instance as PyTorch's
+            return tuple(ctypes.cast(getattr(runtime, name), ctypes.c_void_p).value for name in names)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
 def _declare_stats_size(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sc_stats_size.restype = ctypes.c_int64
     lib.sc_stats_size.argtypes = [ctypes.c_int64] * 3
@@ -140,33 +166,39 @@ def _declare_stats_size(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
-    """The kernel's C functions (``sc_forward_f32`` ...), built on first use; ``None`` where it
-    cannot be built."""
+    """The kernel's C functions (``sc_stats_size``, ``sc_forward_f32/f64``, ``sc_finish_f32/f64``),
+    built on first use; ``None`` where it cannot be built."""
     lib = _load("self_classifier", _SOURCE)
     if lib is None:
         return None
     _declare_stats_size(lib)
+    lib.sc_use_openmp.restype = None
+    lib.sc_use_openmp.argtypes = [ctypes.c_void_p] * 3
+    runtime = _torch_openmp()
+    if runtime is not None:
+        lib.sc_use_openmp(*runtime)
+    ptr, params = ctypes.c_void_p, ctypes.POINTER(Params)
     for suffix in ("f32", "f64"):
-        fwd, bwd = getattr(lib, f"sc_forward_{suffix}"), getattr(lib, f"sc_backward_{suffix}")
+        fwd, finish = getattr(lib, f"sc_forward_{suffix}"), getattr(lib, f"sc_finish_{suffix}")
         fwd.restype = ctypes.c_double
-        fwd.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.c_void_p]
-        bwd.restype = None
-        bwd.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p]
+        fwd.argtypes = [ptr, params, ptr, ptr]  # views, params, stats, g0 (or None)
+        finish.restype = None
+        finish.argtypes = [ptr, params, ptr, ctypes.c_double, ptr, ptr]  # views, params, stats, scale, g0, out
     return lib
 
 
 @functools.cache
 def xla_targets() -> ctypes.CDLL | None:
     """Register the kernel's XLA FFI handlers (``_self_classifier_xla.cpp``) as the CPU
-    custom-call targets ``clusterlearn_sc_forward`` and ``clusterlearn_sc_backward``, building
-    them on first use against jaxlib's FFI headers. Returns their library (which also has
+    custom-call targets :data:`XLA_TARGETS`, building them on first use against jaxlib's FFI
+    headers. Returns their library (which also has
     ``sc_stats_size``), or ``None`` where it cannot be built."""
     import jax
 
     lib = _load("self_classifier_xla", _XLA_SOURCE, [f"-I{jax.ffi.include_dir()}", f"-DJAXLIB_VERSION={jax.__version__}"])
     if lib is None:
         return None
-    for name in ("clusterlearn_sc_forward", "clusterlearn_sc_backward"):
+    for name in XLA_TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     return _declare_stats_size(lib)
 

@@ -11,15 +11,16 @@
 //                     column sums Q; the column sums of exp((x - column max)/tau_col)
 //             pass 3  per loss row: the column softmax p, its row sum S and the targets T;
 //                     q, w, LP = log(w + eps) and pi; A, B and the pair dots (the loss);
-//                     then the column sums of U = T (A - a r) and of pi B
-//   backward  pass 4  per row: the gradient from the statistics (p and q again, and on loss
-//                     rows T, LP, pi, A, B: six exponentials and two logarithms per element in all)
+//                     then the column sums of U = T (A - a r) and of pi B and, when a
+//                     gradient is wanted, its row-local part g0 = U + alpha pi B
+//   backward  pass 4  per row: the gradient from g0, p, q and the statistics
 //
 // Between passes only (K, N) and (K, C) statistics are kept (the `stats` buffer, laid out by
-// Layout); the logits are read four times and the gradient written once. The loops over the
-// classes are vectorised by the compiler (exp and log from glibc's libmvec; the row helpers
-// take __restrict pointers so that no alias check falls back to scalar code); rows are split
-// over `threads` std::threads. Notation and gradient: see _torch_self_classifier.py.
+// Layout), besides g0; the logits are read four times, g0 written once and read once. Per
+// element: six exponentials, one logarithm, one division. exp and log are written as plain
+// arithmetic so that the loops over the classes vectorise (the row helpers take __restrict
+// pointers so that no alias check falls back to scalar code); rows are split over `threads`
+// std::threads. Notation and gradient: see _torch_self_classifier.py.
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +28,7 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #if defined(__SSE__)
 #include <xmmintrin.h>
@@ -47,19 +49,22 @@ struct Params {
 
 // Offsets of the statistics in the stats buffer (all of the kernel's dtype).
 struct Layout {
-  int64_t row_max, row_sum;                   // (K, N) each
+  int64_t row_max, row_sum, row_b;            // (K, N) each
   int64_t col_max, col_sum, q, col_u, col_v;  // (K, C) each
+  int64_t finite;                             // (K): 1 where the view holds NaN or inf, else 0
   int64_t size;
   Layout(int64_t k, int64_t n, int64_t c) {
     const int64_t kn = k * n, kc = k * c;
     row_max = 0;
     row_sum = kn;
-    col_max = 2 * kn;
+    row_b = 2 * kn;
+    col_max = 3 * kn;
     col_sum = col_max + kc;
     q = col_sum + kc;
     col_u = q + kc;
     col_v = col_u + kc;
-    size = col_v + kc;
+    finite = col_v + kc;
+    size = finite + k;
   }
 };
 
@@ -76,18 +81,48 @@ class FlushDenormals {
 #endif
 };
 
-// f(thread, begin, end) on `threads` contiguous blocks of [0, n), block 0 on the caller.
+// An OpenMP runtime already in the process (PyTorch's), set by sc_use_openmp: parallel() then
+// runs on its thread pool instead of starting threads. Its idle workers spin for milliseconds
+// after each of PyTorch's parallel regions, so threads of our own would compete with them for
+// the cores; its pool picks the work up at once.
+struct OpenMP {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel
+  int (*thread_num)() = nullptr;                                           // omp_get_thread_num
+  int (*num_threads)() = nullptr;                                          // omp_get_num_threads
+};
+OpenMP openmp;
+
+// Block i of `t` contiguous blocks of [0, n): f(i, begin, end), with denormals flushed.
+template <class F>
+struct Blocks {
+  F* f;
+  int t;
+  int64_t n;
+  void operator()(int i) const {
+    FlushDenormals ftz;
+    (*f)(i, n * i / t, n * (i + 1) / t);
+  }
+};
+
+// f(block, begin, end) on `threads` contiguous blocks of [0, n) in parallel.
 template <class F>
 void parallel(int threads, int64_t n, F&& f) {
-  const int t = threads;
-  auto run = [&f, t, n](int i) {
-    FlushDenormals ftz;
-    f(i, n * i / t, n * (i + 1) / t);
-  };
+  const Blocks<std::remove_reference_t<F>> blocks{&f, threads, n};
+  if (threads > 1 && openmp.parallel != nullptr) {
+    openmp.parallel(
+        [](void* data) {
+          const auto& b = *static_cast<const Blocks<std::remove_reference_t<F>>*>(data);
+          // the runtime may give fewer threads than asked: each takes every team-th block
+          const int team = openmp.num_threads();
+          for (int i = openmp.thread_num(); i < b.t; i += team) b(i);
+        },
+        const_cast<void*>(static_cast<const void*>(&blocks)), static_cast<unsigned>(threads), 0);
+    return;
+  }
   std::vector<std::thread> pool;
-  pool.reserve(t - 1);
-  for (int i = 1; i < t; ++i) pool.emplace_back(run, i);
-  run(0);
+  pool.reserve(threads - 1);
+  for (int i = 1; i < threads; ++i) pool.emplace_back(blocks, i);
+  blocks(0);
   for (auto& th : pool) th.join();
 }
 
@@ -202,15 +237,17 @@ struct Consts {
 
 // ---- row helpers: one row of one view, vectorised over the c classes ----
 
-// Row maximum; col_max = max(col_max, x).
+// Row maximum; col_max = max(col_max, x); nonfinite += sum_y (x - x), NaN iff x has NaN or inf.
 template <class T>
-T max_row(int64_t c, const T* __restrict x, T* __restrict col_max) {
-  T m = std::numeric_limits<T>::lowest();
-#pragma omp simd reduction(max : m)
+T max_row(int64_t c, const T* __restrict x, T* __restrict col_max, T& nonfinite) {
+  T m = std::numeric_limits<T>::lowest(), z = 0;
+#pragma omp simd reduction(max : m) reduction(+ : z)
   for (int64_t y = 0; y < c; ++y) {
     m = x[y] > m ? x[y] : m;
     col_max[y] = x[y] > col_max[y] ? x[y] : col_max[y];
+    z += x[y] - x[y];
   }
+  nonfinite += z;
   return m;
 }
 
@@ -296,42 +333,58 @@ T dot_row(int64_t c, const T* __restrict a, const T* __restrict b) {
   return d;
 }
 
-// col_u += T (A - r) with T = ts p; col_v += pi B with B = bs b.
+// col_u += U = T (A - r) with T = ts p; col_v += pi B with B = bs b; returns sum_y pi B. With
+// g0: g0 = U + alpha pi B, the part of the gradient (before scaling) known from this row alone.
 template <class T>
-void backward_sums_row(int64_t c, const T* __restrict p, T ts, const T* __restrict a, T r, const T* __restrict pi,
-                       const T* __restrict b, T bs, double* __restrict col_u, double* __restrict col_v) {
-#pragma omp simd
-  for (int64_t y = 0; y < c; ++y) {
-    col_u[y] += ts * p[y] * (a[y] - r);
-    col_v[y] += bs * pi[y] * b[y];
-  }
-}
-
-// g = scale (d_col + alpha (V - q sum_y V)) with d_col = U - p cu, U = T (A - r), T = ts p,
-// V = pi B - q cq, B = bs b; outside the loss rows (a == nullptr) U = 0 and V = -q cq.
-template <class T>
-void gradient_row(int64_t c, const T* __restrict p, const T* __restrict q, T ts, const T* __restrict a, T r,
-                  const T* __restrict pi, const T* __restrict b, T bs, const T* __restrict cu,
-                  const T* __restrict cq, T alpha, T scale, T* __restrict g) {
-  T sv = 0;
-  if (a != nullptr) {
-#pragma omp simd reduction(+ : sv)
+T backward_sums_row(int64_t c, const T* __restrict p, T ts, const T* __restrict a, T r, const T* __restrict pi,
+                    const T* __restrict b, T bs, T alpha, double* __restrict col_u, double* __restrict col_v,
+                    T* __restrict g0) {
+  T sb = 0;
+  if (g0 != nullptr) {
+#pragma omp simd reduction(+ : sb)
     for (int64_t y = 0; y < c; ++y) {
-      const T v = bs * pi[y] * b[y] - q[y] * cq[y];
-      sv += v;
-      g[y] = p[y] * (ts * (a[y] - r) - cu[y]) + alpha * v;
+      const T u = ts * p[y] * (a[y] - r), pb = bs * pi[y] * b[y];
+      col_u[y] += u;
+      col_v[y] += pb;
+      sb += pb;
+      g0[y] = u + alpha * pb;
     }
   } else {
-#pragma omp simd reduction(+ : sv)
+#pragma omp simd reduction(+ : sb)
     for (int64_t y = 0; y < c; ++y) {
-      const T v = -q[y] * cq[y];
-      sv += v;
-      g[y] = alpha * v - p[y] * cu[y];
+      const T pb = bs * pi[y] * b[y];
+      col_u[y] += ts * p[y] * (a[y] - r);
+      col_v[y] += pb;
+      sb += pb;
     }
   }
-  const T asv = alpha * sv;
+  return sb;
+}
+
+// out = scale (t + alpha q (sum_y q cq - sb)) with t = g0 - p cu - alpha q cq (g0 = 0 outside the
+// loss rows: g0 == nullptr): the gradient from the forward's row-local part g0. out may be g0.
+template <class T>
+void finish_row(int64_t c, const T* __restrict p, const T* __restrict q, const T* g0, T sb,
+                const T* __restrict cu, const T* __restrict cq, T alpha, T scale, T* out) {
+  T sqc = 0;
+  if (g0 != nullptr) {
+#pragma omp simd reduction(+ : sqc)
+    for (int64_t y = 0; y < c; ++y) {
+      const T qc = q[y] * cq[y];
+      sqc += qc;
+      out[y] = g0[y] - p[y] * cu[y] - alpha * qc;
+    }
+  } else {
+#pragma omp simd reduction(+ : sqc)
+    for (int64_t y = 0; y < c; ++y) {
+      const T qc = q[y] * cq[y];
+      sqc += qc;
+      out[y] = -p[y] * cu[y] - alpha * qc;
+    }
+  }
+  const T f = alpha * (sqc - sb);
 #pragma omp simd
-  for (int64_t y = 0; y < c; ++y) g[y] = scale * (g[y] - asv * q[y]);
+  for (int64_t y = 0; y < c; ++y) out[y] = scale * (out[y] + f * q[y]);
 }
 
 template <class T>
@@ -349,23 +402,34 @@ class Kernel {
     }
   }
 
-  // Passes 1-3; returns the loss.
-  double forward() {
+  // Passes 1-3; returns the loss. With g0 (K pointers to (N, C), or nullptr) also writes the
+  // row-local part of the gradient on the loss rows, for finish().
+  double forward(T* const* g0) {
     const int64_t k = p_.k, n = p_.n, c = p_.c, kc = k * c;
     const int t = threads(n);
 
-    // Pass 1: maxima.
+    // Pass 1: maxima, and whether each view is finite.
     std::vector<T> cmax(static_cast<size_t>(t) * kc, std::numeric_limits<T>::lowest());
+    std::vector<T> nonfinite(static_cast<size_t>(t) * k, T(0));
     parallel(t, n, [&](int id, int64_t b, int64_t e) {
       for (int64_t row = b; row < e; ++row)
         for (int64_t v = 0; v < k; ++v)
-          st_[lay_.row_max + v * n + row] = max_row(c, x_[v] + row * c, cmax.data() + id * kc + v * c);
+          st_[lay_.row_max + v * n + row] =
+              max_row(c, x_[v] + row * c, cmax.data() + id * kc + v * c, nonfinite[id * k + v]);
     });
     for (int64_t i = 0; i < kc; ++i) {
       T m = cmax[i];
       for (int j = 1; j < t; ++j) m = std::max(m, cmax[j * kc + i]);
       st_[lay_.col_max + i] = m;
     }
+    bool finite = true;
+    for (int64_t v = 0; v < k; ++v) {
+      T z = 0;
+      for (int j = 0; j < t; ++j) z += nonfinite[j * k + v];
+      finite = finite && z == T(0);
+      st_[lay_.finite + v] = z == T(0) ? T(0) : T(1);
+    }
+    if (!finite) return not_finite(g0);
 
     // Pass 2: row softmax normalisers, Q, column sums of the column softmax's exp.
     std::vector<double> col_part(static_cast<size_t>(t) * kc, 0.0), q_part(static_cast<size_t>(t) * kc, 0.0);
@@ -386,6 +450,7 @@ class Kernel {
     const int tl = threads(nl);
     std::vector<double> u_part(static_cast<size_t>(tl) * kc, 0.0), v_part(static_cast<size_t>(tl) * kc, 0.0);
     std::vector<double> loss(tl, 0.0);
+    const T alpha = static_cast<T>(p_.inv_tr / p_.inv_tc);
     parallel(tl, nl, [&](int id, int64_t b, int64_t e) {
       Row buf(k, c);
       for (int64_t row = p_.r0 + b; row < p_.r0 + e; ++row) {
@@ -393,8 +458,10 @@ class Kernel {
         for (int64_t v = 0; v < k; ++v) {
           const int64_t o = v * c;
           loss[id] += buf.dots[v];
-          backward_sums_row(c, &buf.p[o], buf.ts[v], buf.a_ptr[v], buf.r[v], &buf.pi[o], buf.b_ptr[v], buf.bs[v],
-                            u_part.data() + id * kc + o, v_part.data() + id * kc + o);
+          st_[lay_.row_b + v * n + row] =
+              backward_sums_row(c, &buf.p[o], buf.ts[v], buf.a_ptr[v], buf.r[v], &buf.pi[o], buf.b_ptr[v],
+                                buf.bs[v], alpha, u_part.data() + id * kc + o, v_part.data() + id * kc + o,
+                                g0 != nullptr ? g0[v] + row * c : nullptr);
         }
       }
     });
@@ -405,26 +472,24 @@ class Kernel {
     return -total / (static_cast<double>(p_.npairs) * static_cast<double>(nl));
   }
 
-  // Pass 4: grads[v] = scale (d_col + (tau_col/tau_row) d_row); scale = -g / (P n tau_col).
-  void backward(double scale, T* const* grads) {
+  // Pass 4: out[v] = scale (d_col + (tau_col/tau_row) d_row), scale = -g / (P n tau_col), from the
+  // statistics and forward(g0)'s g0 (out may be g0: each row is read before it is written).
+  void finish(double scale, const T* const* g0, T* const* out) {
     const int64_t k = p_.k, n = p_.n, c = p_.c;
     const T alpha = static_cast<T>(p_.inv_tr / p_.inv_tc), sc = static_cast<T>(scale);
     const Derived d = derived(true);
     parallel(threads(n), n, [&](int, int64_t b, int64_t e) {
-      Row buf(k, c);
+      std::vector<T> p(static_cast<size_t>(c)), q(static_cast<size_t>(c));
       for (int64_t row = b; row < e; ++row) {
         const bool in_loss = row >= p_.r0 && row < p_.r1;
-        if (in_loss) loss_row(row, d, buf);
         for (int64_t v = 0; v < k; ++v) {
           const int64_t o = v * c;
-          if (!in_loss) {
-            const T* x = x_[v] + row * c;
-            col_softmax_row(c, x, st_ + lay_.col_max + o, &d.inv_cs[o], k_, &buf.p[o]);
-            row_softmax_row(c, x, st_[lay_.row_max + v * n + row], T(1) / st_[lay_.row_sum + v * n + row], k_,
-                            &buf.q[o]);
-          }
-          gradient_row(c, &buf.p[o], &buf.q[o], buf.ts[v], in_loss ? buf.a_ptr[v] : nullptr, buf.r[v], &buf.pi[o],
-                       buf.b_ptr[v], buf.bs[v], st_ + lay_.col_u + o, &d.cq[o], alpha, sc, grads[v] + row * c);
+          const T* x = x_[v] + row * c;
+          col_softmax_row(c, x, st_ + lay_.col_max + o, &d.inv_cs[o], k_, p.data());
+          row_softmax_row(c, x, st_[lay_.row_max + v * n + row], T(1) / st_[lay_.row_sum + v * n + row], k_, q.data());
+          finish_row(c, p.data(), q.data(), in_loss ? g0[v] + row * c : nullptr,
+                     in_loss ? st_[lay_.row_b + v * n + row] : T(0), st_ + lay_.col_u + o, &d.cq[o], alpha, sc,
+                     out[v] + row * c);
         }
       }
     });
@@ -457,6 +522,14 @@ class Kernel {
       if (backward) d.cq[i] = q > k_.eps ? st_[lay_.col_v + i] / q : T(0);
     }
     return d;
+  }
+
+  // Non-finite logits: every statistic (so every gradient from finish()) and g0 NaN; the loss NaN.
+  double not_finite(T* const* g0) {
+    std::fill(st_, st_ + lay_.finite, std::numeric_limits<T>::quiet_NaN());
+    if (g0 != nullptr)
+      for (int64_t v = 0; v < p_.k; ++v) std::fill(g0[v], g0[v] + p_.n * p_.c, std::numeric_limits<T>::quiet_NaN());
+    return std::numeric_limits<double>::quiet_NaN();
   }
 
   // Threads for a pass over `rows` rows: at least kMinWork elements each, because starting and
@@ -514,17 +587,27 @@ class Kernel {
 
 extern "C" {
 
+// Run the parallel passes on an OpenMP runtime's pool: the addresses of its GOMP_parallel,
+// omp_get_thread_num and omp_get_num_threads (null: start std::threads).
+void sc_use_openmp(void* parallel, void* thread_num, void* num_threads) {
+  openmp.parallel = reinterpret_cast<void (*)(void (*)(void*), void*, unsigned, unsigned)>(parallel);
+  openmp.thread_num = reinterpret_cast<int (*)()>(thread_num);
+  openmp.num_threads = reinterpret_cast<int (*)()>(num_threads);
+}
+
 // Length of the stats buffer for k views of shape (n, c).
 int64_t sc_stats_size(int64_t k, int64_t n, int64_t c) { return Layout(k, n, c).size; }
 
+// sc_forward: the loss (passes 1-3); g0: K pointers to (N, C) buffers for the gradient's
+// row-local part, or nullptr (no gradient needed). sc_finish: the gradient into out (which
+// may be g0) from the statistics and g0; it reads the statistics only (an input under XLA).
 #define SC_DEFINE(SUFFIX, T)                                                                      \
-  double sc_forward_##SUFFIX(const T* const* views, const Params* p, T* stats) {                  \
-    return Kernel<T>(views, *p, stats).forward();                                                 \
+  double sc_forward_##SUFFIX(const T* const* views, const Params* p, T* stats, T* const* g0) {     \
+    return Kernel<T>(views, *p, stats).forward(g0);                                               \
   }                                                                                               \
-  /* backward reads the statistics only (an input buffer under XLA) */                           \
-  void sc_backward_##SUFFIX(const T* const* views, const Params* p, const T* stats, double scale,  \
-                            T* const* grads) {                                                    \
-    Kernel<T>(views, *p, const_cast<T*>(stats)).backward(scale, grads);                           \
+  void sc_finish_##SUFFIX(const T* const* views, const Params* p, const T* stats, double scale,    \
+                          const T* const* g0, T* const* out) {                                    \
+    Kernel<T>(views, *p, const_cast<T*>(stats)).finish(scale, g0, out);                           \
   }
 
 SC_DEFINE(f32, float)

@@ -1,13 +1,15 @@
 // XLA FFI handlers of the fused Self-Classifier kernel, for the JAX adapter on the CPU.
 //
 // Built on first use by adapters/_native.py against the XLA FFI headers that jaxlib ships
-// (jax.ffi.include_dir()) and registered as the custom-call targets
-// "clusterlearn_sc_forward" and "clusterlearn_sc_backward":
+// (jax.ffi.include_dir()) and registered as these custom-call targets:
 //
-//   forward   args: K views (N, C)            results: loss (), stats (sc_stats_size)
-//   backward  args: K views, stats, g ()      results: K gradients (N, C)
+//   clusterlearn_sc_forward   args: K views (N, C)                 results: loss (), stats
+//                             (the loss alone: the kernel's forward without g0)
+//   clusterlearn_sc_vjp_fwd   args: K views                        results: loss, stats, K g0
+//   clusterlearn_sc_vjp_bwd   args: K views, stats, K g0, g ()     results: K gradients
+//                             (the adapter aliases each g0 with its gradient)
 //
-// with the kernel's Params as attributes (backward adds `scale`: the gradient is
+// with the kernel's Params as attributes (vjp_bwd adds `scale`: the gradient is
 // g * scale * (d_col + alpha d_row)). The views' dtype (float32 or float64) picks the kernel.
 
 #include "_self_classifier_kernel.cpp"
@@ -18,37 +20,61 @@ namespace ffi = xla::ffi;
 namespace {
 
 template <class T>
-ffi::Error forward(ffi::RemainingArgs args, ffi::AnyBuffer loss, ffi::AnyBuffer stats, const Params& p) {
-  std::vector<const T*> views(p.k);
-  for (int64_t v = 0; v < p.k; ++v) {
-    auto x = args.get<ffi::AnyBuffer>(v);
-    if (x.has_error()) return x.error();
-    views[v] = static_cast<const T*>(x->untyped_data());
+std::vector<const T*> inputs(const ffi::RemainingArgs& args, int64_t first, int64_t count, ffi::Error& error) {
+  std::vector<const T*> out(count);
+  for (int64_t i = 0; i < count; ++i) {
+    auto x = args.get<ffi::AnyBuffer>(first + i);
+    if (x.has_error()) {
+      error = x.error();
+      return {};
+    }
+    out[i] = static_cast<const T*>(x->untyped_data());
   }
-  const double value = Kernel<T>(views.data(), p, static_cast<T*>(stats.untyped_data())).forward();
-  *static_cast<T*>(loss.untyped_data()) = static_cast<T>(value);
-  return ffi::Error::Success();
+  return out;
 }
 
 template <class T>
-ffi::Error backward(ffi::RemainingArgs args, ffi::RemainingRets rets, const Params& p, double scale) {
-  std::vector<const T*> views(p.k);
-  std::vector<T*> grads(p.k);
-  for (int64_t v = 0; v < p.k; ++v) {
-    auto x = args.get<ffi::AnyBuffer>(v);
-    auto g = rets.get<ffi::AnyBuffer>(v);
-    if (x.has_error()) return x.error();
-    if (g.has_error()) return g.error();
-    views[v] = static_cast<const T*>(x->untyped_data());
-    grads[v] = static_cast<T*>((*g)->untyped_data());
+std::vector<T*> outputs(const ffi::RemainingRets& rets, int64_t first, int64_t count, ffi::Error& error) {
+  std::vector<T*> out(count);
+  for (int64_t i = 0; i < count; ++i) {
+    auto x = rets.get<ffi::AnyBuffer>(first + i);
+    if (x.has_error()) {
+      error = x.error();
+      return {};
+    }
+    out[i] = static_cast<T*>((*x)->untyped_data());
   }
-  auto stats = args.get<ffi::AnyBuffer>(p.k);
-  auto cotangent = args.get<ffi::AnyBuffer>(p.k + 1);
-  if (stats.has_error()) return stats.error();
-  if (cotangent.has_error()) return cotangent.error();
-  const double g = static_cast<double>(*static_cast<const T*>(cotangent->untyped_data()));
-  Kernel<T>(views.data(), p, static_cast<T*>(stats->untyped_data())).backward(g * scale, grads.data());
-  return ffi::Error::Success();
+  return out;
+}
+
+// Forward; with_g0: results 2 .. K+1 receive the gradient's row-local part.
+template <class T>
+ffi::Error forward(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets, const Params& p, bool with_g0) {
+  ffi::Error error = ffi::Error::Success();
+  std::vector<const T*> views = inputs<T>(args, 0, p.k, error);
+  std::vector<T*> head = outputs<T>(rets, 0, 2, error);  // loss, stats
+  std::vector<T*> g0 = with_g0 ? outputs<T>(rets, 2, p.k, error) : std::vector<T*>();
+  if (error.failure()) return error;
+  *head[0] = static_cast<T>(Kernel<T>(views.data(), p, head[1]).forward(with_g0 ? g0.data() : nullptr));
+  return error;
+}
+
+template <class T>
+ffi::Error finish(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets, const Params& p, double scale) {
+  ffi::Error error = ffi::Error::Success();
+  std::vector<const T*> views = inputs<T>(args, 0, p.k, error);
+  std::vector<const T*> stats = inputs<T>(args, p.k, 1, error);
+  std::vector<const T*> g0 = inputs<T>(args, p.k + 1, p.k, error);
+  std::vector<const T*> g = inputs<T>(args, 2 * p.k + 1, 1, error);
+  std::vector<T*> out = outputs<T>(rets, 0, p.k, error);
+  if (error.failure()) return error;
+  Kernel<T>(views.data(), p, const_cast<T*>(stats[0])).finish(static_cast<double>(*g[0]) * scale, g0.data(), out.data());
+  return error;
+}
+
+ffi::DataType dtype_of(const ffi::RemainingArgs& args) {
+  auto first = args.get<ffi::AnyBuffer>(0);
+  return first.has_error() ? ffi::DataType::INVALID : first->element_type();
 }
 
 Params params(int64_t k, int64_t n, int64_t c, int64_t r0, int64_t r1, ffi::Span<const int64_t> pairs,
@@ -57,35 +83,36 @@ Params params(int64_t k, int64_t n, int64_t c, int64_t r0, int64_t r1, ffi::Span
                 log_floor_t, log_floor_p, eps, static_cast<int>(threads)};
 }
 
-ffi::Error forward_impl(ffi::RemainingArgs args, ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> stats,
-                        int64_t k, int64_t n, int64_t c, int64_t r0, int64_t r1, ffi::Span<const int64_t> pairs,
-                        double inv_tc, double inv_tr, double log_floor_t, double log_floor_p, double eps,
-                        int64_t threads) {
-  const Params p = params(k, n, c, r0, r1, pairs, inv_tc, inv_tr, log_floor_t, log_floor_p, eps, threads);
-  switch (loss->element_type()) {
-    case ffi::DataType::F32:
-      return forward<float>(args, *loss, *stats, p);
-    case ffi::DataType::F64:
-      return forward<double>(args, *loss, *stats, p);
-    default:
-      return ffi::Error::InvalidArgument("clusterlearn_sc_forward: float32 or float64 logits expected");
+#define SC_PARAM_ARGS                                                                                \
+  int64_t k, int64_t n, int64_t c, int64_t r0, int64_t r1, ffi::Span<const int64_t> pairs, double inv_tc,  \
+      double inv_tr, double log_floor_t, double log_floor_p, double eps, int64_t threads
+#define SC_PARAMS params(k, n, c, r0, r1, pairs, inv_tc, inv_tr, log_floor_t, log_floor_p, eps, threads)
+#define SC_DISPATCH(NAME, CALL)                                                   \
+  switch (dtype_of(args)) {                                                       \
+    case ffi::DataType::F32:                                                      \
+      return CALL(float);                                                         \
+    case ffi::DataType::F64:                                                      \
+      return CALL(double);                                                        \
+    default:                                                                      \
+      return ffi::Error::InvalidArgument(NAME ": float32 or float64 logits expected"); \
   }
+
+ffi::Error forward_impl(ffi::RemainingArgs args, ffi::RemainingRets rets, SC_PARAM_ARGS) {
+#define SC_CALL(T) forward<T>(args, rets, SC_PARAMS, false)
+  SC_DISPATCH("clusterlearn_sc_forward", SC_CALL)
+#undef SC_CALL
 }
 
-ffi::Error backward_impl(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t k, int64_t n, int64_t c,
-                         int64_t r0, int64_t r1, ffi::Span<const int64_t> pairs, double inv_tc, double inv_tr,
-                         double log_floor_t, double log_floor_p, double eps, int64_t threads, double scale) {
-  const Params p = params(k, n, c, r0, r1, pairs, inv_tc, inv_tr, log_floor_t, log_floor_p, eps, threads);
-  auto first = args.get<ffi::AnyBuffer>(0);
-  if (first.has_error()) return first.error();
-  switch (first->element_type()) {
-    case ffi::DataType::F32:
-      return backward<float>(args, rets, p, scale);
-    case ffi::DataType::F64:
-      return backward<double>(args, rets, p, scale);
-    default:
-      return ffi::Error::InvalidArgument("clusterlearn_sc_backward: float32 or float64 logits expected");
-  }
+ffi::Error vjp_fwd_impl(ffi::RemainingArgs args, ffi::RemainingRets rets, SC_PARAM_ARGS) {
+#define SC_CALL(T) forward<T>(args, rets, SC_PARAMS, true)
+  SC_DISPATCH("clusterlearn_sc_vjp_fwd", SC_CALL)
+#undef SC_CALL
+}
+
+ffi::Error vjp_bwd_impl(ffi::RemainingArgs args, ffi::RemainingRets rets, SC_PARAM_ARGS, double scale) {
+#define SC_CALL(T) finish<T>(args, rets, SC_PARAMS, scale)
+  SC_DISPATCH("clusterlearn_sc_vjp_bwd", SC_CALL)
+#undef SC_CALL
 }
 
 }  // namespace
@@ -101,8 +128,8 @@ ffi::Error backward_impl(ffi::RemainingArgs args, ffi::RemainingRets rets, int64
       .Attr<int64_t>("threads")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(clusterlearn_sc_forward, forward_impl,
-                              ffi::Ffi::Bind().RemainingArgs().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-                                  SC_PARAM_ATTRS);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(clusterlearn_sc_backward, backward_impl,
+                              ffi::Ffi::Bind().RemainingArgs().RemainingRets() SC_PARAM_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(clusterlearn_sc_vjp_fwd, vjp_fwd_impl,
+                              ffi::Ffi::Bind().RemainingArgs().RemainingRets() SC_PARAM_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(clusterlearn_sc_vjp_bwd, vjp_bwd_impl,
                               ffi::Ffi::Bind().RemainingArgs().RemainingRets() SC_PARAM_ATTRS.Attr<double>("scale"));

@@ -52,6 +52,7 @@ from clusterlearn.self_classifier import (
     Gather,
     _as_float,
     _call_argument,
+    _check_finite,
     _check_head,
     _check_positive,
     _parse,
@@ -259,21 +260,25 @@ class SelfClassifierFunction(torch.autograd.Function):
 class FusedSelfClassifierFunction(torch.autograd.Function):
     """:class:`SelfClassifierFunction` computed by the fused CPU kernel (:mod:`._native`).
 
-    Same arguments, value and gradient (the linear-space path only: CPU tensors, float32 or
+    ``apply(cfg, names, *views)``: :class:`SelfClassifierFunction`'s arguments, value and
+    gradient (the linear-space path only: CPU tensors, float32 or
     float64, both guards of :func:`_linear_targets` and :func:`_linear_predictions`). The
-    forward makes three passes over the logits and keeps only ``(K, N)`` and ``(K, C)``
-    statistics; the backward makes one more and writes the gradient. Runs on
-    ``torch.get_num_threads()`` threads.
+    forward makes three passes over the logits, keeps ``(K, N)`` and ``(K, C)`` statistics and,
+    when a gradient is wanted, writes the gradient's row-local part into a ``(K, N, C)``
+    buffer; the backward makes one more pass and turns that buffer into the gradient in place.
+    A second backward through the same graph (``retain_graph=True``) runs the forward again to
+    rebuild it. With ``names`` (not None) non-finite logits raise ValueError naming the view
+    (the kernel finds them in its first pass); without, they give a NaN loss and gradient.
+    Runs on ``torch.get_num_threads()`` threads of PyTorch's OpenMP pool.
     """
 
     @staticmethod
-    def forward(ctx: Any, cfg: _Config, *views: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        lib = _native.kernel()
+    def forward(ctx: Any, cfg: _Config, names: Sequence[str] | None, *views: torch.Tensor) -> torch.Tensor:  # noqa: D102
         views = tuple(x.detach().contiguous() for x in views)
         k, (n, c), dtype = len(views), views[0].shape, views[0].dtype
         rows = cfg.rows.indices(n)[:2] if cfg.rows is not None else (0, n)
         floor_t, floor_p = _native.exp_floors(torch.finfo(dtype), n, c, cfg.eps)
-        params = _native.params(
+        ctx.params = _native.params(
             k, n, c, rows, cfg.pairs,
             row_temperature=cfg.row_temperature,
             col_temperature=cfg.col_temperature,
@@ -282,26 +287,44 @@ class FusedSelfClassifierFunction(torch.autograd.Function):
             eps=cfg.eps,
             threads=torch.get_num_threads(),
         )
-        stats = views[0].new_empty(lib.sc_stats_size(k, n, c))
-        suffix = "f32" if dtype == torch.float32 else "f64"
-        loss = getattr(lib, f"sc_forward_{suffix}")(_native.pointers([x.data_ptr() for x in views]), params, stats.data_ptr())
-        ctx.params, ctx.suffix, ctx.scale = params, suffix, -1.0 / (len(cfg.pairs) * (rows[1] - rows[0]) * cfg.col_temperature)
+        ctx.suffix = "f32" if dtype == torch.float32 else "f64"
+        ctx.scale = -1.0 / (len(cfg.pairs) * (rows[1] - rows[0]) * cfg.col_temperature)
+        stats, g0, loss = FusedSelfClassifierFunction._run(ctx, views, any(ctx.needs_input_grad))
+        if names is not None and math.isnan(loss):  # the kernel's flags: the last k statistics
+            bad = next(v for v in range(k) if float(stats[v - k]) != 0.0)
+            raise ValueError(f"{names[bad]} contains non-finite values (NaN or inf)")
+        ctx.g0, ctx.consumed = g0, False
         ctx.save_for_backward(stats, *views)
         return torch.tensor(loss, dtype=dtype)
+
+    @staticmethod
+    def _run(ctx: Any, views: Sequence[torch.Tensor], gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """The kernel's forward: statistics, the gradient's row-local part (if wanted), the loss."""
+        lib = _native.kernel()
+        k, (n, c) = len(views), views[0].shape
+        stats = views[0].new_empty(lib.sc_stats_size(k, n, c))
+        g0 = views[0].new_empty((k, n, c)) if gradient else None
+        loss = getattr(lib, f"sc_forward_{ctx.suffix}")(
+            _native.pointers([x.data_ptr() for x in views]),
+            ctx.params,
+            stats.data_ptr(),
+            None if g0 is None else _native.pointers([g.data_ptr() for g in g0.unbind(0)]),
+        )
+        return stats, g0, loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
         stats, *views = ctx.saved_tensors
-        out = views[0].new_empty((len(views), *views[0].shape))
-        getattr(_native.kernel(), f"sc_backward_{ctx.suffix}")(
-            _native.pointers([x.data_ptr() for x in views]),
-            ctx.params,
-            stats.data_ptr(),
-            float(grad) * ctx.scale,
-            _native.pointers([g.data_ptr() for g in out.unbind(0)]),
+        g0 = ctx.g0
+        if ctx.consumed:  # retain_graph: the first backward turned g0 into its gradient
+            stats, g0, _ = FusedSelfClassifierFunction._run(ctx, views, True)
+        ctx.consumed = True
+        g0_ptrs = _native.pointers([g.data_ptr() for g in g0.unbind(0)])
+        getattr(_native.kernel(), f"sc_finish_{ctx.suffix}")(
+            _native.pointers([x.data_ptr() for x in views]), ctx.params, stats.data_ptr(), float(grad) * ctx.scale, g0_ptrs, g0_ptrs
         )
-        return (None, *out.unbind(0))
+        return (None, None, *g0.unbind(0))
 
 
 def _fused_unavailable(views: Sequence[torch.Tensor], cfg: _Config) -> str | None:
@@ -328,6 +351,7 @@ def self_classifier_head_loss(
     clamp_sums: bool = True,
     rows: slice | None = None,
     kernel: str = "auto",
+    finite_names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Loss of one head from its global logits, with the closed-form backward.
 
@@ -335,8 +359,9 @@ def self_classifier_head_loss(
     ----------
     logits : tensor of shape (K, N, C), or a sequence of K tensors of shape (N, C)
         ``K >= 2`` views (0, 1 global, 2.. local) of the same ``N`` samples, real floating
-        (half precision is computed in float32), finite (not checked here). A sequence is
-        stacked (its backward is free: the gradient is split back into views of one tensor).
+        (half precision is computed in float32), finite (checked only with ``finite_names``).
+        A sequence is stacked (its backward is free: the gradient is split back into views of
+        one tensor).
     row_temperature, col_temperature, eps, clamp_sums
         As in :class:`clusterlearn.self_classifier.SelfClassifierLoss`.
     rows : slice, optional
@@ -346,6 +371,9 @@ def self_classifier_head_loss(
         ``"fused"``: :class:`FusedSelfClassifierFunction` (raises ValueError where it does not
         apply, with the reason); ``"array"``: :class:`SelfClassifierFunction`; ``"auto"``: the
         fused kernel where it applies.
+    finite_names : sequence of str, optional
+        The views' names: raise ValueError naming the first view that holds NaN or inf (the
+        fused kernel checks during its first pass, for free). ``None``: not checked.
 
     Returns
     -------
@@ -371,9 +399,11 @@ def self_classifier_head_loss(
     if kernel != "array":
         why = _fused_unavailable(views, cfg)
         if why is None:
-            return FusedSelfClassifierFunction.apply(cfg, *views)
+            return FusedSelfClassifierFunction.apply(cfg, finite_names, *views)
         if kernel == "fused":
             raise ValueError(f"kernel='fused' cannot compute this loss: {why}")
+    for name, x in zip(finite_names or (), views):
+        _check_finite(name, x, xp)
     return SelfClassifierFunction.apply(cfg, *views)
 
 
@@ -453,9 +483,11 @@ class SelfClassifierLoss(torch.nn.Module):
         gather = self._gather()
         if gather is all_gather_with_grad:
             _agree_on_shapes(heads)
-        _, prepared = _prepare(heads, names, gather, self.check_finite)
+        _, prepared = _prepare(heads, names, gather, check_finite=False)  # checked per head below
         total = None
-        for full, rows in prepared:
+        for (full, rows), labels in zip(prepared, names):
+            if gather is not None:
+                labels = [f"gather({name})" for name in labels]
             term = self_classifier_head_loss(
                 full,
                 row_temperature=self.row_temperature,
@@ -464,6 +496,7 @@ class SelfClassifierLoss(torch.nn.Module):
                 clamp_sums=self.clamp_sums,
                 rows=rows,
                 kernel=self.kernel,
+                finite_names=labels if self.check_finite else None,
             )
             total = term if total is None else total + term
         return total / len(heads)

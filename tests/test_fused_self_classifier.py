@@ -110,6 +110,29 @@ def test_fused_peaked_logits_and_denormal_mode(fused):
     assert float(torch.tensor([1e-39], dtype=torch.float32)[0]) != 0.0
 
 
+def test_fused_non_finite_logits(fused):
+    """The kernel's first pass finds NaN/inf: a ValueError naming the view (as the core's check)
+    or, with check_finite=False, a NaN loss and NaN gradients instead of finite garbage."""
+    import torch
+
+    from clusterlearn.adapters._torch_self_classifier import SelfClassifierLoss
+
+    rng = np.random.default_rng(4)
+    good = [torch.tensor(rng.standard_normal((40, 6)), requires_grad=True) for _ in range(4)]
+    for bad_value in (float("nan"), float("inf"), -float("inf")):
+        bad = good[1].detach().clone()
+        bad[7, 2] = bad_value
+        bad.requires_grad_(True)
+        for kernel in ("fused", "array"):
+            with pytest.raises(ValueError, match=r"logits\[1\] contains non-finite"):
+                SelfClassifierLoss(gather=None, kernel=kernel)(good[0], bad)
+            with pytest.raises(ValueError, match=r"logits\[1\]\[0\] contains non-finite"):
+                SelfClassifierLoss(gather=None, kernel=kernel)([[good[0], good[1]], [bad, good[3]]])
+        loss = SelfClassifierLoss(gather=None, kernel="fused", check_finite=False)(good[0], bad)
+        grads = torch.autograd.grad(loss, (good[0], bad))
+        assert torch.isnan(loss) and all(bool(torch.isnan(g).all()) for g in grads)
+
+
 def test_fused_retain_graph_backward_twice(fused):
     import torch
 
@@ -216,7 +239,8 @@ def test_jax_kernel_selection(jax_fused):
     def lowered(**kwargs) -> str:
         return str(jax.make_jaxpr(jax.grad(lambda p, q: self_classifier_head_loss([p, q], **kwargs)))(a, b))
 
-    assert "clusterlearn_sc_forward" in lowered() and "clusterlearn_sc_backward" in lowered()
+    assert "clusterlearn_sc_vjp_fwd" in lowered() and "clusterlearn_sc_vjp_bwd" in lowered()
+    assert "clusterlearn_sc_forward" in str(jax.make_jaxpr(lambda p, q: self_classifier_head_loss([p, q]))(a, b))
     for kwargs in (dict(clamp_sums=False), dict(kernel="array"), dict(eps=1e-200)):
         assert "clusterlearn_sc" not in lowered(**kwargs), kwargs
     with pytest.raises(ValueError, match="log-space"):
@@ -225,4 +249,7 @@ def test_jax_kernel_selection(jax_fused):
         SelfClassifierLoss(kernel="triton")
     crit = SelfClassifierLoss()
     assert repr(crit).endswith("kernel='auto')")
+    nan = b.at[3, 1].set(jnp.nan)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p, q: crit(p, q), argnums=(0, 1)))(a, nan)  # no check under jit
+    assert np.isnan(float(loss)) and all(np.isnan(np.asarray(g)).all() for g in grads)
     np.testing.assert_allclose(float(crit(a, b)), float(SelfClassifierLoss(kernel="array")(a, b)), rtol=2e-6)
