@@ -77,9 +77,9 @@ def best_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str
 def repeats_for(n: int, c: int, quick: bool) -> int:
     size = n * c
     if size <= 1_000_000:
-        return 10 if quick else 7
+        return 15
     if size <= 5_000_000:
-        return 5
+        return 7
     return 3
 
 
