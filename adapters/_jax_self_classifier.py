@@ -345,7 +345,7 @@ def _fused_call(target: str, cfg: _Config, views: tuple[jax.Array, ...], grads: 
     k, (n, c), dtype = len(views), views[0].shape, views[0].dtype
     shapes = [jax.ShapeDtypeStruct((), dtype), jax.ShapeDtypeStruct((_native.xla_targets().sc_stats_size(k, n, c),), dtype)]
     shapes += [jax.ShapeDtypeStruct(x.shape, dtype) for x in views] if grads else []
-    return jax.ffi.ffi_call(target, shapes)(*views, **_fused_attrs(cfg, views))
+    return jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(*views, **_fused_attrs(cfg, views))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -368,6 +368,7 @@ def _fused_bwd(cfg: _Config, res: tuple, grad: jax.Array) -> tuple[tuple[jax.Arr
         "clusterlearn_sc_vjp_bwd",
         [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in views],
         input_output_aliases={k + 1 + v: v for v in range(k)},  # each g0 becomes its gradient
+        vmap_method="sequential",
     )
     return (tuple(call(*views, stats, *g0, grad, **_fused_attrs(cfg, views), scale=scale)),)
 

@@ -231,7 +231,7 @@ inline T log_positive(T x) {
   using I = typename Bits<T>::I;
   const I bits = to_bits(x);
   const I e = (bits - to_bits(T(0.70710678118654752440))) >> Bits<T>::mantissa;
-  const T f = from_bits<T>(bits - (e << Bits<T>::mantissa)) - T(1);
+  const T f = from_bits<T>(bits - static_cast<I>(static_cast<std::make_unsigned_t<I>>(e) << Bits<T>::mantissa)) - T(1);
   T log_m;
   if constexpr (sizeof(T) == 4) {
     const T f2 = f * f;

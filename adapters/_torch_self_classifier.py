@@ -260,20 +260,23 @@ class SelfClassifierFunction(torch.autograd.Function):
 class FusedSelfClassifierFunction(torch.autograd.Function):
     """:class:`SelfClassifierFunction` computed by the fused CPU kernel (:mod:`._native`).
 
-    ``apply(cfg, names, *views)``: :class:`SelfClassifierFunction`'s arguments, value and
-    gradient (the linear-space path only: CPU tensors, float32 or
+    ``apply(cfg, names, gradient, *views)``: :class:`SelfClassifierFunction`'s arguments,
+    value and gradient (the linear-space path only, contiguous rows: CPU tensors, float32 or
     float64, both guards of :func:`_linear_targets` and :func:`_linear_predictions`). The
     forward makes three passes over the logits, keeps ``(K, N)`` and ``(K, C)`` statistics and,
     when a gradient is wanted, writes the gradient's row-local part into a ``(K, N, C)``
     buffer; the backward makes one more pass and turns that buffer into the gradient in place.
     A second backward through the same graph (``retain_graph=True``) runs the forward again to
-    rebuild it. With ``names`` (not None) non-finite logits raise ValueError naming the view
+    rebuild it; ``gradient=False`` (no grad mode, or no view requires grad) skips the buffer.
+    With ``names`` (not None) non-finite logits raise ValueError naming the view
     (the kernel finds them in its first pass); without, they give a NaN loss and gradient.
     Runs on ``torch.get_num_threads()`` threads of PyTorch's OpenMP pool.
     """
 
     @staticmethod
-    def forward(ctx: Any, cfg: _Config, names: Sequence[str] | None, *views: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(  # noqa: D102
+        ctx: Any, cfg: _Config, names: Sequence[str] | None, gradient: bool, *views: torch.Tensor
+    ) -> torch.Tensor:
         views = tuple(x.detach().contiguous() for x in views)
         k, (n, c), dtype = len(views), views[0].shape, views[0].dtype
         rows = cfg.rows.indices(n)[:2] if cfg.rows is not None else (0, n)
@@ -289,13 +292,13 @@ class FusedSelfClassifierFunction(torch.autograd.Function):
         )
         ctx.suffix = "f32" if dtype == torch.float32 else "f64"
         ctx.scale = -1.0 / (len(cfg.pairs) * (rows[1] - rows[0]) * cfg.col_temperature)
-        stats, g0, loss = FusedSelfClassifierFunction._run(ctx, views, any(ctx.needs_input_grad))
+        stats, g0, loss = FusedSelfClassifierFunction._run(ctx, views, gradient)
         if names is not None and math.isnan(loss):  # the kernel's flags: the last k statistics
             bad = next(v for v in range(k) if float(stats[v - k]) != 0.0)
             raise ValueError(f"{names[bad]} contains non-finite values (NaN or inf)")
         ctx.g0, ctx.consumed = g0, False
         ctx.save_for_backward(stats, *views)
-        return torch.tensor(loss, dtype=dtype)
+        return views[0].new_tensor(loss)
 
     @staticmethod
     def _run(ctx: Any, views: Sequence[torch.Tensor], gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
@@ -324,7 +327,7 @@ class FusedSelfClassifierFunction(torch.autograd.Function):
         getattr(_native.kernel(), f"sc_finish_{ctx.suffix}")(
             _native.pointers([x.data_ptr() for x in views]), ctx.params, stats.data_ptr(), float(grad) * ctx.scale, g0_ptrs, g0_ptrs
         )
-        return (None, None, *g0.unbind(0))
+        return (None, None, None, *g0.unbind(0))
 
 
 def _fused_unavailable(views: Sequence[torch.Tensor], cfg: _Config) -> str | None:
@@ -333,6 +336,8 @@ def _fused_unavailable(views: Sequence[torch.Tensor], cfg: _Config) -> str | Non
     dtype = views[0].dtype
     if views[0].device.type != "cpu":
         return f"the logits are on {views[0].device}, the kernel runs on the CPU"
+    if cfg.rows is not None and cfg.rows.indices(n)[2] != 1:
+        return f"the kernel takes contiguous loss rows, got rows={cfg.rows}"
     if dtype not in (torch.float32, torch.float64):
         return f"the kernel computes in float32 or float64, the logits are {dtype}"
     if not (_linear_targets(dtype, c, cfg) and _linear_predictions(dtype, n, c, cfg)):
@@ -399,7 +404,8 @@ def self_classifier_head_loss(
     if kernel != "array":
         why = _fused_unavailable(views, cfg)
         if why is None:
-            return FusedSelfClassifierFunction.apply(cfg, finite_names, *views)
+            gradient = torch.is_grad_enabled() and any(x.requires_grad for x in views)
+            return FusedSelfClassifierFunction.apply(cfg, finite_names, gradient, *views)
         if kernel == "fused":
             raise ValueError(f"kernel='fused' cannot compute this loss: {why}")
     for name, x in zip(finite_names or (), views):

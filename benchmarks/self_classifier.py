@@ -74,7 +74,7 @@ def best_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str
     return {name: min(t) for name, t in times.items()}
 
 
-def repeats_for(n: int, c: int, quick: bool) -> int:
+def repeats_for(n: int, c: int) -> int:
     size = n * c
     if size <= 1_000_000:
         return 15
@@ -197,7 +197,7 @@ def main() -> None:
             a = rng.standard_normal((n, c), dtype=np.float32)
             b = rng.standard_normal((n, c), dtype=np.float32)
             labels = (rng.integers(0, c, n), rng.integers(0, c, n))
-            repeats = repeats_for(n, c, args.quick)
+            repeats = repeats_for(n, c)
             for backend in backends:
                 if backend == "torch":
                     result = bench_torch(a, b, labels, repeats, args.compile)

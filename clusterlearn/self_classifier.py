@@ -636,6 +636,12 @@ def _check_head(views: Sequence[Array], rows: slice | None) -> ModuleType:
             raise ValueError(
                 f"views of one head must have the same shape, got {tuple(views[0].shape)} and {tuple(x.shape)}"
             )
+    if rows is not None:
+        n = views[0].shape[0]
+        if not isinstance(rows, slice):
+            raise TypeError(f"rows must be a slice, got {type(rows).__name__}")
+        if len(range(*rows.indices(n))) == 0:
+            raise ValueError(f"rows must select at least one of the {n} rows, got {rows}")
     return xp
 
 

@@ -133,6 +133,82 @@ def test_fused_non_finite_logits(fused):
         assert torch.isnan(loss) and all(bool(torch.isnan(g).all()) for g in grads)
 
 
+def test_fused_rows_devices_and_grad_mode(fused, monkeypatch):
+    """Strided loss rows fall back to torch ops (the kernel takes a contiguous range), empty ones
+    raise; the loss lives on the logits' device whatever the default; no gradient buffer is
+    written where no gradient can be asked for."""
+    import torch
+
+    from clusterlearn.adapters._torch_self_classifier import FusedSelfClassifierFunction, self_classifier_head_loss
+
+    views = layout_views(3, 12, 5, 2.0)
+    strided = value_and_grads(views, torch.float64, rows=slice(0, 12, 2))
+    reference = value_and_grads(views, torch.float64, rows=slice(0, 12, 2), kernel="array")
+    assert type(strided[2]).__name__ == "SelfClassifierFunctionBackward"
+    torch.testing.assert_close(strided[1], reference[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        value_and_grads(views, torch.float64, rows=slice(0, 12, 2), kernel="fused")
+    for empty in (slice(4, 4), slice(8, 3)):
+        with pytest.raises(ValueError, match="at least one of the 12 rows"):
+            value_and_grads(views, torch.float64, rows=empty)
+    xs = [torch.tensor(v) for v in views]
+    with torch.device("meta"):
+        loss = self_classifier_head_loss(xs, kernel="fused")
+    assert loss.device.type == "cpu" and torch.isfinite(loss)
+    asked = []
+    run = FusedSelfClassifierFunction._run
+    monkeypatch.setattr(FusedSelfClassifierFunction, "_run", lambda ctx, v, gradient: asked.append(gradient) or run(ctx, v, gradient))
+    leaves = [x.clone().requires_grad_(True) for x in xs]
+    with torch.no_grad():
+        self_classifier_head_loss(leaves)
+    self_classifier_head_loss(xs)
+    self_classifier_head_loss(leaves)
+    assert asked == [False, False, True]
+
+
+def test_fused_threading_paths(fused):
+    """Both ways the kernel runs in parallel give the same loss and gradient: PyTorch's OpenMP
+    pool (also when it grants fewer threads than asked: OMP_THREAD_LIMIT=1, run in a child
+    process) and threads of its own."""
+    import subprocess
+    import sys
+
+    import torch
+
+    views = layout_views(2, 300, 1000, 3.0)  # large enough for two threads
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    lib = _native.kernel()
+    try:
+        pool = value_and_grads(views, torch.float64, kernel="fused")
+        lib.sc_use_openmp(None, None, None)
+        own = value_and_grads(views, torch.float64, kernel="fused")
+    finally:
+        runtime = _native._torch_openmp()
+        lib.sc_use_openmp(*(runtime or (None, None, None)))
+        torch.set_num_threads(saved)
+    ref = value_and_grads(views, torch.float64, kernel="array")
+    for got in (pool, own):
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12 * float(ref[1].abs().max()))
+    script = (
+        "import numpy as np, torch\n"
+        "torch.set_num_threads(2)\n"
+        "from clusterlearn.adapters._torch_self_classifier import self_classifier_head_loss as f\n"
+        "rng = np.random.default_rng(0)\n"
+        "v = [torch.tensor(3 * rng.standard_normal((300, 1000)), requires_grad=True) for _ in range(2)]\n"
+        "out = []\n"
+        "for kernel in ('fused', 'array'):\n"
+        "    loss = f(v, kernel=kernel)\n"
+        "    out.append((float(loss), torch.stack(torch.autograd.grad(loss, v))))\n"
+        "assert abs(out[0][0] - out[1][0]) <= 1e-12 * abs(out[1][0]), out\n"
+        "assert float((out[0][1] - out[1][1]).abs().max()) <= 1e-10 * float(out[1][1].abs().max())\n"
+    )
+    env = {**__import__("os").environ, "OMP_THREAD_LIMIT": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_fused_retain_graph_backward_twice(fused):
     import torch
 
@@ -249,6 +325,9 @@ def test_jax_kernel_selection(jax_fused):
         SelfClassifierLoss(kernel="triton")
     crit = SelfClassifierLoss()
     assert repr(crit).endswith("kernel='auto')")
+    batched = jnp.stack([jnp.stack([a, b]), jnp.stack([b, a])])  # (2 problems, 2 views, N, C)
+    per_problem = jax.vmap(lambda v: self_classifier_head_loss([v[0], v[1]]))(batched)
+    np.testing.assert_allclose(np.asarray(per_problem), [float(crit(a, b))] * 2, rtol=1e-6)
     nan = b.at[3, 1].set(jnp.nan)
     loss, grads = jax.jit(jax.value_and_grad(lambda p, q: crit(p, q), argnums=(0, 1)))(a, nan)  # no check under jit
     assert np.isnan(float(loss)) and all(np.isnan(np.asarray(g)).all() for g in grads)
