@@ -341,11 +341,15 @@ def _fused_attrs(cfg: _Config, views: tuple[jax.Array, ...]) -> dict[str, Any]:
 
 
 def _fused_call(target: str, cfg: _Config, views: tuple[jax.Array, ...], grads: bool) -> list[jax.Array]:
-    """``[loss, stats]`` (and the gradient's row-local part ``g0``, one per view, if ``grads``)."""
+    """``[loss, stats]``; with ``grads`` also the gradient's row-local part ``g0`` (one per view)
+    and, for small problems, the exponentials' cache."""
     k, (n, c), dtype = len(views), views[0].shape, views[0].dtype
+    cache = _native.cache_size(k, n, c, dtype.itemsize) if grads else 0
     shapes = [jax.ShapeDtypeStruct((), dtype), jax.ShapeDtypeStruct((_native.xla_targets().sc_stats_size(k, n, c),), dtype)]
     shapes += [jax.ShapeDtypeStruct(x.shape, dtype) for x in views] if grads else []
-    return jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(*views, **_fused_attrs(cfg, views))
+    shapes += [jax.ShapeDtypeStruct((cache,), dtype)] if cache else []
+    call = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")
+    return call(*views, **_fused_attrs(cfg, views), cache=np.int64(bool(cache)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -355,12 +359,12 @@ def _fused_head(cfg: _Config, views: tuple[jax.Array, ...]) -> jax.Array:
 
 
 def _fused_fwd(cfg: _Config, views: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple]:
-    loss, stats, *g0 = _fused_call("clusterlearn_sc_vjp_fwd", cfg, views, grads=True)
-    return loss, (views, stats, g0)
+    loss, stats, *rest = _fused_call("clusterlearn_sc_vjp_fwd", cfg, views, grads=True)
+    return loss, (views, stats, rest[: len(views)], rest[len(views) :])
 
 
 def _fused_bwd(cfg: _Config, res: tuple, grad: jax.Array) -> tuple[tuple[jax.Array, ...]]:
-    views, stats, g0 = res
+    views, stats, g0, cache = res
     k, n = len(views), views[0].shape[0]
     lo, hi = cfg.rows if cfg.rows is not None else (0, n)
     scale = np.float64(-1.0 / (len(cfg.pairs) * (hi - lo) * cfg.col_temperature))
@@ -370,7 +374,8 @@ def _fused_bwd(cfg: _Config, res: tuple, grad: jax.Array) -> tuple[tuple[jax.Arr
         input_output_aliases={k + 1 + v: v for v in range(k)},  # each g0 becomes its gradient
         vmap_method="sequential",
     )
-    return (tuple(call(*views, stats, *g0, grad, **_fused_attrs(cfg, views), scale=scale)),)
+    attrs = dict(_fused_attrs(cfg, views), cache=np.int64(bool(cache)), scale=scale)
+    return (tuple(call(*views, stats, *g0, grad, *cache, **attrs)),)
 
 
 _fused_head.defvjp(_fused_fwd, _fused_bwd)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Params", "exp_floors", "kernel", "params", "pointers", "xla_targets"]
+__all__ = ["CACHE_BYTES", "Params", "cache_size", "exp_floors", "kernel", "params", "pointers", "xla_targets"]
 
 _SOURCE = Path(__file__).with_name("_self_classifier_kernel.cpp")
 _XLA_SOURCE = Path(__file__).with_name("_self_classifier_xla.cpp")
@@ -181,9 +181,9 @@ def kernel() -> ctypes.CDLL | None:
     for suffix in ("f32", "f64"):
         fwd, finish = getattr(lib, f"sc_forward_{suffix}"), getattr(lib, f"sc_finish_{suffix}")
         fwd.restype = ctypes.c_double
-        fwd.argtypes = [ptr, params, ptr, ptr]  # views, params, stats, g0 (or None)
+        fwd.argtypes = [ptr, params, ptr, ptr, ptr]  # views, params, stats, g0 (or None), cache (or None)
         finish.restype = None
-        finish.argtypes = [ptr, params, ptr, ctypes.c_double, ptr, ptr]  # views, params, stats, scale, g0, out
+        finish.argtypes = [ptr, params, ptr, ctypes.c_double, ptr, ptr, ptr]  # ..., scale, g0, out, cache
     return lib
 
 
@@ -201,6 +201,18 @@ def xla_targets() -> ctypes.CDLL | None:
     for name in XLA_TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     return _declare_stats_size(lib)
+
+
+#: Largest cache of the forward's exponentials (2 K N C values) the adapters pass to the kernel:
+#: within it, passes 3 and 4 load four of the six exponentials per element instead of
+#: recomputing them; beyond it (memory-bound sizes) they recompute.
+CACHE_BYTES = 16 << 20
+
+
+def cache_size(k: int, n: int, c: int, itemsize: int) -> int:
+    """Number of values of the exponentials' cache for ``k`` views of ``(n, c)``; 0: no cache."""
+    size = 2 * k * n * c
+    return size if size * itemsize <= CACHE_BYTES else 0
 
 
 def exp_floors(finfo: Any, n: int, c: int, eps: float) -> tuple[float, float]:

@@ -292,40 +292,50 @@ class FusedSelfClassifierFunction(torch.autograd.Function):
         )
         ctx.suffix = "f32" if dtype == torch.float32 else "f64"
         ctx.scale = -1.0 / (len(cfg.pairs) * (rows[1] - rows[0]) * cfg.col_temperature)
-        stats, g0, loss = FusedSelfClassifierFunction._run(ctx, views, gradient)
+        stats, g0, cache, loss = FusedSelfClassifierFunction._run(ctx, views, gradient)
         if names is not None and math.isnan(loss):  # the kernel's flags: the last k statistics
             bad = next(v for v in range(k) if float(stats[v - k]) != 0.0)
             raise ValueError(f"{names[bad]} contains non-finite values (NaN or inf)")
-        ctx.g0, ctx.consumed = g0, False
+        ctx.g0, ctx.cache, ctx.consumed = g0, cache, False
         ctx.save_for_backward(stats, *views)
         return views[0].new_tensor(loss)
 
     @staticmethod
-    def _run(ctx: Any, views: Sequence[torch.Tensor], gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        """The kernel's forward: statistics, the gradient's row-local part (if wanted), the loss."""
+    def _run(ctx: Any, views: Sequence[torch.Tensor], gradient: bool) -> tuple[Any, ...]:
+        """The kernel's forward: statistics, the gradient's row-local part (if wanted), the
+        exponentials' cache (small problems), the loss."""
         lib = _native.kernel()
         k, (n, c) = len(views), views[0].shape
         stats = views[0].new_empty(lib.sc_stats_size(k, n, c))
         g0 = views[0].new_empty((k, n, c)) if gradient else None
+        size = _native.cache_size(k, n, c, views[0].element_size())
+        cache = views[0].new_empty(size) if size else None
         loss = getattr(lib, f"sc_forward_{ctx.suffix}")(
             _native.pointers([x.data_ptr() for x in views]),
             ctx.params,
             stats.data_ptr(),
             None if g0 is None else _native.pointers([g.data_ptr() for g in g0.unbind(0)]),
+            None if cache is None else cache.data_ptr(),
         )
-        return stats, g0, loss
+        return stats, g0, cache, loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
         stats, *views = ctx.saved_tensors
-        g0 = ctx.g0
+        g0, cache = ctx.g0, ctx.cache
         if ctx.consumed:  # retain_graph: the first backward turned g0 into its gradient
-            stats, g0, _ = FusedSelfClassifierFunction._run(ctx, views, True)
+            stats, g0, cache, _ = FusedSelfClassifierFunction._run(ctx, views, True)
         ctx.consumed = True
         g0_ptrs = _native.pointers([g.data_ptr() for g in g0.unbind(0)])
         getattr(_native.kernel(), f"sc_finish_{ctx.suffix}")(
-            _native.pointers([x.data_ptr() for x in views]), ctx.params, stats.data_ptr(), float(grad) * ctx.scale, g0_ptrs, g0_ptrs
+            _native.pointers([x.data_ptr() for x in views]),
+            ctx.params,
+            stats.data_ptr(),
+            float(grad) * ctx.scale,
+            g0_ptrs,
+            g0_ptrs,
+            None if cache is None else cache.data_ptr(),
         )
         return (None, None, None, *g0.unbind(0))
 

@@ -55,10 +55,15 @@ def value_and_grads(views: list[np.ndarray], dtype, grad_scale: float = 1.7, **k
     return loss.detach(), torch.stack(grads), loss.grad_fn
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cached-exps", "recomputed-exps"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("k,n,c,scale,rows,temps", LAYOUTS, ids=LAYOUT_IDS)
-def test_fused_equals_array_closed_form(fused, k, n, c, scale, rows, temps, threads):
+def test_fused_equals_array_closed_form(fused, k, n, c, scale, rows, temps, threads, cache, monkeypatch):
     import torch
+
+    if not cache:
+        monkeypatch.setattr(_native, "CACHE_BYTES", 0)
+    assert bool(_native.cache_size(k, n, c, 8)) == cache  # every layout here is small
 
     views = layout_views(k, n, c, scale)
     tr, tc = temps
@@ -289,10 +294,14 @@ def jax_value_and_grads(views: list[np.ndarray], dtype, **kwargs):
     return float(loss), np.stack([np.asarray(g, dtype=np.float64) for g in grads])
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cached-exps", "recomputed-exps"])
 @pytest.mark.parametrize("k,n,c,scale,rows,temps", LAYOUTS, ids=LAYOUT_IDS)
-def test_jax_fused_equals_array_closed_form(jax_fused, k, n, c, scale, rows, temps):
+def test_jax_fused_equals_array_closed_form(jax_fused, k, n, c, scale, rows, temps, cache, monkeypatch):
     import jax
     import jax.numpy as jnp
+
+    if not cache:
+        monkeypatch.setattr(_native, "CACHE_BYTES", 0)
 
     views = layout_views(k, n, c, scale)
     common = dict(rows=rows, row_temperature=temps[0], col_temperature=temps[1])
