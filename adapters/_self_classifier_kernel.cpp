@@ -16,11 +16,12 @@
 //   backward  pass 4  per row: the gradient from g0, p, q and the statistics
 //
 // Between passes only (K, N) and (K, C) statistics are kept (the `stats` buffer, laid out by
-// Layout), besides g0; the logits are read four times, g0 written once and read once. Per
-// element: six exponentials, one logarithm, one division. exp and log are written as plain
-// arithmetic so that the loops over the classes vectorise (the row helpers take __restrict
-// pointers so that no alias check falls back to scalar code); rows are split over `threads`
-// std::threads. Notation and gradient: see _torch_self_classifier.py.
+// Layout), besides g0 and, for small problems, a cache of pass 2's exponentials; the logits
+// are read four times, g0 written once and read once. Per element: six exponentials (two with
+// the cache), one logarithm, one division. exp and log are written as plain arithmetic so
+// that the loops over the classes vectorise (the row helpers take __restrict pointers and stay
+// out of line); rows are split over `threads` threads: PyTorch's OpenMP pool when
+// sc_use_openmp gave it, else std::threads. Notation and gradient: see _torch_self_classifier.py.
 
 #include <algorithm>
 #include <cmath>

@@ -265,7 +265,9 @@ class FusedSelfClassifierFunction(torch.autograd.Function):
     float64, both guards of :func:`_linear_targets` and :func:`_linear_predictions`). The
     forward makes three passes over the logits, keeps ``(K, N)`` and ``(K, C)`` statistics and,
     when a gradient is wanted, writes the gradient's row-local part into a ``(K, N, C)``
-    buffer; the backward makes one more pass and turns that buffer into the gradient in place.
+    buffer (and, while ``2 K N C`` values fit in :data:`._native.CACHE_BYTES`, keeps its
+    exponentials for reuse); the backward makes one more pass and turns that buffer into the
+    gradient in place.
     A second backward through the same graph (``retain_graph=True``) runs the forward again to
     rebuild it; ``gradient=False`` (no grad mode, or no view requires grad) skips the buffer.
     With ``names`` (not None) non-finite logits raise ValueError naming the view
