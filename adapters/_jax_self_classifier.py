@@ -9,7 +9,9 @@ the loss is *streamed*: a few passes over the views compute (N,)- and (C,)-sized
 recomputing every full-size quantity inside the reduction that consumes it, and only the
 gradients are materialised (1.1–2.1× faster than the stacked form, see
 ``benchmarks/self_classifier.py``). Otherwise the ``K`` views are stacked to ``(K, N, C)`` and
-processed at once.
+processed at once. On the CPU backend, by default (``kernel="auto"``), the linear-space case
+runs the fused C++ kernel of :mod:`._native` instead, through XLA FFI custom calls inside the
+same ``custom_vjp`` contract (1.4–2.4× cross-entropy against 4.2–7× for the streamed form).
 
 Global batch: :class:`SelfClassifierLoss` and :func:`self_classifier_loss` accept the core's
 ``gather(local) -> (global_logits, rows)`` contract with a *static* Python ``slice`` (the

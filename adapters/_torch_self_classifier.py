@@ -6,7 +6,11 @@ between the linear-space and log-space arithmetic), but the gradient is written 
 being recorded op by op by autograd, and the views of one head are processed as one stacked
 ``(K, N, C)`` tensor: about 20 passes over ``K·N·C`` forward and 11 backward (plus one for
 the finiteness check), where autograd through the core records about 100. Cross-entropy
-takes about 5, so eager PyTorch stays above 2× its time (see ``benchmarks/self_classifier.py``).
+takes about 5, so eager PyTorch stays above 2× its time. On CPU tensors the loss therefore
+runs, by default, the fused C++ kernel (:class:`FusedSelfClassifierFunction`, built by
+:mod:`._native`): four passes over the logits in all, 1.1–2.3× cross-entropy (see
+``benchmarks/self_classifier.py``); :class:`SelfClassifierFunction` serves GPU tensors, the
+log-space cases and ``kernel="array"``.
 
 Gradient
 --------
