@@ -2,11 +2,13 @@
 
 ``_self_classifier_kernel.cpp`` (next to this file) streams one head's views row by row: four
 passes over the logits, ``(K, N)`` / ``(K, C)`` statistics in between and one gradient-sized
-buffer, instead of the ~30 full-size passes and intermediates of the eager closed form. :func:`kernel` compiles it
-once per machine into a cache directory (``$CLUSTERLEARN_CACHE``, else
-``$XDG_CACHE_HOME/clusterlearn``, else ``~/.cache/clusterlearn``; a few seconds) and loads it
-with :mod:`ctypes`. Without a compiler, or with ``CLUSTERLEARN_NATIVE=0``, it returns ``None``
-and the adapters use their array code instead (the same values, slower).
+buffer (plus, for small problems, a cache of the exponentials), instead of the ~30 full-size
+passes and intermediates of the eager closed form. :func:`kernel` (its C functions, for
+PyTorch) and :func:`xla_targets` (its XLA FFI handlers, for JAX) compile it once per machine
+into a cache directory (``$CLUSTERLEARN_CACHE``, else ``$XDG_CACHE_HOME/clusterlearn``, else
+``~/.cache/clusterlearn``; a few seconds) and load it with :mod:`ctypes`. Without a compiler,
+or with ``CLUSTERLEARN_NATIVE=0``, they return ``None`` and the adapters use their array code
+instead (the same values, slower).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CACHE_BYTES", "Params", "cache_size", "exp_floors", "kernel", "params", "pointers", "xla_targets"]
+__all__ = ["CACHE_BYTES", "XLA_TARGETS", "Params", "cache_size", "exp_floors", "kernel", "params", "pointers", "xla_targets"]
 
 _SOURCE = Path(__file__).with_name("_self_classifier_kernel.cpp")
 _XLA_SOURCE = Path(__file__).with_name("_self_classifier_xla.cpp")
