@@ -50,7 +50,6 @@ from . import _native
 
 __all__ = ["SelfClassifierLoss", "self_classifier_loss", "self_classifier_head_loss"]
 
-KERNELS = ("auto", "fused", "array")
 
 
 class _Config(NamedTuple):
@@ -392,9 +391,9 @@ def _fused_unavailable(views: Sequence[jax.Array], cfg: _Config) -> str | None:
     if dtype not in (jnp.float32, jnp.float64):
         return f"the kernel computes in float32 or float64, the logits are {dtype}"
     if not (_linear_targets(dtype, c, cfg) and _linear_predictions(dtype, n, c, cfg)):
-        return "clamp_sums=False, or an eps too small for the dtype, needs the log-space arithmetic"
+        return _native.LOG_SPACE
     if _native.xla_targets() is None:
-        return "it could not be built (no C++ compiler, or CLUSTERLEARN_NATIVE=0)"
+        return _native.NOT_BUILT
     return None
 
 
@@ -447,14 +446,8 @@ def self_classifier_head_loss(
         None if span is None or span[:2] == (0, n) else span[:2],
         view_pairs(len(views)),
     )
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel != "array":
-        why = _fused_unavailable(views, cfg)
-        if why is None:
-            return _fused_head(cfg, tuple(views))
-        if kernel == "fused":
-            raise ValueError(f"kernel='fused' cannot compute this loss: {why}")
+    if _native.use_fused(kernel, lambda: _fused_unavailable(views, cfg)):
+        return _fused_head(cfg, tuple(views))
     if _linear_targets(views[0].dtype, n_classes, cfg) and _linear_predictions(views[0].dtype, n, n_classes, cfg):
         return _streamed_head(cfg, tuple(views))
     return _head(cfg, jnp.stack(views))
@@ -500,8 +493,7 @@ def self_classifier_loss(
     eps = _check_positive("eps", eps)
     if gather is not None and not callable(gather):
         raise TypeError(f"gather must be callable or None, got {type(gather).__name__}")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    _native.check_kernel(kernel)
     heads, names = _parse(logits)
     _, prepared = _prepare(heads, names, gather, check_finite)
     total = None
@@ -530,9 +522,7 @@ class SelfClassifierLoss(_CoreSelfClassifierLoss):
 
     def __init__(self, *args: Any, kernel: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        self.kernel = kernel
+        self.kernel = _native.check_kernel(kernel)
 
     def _loss_function(self, logits: Any, **kwargs: Any) -> jax.Array:  # type: ignore[override]
         return self_classifier_loss(logits, kernel=self.kernel, **kwargs)

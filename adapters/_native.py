@@ -22,11 +22,38 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CACHE_BYTES", "XLA_TARGETS", "Params", "cache_size", "exp_floors", "kernel", "params", "pointers", "xla_targets"]
+__all__ = [
+    "CACHE_BYTES", "KERNELS", "LOG_SPACE", "NOT_BUILT", "XLA_TARGETS", "Params", "cache_size", "check_kernel",
+    "exp_floors", "kernel", "params", "pointers", "use_fused", "xla_targets",
+]
+
+#: The adapters' ``kernel=`` choices: the fused kernel where it applies, always, or never.
+KERNELS = ("auto", "fused", "array")
+#: Reasons the fused kernel does not apply, shared by the adapters.
+LOG_SPACE = "clamp_sums=False, or an eps too small for the dtype, needs the log-space arithmetic"
+NOT_BUILT = "it could not be built (no C++ compiler, or CLUSTERLEARN_NATIVE=0)"
+
+
+def check_kernel(kernel: str) -> str:
+    """``kernel`` if it is one of :data:`KERNELS`, else ValueError."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def use_fused(kernel: str, why_not: Callable[[], str | None]) -> bool:
+    """Whether an adapter runs the fused kernel for ``kernel``; ``why_not()`` says why it cannot
+    (``None``: it can). ``"fused"`` where it cannot raises ValueError with that reason."""
+    if check_kernel(kernel) == "array":
+        return False
+    why = why_not()
+    if why is not None and kernel == "fused":
+        raise ValueError(f"kernel='fused' cannot compute this loss: {why}")
+    return why is None
 
 _SOURCE = Path(__file__).with_name("_self_classifier_kernel.cpp")
 _XLA_SOURCE = Path(__file__).with_name("_self_classifier_xla.cpp")

@@ -69,7 +69,6 @@ from ._torch_distributed import agree, all_gather_with_grad, first_error, world_
 
 __all__ = ["FusedSelfClassifierFunction", "SelfClassifierFunction", "SelfClassifierLoss", "self_classifier_head_loss"]
 
-KERNELS = ("auto", "fused", "array")
 
 
 class _Config(NamedTuple):
@@ -357,9 +356,9 @@ def _fused_unavailable(views: Sequence[torch.Tensor], cfg: _Config) -> str | Non
     if dtype not in (torch.float32, torch.float64):
         return f"the kernel computes in float32 or float64, the logits are {dtype}"
     if not (_linear_targets(dtype, c, cfg) and _linear_predictions(dtype, n, c, cfg)):
-        return "clamp_sums=False, or an eps too small for the dtype, needs the log-space arithmetic"
+        return _native.LOG_SPACE
     if _native.kernel() is None:
-        return "it could not be built (no C++ compiler, or CLUSTERLEARN_NATIVE=0)"
+        return _native.NOT_BUILT
     return None
 
 
@@ -415,15 +414,9 @@ def self_classifier_head_loss(
         None if rows is None or rows.indices(n) == slice(None).indices(n) else rows,
         view_pairs(len(views)),
     )
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel != "array":
-        why = _fused_unavailable(views, cfg)
-        if why is None:
-            gradient = torch.is_grad_enabled() and any(x.requires_grad for x in views)
-            return FusedSelfClassifierFunction.apply(cfg, finite_names, gradient, *views)
-        if kernel == "fused":
-            raise ValueError(f"kernel='fused' cannot compute this loss: {why}")
+    if _native.use_fused(kernel, lambda: _fused_unavailable(views, cfg)):
+        gradient = torch.is_grad_enabled() and any(x.requires_grad for x in views)
+        return FusedSelfClassifierFunction.apply(cfg, finite_names, gradient, *views)
     for name, x in zip(finite_names or (), views):
         _check_finite(name, x, xp)
     return SelfClassifierFunction.apply(cfg, *views)
@@ -479,9 +472,7 @@ class SelfClassifierLoss(torch.nn.Module):
         kernel: str = "auto",
     ) -> None:
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        self.kernel = kernel
+        self.kernel = _native.check_kernel(kernel)
         self.row_temperature = _check_positive("row_temperature", row_temperature)
         self.col_temperature = _check_positive("col_temperature", col_temperature)
         self.eps = _check_positive("eps", eps)
