@@ -13,7 +13,7 @@
 //                     q, w, LP = log(w + eps) and pi; A, B and the pair dots (the loss);
 //                     then the column sums of U = T (A - a r) and of pi B and, when a
 //                     gradient is wanted, its row-local part g0 = U + alpha pi B
-//   backward  pass 4  per row: the gradient from g0, p, q and the statistics
+//   backward  pass 4  per row: the gradient from g0, the row's exponentials and the statistics
 //
 // Between passes only (K, N) and (K, C) statistics are kept (the `stats` buffer, laid out by
 // Layout), besides g0 and, for small problems, a cache of pass 2's exponentials; the logits
@@ -332,36 +332,23 @@ SC_ROW T sums_row(int64_t c, const T* __restrict x, T rm, const T* __restrict cm
   return s;
 }
 
-// Column softmax p = exp((x - cm)/tau_col) / col_sum and row softmax q = exp((x - rm)/tau_row) / row_sum.
-template <bool Cached, class T>
-SC_ROW void softmaxes_row(int64_t c, const RowExps<T>& e, const T* __restrict inv_cs, T inv_rs, const Consts<T>& k,
-                   T* __restrict p, T* __restrict q) {
-  SC_ROW_EXPS(e, k);
-#pragma omp simd
-  for (int64_t y = 0; y < c; ++y) p[y] = SC_COL_EXP(y) * inv_cs[y];
-#pragma omp simd
-  for (int64_t y = 0; y < c; ++y) q[y] = SC_ROW_EXP(y) * inv_rs;
-}
-
 // One loss row of one view in one sweep: the column softmax p (returns its row sum S; the
-// targets are T = p / max(S, eps)), the row softmax q, LP = log(w + eps) and pi = w / (w + eps)
-// with w = q wq, wq = (N/C) / max(Q, eps).
+// targets are T = p / max(S, eps)), LP = log(w + eps) and pi = w / (w + eps) with w = q wq,
+// q the row softmax and wq = (N/C) / max(Q, eps).
 template <bool Cached, class T>
 SC_ROW T loss_quantities_row(int64_t c, const RowExps<T>& e, const T* __restrict inv_cs, T inv_rs,
-                      const T* __restrict wq, const Consts<T>& k, T* __restrict p, T* __restrict q,
-                      T* __restrict lp, T* __restrict pi) {
+                      const T* __restrict wq, const Consts<T>& k, T* __restrict p, T* __restrict lp,
+                      T* __restrict pi) {
   SC_ROW_EXPS(e, k);
   const T eps = k.eps;
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t y = 0; y < c; ++y) {
     const T py = SC_COL_EXP(y) * inv_cs[y];
-    const T qy = SC_ROW_EXP(y) * inv_rs;
-    const T w = qy * wq[y];
+    const T w = SC_ROW_EXP(y) * inv_rs * wq[y];
     const T w_eps = w + eps;
     p[y] = py;
     s += py;
-    q[y] = qy;
     lp[y] = log_positive(w_eps);
     pi[y] = w / w_eps;
   }
@@ -411,30 +398,32 @@ SC_ROW T backward_sums_row(int64_t c, const T* __restrict p, T ts, const T* __re
   return sb;
 }
 
-// out = scale (t + alpha q (sum_y q cq - sb)) with t = g0 - p cu - alpha q cq (g0 = 0 outside the
-// loss rows: g0 == nullptr): the gradient from the forward's row-local part g0. out may be g0.
-template <class T>
-SC_ROW void finish_row(int64_t c, const T* __restrict p, const T* __restrict q, const T* g0, T sb,
-                const T* __restrict cu, const T* __restrict cq, T alpha, T scale, T* out) {
-  T sqc = 0;
-  if (g0 != nullptr) {
-#pragma omp simd reduction(+ : sqc)
-    for (int64_t y = 0; y < c; ++y) {
-      const T qc = q[y] * cq[y];
-      sqc += qc;
-      out[y] = g0[y] - p[y] * cu[y] - alpha * qc;
-    }
-  } else {
-#pragma omp simd reduction(+ : sqc)
-    for (int64_t y = 0; y < c; ++y) {
-      const T qc = q[y] * cq[y];
-      sqc += qc;
-      out[y] = -p[y] * cu[y] - alpha * qc;
-    }
+// The gradient of one row of one view from the forward's row-local part g0 (g0 = 0 outside the
+// loss rows: g0 == nullptr): out = scale (g0 - p cu - alpha q (cq - h)), h = sum_y q cq - sb,
+// with p = ec / col_sum and q = er / row_sum, where pcu = cu / col_sum. out may be g0; `er`
+// holds the row's row softmax numerators when they are not Cached.
+template <bool Cached, class T>
+SC_ROW void finish_row(int64_t c, const RowExps<T>& e, const Consts<T>& k, T inv_rs, const T* g0, T sb,
+                       const T* __restrict pcu, const T* __restrict cq, T alpha, T scale, T* __restrict row_exps,
+                       T* out) {
+  SC_ROW_EXPS(e, k);
+  T d = 0;
+#pragma omp simd reduction(+ : d)
+  for (int64_t y = 0; y < c; ++y) {
+    const T r = SC_ROW_EXP(y);
+    if (!Cached) row_exps[y] = r;
+    d += r * cq[y];
   }
-  const T f = alpha * (sqc - sb);
+  const T h = d * inv_rs - sb, fq = alpha * inv_rs;
+#define SC_FINISH_TERMS(y) (SC_COL_EXP(y) * pcu[y] + (Cached ? er[y] : row_exps[y]) * fq * (cq[y] - h))
+  if (g0 != nullptr) {
 #pragma omp simd
-  for (int64_t y = 0; y < c; ++y) out[y] = scale * (out[y] + f * q[y]);
+    for (int64_t y = 0; y < c; ++y) out[y] = scale * (g0[y] - SC_FINISH_TERMS(y));
+  } else {
+#pragma omp simd
+    for (int64_t y = 0; y < c; ++y) out[y] = -scale * SC_FINISH_TERMS(y);
+  }
+#undef SC_FINISH_TERMS
 }
 
 template <class T>
@@ -541,19 +530,20 @@ class Kernel {
     const T alpha = static_cast<T>(p_.inv_tr / p_.inv_tc), sc = static_cast<T>(scale);
     const Derived d = derived(true);
     parallel(threads(n), n, [&](int, int64_t b, int64_t e) {
-      std::vector<T> p(static_cast<size_t>(c)), q(static_cast<size_t>(c));
+      std::vector<T> row_exps(cache_ != nullptr ? 0 : static_cast<size_t>(c));
       for (int64_t row = b; row < e; ++row) {
         const bool in_loss = row >= p_.r0 && row < p_.r1;
         for (int64_t v = 0; v < k; ++v) {
           const int64_t o = v * c;
           const T inv_rs = T(1) / st_[lay_.row_sum + v * n + row];
+          const T* g = in_loss ? g0[v] + row * c : nullptr;
+          const T sb = in_loss ? st_[lay_.row_b + v * n + row] : T(0);
           if (cache_ != nullptr)
-            softmaxes_row<true>(c, exps<true>(v, row), &d.inv_cs[o], inv_rs, k_, p.data(), q.data());
+            finish_row<true>(c, exps<true>(v, row), k_, inv_rs, g, sb, &d.pcu[o], &d.cq[o], alpha, sc, static_cast<T*>(nullptr),
+                             out[v] + row * c);
           else
-            softmaxes_row<false>(c, exps<false>(v, row), &d.inv_cs[o], inv_rs, k_, p.data(), q.data());
-          finish_row(c, p.data(), q.data(), in_loss ? g0[v] + row * c : nullptr,
-                     in_loss ? st_[lay_.row_b + v * n + row] : T(0), st_ + lay_.col_u + o, &d.cq[o], alpha, sc,
-                     out[v] + row * c);
+            finish_row<false>(c, exps<false>(v, row), k_, inv_rs, g, sb, &d.pcu[o], &d.cq[o], alpha, sc,
+                              row_exps.data(), out[v] + row * c);
         }
       }
     });
@@ -562,28 +552,32 @@ class Kernel {
  private:
   // (K, C) quantities derived from the column statistics, shared by the threads of a pass.
   struct Derived {
-    std::vector<T> inv_cs, wq, cq;  // 1/col_sum; (N/C)/max(Q, eps); [Q > eps] col_v / Q
+    std::vector<T> inv_cs, wq, cq, pcu;  // 1/col_sum; (N/C)/max(Q, eps); [Q > eps] col_v / Q; col_u/col_sum
   };
 
-  // One row's buffers: p, q, LP, pi, and A, B where they are sums of several views: (K, C) each.
+  // One row's buffers: p, LP, pi, and A, B where they are sums of several views: (K, C) each.
   // Per view: S, ts = 1/max(S, eps) (T = ts p), dots, r = [S > eps] dots; A_v at a_ptr[v] and
   // B_v = bs[v] * (the row at b_ptr[v]), pointing into lp and p where a view has one partner.
   struct Row {
-    std::vector<T> p, q, lp, pi, a, b, s, ts, dots, r, bs;
+    std::vector<T> p, lp, pi, a, b, s, ts, dots, r, bs;
     std::vector<const T*> a_ptr, b_ptr;
     Row(int64_t k, int64_t c)
-        : p(k * c), q(k * c), lp(k * c), pi(k * c), a(k * c), b(k * c), s(k), ts(k), dots(k), r(k), bs(k),
+        : p(k * c), lp(k * c), pi(k * c), a(k * c), b(k * c), s(k), ts(k), dots(k), r(k), bs(k),
           a_ptr(k), b_ptr(k) {}
   };
 
   Derived derived(bool backward) const {
     const int64_t kc = p_.k * p_.c;
-    Derived d{std::vector<T>(kc), std::vector<T>(kc), std::vector<T>(backward ? kc : 0)};
+    Derived d{std::vector<T>(kc), std::vector<T>(kc), std::vector<T>(backward ? kc : 0),
+              std::vector<T>(backward ? kc : 0)};
     for (int64_t i = 0; i < kc; ++i) {
       const T q = st_[lay_.q + i];
       d.inv_cs[i] = T(1) / st_[lay_.col_sum + i];
       d.wq[i] = k_.ratio / std::max(q, k_.eps);
-      if (backward) d.cq[i] = q > k_.eps ? st_[lay_.col_v + i] / q : T(0);
+      if (backward) {
+        d.cq[i] = q > k_.eps ? st_[lay_.col_v + i] / q : T(0);
+        d.pcu[i] = st_[lay_.col_u + i] * d.inv_cs[i];
+      }
     }
     return d;
   }
@@ -618,9 +612,9 @@ class Kernel {
       const int64_t o = v * c;
       const T inv_rs = T(1) / st_[lay_.row_sum + v * n + row];
       buf.s[v] = cache_ != nullptr ? loss_quantities_row<true>(c, exps<true>(v, row), &d.inv_cs[o], inv_rs, &d.wq[o], k_,
-                                                         &buf.p[o], &buf.q[o], &buf.lp[o], &buf.pi[o])
+                                                         &buf.p[o], &buf.lp[o], &buf.pi[o])
                                    : loss_quantities_row<false>(c, exps<false>(v, row), &d.inv_cs[o], inv_rs, &d.wq[o], k_,
-                                                         &buf.p[o], &buf.q[o], &buf.lp[o], &buf.pi[o]);
+                                                         &buf.p[o], &buf.lp[o], &buf.pi[o]);
       buf.ts[v] = T(1) / std::max(buf.s[v], k_.eps);
     }
     for (int64_t v = 0; v < k; ++v) {
