@@ -20,14 +20,17 @@
 // are read four times, g0 written once and read once. Per element: six exponentials (two with
 // the cache), one logarithm, one division. exp and log are written as plain arithmetic so
 // that the loops over the classes vectorise (the row helpers take __restrict pointers and stay
-// out of line); rows are split over `threads` threads: PyTorch's OpenMP pool when
-// sc_use_openmp gave it, else std::threads. Notation and gradient: see _torch_self_classifier.py.
+// out of line); rows are split over `threads` threads: on XLA's intra-op pool under JAX (a
+// TaskPool from the FFI handler), PyTorch's OpenMP pool when sc_use_openmp gave it, else
+// std::threads. Notation and gradient: see _torch_self_classifier.py.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -105,14 +108,57 @@ struct Blocks {
   }
 };
 
-// f(block, begin, end) on `threads` contiguous blocks of [0, n) in parallel.
+// A task queue of a thread pool the caller owns (XLA's intra-op pool, from the FFI handler):
+// schedule(context, task, data) runs task(data) once, on some thread, now or later.
+struct TaskPool {
+  void (*schedule)(void* context, void (*task)(void*), void* data);
+  void* context;
+};
+
+// Blocks shared by the caller and the tasks it scheduled: whoever comes first claims the next
+// block, so the caller never waits for a task that has not started (the pool may be busy, or
+// be running the caller itself); it waits only for blocks claimed and still running. A task
+// that starts after all blocks are claimed touches nothing but this (shared) record.
+struct Claims {
+  std::atomic<int> next{0}, done{0};
+  int blocks = 0;
+  void (*run)(const void*, int) = nullptr;
+  const void* data = nullptr;
+  void work() {
+    for (int i; (i = next.fetch_add(1, std::memory_order_relaxed)) < blocks;) {
+      run(data, i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// f(block, begin, end) on `threads` contiguous blocks of [0, n) in parallel: on `pool` when
+// given, else on the OpenMP pool of sc_use_openmp, else on threads started here.
 template <class F>
-void parallel(int threads, int64_t n, F&& f) {
-  const Blocks<std::remove_reference_t<F>> blocks{&f, threads, n};
+void parallel(int threads, int64_t n, F&& f, const TaskPool* pool = nullptr) {
+  using B = Blocks<std::remove_reference_t<F>>;
+  const B blocks{&f, threads, n};
+  if (threads > 1 && pool != nullptr) {
+    auto claims = std::make_shared<Claims>();
+    claims->blocks = threads;
+    claims->run = [](const void* b, int i) { (*static_cast<const B*>(b))(i); };
+    claims->data = &blocks;
+    for (int i = 1; i < threads; ++i)
+      pool->schedule(pool->context,
+                     [](void* held) {
+                       const std::unique_ptr<std::shared_ptr<Claims>> own(static_cast<std::shared_ptr<Claims>*>(held));
+                       (*own)->work();
+                     },
+                     new std::shared_ptr<Claims>(claims));
+    claims->work();
+    for (int spins = 0; claims->done.load(std::memory_order_acquire) < threads; ++spins)
+      if (spins > 1000) std::this_thread::yield();
+    return;
+  }
   if (threads > 1 && openmp.parallel != nullptr) {
     openmp.parallel(
         [](void* data) {
-          const auto& b = *static_cast<const Blocks<std::remove_reference_t<F>>*>(data);
+          const B& b = *static_cast<const B*>(data);
           // the runtime may give fewer threads than asked: each takes every team-th block
           const int team = openmp.num_threads();
           for (int i = openmp.thread_num(); i < b.t; i += team) b(i);
@@ -120,11 +166,11 @@ void parallel(int threads, int64_t n, F&& f) {
         const_cast<void*>(static_cast<const void*>(&blocks)), static_cast<unsigned>(threads), 0);
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int i = 1; i < threads; ++i) pool.emplace_back(blocks, i);
+  std::vector<std::thread> started;
+  started.reserve(threads - 1);
+  for (int i = 1; i < threads; ++i) started.emplace_back(blocks, i);
   blocks(0);
-  for (auto& th : pool) th.join();
+  for (auto& th : started) th.join();
 }
 
 // Per-thread column sums of `arrays` (K, C) arrays: accumulated in T over blocks of kBlock rows
@@ -436,8 +482,8 @@ class Kernel {
   // cache: null, or 2 K N C values for the exponentials of pass 2 (row softmax numerators, then
   // column softmax numerators, view by view), which passes 3 and 4 then read instead of
   // recomputing four of the six exponentials per element.
-  Kernel(const T* const* views, const Params& p, T* stats, T* cache)
-      : x_(views), p_(p), lay_(p.k, p.n, p.c), st_(stats), cache_(cache),
+  Kernel(const T* const* views, const Params& p, T* stats, T* cache, const TaskPool* pool = nullptr)
+      : x_(views), p_(p), lay_(p.k, p.n, p.c), st_(stats), cache_(cache), pool_(pool),
         k_{static_cast<T>(p.inv_tc), static_cast<T>(p.inv_tr), static_cast<T>(p.log_floor_t),
            static_cast<T>(p.log_floor_p), static_cast<T>(p.eps),
            static_cast<T>(static_cast<double>(p.n) / static_cast<double>(p.c))},
@@ -462,7 +508,7 @@ class Kernel {
         for (int64_t v = 0; v < k; ++v)
           st_[lay_.row_max + v * n + row] =
               max_row(c, x_[v] + row * c, cmax.data() + id * kc + v * c, nonfinite[id * k + v]);
-    });
+    }, pool_);
     for (int64_t i = 0; i < kc; ++i) {
       T m = cmax[i];
       for (int j = 1; j < t; ++j) m = std::max(m, cmax[j * kc + i]);
@@ -493,7 +539,7 @@ class Kernel {
         own.row_done();
       }
       own.flush();
-    });
+    }, pool_);
     ColumnSums<T>::reduce(sums, 0, st_ + lay_.col_sum);
     ColumnSums<T>::reduce(sums, 1, st_ + lay_.q);
 
@@ -519,7 +565,7 @@ class Kernel {
         own.row_done();
       }
       own.flush();
-    });
+    }, pool_);
     ColumnSums<T>::reduce(uv, 0, st_ + lay_.col_u);
     ColumnSums<T>::reduce(uv, 1, st_ + lay_.col_v);
     double total = 0.0;
@@ -550,7 +596,7 @@ class Kernel {
                               row_exps.data(), out[v] + row * c);
         }
       }
-    });
+    }, pool_);
   }
 
  private:
@@ -651,6 +697,7 @@ class Kernel {
   Layout lay_;
   T* st_;
   T* cache_;
+  const TaskPool* pool_;  // the caller's thread pool, or nullptr
   Consts<T> k_;
   std::vector<std::vector<int64_t>> to_pred_, to_target_;  // per view: its pairs' prediction / target views
 };
