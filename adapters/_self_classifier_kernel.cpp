@@ -102,7 +102,9 @@ struct Blocks {
   F* f;
   int t;
   int64_t n;
-  void operator()(int i) const {
+  // noexcept: an exception (bad_alloc) ends the process here instead of leaving parallel()
+  // while other threads still run blocks that point into the caller's frame.
+  void operator()(int i) const noexcept {
     FlushDenormals ftz;
     (*f)(i, n * i / t, n * (i + 1) / t);
   }
@@ -462,8 +464,8 @@ SC_ROW T backward_sums_row(int64_t c, const T* __restrict p, T ts, const T* __re
 
 // The gradient of one row of one view from the forward's row-local part g0 (g0 = 0 outside the
 // loss rows: g0 == nullptr): out = scale (g0 - p cu - alpha q (cq - h)), h = sum_y q cq - sb,
-// with p = ec / col_sum and q = er / row_sum, where pcu = cu / col_sum. out may be g0; `er`
-// holds the row's row softmax numerators when they are not Cached.
+// with p = ec / col_sum and q = er / row_sum, where pcu = cu / col_sum. out may be g0; when
+// the exponentials are not Cached, `row_exps` (c values) receives the row's er for the second loop.
 template <bool Cached, class T>
 SC_ROW void finish_row(int64_t c, const RowExps<T>& e, const Consts<T>& k, T inv_rs, const T* g0, T sb,
                        const T* __restrict pcu, const T* __restrict cq, T alpha, T scale, T* __restrict row_exps,
@@ -496,14 +498,20 @@ class Kernel {
   // recomputing four of the six exponentials per element.
   Kernel(const T* const* views, const Params& p, T* stats, T* cache, const TaskPool* pool = nullptr)
       : x_(views), p_(p), lay_(p.k, p.n, p.c), st_(stats), cache_(cache), pool_(pool),
-        k_{static_cast<T>(p.inv_tc * kLog2E), static_cast<T>(p.inv_tr * kLog2E), static_cast<T>(p.log_floor_t * kLog2E),
-           static_cast<T>(p.log_floor_p * kLog2E), static_cast<T>(p.eps),
+        k_{static_cast<T>(p.inv_tc * kLog2E), static_cast<T>(p.inv_tr * kLog2E), base2_floor(p.log_floor_t),
+           base2_floor(p.log_floor_p), static_cast<T>(p.eps),
            static_cast<T>(static_cast<double>(p.n) / static_cast<double>(p.c))},
         to_pred_(p.k), to_target_(p.k) {
     for (int64_t i = 0; i < p.npairs; ++i) {
       to_pred_[p.pairs[2 * i]].push_back(p.pairs[2 * i + 1]);
       to_target_[p.pairs[2 * i + 1]].push_back(p.pairs[2 * i]);
     }
+  }
+
+  // A log exp floor in base 2, at least 2^(2 - bias) (the adapters' floors are 8 x the smallest
+  // normal or more: no change), within exp2_nonpositive's range whatever the caller passes.
+  static T base2_floor(double log_floor) {
+    return static_cast<T>(std::max(log_floor * kLog2E, static_cast<double>(2 - Bits<T>::bias)));
   }
 
   // Passes 1-3; returns the loss. With g0 (K pointers to (N, C), or nullptr) also writes the
@@ -666,7 +674,7 @@ class Kernel {
             st_[lay_.row_max + v * p_.n + row], st_ + lay_.col_max + v * p_.c};
   }
 
-  // One loss row: p, q, LP, pi and S of every view, then A_v = sum_{(v, j)} LP_j,
+  // One loss row: p, LP, pi and S of every view, then A_v = sum_{(v, j)} LP_j,
   // B_v = sum_{(i, v)} T_i, dots_v = sum_y T_v A_v and r_v = [S_v > eps] dots_v.
   void loss_row(int64_t row, const Derived& d, Row& buf) const {
     const int64_t k = p_.k, n = p_.n, c = p_.c;
