@@ -61,15 +61,18 @@ def best_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str
 
     Each step must block until its result is ready. One warm-up call each (JAX compiles
     there). The steps alternate within every round, so load from other processes hits them
-    alike; the minimum is the least disturbed measurement.
+    alike, and the order rotates by one every round, so that each step follows every other
+    one (a step right after the core loss, which churns through tens of MB, ran 0.6-0.8 ms
+    slower at 512 x 1000 whichever it was); the minimum is the least disturbed measurement.
     """
     for step in steps.values():
         step()
+    names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            step()
+            steps[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: min(t) for name, t in times.items()}
 
@@ -77,9 +80,9 @@ def best_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str
 def repeats_for(n: int, c: int) -> int:
     size = n * c
     if size <= 1_000_000:
-        return 15
+        return 40
     if size <= 5_000_000:
-        return 7
+        return 15
     return 3
 
 
