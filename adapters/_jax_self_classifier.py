@@ -350,7 +350,29 @@ def _fused_call(target: str, cfg: _Config, views: tuple[jax.Array, ...], grads: 
     shapes += [jax.ShapeDtypeStruct(x.shape, dtype) for x in views] if grads else []
     shapes += [jax.ShapeDtypeStruct((cache,), dtype)] if cache else []
     call = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")
-    return call(*views, **_fused_attrs(cfg, views), cache=np.int64(bool(cache)))
+    return _varying_like(views, call(*views, **_fused_attrs(cfg, views), cache=np.int64(bool(cache))))
+
+
+def _varying_like(inputs: Sequence[jax.Array], outputs: Sequence[jax.Array]) -> list[jax.Array]:
+    """``outputs`` typed as varying over the ``shard_map`` mesh axes any of ``inputs`` varies over.
+
+    An FFI call's results carry no varying-axes type, so inside ``shard_map`` (the global
+    batch's route: ``make_gather`` or an ``all_gather`` of one's own) they would be typed as
+    equal on every device, and ``jax.grad`` rejects a backward whose cotangents are typed
+    unlike their (device-varying) logits. (JAX 0.10 names the type ``manual_axis_type`` and
+    casts with ``pcast``; earlier releases ``vma`` and ``pvary``; before those, no such type.)
+    """
+    axes: set[str] = set()
+    for x in inputs if hasattr(jax, "typeof") else ():
+        aval = jax.typeof(x)
+        mat = getattr(aval, "manual_axis_type", None)
+        axes |= set(mat.varying if mat is not None else getattr(aval, "vma", ()))
+    if not axes:
+        return list(outputs)
+    names = tuple(sorted(axes))
+    if hasattr(jax.lax, "pcast"):
+        return [jax.lax.pcast(y, names, to="varying") for y in outputs]
+    return [jax.lax.pvary(y, names) for y in outputs]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -376,7 +398,7 @@ def _fused_bwd(cfg: _Config, res: tuple, grad: jax.Array) -> tuple[tuple[jax.Arr
         vmap_method="sequential",
     )
     attrs = dict(_fused_attrs(cfg, views), cache=np.int64(bool(cache)), scale=scale)
-    return (tuple(call(*views, stats, *g0, grad, *cache, **attrs)),)
+    return (tuple(_varying_like(views, call(*views, stats, *g0, grad, *cache, **attrs))),)
 
 
 _fused_head.defvjp(_fused_fwd, _fused_bwd)

@@ -54,6 +54,18 @@ def check_features(x: Array, name: str, *, dim: int | None = None, rows: int | N
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_same_device(**arrays: Array) -> None:
+    """Raise ValueError, naming the arguments, unless the keyword arrays share one device.
+
+    JAX arrays are left to JAX, which places (and refuses to mix) them itself; under ``jit``
+    they have no device to compare.
+    """
+    devices = {name: aac.device(x) for name, x in arrays.items() if not aac.is_jax_array(x)}
+    if len(set(map(str, devices.values()))) > 1:
+        desc = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"arrays on different devices cannot be mixed: {desc}")
+
+
 def all_finite(x: Array, xp: ModuleType) -> bool:
     """Whether the floating array ``x`` holds no NaN or inf (blocks until known).
 

@@ -112,7 +112,7 @@ from typing import Any
 import array_api_compat as aac
 
 from ._backend import namespace
-from ._validation import all_finite
+from ._validation import all_finite, check_same_device
 
 Array = Any
 Gather = Callable[[Array], "tuple[Array, slice]"]
@@ -336,13 +336,13 @@ def self_classifier_targets(
 def _targets(
     logits: Array, col_temperature: float, sum_floor: float | None, rows: slice | None, xp: ModuleType
 ) -> Array:
-    z = logits / col_temperature
+    z = (logits - _shift(logits, 0, xp)) / col_temperature  # shifted first: s/τ can overflow
     resolution = float(xp.finfo(z.dtype).eps) / 1024
     if sum_floor is not None and z.shape[1] * _tiny(z.dtype, xp) / sum_floor <= resolution:
         # p / max(sum(p), floor) directly: an entry of p below _tiny changes the target by
         # less than _tiny / floor, and a whole row by less than (dtype eps)/1024, so this
         # equals the log-space value to rounding (1 exp, not 2).
-        e = _exp(z - _shift(z, 0, xp), xp)
+        e = _exp(z, xp)
         p = e / xp.sum(e, axis=0, keepdims=True)  # column softmax p(x | y) over all N samples
         if rows is not None:
             p = p[rows, :]
@@ -418,7 +418,7 @@ def _log_predictions(
     xp: ModuleType,
 ) -> Array:
     n_global, n_classes = logits.shape
-    z = logits / row_temperature
+    z = (logits - _shift(logits, 1, xp)) / row_temperature  # shifted first: s/τ can overflow
     tiny, resolution = _tiny(z.dtype, xp), float(xp.finfo(z.dtype).eps) / 16
     if (
         sum_floor is not None
@@ -430,7 +430,7 @@ def _log_predictions(
         # eps·(dtype eps)/16 and the column sums Q by less than floor·(dtype eps)/16, so this
         # equals the log-space value to rounding, and it is finite for any finite logits (the
         # log's argument is >= eps). 1 exp + 1 log instead of 3 exp + 3 log.
-        e = _exp(z - _shift(z, 1, xp), xp)
+        e = _exp(z, xp)
         q = e / xp.sum(e, axis=1, keepdims=True)  # p(y | x)
         scale = (n_global / n_classes) / xp.maximum(
             xp.sum(q, axis=0, keepdims=True), _full_like(q, sum_floor, xp)
@@ -627,7 +627,9 @@ def _check_head(views: Sequence[Array], rows: slice | None) -> ModuleType:
 
     ``rows`` not None (a gathered global batch) allows a single row per process.
     """
-    xp = namespace(**{f"logits[{v}]": x for v, x in enumerate(views)})
+    named = {f"logits[{v}]": x for v, x in enumerate(views)}
+    xp = namespace(**named)
+    check_same_device(**named)
     if len(views) < 2:
         raise ValueError(f"need at least 2 views, got {len(views)}")
     for v, x in enumerate(views):
@@ -657,7 +659,9 @@ def _prepare(
     ``rows`` is the slice of this process's rows in them (None: all rows). Shared by the core
     and the adapters' fast losses, so that all raise the same errors.
     """
-    xp = namespace(**{names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)})
+    named = {names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)}
+    xp = namespace(**named)
+    check_same_device(**named)
 
     min_rows = 1 if gather is not None else 2
     for views, labels in zip(heads, names):

@@ -132,18 +132,35 @@ def test_torch_collapsed_batch(clamp, expected):
     assert torch.autograd.gradcheck(lambda p, q: torch_fast(gather=None, clamp_sums=clamp)(p, q), small, eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("clamp", [True, False], ids=["clamped", "exact"])
-def test_torch_extreme_logits_finite(clamp):
-    torch = pytest.importorskip("torch")
+def extreme_views() -> list[np.ndarray]:
+    """Four views of logits of magnitude 1e4 (float32-representable): random, one with a dead
+    class, one constant."""
     rng = np.random.default_rng(3)
-    vs = [rng.standard_normal((32, 16)) * 1e4 for _ in range(3)]
+    vs = [(rng.standard_normal((32, 16)) * 1e4).astype(np.float32).astype(np.float64) for _ in range(3)]
     vs.append(np.full((32, 16), 1e4))  # a constant view
     vs[1][:, 0] = -1e4  # a dead class
-    loss, grads = torch_value_and_grads(torch_fast(gather=None, clamp_sums=clamp), [vs], torch.float32)
+    return vs
+
+
+def assert_matches_float64_core(loss: float, grads: list[np.ndarray], vs: list[np.ndarray], clamp: bool) -> None:
+    """A float32 loss and its gradients equal the core's in float64 (torch autograd)."""
     assert math.isfinite(loss) and loss <= -math.log(EPS) + 1e-3
     assert all(np.isfinite(g).all() for g in grads)
-    core, _ = torch_value_and_grads(CoreLoss(clamp_sums=clamp), [vs], torch.float32)
-    np.testing.assert_allclose(loss, core, rtol=1e-5)
+    want, want_grads = torch_value_and_grads(CoreLoss(clamp_sums=clamp), [vs], pytest.importorskip("torch").float64)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    scale = max(float(np.abs(g).max()) for g in want_grads)
+    assert scale > 0
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "array"])
+@pytest.mark.parametrize("clamp", [True, False], ids=["clamped", "exact"])
+def test_torch_extreme_logits_match_float64(clamp, kernel):
+    torch = pytest.importorskip("torch")
+    vs = extreme_views()
+    loss, grads = torch_value_and_grads(torch_fast(gather=None, clamp_sums=clamp, kernel=kernel), [vs], torch.float32)
+    assert_matches_float64_core(loss, grads, vs, clamp)
 
 
 def test_torch_call_forms_dtypes_and_functional():
@@ -322,13 +339,11 @@ def test_jax_collapsed_extreme_and_eager():
         got, grads = jax_value_and_grads(jax_fast(clamp_sums=clamp), [[x, x]])
         np.testing.assert_allclose(got, expected, atol=1e-3)
         assert all(np.isfinite(g).all() for g in grads)
-    rng = np.random.default_rng(3)
-    vs = [rng.standard_normal((32, 16)) * 1e4 for _ in range(3)] + [np.full((32, 16), 1e4)]
-    vs[1][:, 0] = -1e4  # a dead class
+    vs = extreme_views()
     for clamp in (True, False):
-        loss, grads = jax_value_and_grads(jax_fast(clamp_sums=clamp), [vs])
-        assert math.isfinite(loss) and loss <= -math.log(EPS) + 1e-3
-        assert all(np.isfinite(g).all() for g in grads)
+        for kernel in ("auto", "array"):
+            loss, grads = jax_value_and_grads(jax_fast(clamp_sums=clamp, kernel=kernel), [vs])
+            assert_matches_float64_core(loss, grads, vs, clamp)
     # eager (no jit) agrees with jit, and the pure function agrees with the class
     from clusterlearn.adapters._jax_self_classifier import self_classifier_loss
 
@@ -402,6 +417,16 @@ def test_bad_input_raises_as_core(lib):
         crit(asarray(np.zeros((4, 3), np.int32)), asarray(np.zeros((4, 3), np.int32)))
     with pytest.raises(TypeError, match=r"logits\[0\] from .*numpy"):
         crit([np.zeros((4, 3)), a])
+    if lib == "torch":
+        # a view on another device (meta: no GPU needed) is refused before any kernel sees its
+        # pointer (it used to reach the CPU kernel and crash the process)
+        from clusterlearn.adapters._torch_self_classifier import self_classifier_head_loss
+
+        elsewhere = torch.zeros(4, 3, device="meta")
+        for call in (lambda: crit(a, elsewhere), lambda: crit([[a, a], [a, elsewhere]]),
+                     lambda: self_classifier_head_loss([a, elsewhere])):
+            with pytest.raises(ValueError, match=r"different devices cannot be mixed: .*on cpu, .*on meta"):
+                call()
     make = torch_fast if lib == "torch" else jax_fast
     for kwargs, match in [(dict(row_temperature=0.0), "row_temperature"), (dict(eps=-1.0), "eps")]:
         with pytest.raises(ValueError, match=match):

@@ -21,6 +21,7 @@ jnp = pytest.importorskip("jax.numpy")
 
 import clusterlearn as cl  # noqa: E402
 from clusterlearn import _backend as B  # noqa: E402
+from clusterlearn.adapters import _native  # noqa: E402
 from clusterlearn.adapters import jax as clj  # noqa: E402
 
 N, C, D, BATCH = 240, 6, 8, 32
@@ -306,23 +307,29 @@ def two_device_worker() -> dict:
     def global_loss(w, a, b):
         return cl.SelfClassifierLoss()(a @ w, b @ w)
 
-    criterion = cl.SelfClassifierLoss(gather=clj.make_gather("data"))
-
-    def per_device(w, a, b):
-        # the global-batch loss is the mean of the per-device losses (equal local batches)
-        def loss(w, a, b):
-            return jax.lax.pmean(criterion(a @ w, b @ w), "data")
-
-        return jax.value_and_grad(loss, argnums=(0, 1, 2))(w, a, b)
-
-    mapped = jax.jit(
-        jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), (P(), P("data"), P("data"))))
-    )
-    value, grads = mapped(w, *local)
     want_value, want_grads = jax.value_and_grad(global_loss, argnums=(0, 1, 2))(w, *views)
-    out["loss"] = [float(value), float(want_value)]
-    out["loss_grad_max_diff"] = [float(jnp.max(jnp.abs(g - h))) for g, h in zip(grads, want_grads)]
-    out["loss_grad_max"] = [float(jnp.max(jnp.abs(h))) for h in want_grads]
+    # the core loss, and the adapter's with its jax.numpy custom_vjp and with the fused kernel
+    # (an FFI call, whose results must be typed as varying over the mesh for jax.grad)
+    criteria = {"core": cl.SelfClassifierLoss(gather=clj.make_gather("data"))}
+    for kernel in ("array", "fused") if _native.xla_targets() is not None else ("array",):
+        criteria[kernel] = clj.SelfClassifierLoss(gather=clj.make_gather("data"), kernel=kernel)
+    out["loss"] = {}
+    for name, criterion in criteria.items():
+
+        def per_device(w, a, b, criterion=criterion):
+            # the global-batch loss is the mean of the per-device losses (equal local batches)
+            def loss(w, a, b):
+                return jax.lax.pmean(criterion(a @ w, b @ w), "data")
+
+            return jax.value_and_grad(loss, argnums=(0, 1, 2))(w, a, b)
+
+        specs = dict(in_specs=(P(), P("data"), P("data")), out_specs=(P(), (P(), P("data"), P("data"))))
+        value, grads = jax.jit(jax.shard_map(per_device, mesh=mesh, **specs))(w, *local)
+        out["loss"][name] = {
+            "value": [float(value), float(want_value)],
+            "grad_max_diff": [float(jnp.max(jnp.abs(g - h))) for g, h in zip(grads, want_grads)],
+            "grad_max": [float(jnp.max(jnp.abs(h))) for h in want_grads],
+        }
     return out
 
 
@@ -335,10 +342,12 @@ def test_two_devices_sharded_step_and_global_loss():
     assert out["committed_ok"], out
     for key, diff in out["odc_max_diff"].items():
         assert diff <= (1e-5 if key == "sums" else 1e-6), out
-    value, want = out["loss"]
-    assert value == pytest.approx(want, rel=1e-5), out
-    for diff, scale in zip(out["loss_grad_max_diff"], out["loss_grad_max"]):
-        assert scale > 0 and diff <= 1e-5 * scale, out
+    assert {"core", "array"} <= set(out["loss"]), out
+    for name, loss in out["loss"].items():
+        value, want = loss["value"]
+        assert value == pytest.approx(want, rel=1e-5), (name, loss)
+        for diff, scale in zip(loss["grad_max_diff"], loss["grad_max"]):
+            assert scale > 0 and diff <= 1e-5 * scale, (name, loss)
 
 
 if __name__ == "__main__":

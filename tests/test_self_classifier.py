@@ -330,6 +330,18 @@ def test_extreme_logits_finite_loss_and_gradients(lib, clamp):
     assert all(np.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("clamp", [False, True])
+def test_logits_whose_scaled_values_overflow(backend, clamp):
+    # float32 logits of ±1e38: s/τ overflows, s − max(s) does not; shifted before scaling, the
+    # softmaxes are one-hot as at any other saturating scale
+    signs = np.sign(np.random.default_rng(5).standard_normal((3, 8, 5))).astype(np.float32)
+    crit = SelfClassifierLoss(clamp_sums=clamp)
+    with np.errstate(over="ignore"):
+        huge = float(crit([backend.asarray(v * np.float32(1e38)) for v in signs]))
+    saturated = float(crit([backend.asarray(v * np.float32(1e30)) for v in signs]))
+    assert math.isfinite(huge) and huge == pytest.approx(saturated, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # properties from the specification
 # ---------------------------------------------------------------------------------------------
@@ -595,6 +607,13 @@ def test_bad_shapes_and_values(backend):
         crit(backend.asarray(np.zeros((4, 3), dtype=np.int64)), backend.asarray(np.zeros((4, 3), dtype=np.int64)))
     with pytest.raises(TypeError, match=r"logits\[1\] must be an array"):
         crit([a, "not an array"])
+
+
+def test_views_on_different_devices():
+    torch = pytest.importorskip("torch")
+    a = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=r"different devices cannot be mixed: logits\[0\] on cpu, logits\[1\] on meta"):
+        SelfClassifierLoss()(a, torch.zeros(4, 3, device="meta"))
 
 
 @pytest.mark.parametrize(
