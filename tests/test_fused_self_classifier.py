@@ -9,8 +9,12 @@ where it applies; building it fails softly.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clusterlearn.adapters import _native
 
@@ -95,6 +99,42 @@ def test_fused_gradient_is_not_trivial(fused):
     assert float(g1.abs().max()) > 1e-3
     _, g3, _ = value_and_grads([views[0], views[2], views[1]], torch.float64, grad_scale=1.0, kernel="fused")
     assert not torch.allclose(g1, g3)
+
+
+@given(seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([0.3, 1.0, 3.0]), k=st.sampled_from([2, 3]))
+def test_fused_spec_properties(fused, seed, scale, k):
+    """The specification's properties, through the kernel itself (float32): invariance to class
+    and row permutations, to the order of two views and to a scalar added to a view; the
+    bound -log(eps); constant logits give log C - log(1 + C eps); the collapsed batch scores
+    the reference's 24.378."""
+    import torch
+
+    from clusterlearn.adapters._torch_self_classifier import self_classifier_head_loss
+
+    rng = np.random.default_rng(seed)
+    n, c = 24, 11
+    views = [scale * rng.standard_normal((n, c)) for _ in range(k)]
+
+    def loss(vs: list[np.ndarray]) -> float:
+        return float(self_classifier_head_loss([torch.tensor(v, dtype=torch.float32) for v in vs], kernel="fused"))
+
+    base = loss(views)
+    assert 0 < base <= -math.log(1e-12)
+    cols, rows = rng.permutation(c), rng.permutation(n)
+    same = [
+        loss([v[:, cols] for v in views]),
+        loss([v[rows] for v in views]),
+        loss([v + rng.uniform(-50, 50) for v in views]),
+    ]
+    if k == 2:
+        same.append(loss(views[::-1]))
+    np.testing.assert_allclose(same, base, rtol=1e-5)
+    assert abs(loss([views[0] + rng.standard_normal((n, 1))] + views[1:]) - base) > 1e-4  # a per-row shift is seen
+    const = np.full((n, c), rng.uniform(-1e4, 1e4))
+    assert loss([const] * k) == pytest.approx(math.log(c) - math.log1p(c * 1e-12), rel=1e-6)
+    x = np.full((64, 8), -3.0)
+    x[:, 0] = 3.0
+    assert loss([x, x]) == pytest.approx(24.378, abs=1e-3)
 
 
 def test_fused_peaked_logits_and_denormal_mode(fused):
