@@ -43,6 +43,7 @@ from clusterlearn.self_classifier import (
     _check_positive,
     _parse,
     _prepare,
+    _scaled,
     view_pairs,
 )
 
@@ -120,7 +121,7 @@ def _forward(cfg: _Config, x: jax.Array) -> tuple[jax.Array, tuple]:
         target = p[:, lo:hi] / jnp.maximum(row_sum, cfg.eps)
         active_t = row_sum > cfg.eps
     else:
-        log_p = jax.nn.log_softmax(x / cfg.col_temperature, axis=1)
+        log_p = jax.nn.log_softmax(_scaled(x, 1, cfg.col_temperature, jnp), axis=1)
         target = jax.nn.softmax(log_p[:, lo:hi], axis=2)
         active_t = jnp.ones((), dtype=bool)
         if cfg.clamp_sums:  # p / max(S, eps) = softmax · exp(min(log S − log eps, 0))
@@ -140,7 +141,7 @@ def _forward(cfg: _Config, x: jax.Array) -> tuple[jax.Array, tuple]:
         pi = w / (w + cfg.eps)
         rho = q * jnp.where(col_sum > cfg.eps, inv_norm, 0.0)  # q / Q where the clamp is inactive
     else:
-        log_q = jax.nn.log_softmax(x / cfg.row_temperature, axis=2)
+        log_q = jax.nn.log_softmax(_scaled(x, 2, cfg.row_temperature, jnp), axis=2)
         log_norm = jax.nn.logsumexp(log_q, axis=1, keepdims=True)
         active_p = jnp.ones((), dtype=bool)
         if cfg.clamp_sums:
@@ -350,29 +351,38 @@ def _fused_call(target: str, cfg: _Config, views: tuple[jax.Array, ...], grads: 
     shapes += [jax.ShapeDtypeStruct(x.shape, dtype) for x in views] if grads else []
     shapes += [jax.ShapeDtypeStruct((cache,), dtype)] if cache else []
     call = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")
-    return _varying_like(views, call(*views, **_fused_attrs(cfg, views), cache=np.int64(bool(cache))))
+    return _vary(call(*views, **_fused_attrs(cfg, views), cache=np.int64(bool(cache))), _varying_axes(views))
 
 
-def _varying_like(inputs: Sequence[jax.Array], outputs: Sequence[jax.Array]) -> list[jax.Array]:
-    """``outputs`` typed as varying over the ``shard_map`` mesh axes any of ``inputs`` varies over.
+def _varying_axes(arrays: Sequence[jax.Array]) -> frozenset[str]:
+    """The ``shard_map`` mesh axes that any of ``arrays`` is typed as varying over.
 
-    An FFI call's results carry no varying-axes type, so inside ``shard_map`` (the global
-    batch's route: ``make_gather`` or an ``all_gather`` of one's own) they would be typed as
-    equal on every device, and ``jax.grad`` rejects a backward whose cotangents are typed
-    unlike their (device-varying) logits. (JAX 0.10 names the type ``manual_axis_type`` and
-    casts with ``pcast``; earlier releases ``vma`` and ``pvary``; before those, no such type.)
+    (JAX 0.10 names this type ``manual_axis_type``, earlier releases ``vma``; before those
+    there is no such type and the set is empty.)
     """
     axes: set[str] = set()
-    for x in inputs if hasattr(jax, "typeof") else ():
+    for x in arrays if hasattr(jax, "typeof") else ():
         aval = jax.typeof(x)
         mat = getattr(aval, "manual_axis_type", None)
         axes |= set(mat.varying if mat is not None else getattr(aval, "vma", ()))
-    if not axes:
-        return list(outputs)
-    names = tuple(sorted(axes))
-    if hasattr(jax.lax, "pcast"):
-        return [jax.lax.pcast(y, names, to="varying") for y in outputs]
-    return [jax.lax.pvary(y, names) for y in outputs]
+    return frozenset(axes)
+
+
+def _vary(arrays: Sequence[jax.Array], axes: frozenset[str]) -> list[jax.Array]:
+    """``arrays``, each typed as varying over ``axes`` too (a cast only where it is not yet).
+
+    Inside ``shard_map`` the views of one head must share one type (a view replicated over
+    the mesh next to one sharded over it fails ``custom_vjp``'s type check in the backward),
+    and an FFI call's results carry no varying type at all, so the fused kernel's gradients
+    would be typed unlike their logits.
+    """
+    out = []
+    for y in arrays:
+        missing = tuple(sorted(axes - _varying_axes([y])))
+        if missing:
+            y = jax.lax.pcast(y, missing, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(y, missing)
+        out.append(y)
+    return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -398,7 +408,7 @@ def _fused_bwd(cfg: _Config, res: tuple, grad: jax.Array) -> tuple[tuple[jax.Arr
         vmap_method="sequential",
     )
     attrs = dict(_fused_attrs(cfg, views), cache=np.int64(bool(cache)), scale=scale)
-    return (tuple(_varying_like(views, call(*views, stats, *g0, grad, *cache, **attrs))),)
+    return (tuple(_vary(call(*views, stats, *g0, grad, *cache, **attrs), _varying_axes(views))),)
 
 
 _fused_head.defvjp(_fused_fwd, _fused_bwd)
@@ -455,7 +465,7 @@ def self_classifier_head_loss(
     views = list(logits)
     xp = _check_head(views, rows)
     dtype = functools.reduce(jnp.promote_types, [x.dtype for x in views])
-    views = [_as_float(x.astype(dtype), xp) for x in views]
+    views = _vary([_as_float(x.astype(dtype), xp) for x in views], _varying_axes(views))
     n, n_classes = views[0].shape
     span = None if rows is None else rows.indices(n)
     if span is not None and span[2] != 1:

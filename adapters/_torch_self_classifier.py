@@ -61,6 +61,7 @@ from clusterlearn.self_classifier import (
     _check_positive,
     _parse,
     _prepare,
+    _scaled,
     view_pairs,
 )
 
@@ -162,7 +163,7 @@ class SelfClassifierFunction(torch.autograd.Function):
                 target = p[:, rows] / row_sum.clamp_min(cfg.eps)
                 active_t = row_sum > cfg.eps
             else:
-                log_p = torch.log_softmax(stacked / cfg.col_temperature, dim=1)
+                log_p = torch.log_softmax(_scaled(stacked, 1, cfg.col_temperature, namespace(logits=stacked)), dim=1)
                 target = torch.softmax(log_p[:, rows], dim=2)  # exp(log p − m) / Σ, m = row max
                 if cfg.clamp_sums:
                     # p / max(S, eps) = softmax · exp(min(log S − log eps, 0))
@@ -185,7 +186,7 @@ class SelfClassifierFunction(torch.autograd.Function):
                 w_eps = w + cfg.eps
                 rho, rho_scale = q, inv_norm.mul_(col_sum > cfg.eps)
             else:
-                log_q = torch.log_softmax(stacked / cfg.row_temperature, dim=2)
+                log_q = torch.log_softmax(_scaled(stacked, 2, cfg.row_temperature, namespace(logits=stacked)), dim=2)
                 log_norm = torch.logsumexp(log_q, dim=1, keepdim=True)
                 rho_scale = None
                 if cfg.clamp_sums:

@@ -63,7 +63,7 @@ def check_same_device(**arrays: Array) -> None:
     devices = {name: aac.device(x) for name, x in arrays.items() if not aac.is_jax_array(x)}
     if len(set(map(str, devices.values()))) > 1:
         desc = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise ValueError(f"arrays on different devices cannot be mixed: {desc}")
+        raise ValueError(f"{', '.join(devices)} must be on one device, got {desc}")
 
 
 def all_finite(x: Array, xp: ModuleType) -> bool:

@@ -330,6 +330,23 @@ def two_device_worker() -> dict:
             "grad_max_diff": [float(jnp.max(jnp.abs(g - h))) for g, h in zip(grads, want_grads)],
             "grad_max": [float(jnp.max(jnp.abs(h))) for h in want_grads],
         }
+
+    # A local loss (no gather) of a view sharded over the mesh and one replicated on it: the
+    # views are cast to one varying type, and the replicated view's gradient is the sum of the
+    # devices' gradients (the cast's transpose).
+    b_rep = views[1][:8]
+    out["mixed"] = {}
+    for kernel in [name for name in criteria if name != "core"]:
+        criterion = clj.SelfClassifierLoss(kernel=kernel)
+
+        def grads(a, b, criterion=criterion):
+            return jax.grad(lambda a, b: criterion(a, b), argnums=(0, 1))(a, b)
+
+        specs = dict(in_specs=(P("data"), P()), out_specs=(P("data"), P()))
+        got = jax.jit(jax.shard_map(grads, mesh=mesh, **specs))(local[0], b_rep)
+        per_device = [grads(views[0][8 * i : 8 * (i + 1)], b_rep) for i in range(2)]
+        want = (jnp.concatenate([g[0] for g in per_device]), per_device[0][1] + per_device[1][1])
+        out["mixed"][kernel] = [[float(jnp.max(jnp.abs(g - h))), float(jnp.max(jnp.abs(h)))] for g, h in zip(got, want)]
     return out
 
 
@@ -342,7 +359,11 @@ def test_two_devices_sharded_step_and_global_loss():
     assert out["committed_ok"], out
     for key, diff in out["odc_max_diff"].items():
         assert diff <= (1e-5 if key == "sums" else 1e-6), out
-    assert {"core", "array"} <= set(out["loss"]), out
+    assert {"core", "array"} | ({"fused"} if _native.xla_targets() is not None else set()) <= set(out["loss"]), out
+    assert set(out["mixed"]) == set(out["loss"]) - {"core"}, out
+    for kernel, diffs in out["mixed"].items():
+        for diff, scale in diffs:
+            assert scale > 0 and diff <= 1e-5 * scale, (kernel, diffs)
     for name, loss in out["loss"].items():
         value, want = loss["value"]
         assert value == pytest.approx(want, rel=1e-5), (name, loss)

@@ -330,16 +330,33 @@ def test_extreme_logits_finite_loss_and_gradients(lib, clamp):
     assert all(np.isfinite(g).all() for g in grads)
 
 
+def overflowing_views() -> list[np.ndarray]:
+    """Three float32 views of ±1e38 logits (s/τ overflows, s − max(s) does not), the second
+    with a class at −1e38 in every row (a line of −inf once divided, before the fix)."""
+    views = np.sign(np.random.default_rng(5).standard_normal((3, 8, 5))).astype(np.float32) * np.float32(1e38)
+    views[1][:, 0] = np.float32(-1e38)
+    return list(views)
+
+
 @pytest.mark.parametrize("clamp", [False, True])
 def test_logits_whose_scaled_values_overflow(backend, clamp):
-    # float32 logits of ±1e38: s/τ overflows, s − max(s) does not; shifted before scaling, the
-    # softmaxes are one-hot as at any other saturating scale
-    signs = np.sign(np.random.default_rng(5).standard_normal((3, 8, 5))).astype(np.float32)
+    # shifted and floored before scaling: finite, and NumPy warns of no overflow. The clamped
+    # loss (linear space) equals its value at 1e4, where the softmaxes are as saturated; the
+    # exact one (log space) is accurate only to |s|/τ · (dtype eps), here no better than finite.
     crit = SelfClassifierLoss(clamp_sums=clamp)
-    with np.errstate(over="ignore"):
-        huge = float(crit([backend.asarray(v * np.float32(1e38)) for v in signs]))
-    saturated = float(crit([backend.asarray(v * np.float32(1e30)) for v in signs]))
-    assert math.isfinite(huge) and huge == pytest.approx(saturated, rel=1e-6)
+    with np.errstate(over="raise"):
+        huge = float(crit([backend.asarray(v) for v in overflowing_views()]))
+    assert math.isfinite(huge) and huge <= -math.log(EPS)
+    if clamp:
+        saturated = float(crit([backend.asarray(v * np.float32(1e-34)) for v in overflowing_views()]))
+        assert huge == pytest.approx(saturated, rel=1e-6)
+
+
+@pytest.mark.parametrize("lib", ["torch", "jax"])
+@pytest.mark.parametrize("clamp", [False, True])
+def test_logits_whose_scaled_values_overflow_gradients(lib, clamp):
+    loss, grads = _autograd(lib, SelfClassifierLoss(clamp_sums=clamp), overflowing_views())
+    assert math.isfinite(loss) and all(np.isfinite(g).all() for g in grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,7 +629,7 @@ def test_bad_shapes_and_values(backend):
 def test_views_on_different_devices():
     torch = pytest.importorskip("torch")
     a = torch.zeros(4, 3)
-    with pytest.raises(ValueError, match=r"different devices cannot be mixed: logits\[0\] on cpu, logits\[1\] on meta"):
+    with pytest.raises(ValueError, match=r"logits\[0\], logits\[1\] must be on one device, got logits\[0\] on cpu, logits\[1\] on meta"):
         SelfClassifierLoss()(a, torch.zeros(4, 3, device="meta"))
 
 
