@@ -155,6 +155,7 @@ class SelfClassifierFunction(torch.autograd.Function):
         stacked = None if _linear_targets(dtype, n_classes, cfg) and _linear_predictions(
             dtype, n_global, n_classes, cfg
         ) else torch.stack(views)
+        xp = None if stacked is None else namespace(logits=stacked)
         with torch.no_grad():
             # Targets T (loss rows) and the column softmax p (all rows).
             if stacked is None or _linear_targets(dtype, n_classes, cfg):
@@ -163,7 +164,7 @@ class SelfClassifierFunction(torch.autograd.Function):
                 target = p[:, rows] / row_sum.clamp_min(cfg.eps)
                 active_t = row_sum > cfg.eps
             else:
-                log_p = torch.log_softmax(_scaled(stacked, 1, cfg.col_temperature, namespace(logits=stacked)), dim=1)
+                log_p = torch.log_softmax(_scaled(stacked, 1, cfg.col_temperature, xp), dim=1)
                 target = torch.softmax(log_p[:, rows], dim=2)  # exp(log p − m) / Σ, m = row max
                 if cfg.clamp_sums:
                     # p / max(S, eps) = softmax · exp(min(log S − log eps, 0))
@@ -186,7 +187,7 @@ class SelfClassifierFunction(torch.autograd.Function):
                 w_eps = w + cfg.eps
                 rho, rho_scale = q, inv_norm.mul_(col_sum > cfg.eps)
             else:
-                log_q = torch.log_softmax(_scaled(stacked, 2, cfg.row_temperature, namespace(logits=stacked)), dim=2)
+                log_q = torch.log_softmax(_scaled(stacked, 2, cfg.row_temperature, xp), dim=2)
                 log_norm = torch.logsumexp(log_q, dim=1, keepdim=True)
                 rho_scale = None
                 if cfg.clamp_sums:

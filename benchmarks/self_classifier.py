@@ -83,17 +83,15 @@ def cpu_description() -> str:
     The ratios depend on both: cross-entropy and the fused kernel gain differently from wider
     vectors (the kernel is built with ``-march=native``).
     """
-    model, flags = platform.processor() or platform.machine(), set()
+    from clusterlearn.adapters._native import _cpu_id  # the flags line of /proc/cpuinfo
+
+    model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model in ("", platform.machine()):
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
+            model = next((line.partition(":")[2].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
+    flags = set(_cpu_id().partition(":")[2].split())
     simd = next((name.upper().replace("512F", "-512") for name in ("avx512f", "avx2", "avx") if name in flags), "")
     return f"{model}, {simd}" if simd else model
 
