@@ -14,8 +14,10 @@ The scripts import it as ``import common`` (``python examples/x.py`` puts ``exam
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,8 @@ from runs import (  # noqa: F401  (re-exported for the scripts)
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CHECKPOINT = "checkpoint.pt"
+#: Default of ``--dist-timeout`` in seconds (torch's own default is 30 minutes for gloo, 10 for NCCL).
+DIST_TIMEOUT = 300.0
 
 
 # ---------------------------------------------------------------------------- command line
@@ -70,6 +74,10 @@ def add_common_arguments(parser: PresetParser) -> None:
     parser.add_preset("--colour", action=argparse.BooleanOptionalAction,
                       help="saturation/hue jitter and random greyscale of ODC and Self-Classifier (DeepCluster has none; "
                       "no-ops on grey images)")
+    parser.add_argument("--dist-timeout", type=positive_float, default=DIST_TIMEOUT, metavar="SECONDS",
+                        help="under torchrun: how long a process waits for the others (joining the group, each "
+                        "collective) before it stops with an error, e.g. when another process died "
+                        f"(default: {DIST_TIMEOUT:g})")
 
 
 # ---------------------------------------------------------------------------- data
@@ -202,10 +210,11 @@ class DistContext:
         return self.rank == 0
 
 
-def setup_distributed() -> DistContext:
+def setup_distributed(timeout: float = DIST_TIMEOUT) -> DistContext:
     """Join the process group when launched by torchrun (NCCL with CUDA, gloo on CPU).
 
     One plain process (no ``WORLD_SIZE`` > 1 in the environment) runs without a group.
+    ``timeout``: seconds a collective (and joining) may wait for the other processes.
     """
     cuda = torch.cuda.is_available()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -213,7 +222,7 @@ def setup_distributed() -> DistContext:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
@@ -221,16 +230,46 @@ def setup_distributed() -> DistContext:
 Runner = Callable[[argparse.ArgumentParser, argparse.Namespace, ImageData, "dict[str, Any] | None", "DistContext"], None]
 
 
-def launch(parser: argparse.ArgumentParser, args: argparse.Namespace, min_images: int, run: Runner) -> None:
+def launch(parser: argparse.ArgumentParser, args: argparse.Namespace, min_images: int, run: Runner,
+           states: Sequence[str] = ("model", "optimizer")) -> None:
     """Open the data and the ``--resume`` checkpoint (one-line errors), join the process group,
-    call ``run(parser, args, data, checkpoint, ctx)``, and leave the group whatever happens."""
+    call ``run(parser, args, data, checkpoint, ctx)``, and leave the group whatever happens.
+
+    ``states``: the checkpoint's state-dict entries the script restores (checked on loading).
+    A checkpoint that ``run`` cannot restore (:class:`runs.CheckpointError`) or an unreadable
+    image file (:class:`runs.ImageError`) ends in one line and exit code 2; losing the other
+    processes (one died, or did not answer within ``--dist-timeout``) in one line and exit code 1.
+    """
     data = open_data(parser, args, min_images)
-    ckpt = load_checkpoint(parser, args)
-    ctx = setup_distributed()
+    ckpt = load_checkpoint(parser, args, states)
+    ctx = setup_distributed(args.dist_timeout)
     try:
         run(parser, args, data, ckpt, ctx)
+    except runs.CheckpointError as err:
+        parser.error(f"--resume: {args.resume}: {err}")
+    except runs.ImageError as err:
+        parser.error(f"--data: {runs.image_error_line(err)}")
+    except RuntimeError as err:
+        if not lost_processes(err, ctx):
+            raise
+        print(f"{parser.prog}: error: rank {ctx.rank} of {ctx.world_size} lost the other processes (one died or "
+              f"did not answer within --dist-timeout {args.dist_timeout:g} s): {runs.error_line(err)}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         teardown_distributed()
+
+
+def lost_processes(err: BaseException, ctx: DistContext) -> bool:
+    """Whether ``err`` says that a collective failed: another process died or timed out.
+
+    torch raises ``DistError`` from collectives it calls itself, but a plain ``RuntimeError``
+    with the backend's message from inside ``DistributedDataParallel``'s backward.
+    """
+    if ctx.world_size == 1:
+        return False
+    text = str(err)
+    return isinstance(err, dist.DistError) or "gloo" in text or "NCCL" in text
 
 
 def teardown_distributed() -> None:
@@ -245,6 +284,16 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     if ctx.world_size == 1:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def restore(ckpt: dict[str, Any], objects: dict[str, Any]) -> None:
+    """``obj.load_state_dict(ckpt[name])`` for each entry; :class:`runs.CheckpointError` naming
+    the entry if one does not fit (shapes, keys, types)."""
+    for name, obj in objects.items():
+        try:
+            obj.load_state_dict(ckpt[name])
+        except Exception as err:  # torch raises RuntimeError, KeyError, ValueError, TypeError, ...
+            raise runs.CheckpointError(f"its {name} state does not fit this run: {runs.error_line(err)}") from err
 
 
 def broadcast_module(module: nn.Module, ctx: DistContext) -> None:
@@ -316,6 +365,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def resume_rng(ckpt: dict[str, Any], seed: int, ctx: DistContext) -> None:
+    """Continue this rank's random streams from the checkpoint.
+
+    Under the world size that wrote it, each rank restores its own saved state (the run
+    continues bit-exactly on CPU). Under another world size, every rank re-seeds from
+    ``(seed, the checkpoint's epoch, rank)``: the run is reproducible but its augmentations
+    and dropout differ from an uninterrupted run's; rank 0 prints a note naming both sizes.
+    """
+    states = ckpt["rng"]
+    if len(states) == ctx.world_size:
+        set_rng_state(states[ctx.rank])
+        return
+    s = int(np.random.SeedSequence([seed, ckpt["epoch"], ctx.rank]).generate_state(1, np.uint32)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    if ctx.main:
+        print(f"note: the checkpoint was written by {len(states)} process(es), this run has {ctx.world_size}: model, "
+              "optimiser and clustering state carry over; the random streams (augmentations) are re-seeded from "
+              "--seed, the epoch and the rank", flush=True)
+
+
 def all_rng_states(ctx: DistContext) -> list[dict[str, Any]]:
     """Every rank's :func:`rng_state`, in rank order (a collective)."""
     mine = rng_state()
@@ -335,11 +406,19 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     runs.atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any] | None:
+#: Entries of :func:`rng_state` and their types (``cuda`` is optional).
+_RNG_ENTRIES = {"python": torch.Tensor, "python_version": int, "python_gauss": (float, type(None)),
+                "numpy_keys": torch.Tensor, "numpy_pos": int, "numpy_gauss": list, "torch": torch.Tensor}
+
+
+def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    states: Sequence[str] = ("model", "optimizer")) -> dict[str, Any] | None:
     """The ``--resume`` checkpoint (``weights_only=True``, on the CPU), or None without ``--resume``.
 
-    ``parser.error`` if it is unreadable or was trained with other settings than this run's
-    (only the options in ``runs.RESUMABLE_CHANGES`` may differ).
+    ``parser.error`` (one line, exit code 2) if it is unreadable, is not a dictionary with the
+    ``states`` (dictionaries), ``epoch``, ``rng`` (one :func:`rng_state` per process that wrote
+    it) and ``args`` entries, has nothing left to train, or was trained with other settings
+    than this run's (only the options in ``runs.RESUMABLE_CHANGES`` may differ).
     """
     if args.resume is None:
         return None
@@ -348,8 +427,32 @@ def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     try:
         state = torch.load(args.resume, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors have many types
-        parser.error(f"--resume: cannot load {args.resume}: {type(err).__name__}: {str(err).splitlines()[0]}")
-    mismatch = runs.resume_mismatch(state["args"], args)
-    if mismatch:
-        parser.error(f"--resume: {mismatch}")
+        parser.error(f"--resume: cannot load {args.resume}: {runs.error_line(err)}")
+    try:
+        check_checkpoint(state, states, args)
+    except runs.CheckpointError as err:
+        parser.error(f"--resume: {args.resume}: {err}")
     return state
+
+
+def check_checkpoint(state: Any, states: Sequence[str], args: argparse.Namespace) -> None:
+    """:class:`runs.CheckpointError` unless ``state`` is a checkpoint this run can continue
+    (see :func:`load_checkpoint`)."""
+    if not isinstance(state, dict):
+        raise runs.CheckpointError(f"it holds a {type(state).__name__}, not a dictionary of states")
+    missing = [k for k in (*states, "epoch", "rng", "args") if k not in state]
+    if missing:
+        raise runs.CheckpointError(f"it has no {', '.join(missing)} entr{'ies' if len(missing) > 1 else 'y'}")
+    for name in states:
+        if not isinstance(state[name], dict):
+            raise runs.CheckpointError(f"its {name} entry is a {type(state[name]).__name__}, not a state dictionary")
+    runs.check_resume(state["args"], state["epoch"], args)
+    rng = state["rng"]
+    if not isinstance(rng, list) or not rng:
+        raise runs.CheckpointError("its rng entry is not a list of random states, one per process")
+    for entry in rng:
+        bad = [k for k, kind in _RNG_ENTRIES.items() if not isinstance(entry, dict) or not isinstance(entry.get(k), kind)]
+        if not bad and (entry["python"].numel() != 625 or entry["numpy_keys"].numel() != 624):
+            bad = ["python", "numpy_keys"]
+        if bad:
+            raise runs.CheckpointError(f"its rng entry has no valid {', '.join(bad)} state")

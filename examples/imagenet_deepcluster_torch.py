@@ -125,7 +125,7 @@ def train_epoch(model: nn.Module, labels: torch.Tensor, loader: Any, optimizer: 
 
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
-    common.launch(parser, args, args.clusters, run)
+    common.launch(parser, args, args.clusters, run, ("model", "optimizer", "labeler"))
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.ImageData,
@@ -142,11 +142,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
                                  backend=args.kmeans_backend)
     start = 0
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        labeler.load_state_dict(ckpt["labeler"])
+        common.restore(ckpt, {"model": net, "optimizer": optimizer, "labeler": labeler})
         start = ckpt["epoch"]
-        common.set_rng_state(ckpt["rng"][ctx.rank])
+        common.resume_rng(ckpt, args.seed, ctx)
     model = common.wrap_ddp(net, ctx)
     out = common.run_dir(args, METHOD)
     log = common.MetricsLog(out, ctx.main, resumed=ckpt is not None)

@@ -161,7 +161,7 @@ def memory_arrays(state: clj.ODCState) -> list[jax.Array]:
 
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
-    jc.launch(parser, args, args.clusters * max(args.min_cluster_size, 1), run)
+    jc.launch(parser, args, args.clusters * max(args.min_cluster_size, 1), run, [f"odc/{k}" for k in clj.ODCState._fields])
 
 
 def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh) -> None:

@@ -121,7 +121,7 @@ def train_epoch(model: nn.Module, odc: clt.OnlineDeepClustering, loader: Any, op
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
     min_images = args.clusters * max(args.min_cluster_size, 1)
-    common.launch(parser, args, min_images, run)
+    common.launch(parser, args, min_images, run, ("model", "optimizer", "scheduler", "odc"))
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.ImageData,
@@ -153,12 +153,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
             scores = common.cluster_scores(data.targets, odc.labels)
             print(f"initial k-means on the random network's features: NMI {scores['nmi']:.3f}  ACC {scores['acc']:.3f}", flush=True)
     else:
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        odc.load_state_dict(ckpt["odc"])
+        common.restore(ckpt, {"model": net, "optimizer": optimizer, "scheduler": scheduler, "odc": odc})
         start = ckpt["epoch"]
-        common.set_rng_state(ckpt["rng"][ctx.rank])
+        common.resume_rng(ckpt, args.seed, ctx)
     model = common.wrap_ddp(net, ctx)
     stop = min(args.epochs, args.stop_after or args.epochs)
     for epoch in range(start, stop):

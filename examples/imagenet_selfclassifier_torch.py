@@ -212,7 +212,7 @@ def train_epoch(model: nn.Module, criterion: nn.Module, loader: Any, optimizer: 
 
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
-    common.launch(parser, args, args.classes[0], run)
+    common.launch(parser, args, args.classes[0], run, ("model", "optimizer", "scheduler"))
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.ImageData,
@@ -231,11 +231,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     criterion = clt.SelfClassifierLoss(args.row_temperature, args.col_temperature, eps=1e-12)
     start = 0
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        common.restore(ckpt, {"model": net, "optimizer": optimizer, "scheduler": scheduler})
         start = ckpt["epoch"]
-        common.set_rng_state(ckpt["rng"][ctx.rank])
+        common.resume_rng(ckpt, args.seed, ctx)
     model = common.wrap_ddp(net, ctx)
     out = common.run_dir(args, METHOD)
     log = common.MetricsLog(out, ctx.main, resumed=ckpt is not None)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,15 +324,15 @@ def unflatten(prefix: str, template: Any, arrays: dict[str, np.ndarray]) -> Any:
     for path, leaf in leaves:
         name = f"{prefix}/{_name(path)}"
         if name not in arrays:
-            raise ValueError(f"the checkpoint has no {name}")
+            raise runs.CheckpointError(f"it has no {name} entry")
         value = arrays[name]
         if value.shape != tuple(leaf.shape) or value.dtype != np.dtype(leaf.dtype):
-            raise ValueError(f"{name} is {value.dtype}{list(value.shape)} in the checkpoint, {np.dtype(leaf.dtype)}"
+            raise runs.CheckpointError(f"its {name} is {value.dtype}{list(value.shape)} in the checkpoint, {np.dtype(leaf.dtype)}"
                              f"{list(leaf.shape)} in this run")
         out.append(value)
     extra = [k for k in arrays if k.startswith(prefix + "/") and k not in {f"{prefix}/{_name(p)}" for p, _ in leaves}]
     if extra:
-        raise ValueError(f"the checkpoint has entries this run does not know: {extra[:3]}")
+        raise runs.CheckpointError(f"it has entries this run does not know: {extra[:3]}")
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -347,19 +347,34 @@ def launch(
     args: argparse.Namespace,
     min_images: int,
     run: Callable[[argparse.Namespace, runs.ImageData, dict[str, np.ndarray] | None, Mesh], None],
+    required: Sequence[str] = (),
 ) -> None:
     """Open the data, the device mesh and the ``--resume`` checkpoint (one-line errors for bad
-    options, a batch that does not split over the devices), then ``run(args, data, ckpt, mesh)``."""
+    options, a batch that does not split over the devices), then ``run(args, data, ckpt, mesh)``.
+
+    ``required``: checkpoint entries the script reads besides ``rng/key`` and those
+    :func:`unflatten` checks. A checkpoint ``run`` cannot restore (:class:`runs.CheckpointError`)
+    or an unreadable image file (:class:`runs.ImageError`) ends in one line and exit code 2.
+    """
     data = runs.open_data(parser, args, min_images)
     mesh = make_mesh()
     runs.check_batch_size(parser, args.batch_size, mesh.size, "devices", len(data))
-    run(args, data, load_checkpoint(parser, args), mesh)
+    ckpt = load_checkpoint(parser, args, required)
+    try:
+        run(args, data, ckpt, mesh)
+    except runs.CheckpointError as err:
+        parser.error(f"--resume: {args.resume}: {err}")
+    except runs.ImageError as err:
+        parser.error(f"--data: {runs.image_error_line(err)}")
 
 
-def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, np.ndarray] | None:
+def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    required: Sequence[str] = ()) -> dict[str, np.ndarray] | None:
     """The ``--resume`` checkpoint's arrays (``epoch`` included), or None without ``--resume``.
 
-    ``parser.error`` if it is missing, unreadable, or was trained with other settings.
+    ``parser.error`` (one line, exit code 2) if it is missing, unreadable, lacks ``epoch``,
+    ``args``, ``rng/key`` or a ``required`` entry, has nothing left to train, or was trained
+    with other settings. Loads without unpickling (``allow_pickle=False``).
     """
     if args.resume is None:
         return None
@@ -368,12 +383,18 @@ def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     try:
         with np.load(args.resume, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        saved = json.loads(str(arrays.pop("args")))
+        saved = json.loads(str(arrays.pop("args"))) if "args" in arrays else None
     except Exception as err:  # zip, format and JSON errors have many types
-        parser.error(f"--resume: cannot load {args.resume}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-    mismatch = runs.resume_mismatch(saved, args)
-    if mismatch:
-        parser.error(f"--resume: {mismatch}")
+        parser.error(f"--resume: cannot load {args.resume}: {runs.error_line(err)}")
+    missing = [k for k in ("epoch", "rng/key", *required) if k not in arrays] + (["args"] if saved is None else [])
+    if missing:
+        parser.error(f"--resume: {args.resume}: it has no {', '.join(missing)} entr{'ies' if len(missing) > 1 else 'y'}")
+    epoch = arrays["epoch"]
+    epoch = epoch.item() if epoch.shape == () and epoch.dtype.kind in "iu" else epoch
+    try:
+        arrays["epoch"] = runs.check_resume(saved, epoch, args)
+    except runs.CheckpointError as err:
+        parser.error(f"--resume: {args.resume}: {err}")
     return arrays
 
 

@@ -38,7 +38,32 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: File endings an ImageFolder tree's images may have (torchvision's list).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 #: Options a resumed run may change; any other difference from the checkpoint's is refused.
-RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "stop_after", "workers", "progress"})
+RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "stop_after", "workers", "progress", "dist_timeout"})
+
+
+#: How an :class:`ImageError`'s message starts (before the file's path).
+IMAGE_ERROR = "cannot read image "
+
+
+class CheckpointError(ValueError):
+    """A ``--resume`` checkpoint that loads but cannot continue this run (a one-line message)."""
+
+
+class ImageError(ValueError):
+    """A file of ``--data`` that cannot be read as an image (the message names the file)."""
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message``, or just ``Type`` when the message is empty."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def image_error_line(err: ImageError) -> str:
+    """The one line of an :class:`ImageError`, also when a ``DataLoader`` worker re-raised it
+    with the worker's traceback folded into the message."""
+    lines = [line for line in str(err).splitlines() if IMAGE_ERROR in line]
+    return lines[-1][lines[-1].index(IMAGE_ERROR):] if lines else str(err)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -153,11 +178,14 @@ class ImageData:
         return len(self.images)
 
     def image(self, i: int) -> Image.Image:
-        """Image ``i`` as an RGB PIL image."""
+        """Image ``i`` as an RGB PIL image; :class:`ImageError` naming the file if it cannot be read."""
         if isinstance(self.images, np.ndarray):
             return Image.fromarray(self.images[i])
-        with Image.open(self.images[i]) as im:
-            return im.convert("RGB")
+        try:
+            with Image.open(self.images[i]) as im:
+                return im.convert("RGB")
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+            raise ImageError(f"{IMAGE_ERROR}{self.images[i]}: {error_line(err)}") from err
 
     def subset(self, n: int) -> ImageData:
         """``n`` images spread evenly over the data (so every class of a sorted tree appears)."""
@@ -186,8 +214,10 @@ def list_image_folder(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
     """Files and class indices of an ImageFolder tree: ``root/<class>/**/<image>``.
 
     Classes are the sorted sub-directories of ``root``; images are the files with an ending
-    in :data:`IMAGE_EXTENSIONS` (any case) anywhere below them, in sorted order. Raises
-    ``ValueError`` when ``root`` is not a directory or holds no image in a class folder.
+    in :data:`IMAGE_EXTENSIONS` (any case) anywhere below them, in sorted order. Symbolic links
+    are followed, but a directory whose real path was already listed for the same class (a
+    link loop, or a second link to it) is skipped, so every image of a class is listed once.
+    Raises ``ValueError`` when ``root`` is not a directory or holds no image in a class folder.
     """
     root = Path(root)
     if not root.is_dir():
@@ -196,8 +226,7 @@ def list_image_folder(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
     paths: list[str] = []
     targets: list[int] = []
     for index, name in enumerate(classes):
-        for directory, subdirs, files in sorted(os.walk(root / name, followlinks=True)):
-            subdirs.sort()
+        for directory, files in _walk_once(root / name):
             for file in sorted(files):
                 if file.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(directory, file))
@@ -205,6 +234,21 @@ def list_image_folder(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
     if not paths:
         raise ValueError(f"{root} holds no images in class folders (endings {', '.join(IMAGE_EXTENSIONS)})")
     return paths, np.asarray(targets, dtype=np.int64), classes
+
+
+def _walk_once(top: Path) -> list[tuple[str, list[str]]]:
+    """``(directory, files)`` below ``top``, sorted by directory, each real directory once."""
+    seen: set[str] = set()
+    found = []
+    for directory, subdirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            subdirs.clear()
+            continue
+        seen.add(real)
+        subdirs.sort()
+        found.append((directory, files))
+    return sorted(found)
 
 
 def image_folder(root: Path) -> ImageData:
@@ -286,6 +330,32 @@ def resume_mismatch(saved: dict[str, Any], args: argparse.Namespace) -> str | No
     return f"the checkpoint was trained with {was}; pass the same settings"
 
 
+def check_resume(saved: Any, epoch: Any, args: argparse.Namespace) -> int:
+    """The number of epochs a checkpoint has finished, if ``args`` may continue it.
+
+    ``saved`` is the checkpoint's :func:`args_record`, ``epoch`` its epoch count (a Python or
+    NumPy integer). Raises :class:`CheckpointError` (a one-line message) when ``saved`` is not
+    a dictionary, ``epoch`` not an integer in ``[0, --epochs)`` or not before ``--stop-after``,
+    or the settings differ from this run's beyond :data:`RESUMABLE_CHANGES`.
+    """
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"its args entry is a {type(saved).__name__}, not a dictionary of settings")
+    if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)):
+        raise CheckpointError(f"its epoch entry is a {type(epoch).__name__}, not an integer")
+    mismatch = resume_mismatch(saved, args)
+    if mismatch:
+        raise CheckpointError(mismatch)
+    epoch = int(epoch)
+    if epoch < 0:
+        raise CheckpointError(f"its epoch entry is {epoch}, not a number of finished epochs (>= 0)")
+    if epoch >= args.epochs:
+        raise CheckpointError(f"the checkpoint has finished {epoch} epochs of --epochs {args.epochs}: nothing to "
+                              "train (raise --epochs to train longer)")
+    if args.stop_after is not None and args.stop_after <= epoch:
+        raise CheckpointError(f"--stop-after {args.stop_after} is not after the checkpoint's epoch {epoch}")
+    return epoch
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
 
@@ -307,7 +377,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 class MetricsLog:
     """Appends one JSON object per epoch to ``<dir>/metrics.jsonl`` (only where ``enabled``).
 
-    A fresh run (``resumed=False``) starts the file anew; a resumed one appends to it.
+    A fresh run (``resumed=False``) starts the file anew; a resumed one appends to it, after
+    dropping (with a warning) any line that is not a complete JSON record, such as the partial
+    last line of a run killed while writing it. Each record is flushed and synced to disk
+    before :meth:`write` returns.
     """
 
     def __init__(self, directory: Path, enabled: bool, resumed: bool) -> None:
@@ -317,12 +390,27 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not resumed:
                 self.path.unlink(missing_ok=True)
+            elif self.path.exists():
+                self._repair()
+
+    def _repair(self) -> None:
+        """Keep only the complete records (rewritten atomically if any line is dropped)."""
+        text = self.path.read_bytes()
+        lines = text.split(b"\n")
+        kept = [line for line in lines[:-1] if _record(line) is not None]  # lines[-1]: after the last newline
+        dropped = len(lines) - 1 - len(kept) + (lines[-1].strip() != b"")
+        if dropped:
+            print(f"warning: {self.path}: dropped {dropped} incomplete or unreadable line(s) (a run stopped while "
+                  "writing?)", file=sys.stderr, flush=True)
+            atomic_write(self.path, lambda f: f.write(b"".join(line + b"\n" for line in kept)))
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` (numbers, strings, lists)."""
+        """Append ``record`` (numbers, strings, lists) as one line, synced to disk."""
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
     def read(self) -> list[dict[str, Any]]:
         """All records, the last one per epoch (a resumed epoch replaces its first attempt)."""
@@ -331,6 +419,15 @@ class MetricsLog:
             record = json.loads(line)
             by_epoch[record["epoch"]] = record
         return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    """The metrics record of one line, or None if it is not a JSON object with an integer epoch."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
 
 
 def fingerprint(arrays: Iterable[np.ndarray]) -> str:
