@@ -167,3 +167,123 @@ def test_resume_under_another_world_size_continues(tmp_path: Path) -> None:
     text = run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "3", "--resume", ckpt])  # and back to one
     assert "written by 2 process(es), this run has 1" in text
     assert [r["epoch"] for r in records(tmp_path)] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------- bad checkpoints
+@pytest.fixture(scope="module")
+def odc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished ODC epoch of a 2-epoch run: a valid checkpoint to break."""
+    out = tmp_path_factory.mktemp("odc_run")
+    run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(out)])
+    return out
+
+
+def _set(key: str, value: object):
+    return lambda s: {**s, key: value}
+
+
+def _drop(key: str):
+    return lambda s: {k: v for k, v in s.items() if k != key}
+
+
+BAD_CHECKPOINTS = [
+    ("empty file", None, [], "cannot load"),
+    ("bare tensor", lambda s: torch.zeros(3), [], "holds a Tensor, not a dictionary"),
+    ("no args", _drop("args"), [], "no args entry"),
+    ("args not a dict", _set("args", [1, 2]), [], "args entry is a list"),
+    ("no rng", _drop("rng"), [], "no rng entry"),
+    ("no odc", _drop("odc"), [], "no odc entry"),
+    ("odc not a dict", _set("odc", torch.zeros(2)), [], "odc entry is a Tensor"),
+    ("rng entry broken", _set("rng", [{"python": torch.zeros(3)}]), [], "rng entry has no valid"),
+    ("epoch not an int", _set("epoch", 1.5), [], "epoch entry is a float"),
+    ("negative epoch", _set("epoch", -5), [], "epoch entry is -5"),
+    ("finished run", None, ["--epochs", "1"], "nothing to train"),
+    ("stop-after not after it", None, ["--stop-after", "1"], "--stop-after 1 is not after"),
+    ("model does not fit", _set("model", {"x": torch.zeros(1)}), [], "model state does not fit"),
+    ("odc does not fit", lambda s: {**s, "odc": {**s["odc"], "labels": s["odc"]["labels"][:3]}}, [], "odc state does not fit"),
+]
+
+
+@pytest.mark.parametrize(("change", "argv", "message"), [c[1:] for c in BAD_CHECKPOINTS], ids=[c[0] for c in BAD_CHECKPOINTS])
+def test_a_bad_checkpoint_is_a_one_line_error(odc_run: Path, change, argv: list[str], message: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "checkpoint.pt"
+    if change is None and not argv:
+        path.write_bytes(b"")
+    else:
+        state = load(odc_run / "checkpoint.pt")
+        torch.save(state if change is None else change(state), path)
+    before = path.read_bytes(), (odc_run / "metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        script("imagenet_odc_torch").main([*ODC_TINY, "--epochs", "2", *argv, "--resume", str(path),
+                                           "--out", str(tmp_path / "new")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err.strip().splitlines()[-1], err
+    assert (path.read_bytes(), (odc_run / "metrics.jsonl").read_bytes()) == before
+
+
+# ---------------------------------------------------------------------------- metrics.jsonl
+def test_a_torn_metrics_line_is_dropped_on_resume(odc_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for name in ("checkpoint.pt", "metrics.jsonl"):
+        (tmp_path / name).write_bytes((odc_run / name).read_bytes())
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 2, "loss": 0.6')  # a run killed while writing epoch 2's record
+    run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pt")])
+    assert "dropped 1 incomplete" in capsys.readouterr().err
+    assert [r["epoch"] for r in records(tmp_path)] == [1, 2]
+
+
+def test_metrics_log_keeps_complete_records_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = script("runs")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n[1]\n{"epoch": 2}\n{"epoch": 3, "lo')
+    log = runs.MetricsLog(tmp_path, True, resumed=True)
+    assert "dropped 2" in capsys.readouterr().err
+    log.write({"epoch": 3})
+    assert log.read() == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+    runs.MetricsLog(tmp_path, True, resumed=True)
+    assert capsys.readouterr().err == ""  # nothing more to drop
+
+
+# ---------------------------------------------------------------------------- --data
+def _image_folder(root: Path, per_class: int = 8) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+DATA_ARGS = ["--resolution", "16", "--batch-size", "8", "--arch", "resnet18", "--width", "8", "--clusters", "2",
+             "--min-cluster-size", "4", "--epochs", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("bad", ["not an image", "truncated"])
+def test_an_unreadable_image_is_named_in_one_line(bad: str, workers: int, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    data = _image_folder(tmp_path / "data")
+    path = data / "b" / "bad.png"
+    good = (data / "b" / "0.png").read_bytes()
+    path.write_bytes(b"no image here" if bad == "not an image" else good[: len(good) // 2])
+    with pytest.raises(SystemExit) as exc:
+        script("imagenet_odc_torch").main([*DATA_ARGS, "--data", str(data), "--workers", str(workers),
+                                           "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"--data: cannot read image {path}: " in err.strip().splitlines()[-1], err
+
+
+def test_a_symlink_loop_in_the_data_lists_each_image_once(tmp_path: Path) -> None:
+    runs = script("runs")
+    data = _image_folder(tmp_path / "data")
+    (data / "a" / "loop").symlink_to(data / "a", target_is_directory=True)
+    (data / "b" / "deeper").mkdir()
+    (data / "b" / "deeper" / "up").symlink_to(data / "b", target_is_directory=True)
+    (data / "b" / "linked.png").symlink_to(data / "a" / "0.png")  # a file link is followed
+    paths, targets, classes = runs.list_image_folder(data)
+    assert classes == ["a", "b"] and len(paths) == 17 and np.bincount(targets).tolist() == [8, 9]
+    assert len({os.path.realpath(p) for p in paths}) == 16
