@@ -152,6 +152,7 @@ BAD_INPUT = [
     ("imagenet_odc_torch", ["--clusters", "1000"], "fewer than"),
     ("imagenet_odc_torch", ["--epochs", "0"], "must be a positive integer"),
     ("imagenet_odc_torch", ["--batch-size", "-4"], "must be a positive integer"),
+    ("imagenet_odc_torch", ["--dist-timeout", "0"], "must be a positive number"),
     ("imagenet_odc_torch", ["--subset", "5000"], "exceeds the 1797 images"),
     ("imagenet_odc_torch", ["--subset", "32", "--clusters", "2", "--min-cluster-size", "4", "--batch-size", "64"], "exceeds the 32 images"),
     ("imagenet_deepcluster_torch", ["--clusters", "2000"], "fewer than the 2000"),

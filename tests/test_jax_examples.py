@@ -232,6 +232,47 @@ def test_resume_with_other_settings_is_refused(trained: dict, tmp_path: Path, ca
     assert not (tmp_path / "run").exists()
 
 
+def _without(key: str):
+    return lambda a: {k: v for k, v in a.items() if k != key}
+
+
+def _with(key: str, value: object):
+    return lambda a: {**a, key: np.asarray(value)}
+
+
+BAD_CHECKPOINTS = [
+    ("empty file", None, [], "cannot load"),
+    ("no args", _without("args"), [], "no args entry"),
+    ("args not a dict", _with("args", "[1, 2]"), [], "args entry is a list"),
+    ("no epoch", _without("epoch"), [], "no epoch entry"),
+    ("epoch not an int", _with("epoch", 1.5), [], "epoch entry is a ndarray"),
+    ("negative epoch", _with("epoch", -5), [], "epoch entry is -5"),
+    ("no rng key", _without("rng/key"), [], "no rng/key entry"),
+    ("no odc labels", _without("odc/labels"), [], "no odc/labels entry"),
+    ("finished run", lambda a: a, ["--epochs", "2"], "nothing to train"),
+    ("params do not fit", lambda a: {**a, "params/head/kernel": np.zeros(3, np.float32)}, [], "params/head/kernel is float32[3]"),
+]
+
+
+@pytest.mark.parametrize(("change", "argv", "message"), [c[1:] for c in BAD_CHECKPOINTS], ids=[c[0] for c in BAD_CHECKPOINTS])
+def test_a_bad_checkpoint_is_a_one_line_error(trained: dict, change, argv: list[str], message: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    out, _ = trained["odc"]
+    path = tmp_path / "checkpoint.npz"
+    if change is None:
+        path.write_bytes(b"")
+    else:
+        with path.open("wb") as f:
+            np.savez(f, **change(checkpoint(out)))
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        script("imagenet_odc_jax").main([*ODC_TINY, "--epochs", "3", *argv, "--resume", str(path), "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err.strip().splitlines()[-1], err
+    assert path.read_bytes() == before
+
+
 # ---------------------------------------------------------------------------- framework-free helpers
 def test_runs_reads_an_image_folder_without_a_framework(tmp_path: Path) -> None:
     from PIL import Image
