@@ -201,3 +201,237 @@ def test_knn_accuracy_rejects_bad_test_labels():
         knn_accuracy(x, y, xt, yt.astype(np.float32))
     with pytest.raises(ValueError, match="test_labels"):
         knn_accuracy(x, y, xt, yt, num_classes=1)
+
+
+# ----------------------------------------------------------------------------- linear probe
+def _blobs(seed, n_per, d=16, c=3, spread=0.3):
+    rng = np.random.default_rng(seed)
+    centres = 3.0 * np.eye(c, d)  # centres 4.2 apart, 14 sigma
+    y = np.repeat(np.arange(c), n_per)
+    return (centres[y] + spread * rng.normal(size=(y.shape[0], d))).astype(np.float32), y
+
+
+def test_linear_probe_separable_data(backend):
+    x, y = _blobs(0, 50)
+    xt, yt = _blobs(1, 100)
+    out = cl.linear_probe(backend.asarray(x), backend.asarray(y), backend.asarray(xt), backend.asarray(yt))
+    assert out["probe_top1"] == 1.0 and out["probe_train_top1"] == 1.0 and out["C"] == 1.0
+
+
+def test_linear_probe_random_labels_at_chance():
+    # Labels independent of the features: test accuracy is a binomial proportion around 1/4
+    # with standard deviation sqrt(3/16 / 4000) = 0.007; 0.05 is 7 of them.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    xt = rng.normal(size=(4000, 16)).astype(np.float32)
+    y, yt = rng.integers(0, 4, 400), rng.integers(0, 4, 4000)
+    out = cl.linear_probe(x, y, xt, yt)
+    assert abs(out["probe_top1"] - 0.25) < 0.05
+    assert out["probe_train_top1"] > out["probe_top1"]  # it fits noise on the train split
+
+
+def test_linear_probe_standardises_features():
+    # Standardisation makes the probe invariant to each feature's affine rescaling; without
+    # it, a feature scaled by 1e-4 is all but erased by the L2 penalty.
+    x, y = _blobs(5, 40, spread=1.5)
+    xt, yt = _blobs(6, 200, spread=1.5)
+    scale = np.r_[1e-4, 1e-4, 1e-4, np.ones(13)].astype(np.float32)
+    plain = cl.linear_probe(x, y, xt, yt)
+    scaled = cl.linear_probe(x * scale + 3.0, y, xt * scale + 3.0, yt)
+    assert plain["probe_top1"] > 0.6  # chance is 1/3; the signal lives in the three rescaled features
+    assert abs(scaled["probe_top1"] - plain["probe_top1"]) <= 2 / 600  # solver tolerance: a sample or two
+
+
+def test_linear_probe_cross_validation_uses_train_split_only():
+    x, y = _blobs(2, 30, spread=2.0)
+    xt, yt = _blobs(3, 40, spread=2.0)
+    a = cl.linear_probe(x, y, xt, yt, C=None, cv_folds=3)
+    b = cl.linear_probe(x, y, xt[::-1].copy(), (yt[::-1] + 1) % 3, C=None, cv_folds=3)  # other test labels
+    assert a["C"] == b["C"] and a["C"] in np.logspace(-4, 4, 9)
+    assert a["probe_top1"] != b["probe_top1"]
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "words"),
+    [
+        ({"train_features": np.zeros((10, 4), np.int64)}, TypeError, "train_features"),
+        ({"test_features": np.zeros((5, 3), np.float32)}, ValueError, "test_features"),
+        ({"train_labels": np.zeros(10, np.int64)}, ValueError, "two classes"),
+        ({"test_labels": np.zeros(4, np.int64)}, ValueError, "test_labels"),
+        ({"C": 0.0}, ValueError, "C"),
+        ({"C": None, "cv_folds": 6}, ValueError, "cv_folds"),
+        ({"max_iter": 0}, ValueError, "max_iter"),
+    ],
+)
+def test_linear_probe_rejects_bad_input(change, error, words):
+    rng = np.random.default_rng(0)
+    args = {
+        "train_features": rng.normal(size=(10, 4)).astype(np.float32),
+        "train_labels": np.arange(10) % 2,
+        "test_features": rng.normal(size=(5, 4)).astype(np.float32),
+        "test_labels": np.arange(5) % 2,
+    }
+    args.update(change)
+    with pytest.raises(error, match=words):
+        cl.linear_probe(**args)
+
+
+def test_linear_probe_names_the_missing_dependency(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)
+    x, y = _blobs(0, 5)
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        cl.linear_probe(x, y, x, y)
+
+
+# ----------------------------------------------------------------------------- clustering
+def _directions(seed, n_per, c=4, d=8, noise=0.01):
+    """Planted clusters on distinct directions (L2 normalisation keeps them apart)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(c), n_per)
+    scale = rng.uniform(0.5, 5.0, size=(y.shape[0], 1))  # norms differ; directions carry the class
+    return (scale * (np.eye(c, d)[y] + noise * rng.normal(size=(y.shape[0], d)))).astype(np.float32), y
+
+
+def test_cluster_scores_recover_planted_clusters(backend):
+    x, y = _directions(0, 40)
+    out = cl.cluster_scores(backend.asarray(x), backend.asarray(y), seed=0)
+    assert out["num_clusters"] == 4
+    assert out["nmi"] == pytest.approx(1.0) and out["ari"] == pytest.approx(1.0)
+    assert out["acc"] == 1.0 and out["many_to_one"] == 1.0
+
+
+def test_cluster_scores_over_clustering():
+    x, y = _directions(1, 40)
+    out = cl.cluster_scores(x, y, 8, seed=0)
+    assert out["num_clusters"] == 8
+    assert out["many_to_one"] == 1.0  # every cluster lies within one class
+    assert out["acc"] < 1.0  # one-to-one matching leaves 4 clusters unmatched
+
+
+def test_cluster_scores_random_labels_score_low():
+    x, _ = _directions(2, 50)
+    y = np.random.default_rng(0).integers(0, 4, x.shape[0])
+    out = cl.cluster_scores(x, y, seed=0)
+    assert out["nmi"] < 0.1 and abs(out["ari"]) < 0.1
+
+
+def test_cluster_scores_rejects_bad_input():
+    x, y = _directions(0, 5)
+    with pytest.raises(ValueError, match="labels"):
+        cl.cluster_scores(x, y[:-1])
+    with pytest.raises(ValueError, match="num_clusters"):
+        cl.cluster_scores(x, y, 21)
+    with pytest.raises(TypeError, match="features"):
+        cl.cluster_scores(x.astype(np.int64), y)
+    with pytest.raises(ValueError, match="backend"):
+        cl.cluster_scores(x, y, backend="sklearn")
+
+
+def test_many_to_one_accuracy_hand_computed(backend):
+    truth = np.array([0, 0, 1, 1, 1, 2])
+    clusters = np.array([5, 5, 5, 7, 7, 9])  # majorities: 2 of 3, 2 of 2, 1 of 1
+    assert cl.many_to_one_accuracy(backend.asarray(truth), backend.asarray(clusters)) == 5 / 6
+    assert cl.many_to_one_accuracy(np.array([-3, 4, 4]), np.array([0, 0, 0])) == 2 / 3
+
+
+def test_many_to_one_accuracy_matches_brute_force():
+    rng = np.random.default_rng(0)
+    truth, clusters = rng.integers(0, 5, 500), rng.integers(0, 40, 500) * 3
+    expected = sum(np.bincount(truth[clusters == c]).max() for c in np.unique(clusters)) / 500
+    assert cl.many_to_one_accuracy(truth, clusters) == pytest.approx(expected, abs=1e-15)
+
+
+def test_many_to_one_accuracy_rejects_bad_input():
+    with pytest.raises(ValueError, match="labels_pred"):
+        cl.many_to_one_accuracy(np.zeros(3, np.int64), np.zeros(4, np.int64))
+    with pytest.raises(TypeError, match="labels_true"):
+        cl.many_to_one_accuracy(np.zeros(3), np.zeros(3, np.int64))
+
+
+# ----------------------------------------------------------------------------- split
+def test_stratified_split_partitions_each_class(backend):
+    labels = np.r_[np.zeros(10), np.ones(7), np.full(1, 5), np.full(3, 9)].astype(np.int64)
+    labels = labels[np.random.default_rng(0).permutation(labels.shape[0])]
+    train, test = cl.stratified_split(backend.asarray(labels), 0.3, seed=1)
+    assert train.dtype == np.int64 and test.dtype == np.int64
+    np.testing.assert_array_equal(np.sort(np.r_[train, test]), np.arange(labels.shape[0]))
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(test) > 0)
+    # round-half-up(0.3 n_c), capped at n_c - 1: 10 -> 3, 7 -> 2 (2.1), 1 -> 0, 3 -> 1 (0.9)
+    for c, n_test in [(0, 3), (1, 2), (5, 0), (9, 1)]:
+        assert np.sum(labels[test] == c) == n_test
+    # round(0.6 * 1) = 1 is capped at 0: a singleton class stays in the train split.
+    train, test = cl.stratified_split(backend.asarray(np.array([0, 0, 1])), 0.6)
+    assert list(train) == [1, 2] or list(train) == [0, 2]
+    assert test.shape == (1,) and test[0] in (0, 1)
+
+
+def _splitmix64(seed: int, i: int) -> int:
+    """The documented hash in Python integers, independent of NumPy."""
+    mask = (1 << 64) - 1
+    z = (i + seed * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_stratified_split_is_fixed():
+    # The split must not change with the machine or the NumPy version: pinned, and equal to
+    # the rule computed in pure Python (each class ordered by the seeded hash of its indices).
+    labels = np.arange(20) % 2
+    train, test = cl.stratified_split(labels, 0.2, seed=0)
+    np.testing.assert_array_equal(test, [3, 10, 11, 18])
+    for seed in (0, 7):
+        expected = []
+        for c in (0, 1):
+            members = sorted((_splitmix64(seed, i), i) for i in range(20) if labels[i] == c)
+            expected += [i for _, i in members[:2]]
+        np.testing.assert_array_equal(cl.stratified_split(labels, 0.2, seed=seed)[1], sorted(expected))
+    _, other = cl.stratified_split(labels, 0.2, seed=1)
+    assert not np.array_equal(other, test)
+
+
+def test_stratified_split_rejects_bad_input():
+    with pytest.raises(ValueError, match="test_fraction"):
+        cl.stratified_split(np.zeros(4, np.int64), 1.0)
+    with pytest.raises(TypeError, match="labels"):
+        cl.stratified_split(np.zeros(4))
+    with pytest.raises(ValueError, match="seed"):
+        cl.stratified_split(np.zeros(4, np.int64), seed=-1)
+
+
+# ----------------------------------------------------------------------------- assignment
+def test_deepcluster_assign(backend):
+    # Four blobs span a 3-D affine subspace: whitening to 3 dimensions keeps them apart
+    # (more dimensions would whiten the isotropic noise up to the signal's scale).
+    x, y = _blobs(3, 30, d=12, c=4, spread=0.05)
+    labeler = cl.DeepClusterLabeler(4, pca_dim=3, backend="array", seed=0)
+    with pytest.raises(ValueError, match="fitted"):
+        labeler.assign(backend.asarray(x))
+    epoch = labeler(backend.asarray(x))
+    labels = backend.to_numpy(epoch.labels)
+    assert cl.metrics.accuracy(y, labels) == 1.0
+    np.testing.assert_array_equal(backend.to_numpy(labeler.assign(backend.asarray(x))), labels)
+    fresh, fresh_y = _blobs(4, 10, d=12, c=4, spread=0.05)
+    cluster_of_class = {int(c): int(labels[y == c][0]) for c in range(4)}
+    got = backend.to_numpy(labeler.assign(backend.asarray(fresh)))
+    np.testing.assert_array_equal(got, [cluster_of_class[int(c)] for c in fresh_y])
+    with pytest.raises(ValueError, match="features"):
+        labeler.assign(backend.asarray(fresh[:, :5]))
+
+
+@pytest.mark.parametrize("metric", ["l2", "dot"])
+def test_odc_assign(backend, metric):
+    x, y = _directions(5, 30, c=4, d=12)
+    odc = cl.OnlineDeepClustering(x.shape[0], 4, 12, min_cluster_size=5, assign=metric, like=backend.asarray(x))
+    fresh, fresh_y = _directions(6, 10, c=4, d=12)
+    with pytest.raises(cl.NotInitializedError):
+        cl.odc_assign(odc, backend.asarray(fresh))
+    odc.initialize(backend.asarray(x), backend.asarray(y))
+    got = cl.odc_assign(odc, fresh)  # a NumPy caller of a memory of any backend
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_array_equal(got, fresh_y)
+    np.testing.assert_array_equal(backend.to_numpy(cl.odc_assign(odc, backend.asarray(x))), y)
+    with pytest.raises(ValueError, match="features"):
+        cl.odc_assign(odc, fresh[:, :5])
+    with pytest.raises(TypeError, match="odc"):
+        cl.odc_assign(cl.DeepClusterLabeler(4), fresh)
