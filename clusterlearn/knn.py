@@ -36,7 +36,7 @@ Array = Any
 __all__ = ["knn_classify", "knn_accuracy", "DEFAULT_TEMPERATURE"]
 
 DEFAULT_TEMPERATURE = 0.07
-_BLOCK_ELEMENTS = 1 << 26  # test rows x training rows per similarity block: 256 MiB of float32
+_BLOCK_ELEMENTS = 1 << 24  # test rows x training rows per similarity block (64 MiB of float32)
 
 
 def _native_top_k(s: Array, k: int) -> Array | None:
@@ -45,7 +45,7 @@ def _native_top_k(s: Array, k: int) -> Array | None:
     ``None`` where the namespace has no native top-k (array-api-strict): the caller sorts.
     """
     if isinstance(s, np.ndarray):
-        return np.argpartition(-s, k - 1, axis=1)[:, :k]
+        return np.argpartition(s, s.shape[1] - k, axis=1)[:, s.shape[1] - k :]
     if aac.is_torch_array(s):
         import torch
 
@@ -57,7 +57,7 @@ def _native_top_k(s: Array, k: int) -> Array | None:
     if aac.is_cupy_array(s):
         import cupy
 
-        return cupy.argpartition(-s, k - 1, axis=1)[:, :k]
+        return cupy.argpartition(s, s.shape[1] - k, axis=1)[:, s.shape[1] - k :]
     return None
 
 
@@ -72,7 +72,7 @@ def _top_k(s: Array, k: int) -> tuple[Array, Array]:
     if idx is not None:
         vals = xp.take_along_axis(s, idx, axis=1)
         kth = xp.min(vals, axis=1, keepdims=True)
-        if bool(xp.all(xp.sum(xp.astype(s >= kth, xp.int32), axis=1) == k)):
+        if bool(xp.all(xp.count_nonzero(s >= kth, axis=1) == k)):
             # The candidate set is the unique top-k: order it by (value desc, index asc).
             by_index = xp.argsort(idx, axis=1)
             idx = xp.take_along_axis(idx, by_index, axis=1)
@@ -157,8 +157,11 @@ def knn_classify(
     num_classes : int, optional
         Number of classes C; ``max(train_labels) + 1`` when omitted.
     block_size : int, optional
-        Test rows per block; memory is O(block_size x N). Default: as many rows as keep the
-        block at 2**26 similarities (256 MiB of float32). The result does not depend on it.
+        Test rows per block; memory is O(block_size x N) on top of a normalised copy of the
+        bank. Default: as many rows as keep a block at 2**24 similarities (at least one row).
+        On NumPy a block costs about 12 bytes per similarity (float32 similarities and the
+        int64 indices of ``argpartition``); larger blocks make fewer passes over the bank
+        (worth it on a GPU). The result does not depend on it.
 
     Returns
     -------

@@ -86,7 +86,7 @@ def test_knn_backends_match_brute_force(backend):
 def test_knn_block_size_does_not_change_result(backend):
     x, y, xt, _ = _data(seed=2, m=23)
     args = backend.asarray(x), backend.asarray(y), backend.asarray(xt)
-    results = [backend.to_numpy(knn_classify(*args, k=7, block_size=b)) for b in (1, 7, 23, 1000)]
+    results = [backend.to_numpy(knn_classify(*args, k=7, block_size=b)) for b in (1, 7, 23)]
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
     expected, safe = _reference_knn(x, y, xt, 7)
