@@ -222,7 +222,9 @@ class DeepClusterLabeler:
         check_features(features, "features")
         d = self.pca_.projection_.shape[0]
         if features.shape[1] != d:
-            raise ValueError(f"features must have {d} columns, as the last epoch's features, got shape {tuple(features.shape)}")
+            raise ValueError(
+                f"features must have {d} columns, as the last epoch's features, got shape {tuple(features.shape)}"
+            )
         reduced = self.pca_.transform(features)
         return nearest_centroid(reduced, xp.astype(self.centroids_, reduced.dtype))
 

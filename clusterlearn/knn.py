@@ -116,7 +116,9 @@ def _validate(
     if not xp.isdtype(train_labels.dtype, "integral"):
         raise TypeError(f"train_labels must have an integer dtype, got {train_labels.dtype}")
     if train_labels.ndim != 1 or train_labels.shape[0] != n:
-        raise ValueError(f"train_labels must have shape ({n},) to match train_features, got {tuple(train_labels.shape)}")
+        raise ValueError(
+            f"train_labels must have shape ({n},) to match train_features, got {tuple(train_labels.shape)}"
+        )
     if num_classes is None:
         num_classes = int(xp.max(train_labels)) + 1
     num_classes = check_int(num_classes, "num_classes", minimum=1)

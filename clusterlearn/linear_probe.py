@@ -27,7 +27,10 @@ _INSTALL_HINT = "pip install scikit-learn"
 _CS = [10.0**e for e in range(-4, 5)]  # candidate C for cross-validation
 
 
-def _host_split(features: Array, labels: Array, fname: str, lname: str, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _host_split(
+    features: Array, labels: Array, fname: str, lname: str, dim: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validated float64 / int64 host copies of one split's features and labels."""
     B.namespace(**{fname: features, lname: labels})
     check_features(features, fname, dim=dim)
     check_labels(labels, lname, upper=np.iinfo(np.int64).max, length=features.shape[0])
