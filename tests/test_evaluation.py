@@ -437,3 +437,17 @@ def test_odc_assign(backend, metric):
         cl.odc_assign(odc, fresh[:, :5])
     with pytest.raises(TypeError, match="odc"):
         cl.odc_assign(cl.DeepClusterLabeler(4), fresh)
+
+
+def test_odc_assign_normalises_new_features(backend):
+    # A tight cluster around e1 (centroid norm ~1) and a spread one around e2 (centroid norm
+    # ~0.83). A unit feature at 40 degrees from e1 is nearer the first centroid; the same
+    # feature scaled by 0.01 would, unnormalised, be nearer the shorter centroid.
+    angles = np.r_[np.linspace(-0.05, 0.05, 20), np.pi / 2 + np.linspace(-1.0, 1.0, 20)]
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    y = np.repeat([0, 1], 20)
+    odc = cl.OnlineDeepClustering(40, 2, 2, min_cluster_size=1, like=backend.asarray(x))
+    odc.initialize(backend.asarray(x), backend.asarray(y))
+    new = np.array([[np.cos(0.7), np.sin(0.7)]], dtype=np.float32)
+    for scale in (1.0, 0.01, 100.0):
+        np.testing.assert_array_equal(backend.to_numpy(cl.odc_assign(odc, backend.asarray(scale * new))), [0])
