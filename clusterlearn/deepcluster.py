@@ -225,7 +225,7 @@ class DeepClusterLabeler:
             raise ValueError(
                 f"features must have {d} columns, as the last epoch's features, got shape {tuple(features.shape)}"
             )
-        reduced = self.pca_.transform(features)
+        reduced = self.pca_.transform(B.convert(features, xp))  # detached: no autograd graph
         return nearest_centroid(reduced, xp.astype(self.centroids_, reduced.dtype))
 
     def reset(self) -> None:

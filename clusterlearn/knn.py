@@ -194,10 +194,11 @@ def knn_classify(
     )
     device = aac.device(test_features)
     labels_dtype = B.index_dtype(xp, device)
-    bank = l2_normalize(train_features)
+    # Frozen features: no autograd graph over the bank (B.convert detaches torch tensors).
+    bank = l2_normalize(B.convert(train_features, xp))
     bank_t = xp.matrix_transpose(bank)
     train_labels = xp.astype(train_labels, labels_dtype)
-    queries = l2_normalize(test_features)
+    queries = l2_normalize(B.convert(test_features, xp))
     k_max = max(ks)
     m = queries.shape[0]
     preds: dict[int, list[Array]] = {v: [] for v in ks}
