@@ -93,6 +93,27 @@ def test_knn_block_size_does_not_change_result(backend):
     np.testing.assert_array_equal(results[0][safe], expected[safe])
 
 
+def test_knn_similarity_blocks_stay_bounded(monkeypatch):
+    # No similarity block may exceed block_size x N (or the default budget of 2**24 entries).
+    import clusterlearn.knn as knn
+
+    shapes = []
+    real = knn._top_k
+
+    def recording_top_k(sims, k):
+        shapes.append(tuple(sims.shape))
+        return real(sims, k)
+
+    monkeypatch.setattr(knn, "_top_k", recording_top_k)
+    monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", 3000)  # the default budget, scaled down to the test
+    x, y, xt, _ = _data(seed=6, n=300, m=50)
+    knn_classify(x, y, xt, k=5, block_size=4)
+    assert shapes and max(r for r, _ in shapes) <= 4 and sum(r for r, _ in shapes) == 50
+    shapes.clear()
+    knn_classify(x, y, xt, k=5)
+    assert max(r * n for r, n in shapes) <= 3000 and sum(r for r, _ in shapes) == 50
+
+
 def test_knn_tied_neighbours_go_to_lowest_training_index(backend):
     # 60 copies of one direction: the first 10 labelled 1, the other 50 labelled 0. All 60
     # similarities tie at 1, so k=10 must take the first 10 copies (class 1) on every backend,
