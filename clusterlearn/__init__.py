@@ -9,7 +9,10 @@ from . import metrics
 from .assignment import nearest_centroid
 from .centroid_memory import CentroidMemory
 from .deepcluster import DeepClusterEpoch, DeepClusterLabeler
+from .evaluation import cluster_scores, many_to_one_accuracy, odc_assign, stratified_split
 from .kmeans import KMeansResult, kmeans
+from .knn import knn_accuracy, knn_classify
+from .linear_probe import linear_probe
 from .odc import NotInitializedError, OnlineDeepClustering
 from .pca import PCAWhitening, pca_whiten_l2
 from .reweighting import LossReweighter, reweight
@@ -34,13 +37,20 @@ __all__ = [
     "SmallClusterHandler",
     "SmallClusterStats",
     "UniformLabelSampler",
+    "cluster_scores",
     "kmeans",
+    "knn_accuracy",
+    "knn_classify",
     "l2_normalize",
+    "linear_probe",
+    "many_to_one_accuracy",
     "merge_duplicates",
     "metrics",
     "momentum_update",
     "nearest_centroid",
+    "odc_assign",
     "pca_whiten_l2",
     "reweight",
     "self_classifier_loss",
+    "stratified_split",
 ]

@@ -29,6 +29,7 @@ import numpy as np
 from . import _backend as B
 from . import metrics
 from ._validation import check_features, check_int
+from .assignment import nearest_centroid
 from .kmeans import BACKENDS, Backend, Init, kmeans
 from .pca import PCAWhitening
 
@@ -98,6 +99,9 @@ class DeepClusterLabeler:
     pca_ : PCAWhitening
         The transform fitted on the last epoch's features (after the first call), to apply
         to other features of the same network.
+    centroids_ : (num_clusters, pca_dim) array
+        The last epoch's k-means centroids in the whitened, normalised space (after the first
+        call), in the namespace and on the device of that epoch's features; see `assign`.
 
     Raises
     ------
@@ -183,8 +187,46 @@ class DeepClusterLabeler:
         host = np.array(B.to_numpy(result.labels), dtype=np.int64)
         score = None if self._previous is None else metrics.nmi(self._previous, host)
         epoch = self.epoch
-        self.pca_, self._previous, self.epoch = pca, host, epoch + 1
+        self.pca_, self.centroids_, self._previous, self.epoch = pca, result.centroids, host, epoch + 1
         return DeepClusterEpoch(result.labels, score, result.n_empty_fixed, result.inertia, epoch, dim)
+
+    def assign(self, features: Array) -> Array:
+        """Clusters of new features under the last epoch's PCA and centroids.
+
+        The features are whitened and L2-normalised by ``pca_`` and assigned to the nearest
+        of ``centroids_`` (squared L2 distance); the labeler is not changed. Features of the
+        last epoch's own rows get (up to floating-point ties) that epoch's labels.
+
+        Parameters
+        ----------
+        features : (B, D) real floating array, finite, the namespace and D of the last
+            epoch's features
+
+        Returns
+        -------
+        (B,) array of cluster ids in [0, num_clusters), the namespace's default integer
+        dtype, on the device of ``features``; ties go to the lowest id.
+
+        Raises
+        ------
+        ValueError
+            Called before the first epoch; ``features`` not 2-D, empty, not finite or of
+            another width.
+        TypeError
+            ``features`` is not a real floating array, or of another namespace than the
+            fitted state.
+        """
+        if not hasattr(self, "centroids_"):
+            raise ValueError("DeepClusterLabeler.assign needs a fitted labeler: call it on an epoch's features first")
+        xp = B.namespace(features=features)
+        check_features(features, "features")
+        d = self.pca_.projection_.shape[0]
+        if features.shape[1] != d:
+            raise ValueError(
+                f"features must have {d} columns, as the last epoch's features, got shape {tuple(features.shape)}"
+            )
+        reduced = self.pca_.transform(B.convert(features, xp))  # detached: no autograd graph
+        return nearest_centroid(reduced, xp.astype(self.centroids_, reduced.dtype))
 
     def reset(self) -> None:
         """Forget the previous epoch's labels (the next NMI is ``None``); keep the epoch count."""
