@@ -66,7 +66,7 @@ from clusterlearn.self_classifier import (
 )
 
 from . import _native
-from ._torch_distributed import agree, all_gather_with_grad, first_error, world_size
+from ._torch_distributed import agree, all_gather_with_grad, describe, first_error, world_size
 
 __all__ = ["FusedSelfClassifierFunction", "SelfClassifierFunction", "SelfClassifierLoss", "self_classifier_head_loss"]
 
@@ -491,13 +491,12 @@ class SelfClassifierLoss(torch.nn.Module):
 
     def forward(self, *logits: Any) -> torch.Tensor:
         """``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
-        heads, names = _parse(_call_argument(logits))
-        xp = namespace(**{names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)})
-        if not all(isinstance(x, torch.Tensor) for views in heads for x in views):
-            raise TypeError(f"SelfClassifierLoss (torch) needs torch tensors, got {xp.__name__} arrays")
         gather = self._gather()
         if gather is all_gather_with_grad:
-            _agree_on_shapes(heads)
+            heads, names = _agree_on_layout(logits)
+            gather = _checked_gather
+        else:
+            heads, names = _parse_torch(logits)
         _, prepared = _prepare(heads, names, gather, check_finite=False)  # checked per head below
         total = None
         for (full, rows), labels in zip(prepared, names):
@@ -527,14 +526,47 @@ class SelfClassifierLoss(torch.nn.Module):
         )
 
 
-def _agree_on_shapes(heads: list[list[torch.Tensor]]) -> None:
-    """Check every rank's heads locally, then compare their layout across ranks.
+def _parse_torch(logits: tuple[Any, ...]) -> tuple[list[list[torch.Tensor]], list[list[str]]]:
+    """The heads of views and their names from a call's arguments; TypeError unless torch tensors."""
+    heads, names = _parse(_call_argument(logits))
+    xp = namespace(**{names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)})
+    if not all(isinstance(x, torch.Tensor) for views in heads for x in views):
+        raise TypeError(f"SelfClassifierLoss (torch) needs torch tensors, got {xp.__name__} arrays")
+    return heads, names
 
-    Before the first gather, so that a rank with malformed or differently shaped logits
-    makes every rank raise instead of leaving the others waiting in a collective.
+
+def _agree_on_layout(logits: tuple[Any, ...]) -> tuple[list[list[torch.Tensor]], list[list[str]]]:
+    """Parse and check this rank's heads, then compare their layout across ranks.
+
+    Before the first gather, so that a rank whose call fails (any exception), or whose logits
+    differ from rank 0's in number, shape, dtype, device type or in recording the gradient,
+    makes every rank raise instead of leaving the others waiting in a collective (or
+    receiving bytes of another layout). Afterwards the views are gathered unchecked.
     """
-    _, err = first_error(lambda: [_check_head(views, slice(None)) for views in heads])
-    classes = [int(views[0].shape[-1]) for views in heads] if err is None else [-1]
-    layout = [len(heads), len(heads[0]), int(heads[0][0].shape[0]), sum(classes), max(classes)] if err is None else [-1] * 5
-    names = ["number of heads", "views per head", "batch size", "total classes", "largest head"]
-    agree(layout, err, what="SelfClassifierLoss", names=names)
+
+    def parse_and_check() -> tuple[list[list[torch.Tensor]], list[list[str]]]:
+        heads, names = _parse_torch(logits)
+        for views in heads:
+            _check_head(views, slice(None))
+        return heads, names
+
+    parsed, err = first_error(parse_and_check)
+    header: list[Any] = []
+    labels: list[str] = []
+    if err is None:
+        heads, names = parsed
+        header += [len(heads), [len(views) for views in heads]]
+        labels += ["number of heads", "views per head"]
+        grad = torch.is_grad_enabled()
+        for views, view_names in zip(heads, names):
+            for x, name in zip(views, view_names):
+                entries, entry_names = describe(name, x)
+                header += [*entries, grad and x.requires_grad]
+                labels += [*entry_names, f"{name} requires grad"]
+    agree(header, err, what="SelfClassifierLoss", names=labels)
+    return parsed
+
+
+def _checked_gather(x: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """:func:`all_gather_with_grad` of a view whose layout :func:`_agree_on_layout` compared."""
+    return all_gather_with_grad(x, checked=True)
