@@ -141,7 +141,7 @@ def agree(
             raise error
         return [list(header)]
     mine = {"fields": list(header)} if error is None else {
-        "error": [type(error).__name__, str(error)[:1000], isinstance(error, _INPUT_ERRORS)]
+        "error": [type(error).__name__, _message(error), isinstance(error, _INPUT_ERRORS)]
     }
     rows = [json.loads(raw) for raw in _exchange_bytes(json.dumps(mine).encode(), group)]
     if error is not None:
@@ -163,6 +163,15 @@ def agree(
                 f"{values[r]} on rank {r} but {values[0]} on rank 0)" + (f"; {hint}" if hint else "")
             )
     return headers
+
+
+def _message(error: BaseException) -> str:
+    """``str(error)``, shortened; never raises (a failing ``__str__`` must not keep this rank
+    from joining the exchange)."""
+    try:
+        return str(error)[:1000]
+    except Exception:  # noqa: BLE001
+        return "(its message could not be formatted)"
 
 
 def describe(name: str, x: torch.Tensor) -> tuple[list[Any], list[str]]:

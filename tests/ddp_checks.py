@@ -235,6 +235,12 @@ def faults_scenario(rank: int, world: int) -> dict[str, Any]:
         loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=2)
         return clt.extract_features(torch.nn.Linear(2, 2), loader, progress=False)
 
+    def sync_other_dtype() -> None:
+        replica = clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs(), dtype=torch.float64 if other else torch.float32)
+        if not other:
+            replica.load_state_dict(odc.state_dict())
+        replica.sync_from_rank0()
+
     cases = {
         "loss float64 on rank 1": lambda: loss(*views(*[torch.float64 if other else torch.float32] * 2)),
         "loss one float16 view on rank 1": lambda: loss(*views(torch.float32, torch.float16 if other else torch.float32)),
@@ -253,6 +259,7 @@ def faults_scenario(rank: int, world: int) -> dict[str, Any]:
         "initialize other num_samples on rank 1": lambda: clt.OnlineDeepClustering(
             N + other, C, DIM, **odc_kwargs()
         ).initialize(torch.cat([feats, feats[:other]])),
+        "sync float64 replica on rank 1": sync_other_dtype,
         "extract_features OSError on rank 1": lambda: extract(_FailingData(), [2] if other else [0, 1]),
     }
     before = odc.fingerprint()

@@ -180,6 +180,7 @@ def _fault(ranks: list[_Rank], case: str) -> list[str]:
         ("gather float64 on rank 1", "x dtype", "torch.float64 on rank 1 but torch.float32 on rank 0"),
         ("gather 3-D on rank 1", "x shape", "[4, 5, 1] on rank 1 but [4, 5] on rank 0"),
         ("initialize other num_samples on rank 1", "num_samples", "97 on rank 1 but 96 on rank 0"),
+        ("sync float64 replica on rank 1", "memory dtype", "torch.float64 on rank 1 but torch.float32 on rank 0"),
     ],
 )
 def test_layout_differing_across_ranks_raises_the_same_error_on_every_rank(
