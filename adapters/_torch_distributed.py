@@ -88,15 +88,15 @@ def _exchange_bytes(payload: bytes, group: Any) -> list[bytes]:
     local = torch.frombuffer(bytearray(head), dtype=torch.uint8).to(dev)
     table = torch.empty((world_size(group), _HEADER_BYTES), dtype=torch.uint8, device=dev)
     _all_gather_into(table.view(-1), local, group=group)
-    rows = [bytes(row) for row in table.cpu().tolist()]
-    sizes = [int.from_bytes(row[:8], "little") for row in rows]
+    rows = table.cpu().numpy()
+    sizes = [int.from_bytes(row[:8].tobytes(), "little") for row in rows]
     rest = max(sizes) - first
     if rest <= 0:
-        return [row[8 : 8 + n] for row, n in zip(rows, sizes)]
+        return [row[8 : 8 + n].tobytes() for row, n in zip(rows, sizes)]
     tail = torch.frombuffer(bytearray(payload[first:].ljust(rest, b"\0")), dtype=torch.uint8).to(dev)
     tails = torch.empty((world_size(group), rest), dtype=torch.uint8, device=dev)
     _all_gather_into(tails.view(-1), tail, group=group)
-    return [(row[8:] + bytes(t))[:n] for row, t, n in zip(rows, tails.cpu().tolist(), sizes)]
+    return [(row[8:].tobytes() + t.tobytes())[:n] for row, t, n in zip(rows, tails.cpu().numpy(), sizes)]
 
 
 def agree(

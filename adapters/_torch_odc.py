@@ -45,10 +45,12 @@ class OnlineDeepClustering(_CoreODC):
         silently copied). Indices may be on the CPU or on this device.
     group : the ``torch.distributed`` process group (default: the world)
 
-    When ``torch.distributed`` is initialised with several ranks, :meth:`step` and
-    :meth:`initialize` are collectives: every rank must call them, with batches of the same
-    size (pad the last batch, as ``DistributedSampler`` does by repeating indices). Invalid
-    input on one rank makes every rank raise instead of hanging.
+    When ``torch.distributed`` is initialised with several ranks, :meth:`step`,
+    :meth:`initialize`, :meth:`check_consistency` and :meth:`sync_from_rank0` are
+    collectives: every rank must call them, with batches of the same size (pad the last
+    batch, as ``DistributedSampler`` does by repeating indices), on replicas constructed with
+    the same settings and dtype. Any exception raised by one rank's checks (bad input, no
+    memories) makes every rank raise instead of hanging, before any memory changes.
 
     Examples
     --------
@@ -164,7 +166,10 @@ class OnlineDeepClustering(_CoreODC):
         indices : (b,) integer dataset indices of this rank's batch (CPU or ``feature_device``)
         features : (b, D) their features on ``feature_device`` (detached here)
 
-        Every rank must pass the same b. The global batch (world·b rows, rank order) updates
+        Every rank must pass the same b, and the replicas must share their settings and step
+        counter ``iteration`` (compared before any data moves: ``ValueError`` on every rank,
+        e.g. after one rank alone loaded a checkpoint; :meth:`sync_from_rank0` repairs). Any
+        exception the local checks raise on one rank is raised on every rank. The global batch (world·b rows, rank order) updates
         every replica identically; the returned statistics describe the global batch.
         """
         if isinstance(features, torch.Tensor):

@@ -446,6 +446,11 @@ class SelfClassifierLoss(torch.nn.Module):
         when ``torch.distributed`` is initialised with more than one process (decided at each
         call), else none. The loss is computed on the global logits, averaged over this
         process's rows, and its gradient flows back through the gather to the local logits.
+        With ``all_gather_with_grad`` (also as ``"auto"``) every rank first checks its own
+        call and compares its layout (number of heads and views; per view the shape, dtype,
+        device type and whether it records the gradient) with rank 0's: any exception, or
+        any difference, raises on every rank before the first gather. Views of one head with
+        different dtypes are computed in their promoted dtype, as in the core.
     kernel : {"auto", "fused", "array"}, default "auto"
         ``"auto"``: the fused CPU kernel (:class:`FusedSelfClassifierFunction`, built with the
         system's C++ compiler on first use) where it applies (CPU float32/float64 logits, the
