@@ -245,23 +245,25 @@ def all_gather_with_grad(x: torch.Tensor, group: Any = None, *, checked: bool = 
     if not _active(group):
         return x, slice(0, x.shape[0])
     if not checked:
-        _, err = first_error(lambda: _check_gatherable("x", x))
-        header, names = describe("x", x) if err is None else ([], [])
-        grad = torch.is_grad_enabled() and x.requires_grad
-        agree([*header, grad], err, what="all_gather_with_grad", names=[*names, "x requires grad"], group=group)
+        described, err = first_error(lambda: _describe_gathered(x))
+        header, names = described if err is None else ([], [])
+        agree(header, err, what="all_gather_with_grad", names=names, group=group)
     out = _AllGatherWithGrad.apply(x, group).to(x.device)
     start = rank(group) * x.shape[0]
     return out, slice(start, start + x.shape[0])
 
 
-def _check_gatherable(name: str, x: Any) -> None:
-    """TypeError unless ``x`` is a dense tensor with at least one dimension."""
+def _describe_gathered(x: Any) -> tuple[list[Any], list[str]]:
+    """The header of ``x`` for :func:`all_gather_with_grad`, after checking that it is a dense
+    tensor with a batch dimension (TypeError/ValueError otherwise)."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
     if x.ndim == 0:
-        raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor")
+        raise ValueError("x must have a batch dimension, got a 0-d tensor")
+    header, names = describe("x", x)
+    return [*header, torch.is_grad_enabled() and x.requires_grad], [*names, "x requires grad"]
 
 
 def broadcast_(x: torch.Tensor, src: int = 0, group: Any = None) -> torch.Tensor:

@@ -498,7 +498,13 @@ class SelfClassifierLoss(torch.nn.Module):
         """``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
         gather = self._gather()
         if gather is all_gather_with_grad:
-            heads, names = _agree_on_layout(logits)
+            settings = {
+                "row_temperature": self.row_temperature,
+                "col_temperature": self.col_temperature,
+                "eps": self.eps,
+                "clamp_sums": self.clamp_sums,
+            }
+            heads, names = _agree_on_layout(logits, settings)
             gather = _checked_gather
         else:
             heads, names = _parse_torch(logits)
@@ -540,34 +546,34 @@ def _parse_torch(logits: tuple[Any, ...]) -> tuple[list[list[torch.Tensor]], lis
     return heads, names
 
 
-def _agree_on_layout(logits: tuple[Any, ...]) -> tuple[list[list[torch.Tensor]], list[list[str]]]:
-    """Parse and check this rank's heads, then compare their layout across ranks.
+def _agree_on_layout(
+    logits: tuple[Any, ...], settings: dict[str, Any]
+) -> tuple[list[list[torch.Tensor]], list[list[str]]]:
+    """Parse and check this rank's heads, then compare their layout and ``settings`` across ranks.
 
     Before the first gather, so that a rank whose call fails (any exception), or whose logits
     differ from rank 0's in number, shape, dtype, device type or in recording the gradient,
-    makes every rank raise instead of leaving the others waiting in a collective (or
-    receiving bytes of another layout). Afterwards the views are gathered unchecked.
+    or whose loss has other settings (temperatures, ``eps``), makes every rank raise instead
+    of leaving the others waiting in a collective (or receiving bytes of another layout).
+    Afterwards the views are gathered unchecked.
     """
 
-    def parse_and_check() -> tuple[list[list[torch.Tensor]], list[list[str]]]:
+    def parse_and_describe() -> tuple[Any, list[Any], list[str]]:
         heads, names = _parse_torch(logits)
         for views in heads:
             _check_head(views, slice(None))
-        return heads, names
-
-    parsed, err = first_error(parse_and_check)
-    header: list[Any] = []
-    labels: list[str] = []
-    if err is None:
-        heads, names = parsed
-        header += [len(heads), [len(views) for views in heads]]
-        labels += ["number of heads", "views per head"]
+        header: list[Any] = [*settings.values(), len(heads), [len(views) for views in heads]]
+        labels: list[str] = [*settings, "number of heads", "views per head"]
         grad = torch.is_grad_enabled()
         for views, view_names in zip(heads, names):
             for x, name in zip(views, view_names):
                 entries, entry_names = describe(name, x)
                 header += [*entries, grad and x.requires_grad]
                 labels += [*entry_names, f"{name} requires grad"]
+        return (heads, names), header, labels
+
+    described, err = first_error(parse_and_describe)
+    parsed, header, labels = described if err is None else (None, [], [])
     agree(header, err, what="SelfClassifierLoss", names=labels)
     return parsed
 

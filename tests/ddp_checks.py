@@ -247,6 +247,10 @@ def faults_scenario(rank: int, world: int) -> dict[str, Any]:
         "loss numpy on rank 1": lambda: loss(x32.numpy() if other else x32, x32.numpy() if other else x32),
         "loss grad on rank 1 only": lambda: loss(x32.clone().requires_grad_(other), x32),
         "gather float64 on rank 1": lambda: clt.all_gather_with_grad(x32.double() if other else x32),
+        "gather a list on rank 1": lambda: clt.all_gather_with_grad([1.0] if other else x32),
+        "loss other temperature on rank 1": lambda: clt.SelfClassifierLoss(
+            row_temperature=0.2 if other else 0.1, kernel="array"
+        )(x32, x32),
         "gather 3-D on rank 1": lambda: clt.all_gather_with_grad(x32[..., None] if other else x32),
         "step uint16 indices on rank 1": lambda: odc.step(idx.to(torch.uint16) if other else idx, f),
         "step uint32 indices on rank 1": lambda: odc.step(idx.to(torch.uint32) if other else idx, f),

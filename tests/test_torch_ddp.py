@@ -179,6 +179,7 @@ def _fault(ranks: list[_Rank], case: str) -> list[str]:
         ("loss grad on rank 1 only", "logits[0] requires grad", "True on rank 1 but False on rank 0"),
         ("gather float64 on rank 1", "x dtype", "torch.float64 on rank 1 but torch.float32 on rank 0"),
         ("gather 3-D on rank 1", "x shape", "[4, 5, 1] on rank 1 but [4, 5] on rank 0"),
+        ("loss other temperature on rank 1", "row_temperature", "0.2 on rank 1 but 0.1 on rank 0"),
         ("initialize other num_samples on rank 1", "num_samples", "97 on rank 1 but 96 on rank 0"),
         ("sync float64 replica on rank 1", "memory dtype", "torch.float64 on rank 1 but torch.float32 on rank 0"),
     ],
@@ -195,6 +196,7 @@ def test_layout_differing_across_ranks_raises_the_same_error_on_every_rank(
     ("case", "error", "names"),
     [
         ("loss numpy on rank 1", "TypeError", "needs torch tensors"),
+        ("gather a list on rank 1", "TypeError", "x must be a torch.Tensor, got list"),
         ("step uint16 indices on rank 1", "TypeError", "indices must have a signed integer dtype"),
         ("step uint32 indices on rank 1", "TypeError", "indices must have a signed integer dtype"),
         ("step uint64 indices on rank 1", "TypeError", "indices must have a signed integer dtype"),
