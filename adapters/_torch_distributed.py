@@ -65,10 +65,12 @@ _HEADER_BYTES = 4096
 #: ``RuntimeError``.
 _INPUT_ERRORS = (ValueError, TypeError)
 
-#: How to repair a difference, by the kind of header entry (the end of its name).
+#: How to repair a difference, by the kind of header entry (the end of its name; the first
+#: matching key counts).
 _HINTS = {
     "batch size": "every rank must pass the same size (pad the last batch, as DistributedSampler does, or drop it)",
     "shape": "every rank must pass the same shapes (pad the last batch, as DistributedSampler does, or drop it)",
+    "memory dtype": "construct every rank's memory with the same dtype",
     "dtype": "every rank must pass the same dtype (cast before the call)",
     "device type": "keep the tensors on the same kind of device on every rank",
     "requires grad": "every rank must compute (or skip) the gradient alike: a backward on one rank only hangs",
@@ -121,7 +123,7 @@ def agree(
     error : the exception this rank's local phase raised (any ``Exception``), or None
     what : the operation, for messages (``"OnlineDeepClustering.step"``)
     names : names of the first ``len(names)`` header entries, which must be equal on every
-        rank (entries past them are exchanged, not compared). A name ending in ``size``,
+        rank (entries past them are exchanged, not compared). A name ending in ``batch size``,
         ``shape``, ``dtype``, ``device type``, ``requires grad`` or ``iteration`` adds a hint
         on how to repair a difference.
 

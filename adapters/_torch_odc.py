@@ -230,7 +230,7 @@ class OnlineDeepClustering(_CoreODC):
                 if v != v0 and k not in _ARRAY_NAMES
             )
             raise RuntimeError(
-                f"ODC memories of rank(s) {differ} differ from rank 0's (rank {first}: {', '.join(what)} differ"
+                f"ODC memories of rank(s) {differ} differ from rank 0's (rank {first} in {', '.join(what)}"
                 + (f"; {detail}" if detail else "") + "); sync_from_rank0() makes them equal again"
             )
 
