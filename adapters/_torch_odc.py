@@ -169,8 +169,9 @@ class OnlineDeepClustering(_CoreODC):
         Every rank must pass the same b, and the replicas must share their settings and step
         counter ``iteration`` (compared before any data moves: ``ValueError`` on every rank,
         e.g. after one rank alone loaded a checkpoint; :meth:`sync_from_rank0` repairs). Any
-        exception the local checks raise on one rank is raised on every rank. The global batch (world·b rows, rank order) updates
-        every replica identically; the returned statistics describe the global batch.
+        exception the local checks raise on one rank is raised on every rank. The global batch
+        (world·b rows, rank order) updates every replica identically; the returned statistics
+        describe the global batch.
         """
         if isinstance(features, torch.Tensor):
             features = features.detach()
@@ -194,8 +195,8 @@ class OnlineDeepClustering(_CoreODC):
         header, names = self._replica_header()
         parts: dict[str, Any] = dict(zip(names, header))
         s, c = self.samples, self.centroids
-        arrays = {"features": s.features, "labels": s.labels, "centroids": c.centroids, "sizes": c.sizes, "sums": c.sums}
-        for name, x in arrays.items():
+        arrays = (s.features, s.labels, c.centroids, c.sizes, c.sums)
+        for name, x in zip(_ARRAY_NAMES, arrays):
             data = np.ascontiguousarray(B.to_numpy(x))
             parts[name] = f"{x.dtype} {list(x.shape)} {hashlib.sha256(data.tobytes()).hexdigest()}"
         return parts

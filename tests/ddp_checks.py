@@ -243,7 +243,9 @@ def faults_scenario(rank: int, world: int) -> dict[str, Any]:
 
     cases = {
         "loss float64 on rank 1": lambda: loss(*views(*[torch.float64 if other else torch.float32] * 2)),
-        "loss one float16 view on rank 1": lambda: loss(*views(torch.float32, torch.float16 if other else torch.float32)),
+        "loss one float16 view on rank 1": lambda: loss(
+            *views(torch.float32, torch.float16 if other else torch.float32)
+        ),
         "loss numpy on rank 1": lambda: loss(x32.numpy() if other else x32, x32.numpy() if other else x32),
         "loss grad on rank 1 only": lambda: loss(x32.clone().requires_grad_(other), x32),
         "gather float64 on rank 1": lambda: clt.all_gather_with_grad(x32.double() if other else x32),
@@ -276,7 +278,9 @@ def faults_scenario(rank: int, world: int) -> dict[str, Any]:
     if other:
         state["iteration"] += 1
         odc.load_state_dict(state)
-    replicas = _outcomes({"check, counters differ": odc.check_consistency, "step, counters differ": lambda: odc.step(idx, f)})
+    replicas = _outcomes(
+        {"check, counters differ": odc.check_consistency, "step, counters differ": lambda: odc.step(idx, f)}
+    )
     odc.sync_from_rank0()
     odc.check_consistency()
     odc.step(idx, f)
