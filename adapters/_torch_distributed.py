@@ -145,7 +145,9 @@ def agree(
     mine = {"fields": list(header)} if error is None else {
         "error": [type(error).__name__, _message(error), isinstance(error, _INPUT_ERRORS)]
     }
-    rows = [json.loads(raw) for raw in _exchange_bytes(json.dumps(mine).encode(), group)]
+    # default=str: a value JSON cannot encode is compared as its text rather than raising
+    # here, on one rank, between the local phase and the exchange.
+    rows = [json.loads(raw) for raw in _exchange_bytes(json.dumps(mine, default=str).encode(), group)]
     if error is not None:
         raise error
     bad = [r for r, row in enumerate(rows) if "error" in row]
