@@ -26,6 +26,7 @@ __all__ = [
     "describe",
     "all_gather_cat",
     "all_gather_with_grad",
+    "gather_agreed",
     "broadcast_",
     "first_error",
 ]
@@ -219,7 +220,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.rows].to(ctx.device), None
 
 
-def all_gather_with_grad(x: torch.Tensor, group: Any = None, *, checked: bool = False) -> tuple[torch.Tensor, slice]:
+def all_gather_with_grad(x: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, slice]:
     """Gather ``x`` (n, ...) from every rank into (world·n, ...) with a gradient to the local part.
 
     The backward all-reduces (sums) the incoming gradient and returns this rank's rows, so the
@@ -238,8 +239,6 @@ def all_gather_with_grad(x: torch.Tensor, group: Any = None, *, checked: bool = 
     ----------
     x : (n, ...) tensor
     group : the process group (default: the world)
-    checked : the caller has already agreed on ``x``'s description with the other ranks
-        (skips the header exchange)
 
     Returns
     -------
@@ -248,10 +247,17 @@ def all_gather_with_grad(x: torch.Tensor, group: Any = None, *, checked: bool = 
     """
     if not _active(group):
         return x, slice(0, x.shape[0])
-    if not checked:
-        described, err = first_error(lambda: _describe_gathered(x))
-        header, names = described if err is None else ([], [])
-        agree(header, err, what="all_gather_with_grad", names=names, group=group)
+    described, err = first_error(lambda: _describe_gathered(x))
+    header, names = described if err is None else ([], [])
+    agree(header, err, what="all_gather_with_grad", names=names, group=group)
+    return gather_agreed(x, group)
+
+
+def gather_agreed(x: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, slice]:
+    """:func:`all_gather_with_grad` without its header exchange, for callers that have already
+    compared ``x``'s :func:`describe` entries and gradient recording with every rank."""
+    if not _active(group):
+        return x, slice(0, x.shape[0])
     out = _AllGatherWithGrad.apply(x, group).to(x.device)
     start = rank(group) * x.shape[0]
     return out, slice(start, start + x.shape[0])

@@ -66,7 +66,7 @@ from clusterlearn.self_classifier import (
 )
 
 from . import _native
-from ._torch_distributed import agree, all_gather_with_grad, describe, first_error, world_size
+from ._torch_distributed import agree, all_gather_with_grad, describe, first_error, gather_agreed, world_size
 
 __all__ = ["FusedSelfClassifierFunction", "SelfClassifierFunction", "SelfClassifierLoss", "self_classifier_head_loss"]
 
@@ -505,7 +505,7 @@ class SelfClassifierLoss(torch.nn.Module):
                 "clamp_sums": self.clamp_sums,
             }
             heads, names = _agree_on_layout(logits, settings)
-            gather = _checked_gather
+            gather = gather_agreed
         else:
             heads, names = _parse_torch(logits)
         _, prepared = _prepare(heads, names, gather, check_finite=False)  # checked per head below
@@ -555,7 +555,7 @@ def _agree_on_layout(
     differ from rank 0's in number, shape, dtype, device type or in recording the gradient,
     or whose loss has other settings (temperatures, ``eps``), makes every rank raise instead
     of leaving the others waiting in a collective (or receiving bytes of another layout).
-    Afterwards the views are gathered unchecked.
+    Afterwards the views are gathered with :func:`gather_agreed` (no header of their own).
     """
 
     def parse_and_describe() -> tuple[Any, list[Any], list[str]]:
@@ -576,8 +576,3 @@ def _agree_on_layout(
     parsed, header, labels = described if err is None else (None, [], [])
     agree(header, err, what="SelfClassifierLoss", names=labels)
     return parsed
-
-
-def _checked_gather(x: torch.Tensor) -> tuple[torch.Tensor, slice]:
-    """:func:`all_gather_with_grad` of a view whose layout :func:`_agree_on_layout` compared."""
-    return all_gather_with_grad(x, checked=True)
