@@ -248,6 +248,10 @@ def faults_scenario(rank: int, world: int) -> dict[str, Any]:
         ),
         "loss numpy on rank 1": lambda: loss(x32.numpy() if other else x32, x32.numpy() if other else x32),
         "loss grad on rank 1 only": lambda: loss(x32.clone().requires_grad_(other), x32),
+        # 130 views: the header is over 4 KiB, so it takes the exchange's second round.
+        "loss 130 views, the last float64 on rank 1": lambda: loss(
+            *views(*[torch.float32] * 129, torch.float64 if other else torch.float32)
+        ),
         "gather float64 on rank 1": lambda: clt.all_gather_with_grad(x32.double() if other else x32),
         "gather a list on rank 1": lambda: clt.all_gather_with_grad([1.0] if other else x32),
         "loss other temperature on rank 1": lambda: clt.SelfClassifierLoss(

@@ -176,6 +176,8 @@ def _fault(ranks: list[_Rank], case: str) -> list[str]:
     [
         ("loss float64 on rank 1", "logits[0] dtype", "torch.float64 on rank 1 but torch.float32 on rank 0"),
         ("loss one float16 view on rank 1", "logits[1] dtype", "torch.float16 on rank 1 but torch.float32 on rank 0"),
+        ("loss 130 views, the last float64 on rank 1", "logits[129] dtype",
+         "torch.float64 on rank 1 but torch.float32 on rank 0"),
         ("loss grad on rank 1 only", "logits[0] requires grad", "True on rank 1 but False on rank 0"),
         ("gather float64 on rank 1", "x dtype", "torch.float64 on rank 1 but torch.float32 on rank 0"),
         ("gather 3-D on rank 1", "x shape", "[4, 5, 1] on rank 1 but [4, 5] on rank 0"),
