@@ -10,6 +10,7 @@ broadcast.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import numpy as np
@@ -44,10 +45,12 @@ class OnlineDeepClustering(_CoreODC):
         silently copied). Indices may be on the CPU or on this device.
     group : the ``torch.distributed`` process group (default: the world)
 
-    When ``torch.distributed`` is initialised with several ranks, :meth:`step` and
-    :meth:`initialize` are collectives: every rank must call them, with batches of the same
-    size (pad the last batch, as ``DistributedSampler`` does by repeating indices). Invalid
-    input on one rank makes every rank raise instead of hanging.
+    When ``torch.distributed`` is initialised with several ranks, :meth:`step`,
+    :meth:`initialize`, :meth:`check_consistency` and :meth:`sync_from_rank0` are
+    collectives: every rank must call them, with batches of the same size (pad the last
+    batch, as ``DistributedSampler`` does by repeating indices), on replicas constructed with
+    the same settings and dtype. Any exception raised by one rank's checks (bad input, no
+    memories) makes every rank raise instead of hanging, before any memory changes.
 
     Examples
     --------
@@ -100,11 +103,18 @@ class OnlineDeepClustering(_CoreODC):
     def _check_devices(self, indices: Any, features: Any) -> None:
         self._check_tensor_device("indices", indices, (torch.device("cpu"), self.feature_device))
         self._check_tensor_device("features", features, (self.feature_device,))
+        _check_torch_input("indices", indices, integral=True)
+        _check_torch_input("features", features, integral=False)
 
     def _check_batch(self, indices: Any, features: Any) -> None:
         self._require_initialized()
         self._check_devices(indices, features)
         self.samples.validate_batch(indices, features)
+
+    def _replica_header(self) -> tuple[list[Any], list[str]]:
+        """The settings, memory dtypes and step counter every replica must share."""
+        settings = {**self._settings(), "memory dtype": str(self.samples.dtype)}
+        return [*settings.values(), self.iteration], [*settings, "iteration"]
 
     # ------------------------------------------------------------------ collectives
     def initialize(
@@ -116,11 +126,15 @@ class OnlineDeepClustering(_CoreODC):
         rank 0 only; its labels are broadcast. Pass the same ``labels`` (or None) on every rank.
         """
         if self.world_size == 1:
+            _check_torch_input("features", features, integral=False)
+            _check_torch_input("labels", labels, integral=True)
             return super().initialize(features, labels, kmeans_iters=kmeans_iters, kmeans_init=kmeans_init)
 
         def check() -> None:
             if not isinstance(features, torch.Tensor):
                 raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+            _check_torch_input("features", features, integral=False)
+            _check_torch_input("labels", labels, integral=True)
             check_features(features, "features", dim=self.feat_dim, rows=self.num_samples)
             if labels is not None:
                 if not isinstance(labels, torch.Tensor):
@@ -129,7 +143,9 @@ class OnlineDeepClustering(_CoreODC):
 
         what = "OnlineDeepClustering.initialize"
         _, err = D.first_error(check)
-        D.agree([int(labels is None)], err, what=what, names=["labels given"], group=self.group)
+        header, names = self._replica_header()
+        header, names = [*header[:-1], labels is None], [*names[:-1], "labels omitted"]  # the counter restarts
+        D.agree(header, err, what=what, names=names, group=self.group)
         if labels is None:
             labels, err = None, None
             if D.rank(self.group) == 0:
@@ -150,8 +166,12 @@ class OnlineDeepClustering(_CoreODC):
         indices : (b,) integer dataset indices of this rank's batch (CPU or ``feature_device``)
         features : (b, D) their features on ``feature_device`` (detached here)
 
-        Every rank must pass the same b. The global batch (world·b rows, rank order) updates
-        every replica identically; the returned statistics describe the global batch.
+        Every rank must pass the same b, and the replicas must share their settings and step
+        counter ``iteration`` (compared before any data moves: ``ValueError`` on every rank,
+        e.g. after one rank alone loaded a checkpoint; :meth:`sync_from_rank0` repairs). Any
+        exception the local checks raise on one rank is raised on every rank. The global batch
+        (world·b rows, rank order) updates every replica identically; the returned statistics
+        describe the global batch.
         """
         if isinstance(features, torch.Tensor):
             features = features.detach()
@@ -159,47 +179,112 @@ class OnlineDeepClustering(_CoreODC):
             self._check_devices(indices, features)
             return super().step(indices, features)  # validates the batch before any change
         _, err = D.first_error(lambda: self._check_batch(indices, features))
-        shape = list(features.shape) if err is None else [-1, -1]
-        D.agree(shape, err, what="OnlineDeepClustering.step", names=["batch size", "feature dim"], group=self.group)
+        header, names = self._replica_header()
+        shape = list(features.shape) if err is None else []
+        D.agree([*shape, *header], err, what="OnlineDeepClustering.step", names=["batch size", "feature dim", *names],
+                group=self.group)
         dev = D.comm_device(self.group)
         global_idx = D.all_gather_cat(indices.to(device=dev, dtype=torch.int64), self.group)
         global_feats = D.all_gather_cat(features.to(device=dev, dtype=self.samples.dtype), self.group)
         return super().step(global_idx, global_feats)
 
-    def fingerprint(self) -> str:
-        """A SHA-256 digest of the memories' exact bytes (features, labels, centroids, sizes, sums)."""
+    def _fingerprint_parts(self) -> dict[str, Any]:
+        """What :meth:`fingerprint` digests: the settings, the step counter, and per memory
+        array its dtype, shape and a SHA-256 of its bytes."""
         self._require_initialized()
-        digest = hashlib.sha256()
+        header, names = self._replica_header()
+        parts: dict[str, Any] = dict(zip(names, header))
         s, c = self.samples, self.centroids
-        for x in (s.features, s.labels, c.centroids, c.sizes, c.sums):
-            digest.update(np.ascontiguousarray(B.to_numpy(x)).tobytes())
-        return digest.hexdigest()
+        arrays = (s.features, s.labels, c.centroids, c.sizes, c.sums)
+        for name, x in zip(_ARRAY_NAMES, arrays):
+            data = np.ascontiguousarray(B.to_numpy(x))
+            parts[name] = f"{x.dtype} {list(x.shape)} {hashlib.sha256(data.tobytes()).hexdigest()}"
+        return parts
+
+    def fingerprint(self) -> str:
+        """A SHA-256 digest of the replica: the memories' exact bytes (features, labels,
+        centroids, sizes, sums) with their dtypes and shapes, the step counter ``iteration``
+        and the settings that determine later steps."""
+        return hashlib.sha256(json.dumps(self._fingerprint_parts()).encode()).hexdigest()
 
     def check_consistency(self) -> None:
-        """Raise ``RuntimeError`` if any rank's memories differ from rank 0's (a collective).
+        """Raise ``RuntimeError`` if any rank's replica differs from rank 0's (a collective).
 
-        Replicas stay identical when every rank runs the same deterministic kernels (always on
-        CPU; on CUDA, float atomics in scatter-adds may differ in the last bits across GPUs).
-        Call it, e.g., once per epoch; :meth:`sync_from_rank0` repairs a divergence.
+        Compares the memories' bytes, the step counter and the settings (:meth:`fingerprint`'s
+        parts) and names what differs. Replicas stay identical when every rank runs the same
+        deterministic kernels (always on CPU; on CUDA, float atomics in scatter-adds may differ
+        in the last bits across GPUs). Call it, e.g., once per epoch; :meth:`sync_from_rank0`
+        repairs a divergence. A rank without memories makes every rank raise.
         """
         if self.world_size == 1:
             return
-        mine = torch.tensor(list(bytes.fromhex(self.fingerprint())), dtype=torch.int64)
-        table = D.all_gather_cat(mine, self.group).view(self.world_size, -1).cpu()
-        differ = [r for r in range(self.world_size) if not torch.equal(table[r], table[0])]
+        parts, err = D.first_error(self._fingerprint_parts)
+        header = [] if parts is None else [[k, v] for k, v in parts.items()]
+        rows = D.agree(header, err, what="OnlineDeepClustering.check_consistency", names=[], group=self.group)
+        differ = [r for r in range(self.world_size) if rows[r] != rows[0]]
         if differ:
-            raise RuntimeError(f"ODC memories of rank(s) {differ} differ from rank 0's")
+            first = differ[0]
+            what = [k for (k, v), (_, v0) in zip(rows[first], rows[0]) if v != v0]
+            detail = "; ".join(
+                f"{k}: {v} on rank {first} but {v0} on rank 0"
+                for (k, v), (_, v0) in zip(rows[first], rows[0])
+                if v != v0 and k not in _ARRAY_NAMES
+            )
+            raise RuntimeError(
+                f"ODC memories of rank(s) {differ} differ from rank 0's (rank {first} in {', '.join(what)}"
+                + (f"; {detail}" if detail else "") + "); sync_from_rank0() makes them equal again"
+            )
 
     def sync_from_rank0(self) -> None:
-        """Overwrite every rank's memories with rank 0's (a collective)."""
+        """Overwrite every rank's replica with rank 0's: memories and step counter (a collective).
+
+        Ranks without memories (not initialised, or not loaded from a checkpoint) receive
+        them, so rank 0 alone may :meth:`load_state_dict`. Every rank must have been
+        constructed with the same settings and dtype (``ValueError`` on every rank otherwise);
+        rank 0 must have memories (every rank raises otherwise).
+        """
         if self.world_size == 1:
             return
+        err = None
+        if D.rank(self.group) == 0:
+            _, err = D.first_error(self._require_initialized)
+        header, names = self._replica_header()
+        D.agree(header[:-1], err, what="OnlineDeepClustering.sync_from_rank0", names=names[:-1], group=self.group)
         s, c = self.samples, self.centroids
         s.features = D.broadcast_(s.features, group=self.group)
         s.labels = D.broadcast_(s.labels, group=self.group)
         c.sizes = D.broadcast_(c.sizes, group=self.group)
         c.sums = D.broadcast_(c.sums, group=self.group)
         c.set_centroids(D.broadcast_(c.centroids, group=self.group))
+        self.iteration = int(D.broadcast_(torch.tensor([self.iteration], dtype=torch.int64), group=self.group))
+        s.initialized = True
+
+
+#: Names of the memory arrays among :meth:`OnlineDeepClustering._fingerprint_parts`.
+_ARRAY_NAMES = ("features", "labels", "centroids", "sizes", "sums")
+
+#: Unsigned index dtypes torch cannot reduce on the CPU (``min``/``max`` raise NotImplementedError).
+_UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
+
+#: Feature dtypes the memory update computes with (float8 types cannot be reduced).
+_FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_torch_input(name: str, x: Any, *, integral: bool) -> None:
+    """TypeError if the torch tensor ``x`` is sparse, or of a dtype torch cannot reduce on the
+    CPU (wide unsigned indices, float8 features), which the core's checks would meet as
+    ``NotImplementedError``. Anything else (other namespaces, None) is left to the core."""
+    if not isinstance(x, torch.Tensor):
+        return
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+    if integral and x.dtype in _UNSIGNED_WIDE:
+        raise TypeError(
+            f"{name} must have a signed integer dtype (or uint8), got {x.dtype}: torch cannot take its "
+            "minimum on the CPU; pass int64"
+        )
+    if not integral and x.dtype.is_floating_point and x.dtype not in _FEATURE_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -66,7 +66,7 @@ from clusterlearn.self_classifier import (
 )
 
 from . import _native
-from ._torch_distributed import agree, all_gather_with_grad, first_error, world_size
+from ._torch_distributed import agree, all_gather_with_grad, describe, first_error, gather_agreed, world_size
 
 __all__ = ["FusedSelfClassifierFunction", "SelfClassifierFunction", "SelfClassifierLoss", "self_classifier_head_loss"]
 
@@ -446,6 +446,11 @@ class SelfClassifierLoss(torch.nn.Module):
         when ``torch.distributed`` is initialised with more than one process (decided at each
         call), else none. The loss is computed on the global logits, averaged over this
         process's rows, and its gradient flows back through the gather to the local logits.
+        With ``all_gather_with_grad`` (also as ``"auto"``) every rank first checks its own
+        call and compares its layout (number of heads and views; per view the shape, dtype,
+        device type and whether it records the gradient) with rank 0's: any exception, or
+        any difference, raises on every rank before the first gather. Views of one head with
+        different dtypes are computed in their promoted dtype, as in the core.
     kernel : {"auto", "fused", "array"}, default "auto"
         ``"auto"``: the fused CPU kernel (:class:`FusedSelfClassifierFunction`, built with the
         system's C++ compiler on first use) where it applies (CPU float32/float64 logits, the
@@ -491,13 +496,18 @@ class SelfClassifierLoss(torch.nn.Module):
 
     def forward(self, *logits: Any) -> torch.Tensor:
         """``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
-        heads, names = _parse(_call_argument(logits))
-        xp = namespace(**{names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)})
-        if not all(isinstance(x, torch.Tensor) for views in heads for x in views):
-            raise TypeError(f"SelfClassifierLoss (torch) needs torch tensors, got {xp.__name__} arrays")
         gather = self._gather()
         if gather is all_gather_with_grad:
-            _agree_on_shapes(heads)
+            settings = {
+                "row_temperature": self.row_temperature,
+                "col_temperature": self.col_temperature,
+                "eps": self.eps,
+                "clamp_sums": self.clamp_sums,
+            }
+            heads, names = _agree_on_layout(logits, settings)
+            gather = gather_agreed
+        else:
+            heads, names = _parse_torch(logits)
         _, prepared = _prepare(heads, names, gather, check_finite=False)  # checked per head below
         total = None
         for (full, rows), labels in zip(prepared, names):
@@ -527,14 +537,42 @@ class SelfClassifierLoss(torch.nn.Module):
         )
 
 
-def _agree_on_shapes(heads: list[list[torch.Tensor]]) -> None:
-    """Check every rank's heads locally, then compare their layout across ranks.
+def _parse_torch(logits: tuple[Any, ...]) -> tuple[list[list[torch.Tensor]], list[list[str]]]:
+    """The heads of views and their names from a call's arguments; TypeError unless torch tensors."""
+    heads, names = _parse(_call_argument(logits))
+    xp = namespace(**{names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)})
+    if not all(isinstance(x, torch.Tensor) for views in heads for x in views):
+        raise TypeError(f"SelfClassifierLoss (torch) needs torch tensors, got {xp.__name__} arrays")
+    return heads, names
 
-    Before the first gather, so that a rank with malformed or differently shaped logits
-    makes every rank raise instead of leaving the others waiting in a collective.
+
+def _agree_on_layout(
+    logits: tuple[Any, ...], settings: dict[str, Any]
+) -> tuple[list[list[torch.Tensor]], list[list[str]]]:
+    """Parse and check this rank's heads, then compare their layout and ``settings`` across ranks.
+
+    Before the first gather, so that a rank whose call fails (any exception), or whose logits
+    differ from rank 0's in number, shape, dtype, device type or in recording the gradient,
+    or whose loss has other settings (temperatures, ``eps``), makes every rank raise instead
+    of leaving the others waiting in a collective (or receiving bytes of another layout).
+    Afterwards the views are gathered with :func:`gather_agreed` (no header of their own).
     """
-    _, err = first_error(lambda: [_check_head(views, slice(None)) for views in heads])
-    classes = [int(views[0].shape[-1]) for views in heads] if err is None else [-1]
-    layout = [len(heads), len(heads[0]), int(heads[0][0].shape[0]), sum(classes), max(classes)] if err is None else [-1] * 5
-    names = ["number of heads", "views per head", "batch size", "total classes", "largest head"]
-    agree(layout, err, what="SelfClassifierLoss", names=names)
+
+    def parse_and_describe() -> tuple[Any, list[Any], list[str]]:
+        heads, names = _parse_torch(logits)
+        for views in heads:
+            _check_head(views, slice(None))
+        header: list[Any] = [*settings.values(), len(heads), [len(views) for views in heads]]
+        labels: list[str] = [*settings, "number of heads", "views per head"]
+        grad = torch.is_grad_enabled()
+        for views, view_names in zip(heads, names):
+            for x, name in zip(views, view_names):
+                entries, entry_names = describe(name, x)
+                header += [*entries, grad and x.requires_grad]
+                labels += [*entry_names, f"{name} requires grad"]
+        return (heads, names), header, labels
+
+    described, err = first_error(parse_and_describe)
+    parsed, header, labels = described if err is None else (None, [], [])
+    agree(header, err, what="SelfClassifierLoss", names=labels)
+    return parsed

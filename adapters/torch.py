@@ -16,7 +16,12 @@ What a PyTorch user imports::
   (DeepCluster's per-epoch clustering, ODC's initialisation).
 - :func:`all_gather_with_grad`: the gather with the correct gradient, for your own losses.
 
-Nothing here changes results with the world size at equal global batch.
+Nothing here changes results with the world size at equal global batch. Under
+``torch.distributed`` every collective here first exchanges a small fixed-size header (each
+rank's local exception, if any, and the shapes, dtypes and settings it is about to use), so
+that a failure or a mismatch on one rank raises on every rank instead of aborting one and
+stalling or corrupting the others; a rank that never reaches the collective is caught only
+by the process group's ``timeout``.
 """
 
 from ._torch_data import UniformClusterSampler, extract_features

@@ -8,6 +8,7 @@ compares the ranks with each other and with one process working on the concatena
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import sys
 from typing import Any
@@ -199,19 +200,143 @@ def data_scenario(rank: int, world: int) -> dict[str, Any]:
     return {"features": feats, "shards": shards}
 
 
+class _FailingData(torch.utils.data.Dataset):
+    """Three samples; reading sample 2 raises OSError (a corrupt file)."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 2:
+            raise OSError(f"cannot identify image file 'img{i}.jpg'")
+        return torch.ones(2)
+
+
+def faults_scenario(rank: int, world: int) -> dict[str, Any]:
+    """Faults that used to abort a rank, hand it another rank's bytes, or leave it waiting.
+
+    Each case is one collective call on both ranks; what each rank raised is recorded, and
+    the ODC memory must be unchanged by the failed calls. Then replicas whose step counters
+    differ, and a rank without memories: the check fails, ``sync_from_rank0`` repairs.
+    """
+    other = rank == 1  # the rank that gets the fault unless the case says otherwise
+    odc = clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs())
+    odc.initialize(initial_features())
+    idx = torch.arange(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+    f = torch.ones(LOCAL_B, DIM)
+    loss = clt.SelfClassifierLoss(kernel="array")
+    x32 = torch.randn(4, 5)
+    feats = initial_features()
+
+    def views(*dtypes: torch.dtype) -> list[torch.Tensor]:
+        return [x32.to(dt) for dt in dtypes]
+
+    def extract(dataset: Any, sampler: list[int]) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=2)
+        return clt.extract_features(torch.nn.Linear(2, 2), loader, progress=False)
+
+    def sync_other_dtype() -> None:
+        replica = clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs(), dtype=torch.float64 if other else torch.float32)
+        if not other:
+            replica.load_state_dict(odc.state_dict())
+        replica.sync_from_rank0()
+
+    cases = {
+        "loss float64 on rank 1": lambda: loss(*views(*[torch.float64 if other else torch.float32] * 2)),
+        "loss one float16 view on rank 1": lambda: loss(
+            *views(torch.float32, torch.float16 if other else torch.float32)
+        ),
+        "loss numpy on rank 1": lambda: loss(x32.numpy() if other else x32, x32.numpy() if other else x32),
+        "loss grad on rank 1 only": lambda: loss(x32.clone().requires_grad_(other), x32),
+        # 130 views: the header is over 4 KiB, so it takes the exchange's second round.
+        "loss 130 views, the last float64 on rank 1": lambda: loss(
+            *views(*[torch.float32] * 129, torch.float64 if other else torch.float32)
+        ),
+        "gather float64 on rank 1": lambda: clt.all_gather_with_grad(x32.double() if other else x32),
+        "gather a list on rank 1": lambda: clt.all_gather_with_grad([1.0] if other else x32),
+        "loss other temperature on rank 1": lambda: clt.SelfClassifierLoss(
+            row_temperature=0.2 if other else 0.1, kernel="array"
+        )(x32, x32),
+        "gather 3-D on rank 1": lambda: clt.all_gather_with_grad(x32[..., None] if other else x32),
+        "step uint16 indices on rank 1": lambda: odc.step(idx.to(torch.uint16) if other else idx, f),
+        "step uint32 indices on rank 1": lambda: odc.step(idx.to(torch.uint32) if other else idx, f),
+        "step uint64 indices on rank 1": lambda: odc.step(idx.to(torch.uint64) if other else idx, f),
+        "step float8 features on rank 1": lambda: odc.step(idx, f.to(torch.float8_e4m3fn) if other else f),
+        "step sparse features on rank 1": lambda: odc.step(idx, f.to_sparse() if other else f),
+        "initialize uint32 labels on rank 1": lambda: clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs()).initialize(
+            feats, torch.zeros(N, dtype=torch.uint32 if other else torch.int64)
+        ),
+        "initialize other num_samples on rank 1": lambda: clt.OnlineDeepClustering(
+            N + other, C, DIM, **odc_kwargs()
+        ).initialize(torch.cat([feats, feats[:other]])),
+        "sync float64 replica on rank 1": sync_other_dtype,
+        "extract_features OSError on rank 1": lambda: extract(_FailingData(), [2] if other else [0, 1]),
+    }
+    before = odc.fingerprint()
+    seen = _outcomes(cases)
+    unchanged = before == odc.fingerprint()
+    odc.step(idx, f)  # the group still works
+
+    # Replicas whose step counters differ (rank 1 resumed from a later checkpoint's counter).
+    state = odc.state_dict()
+    if other:
+        state["iteration"] += 1
+        odc.load_state_dict(state)
+    replicas = _outcomes(
+        {"check, counters differ": odc.check_consistency, "step, counters differ": lambda: odc.step(idx, f)}
+    )
+    odc.sync_from_rank0()
+    odc.check_consistency()
+    odc.step(idx, f)
+    fresh = clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs())  # memories only on rank 0
+    if not other:
+        fresh.load_state_dict(odc.state_dict())
+    replicas |= _outcomes({"check, no memories on rank 1": fresh.check_consistency})
+    fresh.sync_from_rank0()
+    fresh.check_consistency()
+    return {
+        "errors": seen,
+        "replicas": replicas,
+        "after sync": [odc.iteration, odc.fingerprint(), fresh.iteration, fresh.fingerprint()],
+        "unchanged": unchanged,
+    }
+
+
+def _outcomes(calls: dict[str, Any]) -> dict[str, str]:
+    """``"no error"`` or ``"<exception type>: <message>"`` of each call, in order."""
+    seen = {}
+    for name, call in calls.items():
+        try:
+            call()
+            seen[name] = "no error"
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            seen[name] = f"{type(err).__name__}: {err}"
+    return seen
+
+
+#: Seconds one scenario may take before its process dumps its stack and exits: a hang
+#: (a rank waiting in a collective its peer never joins) fails the test within this time.
+SCENARIO_TIMEOUT = {"odc": 120, "errors": 60, "loss": 180, "data": 60, "faults": 30}
+
+
 def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
+    scenarios = {
+        "odc": odc_scenario,
+        "errors": errors_scenario,
+        "loss": loss_scenario,
+        "data": data_scenario,
+        "faults": faults_scenario,
+    }
     try:
         torch.set_num_threads(1)
-        result = {
-            "odc": odc_scenario(rank, world),
-            "errors": errors_scenario(rank, world),
-            "loss": loss_scenario(rank, world),
-            "data": data_scenario(rank, world),
-        }
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        for name, scenario in scenarios.items():
+            faulthandler.dump_traceback_later(SCENARIO_TIMEOUT[name], exit=True)
+            result = scenario(rank, world)
+            faulthandler.cancel_dump_traceback_later()
+            torch.save(result, os.path.join(out_dir, f"rank{rank}-{name}.pt"))  # kept if a later one fails
     finally:
         dist.destroy_process_group()
 

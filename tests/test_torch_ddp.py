@@ -25,8 +25,19 @@ import ddp_checks  # noqa: E402
 WORLD = 2
 
 
+class _Rank(dict):
+    """One rank's results by scenario; a scenario it did not finish fails the test with its log."""
+
+    def __init__(self, results: dict[str, Any], log: str) -> None:
+        super().__init__(results)
+        self.log = log
+
+    def __missing__(self, scenario: str) -> Any:
+        pytest.fail(f"this rank did not finish the {scenario!r} scenario:\n{self.log[-4000:]}")
+
+
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[_Rank]:
     out = tmp_path_factory.mktemp("ddp")
     init = out / "init"
     script = Path(__file__).with_name("ddp_checks.py")
@@ -38,20 +49,27 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         )
         for r in range(WORLD)
     ]
+    # Each scenario has its own watchdog (ddp_checks.SCENARIO_TIMEOUT); this is a backstop.
+    limit = sum(ddp_checks.SCENARIO_TIMEOUT.values()) + 60
     logs = []
     for p in procs:
         try:
-            logs.append(p.communicate(timeout=300)[0].decode())
+            logs.append(p.communicate(timeout=limit)[0].decode())
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail("the 2-process gloo run did not finish in 300 s")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+            pytest.fail(f"the 2-process gloo run did not finish in {limit} s")
+    return [
+        _Rank(
+            {s: torch.load(out / f"rank{r}-{s}.pt", weights_only=True)
+             for s in ddp_checks.SCENARIO_TIMEOUT if (out / f"rank{r}-{s}.pt").exists()},
+            f"exit status {p.returncode}\n{log}",
+        )
+        for r, (p, log) in enumerate(zip(procs, logs))
+    ]
 
 
-def test_odc_replicas_identical_and_equal_to_one_process(ranks: list[dict[str, Any]]) -> None:
+def test_odc_replicas_identical_and_equal_to_one_process(ranks: list[_Rank]) -> None:
     single = ddp_checks.odc_single(WORLD)
     r0, r1 = ranks[0]["odc"], ranks[1]["odc"]
     assert r0["prints"] == r1["prints"]
@@ -62,7 +80,7 @@ def test_odc_replicas_identical_and_equal_to_one_process(ranks: list[dict[str, A
     assert len(set(single["prints"])) == len(single["prints"])
 
 
-def test_odc_state_dict_loads_with_weights_only(ranks: list[dict[str, Any]]) -> None:
+def test_odc_state_dict_loads_with_weights_only(ranks: list[_Rank]) -> None:
     state = ranks[0]["odc"]["state"]
     from clusterlearn.adapters import torch as clt
 
@@ -85,7 +103,7 @@ def test_odc_state_dict_loads_with_weights_only(ranks: list[dict[str, Any]]) -> 
         "Self-Classifier, shorter batch on rank 1",
     ],
 )
-def test_bad_input_on_one_rank_raises_on_every_rank(ranks: list[dict[str, Any]], case: str) -> None:
+def test_bad_input_on_one_rank_raises_on_every_rank(ranks: list[_Rank], case: str) -> None:
     msgs = [r["errors"]["errors"][case] for r in ranks]
     assert all(m.startswith(("ValueError", "TypeError")) for m in msgs), msgs
     bad = 0 if "rank 0" in case else 1
@@ -93,18 +111,18 @@ def test_bad_input_on_one_rank_raises_on_every_rank(ranks: list[dict[str, Any]],
     assert all(r["errors"]["unchanged"] for r in ranks)
 
 
-def test_step_on_a_rank_without_memories_raises_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+def test_step_on_a_rank_without_memories_raises_on_every_rank(ranks: list[_Rank]) -> None:
     msgs = [r["errors"]["errors"]["step, uninitialised on rank 1"] for r in ranks]
     assert msgs[1].startswith("NotInitializedError") and "rank(s) [1]" in msgs[0], msgs
 
 
-def test_short_batch_message_names_the_sizes(ranks: list[dict[str, Any]]) -> None:
+def test_short_batch_message_names_the_sizes(ranks: list[_Rank]) -> None:
     msg = ranks[0]["errors"]["errors"]["short batch on rank 1"]
     assert "batch size differs across ranks ([6, 5]" in msg
 
 
 @pytest.mark.parametrize("kind", ["fast", "core+gather"])
-def test_self_classifier_loss_and_gradients_match_one_process(ranks: list[dict[str, Any]], kind: str) -> None:
+def test_self_classifier_loss_and_gradients_match_one_process(ranks: list[_Rank], kind: str) -> None:
     single = ddp_checks.loss_single(WORLD)
     # Each rank's loss averages the global-softmax terms over its own rows: their mean is the
     # loss of the whole batch, and DDP's averaged gradients are that loss's gradients.
@@ -116,19 +134,19 @@ def test_self_classifier_loss_and_gradients_match_one_process(ranks: list[dict[s
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
 
 
-def test_plain_all_gather_gives_wrong_gradients(ranks: list[dict[str, Any]]) -> None:
+def test_plain_all_gather_gives_wrong_gradients(ranks: list[_Rank]) -> None:
     single = ddp_checks.loss_single(WORLD)
     got = ranks[0]["loss"]["plain"]["grads"][0]
     assert not torch.allclose(got, single["grads"][0], rtol=1e-3, atol=1e-6)
 
 
-def test_extract_features_in_dataset_order_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+def test_extract_features_in_dataset_order_on_every_rank(ranks: list[_Rank]) -> None:
     want = torch.arange(11, dtype=torch.float32)[:, None].repeat(1, 2) * 3
     for r in ranks:
         torch.testing.assert_close(r["data"]["features"], want)
 
 
-def test_uniform_cluster_sampler_shards(ranks: list[dict[str, Any]]) -> None:
+def test_uniform_cluster_sampler_shards(ranks: list[_Rank]) -> None:
     import clusterlearn as cl
 
     labels = np.repeat(np.arange(5), [2, 3, 10, 4, 6])
@@ -143,3 +161,69 @@ def test_uniform_cluster_sampler_shards(ranks: list[dict[str, Any]]) -> None:
         counts = np.bincount(labels[full], minlength=5)
         assert counts.max() - counts.min() <= 1
     assert not np.array_equal(ranks[0]["data"]["shards"][0], ranks[0]["data"]["shards"][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults that used to abort one rank, hand it bytes of another layout, or leave it waiting
+
+
+def _fault(ranks: list[_Rank], case: str) -> list[str]:
+    return [r["faults"]["errors"][case] for r in ranks]
+
+
+@pytest.mark.parametrize(
+    ("case", "label", "values"),
+    [
+        ("loss float64 on rank 1", "logits[0] dtype", "torch.float64 on rank 1 but torch.float32 on rank 0"),
+        ("loss one float16 view on rank 1", "logits[1] dtype", "torch.float16 on rank 1 but torch.float32 on rank 0"),
+        ("loss 130 views, the last float64 on rank 1", "logits[129] dtype",
+         "torch.float64 on rank 1 but torch.float32 on rank 0"),
+        ("loss grad on rank 1 only", "logits[0] requires grad", "True on rank 1 but False on rank 0"),
+        ("gather float64 on rank 1", "x dtype", "torch.float64 on rank 1 but torch.float32 on rank 0"),
+        ("gather 3-D on rank 1", "x shape", "[4, 5, 1] on rank 1 but [4, 5] on rank 0"),
+        ("loss other temperature on rank 1", "row_temperature", "0.2 on rank 1 but 0.1 on rank 0"),
+        ("initialize other num_samples on rank 1", "num_samples", "97 on rank 1 but 96 on rank 0"),
+        ("sync float64 replica on rank 1", "memory dtype", "torch.float64 on rank 1 but torch.float32 on rank 0"),
+    ],
+)
+def test_layout_differing_across_ranks_raises_the_same_error_on_every_rank(
+    ranks: list[_Rank], case: str, label: str, values: str
+) -> None:
+    msgs = _fault(ranks, case)
+    assert msgs[0] == msgs[1], msgs
+    assert msgs[0].startswith("ValueError") and f"{label} differs across ranks" in msgs[0] and values in msgs[0], msgs
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "names"),
+    [
+        ("loss numpy on rank 1", "TypeError", "needs torch tensors"),
+        ("gather a list on rank 1", "TypeError", "x must be a torch.Tensor, got list"),
+        ("step uint16 indices on rank 1", "TypeError", "indices must have a signed integer dtype"),
+        ("step uint32 indices on rank 1", "TypeError", "indices must have a signed integer dtype"),
+        ("step uint64 indices on rank 1", "TypeError", "indices must have a signed integer dtype"),
+        ("step float8 features on rank 1", "TypeError", "features must be float16, bfloat16, float32 or float64"),
+        ("step sparse features on rank 1", "TypeError", "features must be a dense (strided) tensor"),
+        ("initialize uint32 labels on rank 1", "TypeError", "labels must have a signed integer dtype"),
+        ("extract_features OSError on rank 1", "OSError", "cannot identify image file"),
+    ],
+)
+def test_any_error_on_one_rank_is_raised_on_every_rank(ranks: list[_Rank], case: str, error: str, names: str) -> None:
+    msgs = _fault(ranks, case)
+    assert msgs[1].startswith(f"{error}: ") and names in msgs[1], msgs
+    # The peer names the rank and its exception; bad input stays a ValueError there.
+    peer = "ValueError" if error == "TypeError" else "RuntimeError"
+    assert msgs[0].startswith(f"{peer}: ") and f"rank 1: {error}: " in msgs[0] and names in msgs[0], msgs
+    assert all(r["faults"]["unchanged"] for r in ranks)
+
+
+def test_replicas_with_different_step_counters_fail_the_check_and_sync_repairs_them(ranks: list[_Rank]) -> None:
+    checks = [r["faults"]["replicas"]["check, counters differ"] for r in ranks]
+    assert all(m.startswith("RuntimeError") and "rank(s) [1] differ" in m and "iteration" in m for m in checks), checks
+    steps = [r["faults"]["replicas"]["step, counters differ"] for r in ranks]
+    assert all(m.startswith("ValueError") and "iteration differs across ranks" in m for m in steps), steps
+    # After sync_from_rank0 (also onto a rank that had no memories) the replicas are equal.
+    after = [r["faults"]["after sync"] for r in ranks]
+    assert after[0] == after[1], after
+    missing = [r["faults"]["replicas"]["check, no memories on rank 1"] for r in ranks]
+    assert missing[1].startswith("NotInitializedError") and "rank(s) [1]" in missing[0], missing
