@@ -30,8 +30,9 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -186,27 +187,35 @@ def training_order(labels: np.ndarray, batch_size: int, seed: int, epoch: int) -
 
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
-    jc.launch(parser, args, args.clusters, run)
+    jc.launch(parser, args, args.clusters, functools.partial(run, fail=parser.error))
 
 
-def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh) -> None:
-    """Train (or resume), log, checkpoint and plot."""
+def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh,
+        *, fail: Callable[[str], NoReturn]) -> None:
+    """Train (or resume), log, checkpoint and plot; ``fail`` (``parser.error``) reports a checkpoint
+    whose arrays do not fit this run, before anything is written."""
     n = len(data)
     steps = n // args.batch_size
     opt = Optimizer(args.lr, args.weight_decay)
     spec = Crop(args.resolution, (args.min_scale, 1.0), args.flip)
     key = jax.random.key(args.seed) if ckpt is None else jc.key_from_data(ckpt["rng/key"])
     init_key, train_key, top_key = jax.random.split(key, 3)
-    train_def, eval_def, params, stats = jc.init_model(DeepClusterNet, (args.arch, args.width, args.resolution, args.clusters), init_key)
+    net_args = (args.arch, args.width, args.resolution, args.clusters)
+    train_def, eval_def, params, stats = jc.init_model(DeepClusterNet, net_args, init_key)
     opt_state = opt.build().init(params)
     labeler = cl.DeepClusterLabeler(args.clusters, pca_dim=args.pca_dim, n_iter=args.kmeans_iters, seed=args.seed,
                                     backend=args.kmeans_backend)
     start = 0
     if ckpt is not None:  # everything restored (and checked) before the run directory is touched
-        params = jc.unflatten("params", params, ckpt)
-        stats = jc.unflatten("stats", stats, ckpt)
-        opt_state = jc.unflatten("opt", opt_state, ckpt)
-        labeler.load_state_dict({"epoch": int(ckpt["labeler/epoch"]), "previous_labels": ckpt["labeler/previous_labels"]})
+        try:
+            params, stats, opt_state = (jc.unflatten(prefix, tree, ckpt) for prefix, tree in
+                                        (("params", params), ("stats", stats), ("opt", opt_state)))
+            missing = sorted({"labeler/epoch", "labeler/previous_labels"} - set(ckpt))
+            if missing:
+                raise ValueError(f"the checkpoint has no {', '.join(missing)}")
+            labeler.load_state_dict({"epoch": int(ckpt["labeler/epoch"]), "previous_labels": ckpt["labeler/previous_labels"]})
+        except (TypeError, ValueError) as err:
+            fail(f"--resume: {err}")
         start = int(ckpt["epoch"])
     params, stats, opt_state = jc.replicate((params, stats, opt_state), mesh)
     out = runs.run_dir(args, METHOD)

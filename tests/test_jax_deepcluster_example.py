@@ -233,3 +233,21 @@ def test_resume_with_other_settings_is_refused(trained: dict, tmp_path: Path, ca
     assert exc.value.code == 2
     assert "--pca-dim 4" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("drop", "message"), [("labeler/previous_labels", "no labeler/previous_labels"),
+                                               ("opt/1/0/trace/top/bias", "no opt/1/0/trace/top/bias")])
+def test_resume_from_an_incomplete_checkpoint_is_a_one_line_error(trained: dict, drop: str, message: str, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    state = checkpoint(trained["straight"][0])
+    assert drop in state
+    with open(tmp_path / "checkpoint.npz", "wb") as f:
+        np.savez(f, **{k: v for k, v in state.items() if k != drop})
+    argv = [*TINY, "--epochs", "3", "--resume", str(tmp_path / "checkpoint.npz"), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exc:
+        script().main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "run").exists()
