@@ -7,8 +7,8 @@ the paper's AlexNet, and no Sobel filter)::
     python examples/imagenet_deepcluster_jax.py --data /path/to/imagenet/train
 
 The demo (no --data): scikit-learn's 1797 digits upscaled to 16×16 RGB, a quarter-width
-ResNet-18 (width 16, 3×3 stem), no flips (as the torch demo), crops of area [0.5, 1],
-PCA to 32 dimensions, 10 clusters, a few minutes on the CPU::
+ResNet-18 (width 16, 3×3 stem), no flips and crops of area [0.5, 1] (as the torch demo),
+PCA to 32 dimensions, 10 clusters, 40 epochs of batch 64 on the CPU (a few minutes)::
 
     python examples/imagenet_deepcluster_jax.py
 
@@ -50,7 +50,7 @@ TOP_STD = 0.01  # the reference initialises the top layer's weights with N(0, 0.
 PRESETS = {
     "imagenet": {"epochs": 500, "batch_size": 256, "arch": "resnet50", "width": 64, "resolution": 224, "workers": 8,
                  "flip": True, "clusters": 10_000, "pca_dim": 256, "lr": 0.05, "min_scale": 0.08},
-    "demo": {"epochs": 30, "batch_size": 64, "arch": "resnet18", "width": 16, "resolution": 16, "workers": 0,
+    "demo": {"epochs": 40, "batch_size": 64, "arch": "resnet18", "width": 16, "resolution": 16, "workers": 0,
              "flip": False, "clusters": 10, "pca_dim": 32, "lr": 0.05, "min_scale": 0.5},
 }
 
