@@ -296,19 +296,21 @@ def test_kernel_selection(fused, monkeypatch):
 
 
 def test_build_into_fresh_cache_and_failure_warns(tmp_path, monkeypatch):
-    """The first use compiles into the cache directory; a compiler that fails gives a warning
-    and ``None`` (the adapters then use the torch ops), not an exception."""
+    """The first use compiles into the cache directory (the library, its SHA-256 and the
+    builders' lock file); a compiler that fails gives a warning and ``None`` (the adapters then
+    use the torch ops), not an exception. (No compiler and CLUSTERLEARN_NATIVE=0:
+    test_native_cache.py.)"""
     build = _native.kernel.__wrapped__
+    monkeypatch.setattr(_native, "_warned", set())
     monkeypatch.setenv("CLUSTERLEARN_CACHE", str(tmp_path / "ok"))
     if build() is None:
         pytest.skip("no C++ compiler")
-    assert [p.suffix for p in (tmp_path / "ok").iterdir()] == [".so"]
+    names = sorted(p.name for p in (tmp_path / "ok").iterdir())
+    assert len(names) == 3 and names[0] == ".lock" and names[1].endswith(".so") and names[2] == names[1] + ".sha256"
     monkeypatch.setenv("CLUSTERLEARN_CACHE", str(tmp_path / "bad"))
     monkeypatch.setenv("CXX", "false")
     with pytest.warns(RuntimeWarning, match="could not be built"):
         assert build() is None
-    monkeypatch.setenv("CLUSTERLEARN_NATIVE", "0")
-    assert build() is None
 
 
 # ---------------------------------------------------------------------------------------------
