@@ -43,7 +43,7 @@ from typing import Any
 
 try:
     import fcntl
-except ImportError:  # not POSIX: builders are not serialised (each still writes atomically)
+except ImportError:  # not POSIX: the kernel is not built (see _load)
     fcntl = None
 
 __all__ = [
@@ -209,16 +209,16 @@ def _open_cache(path: Path) -> int | None:
     return None
 
 
-def _read_private(dir_fd: int, name: str) -> tuple[int, os.stat_result] | None:
-    """A descriptor and status of the regular file ``name`` in ``dir_fd`` (not followed if a
-    link) if it is this user's and writable by nobody else, else ``None``."""
+def _read_private(dir_fd: int, name: str) -> int | None:
+    """A descriptor of the regular file ``name`` in ``dir_fd`` (not followed if a link) if it is
+    this user's and writable by nobody else, else ``None``."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and _private(st):
-        return fd, st
+        return fd
     os.close(fd)
     return None
 
@@ -235,18 +235,16 @@ def _open_verified(dir_fd: int, name: str) -> int | None:
     """A descriptor of the library ``name`` in ``dir_fd`` if it and the SHA-256 recorded beside
     it (``name.sha256``) are this user's, writable by nobody else, and the library's content
     has that digest (a truncated or altered file has not); else ``None``."""
-    opened = _read_private(dir_fd, name + ".sha256")
-    if opened is None:
+    fd = _read_private(dir_fd, name + ".sha256")
+    if fd is None:
         return None
-    fd, _ = opened
     try:
         recorded = os.pread(fd, 256, 0).decode("ascii", "replace").strip()
     finally:
         os.close(fd)
-    opened = _read_private(dir_fd, name)
-    if opened is None:
+    fd = _read_private(dir_fd, name)
+    if fd is None:
         return None
-    fd, _ = opened
     if hmac.compare_digest(_sha256(fd), recorded):
         return fd
     os.close(fd)
@@ -294,9 +292,6 @@ def _build(compiler: str, source: Path, flags: Sequence[str], dir_fd: int, name:
 def _locked(dir_fd: int) -> Iterator[None]:
     """Hold an exclusive lock on the cache directory's lock file: one builder at a time (DDP
     ranks that start together build the kernel once; the others then load it)."""
-    if fcntl is None:
-        yield
-        return
     fd = os.open(".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -348,6 +343,9 @@ def _load(name: str, source: Path, flags: Sequence[str] = ()) -> ctypes.CDLL | N
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         _warn_once(f"no C++ compiler (g++, c++ or $CXX) to build the fused Self-Classifier kernel; {_FALLBACK}")
+        return None
+    if os.name != "posix" or fcntl is None:
+        _warn_once(f"the fused Self-Classifier kernel is built on POSIX systems only; {_FALLBACK}")
         return None
     if march() is None:
         _warn_once(f"CLUSTERLEARN_MARCH={os.environ['CLUSTERLEARN_MARCH']!r} is not an ISA name; {_FALLBACK}")
