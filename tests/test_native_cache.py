@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,17 +80,17 @@ def copy_cache(built: tuple[Path, str, dict], to: Path) -> Path:
     return to
 
 
-def copying_compiler(built: tuple[Path, str, dict], tmp_path: Path) -> tuple[dict, Path]:
+def copying_compiler(built: tuple[Path, str, dict], tmp_path: Path, seconds: float = 0) -> tuple[dict, Path]:
     """``CXX`` for a child: a stand-in for the compiler that reports its version (so the cache
     key, and the library's name, are the real compiler's), "links" by copying the fixture's
-    library and logs each link: rebuilds without compiling, and countable."""
+    library after ``seconds`` and logs each link: rebuilds without compiling, and countable."""
     log = tmp_path / "links.log"
     script = tmp_path / "cxx"
     script.write_text(
         "#!/bin/sh\n"
         f'[ "$1" = --version ] && exec "{COMPILER}" --version\n'
         'prev=; out=; for a in "$@"; do [ "$prev" = -o ] && out=$a; prev=$a; done\n'
-        f'case "$out" in *.so) cp "{built[0] / built[1]}" "$out"; echo link >> "{log}";; *) : > "$out";; esac\n'
+        f'case "$out" in *.so) sleep {seconds}; cp "{built[0] / built[1]}" "$out"; echo link >> "{log}";; *) : > "$out";; esac\n'
     )
     script.chmod(0o700)
     return {"CXX": str(script)}, log
@@ -164,6 +165,43 @@ def test_truncated_library_is_rebuilt(built, tmp_path):
     out = run_child(LOSS, cache, **cxx)
     assert out["loaded"] and out["close"] and not out["warnings"] and links(log) == 1
     assert lib.read_bytes() == whole
+
+
+@needs_compiler
+def test_concurrent_builders_build_once(built, tmp_path):
+    """Two processes (DDP ranks) that need the kernel at the same moment: one builds (1 s here),
+    the other waits for its lock and loads the result."""
+    import json
+
+    cxx, log = copying_compiler(built, tmp_path, seconds=1)
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    barrier = (
+        "import os, pathlib, time, torch\n"
+        "from clusterlearn.adapters import _native\n"
+        f"pathlib.Path(r'{tmp_path}', f'ready-{{os.getpid()}}').touch()\n"
+        f"while not pathlib.Path(r'{go}').exists(): time.sleep(0.01)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLUSTERLEARN_CACHE": str(cache), **cxx}
+    children = [
+        subprocess.Popen([sys.executable, "-c", barrier + LOSS], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        for _ in range(6000):  # both ready (imports done), then both released at once
+            if len(list(tmp_path.glob("ready-*"))) == 2 or any(c.poll() is not None for c in children):
+                break
+            time.sleep(0.01)
+        go.touch()
+        results = [c.communicate(timeout=300) for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+    for c, (out, err) in zip(children, results):
+        assert c.returncode == 0, err[-3000:]
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["loaded"] and report["close"] and not report["warnings"]
+    assert links(log) == 1
 
 
 @needs_compiler
