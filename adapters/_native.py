@@ -5,30 +5,50 @@ passes over the logits, ``(K, N)`` / ``(K, C)`` statistics in between and one gr
 buffer (plus, for small problems, a cache of the exponentials), instead of the ~30 full-size
 passes and intermediates of the eager closed form. :func:`kernel` (its C functions, for
 PyTorch) and :func:`xla_targets` (its XLA FFI handlers, for JAX) compile it once per machine
-into a cache directory (``$CLUSTERLEARN_CACHE``, else ``$XDG_CACHE_HOME/clusterlearn``, else
-``~/.cache/clusterlearn``; a few seconds) and load it with :mod:`ctypes`. Without a compiler,
-or with ``CLUSTERLEARN_NATIVE=0``, they return ``None`` and the adapters use their array code
-instead (the same values, slower).
-"""
+and ISA (``-march=$CLUSTERLEARN_MARCH``, default ``native``) into a cache directory
+(``$CLUSTERLEARN_CACHE``, else ``$XDG_CACHE_HOME/clusterlearn``, else
+``~/.cache/clusterlearn``; a few seconds) and load it with :mod:`ctypes`.
 
+Loading a library runs its code, so only what this process can trust is loaded: the cache
+directory must be this user's and writable by nobody else (else a warning, and the kernel is
+built in a private temporary directory instead); directories are created 0o700 and files
+0o700 / 0o600 whatever the umask; each library is written with its SHA-256 beside it
+(``<library>.sha256``), both synced and renamed into place atomically, and is loaded only
+if it is this user's, writable by nobody else and matches that digest (else it is rebuilt:
+a truncated file would crash the process when mapped). Builders hold a lock on the
+directory, so DDP ranks starting together build once. Without a compiler, with
+``CLUSTERLEARN_NATIVE=0`` or where the build fails, :func:`kernel` and :func:`xla_targets`
+return ``None`` after a RuntimeWarning (once per process) and the adapters use their array
+code instead (the same values, slower).
+"""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
+import hmac
 import os
 import platform
+import re
+import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: the kernel is not built (see _load)
+    fcntl = None
+
 __all__ = [
     "CACHE_BYTES", "KERNELS", "LOG_SPACE", "NOT_BUILT", "XLA_TARGETS", "Params", "cache_size", "check_kernel",
-    "exp_floors", "kernel", "params", "pointers", "use_fused", "xla_targets",
+    "exp_floors", "kernel", "march", "params", "pointers", "use_fused", "xla_targets",
 ]
 
 #: The adapters' ``kernel=`` choices: the fused kernel where it applies, always, or never.
@@ -62,10 +82,17 @@ XLA_TARGETS = ("clusterlearn_sc_forward", "clusterlearn_sc_vjp_fwd", "clusterlea
 # No -ffast-math: the kernel's own exp/log vectorise without it, and its reductions are declared
 # with `omp simd` (-fopenmp-simd, no OpenMP runtime); a fast-math link would also add
 # crtfastmath.o, which switches the loading thread to flush-to-zero for good.
-_COMPILE = ["-O3", "-std=c++17", "-fPIC", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+_COMPILE = ["-O3", "-std=c++17", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 if platform.machine() in ("x86_64", "AMD64"):
-    _COMPILE.append("-mprefer-vector-width=512")  # AVX-512 where the CPU has it (1.1-1.2x here)
+    _COMPILE.append("-mprefer-vector-width=512")  # AVX-512 where the ISA has it (1.1-1.2x here)
 _LINK = ["-shared", "-pthread"]
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_FALLBACK = "using the array implementation instead (the same values, slower)"
+
+
+def _compile_flags() -> list[str]:
+    """The compiler flags, with ``-march`` from :func:`march` (part of the cache key)."""
+    return [*_COMPILE, f"-march={march()}"]
 
 
 class Params(ctypes.Structure):
@@ -119,6 +146,13 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clusterlearn"
 
 
+def march() -> str | None:
+    """The ``-march`` the kernel is built for: ``$CLUSTERLEARN_MARCH``, else ``native`` (this
+    CPU's full instruction set); ``None`` if the variable is not a plain ISA name."""
+    value = os.environ.get("CLUSTERLEARN_MARCH") or "native"
+    return value if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value) else None
+
+
 def _cpu_id() -> str:
     """The CPU's feature flags (``-march=native`` builds are only valid on the same CPU)."""
     try:
@@ -128,38 +162,213 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _build(compiler: str, source: Path, flags: Sequence[str], target: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / target.name
-        subprocess.run([compiler, *_COMPILE, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True, text=True)
-        subprocess.run([compiler, *_LINK, str(obj), "-o", str(lib), "-lm"], check=True, capture_output=True, text=True)
-        os.replace(lib, target)  # atomic: concurrent builders (DDP ranks) never load half a file
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A RuntimeWarning with ``message``, the first time this process meets it."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"clusterlearn: {message}", RuntimeWarning, stacklevel=4)
+
+
+def _make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0o700 (whatever the umask)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            pass
+
+
+def _private(st: os.stat_result) -> bool:
+    """Owned by this user and writable by nobody else."""
+    return st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _open_cache(path: Path) -> int | None:
+    """A descriptor of the cache directory ``path`` (created 0o700 if missing), or ``None`` (with
+    a warning) if another user owns it or others can write to it: anything there could have been
+    planted."""
+    _make_private_dirs(path)
+    fd = _open_dir(path)
+    st = os.fstat(fd)
+    if _private(st):
+        return fd
+    os.close(fd)
+    owner = "another user" if st.st_uid != os.getuid() else f"you with mode {stat.S_IMODE(st.st_mode):o}"
+    _warn_once(
+        f"the kernel cache {path} is owned by {owner} (writable by others: a library there could "
+        "have been planted); not loading from it. The kernel is built in a private temporary "
+        "directory for this process instead: point CLUSTERLEARN_CACHE at a directory only you can write"
+    )
+    return None
+
+
+def _read_private(dir_fd: int, name: str) -> int | None:
+    """A descriptor of the regular file ``name`` in ``dir_fd`` (not followed if a link) if it is
+    this user's and writable by nobody else, else ``None``."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and _private(st):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _sha256(fd: int) -> str:
+    digest, offset = hashlib.sha256(), 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def _open_verified(dir_fd: int, name: str) -> int | None:
+    """A descriptor of the library ``name`` in ``dir_fd`` if it and the SHA-256 recorded beside
+    it (``name.sha256``) are this user's, writable by nobody else, and the library's content
+    has that digest (a truncated or altered file has not); else ``None``."""
+    fd = _read_private(dir_fd, name + ".sha256")
+    if fd is None:
+        return None
+    try:
+        recorded = os.pread(fd, 256, 0).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    fd = _read_private(dir_fd, name)
+    if fd is None:
+        return None
+    if hmac.compare_digest(_sha256(fd), recorded):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _write_private(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``name`` in ``dir_fd`` atomically: a new file of ``mode`` (whatever the
+    umask), synced, then renamed over ``name``."""
+    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def _build(compiler: str, source: Path, flags: Sequence[str], dir_fd: int, name: str) -> None:
+    """Compile in a private temporary directory, then write the library and its SHA-256 into
+    ``dir_fd`` as ``name`` and ``name.sha256``, each atomically: a reader sees whole files or
+    none (or, between the two renames, a library that does not match its digest: it waits for
+    the builder's lock and checks again)."""
+    with tempfile.TemporaryDirectory(prefix="clusterlearn-build-") as tmp:  # mode 0o700
+        obj, lib = os.path.join(tmp, "kernel.o"), os.path.join(tmp, "kernel.so")
+        subprocess.run([compiler, *_compile_flags(), *flags, "-c", str(source), "-o", obj], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *_LINK, obj, "-o", lib, "-lm"], check=True, capture_output=True, text=True)
+        data = Path(lib).read_bytes()
+    _write_private(dir_fd, name, data, 0o700)
+    _write_private(dir_fd, name + ".sha256", hashlib.sha256(data).hexdigest().encode() + b"\n", 0o600)
+    with contextlib.suppress(OSError):  # not every filesystem syncs directories
+        os.fsync(dir_fd)
+
+
+@contextlib.contextmanager
+def _locked(dir_fd: int) -> Iterator[None]:
+    """Hold an exclusive lock on the cache directory's lock file: one builder at a time (DDP
+    ranks that start together build the kernel once; the others then load it)."""
+    fd = os.open(".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _load_from(dir_fd: int, path: Path, name: str, build: Callable[[int], None]) -> ctypes.CDLL:
+    """The library ``name`` of the trusted directory ``dir_fd`` (at ``path``), verified, else
+    (re)built there and verified."""
+    fd = _open_verified(dir_fd, name)
+    if fd is None:
+        with _locked(dir_fd):
+            fd = _open_verified(dir_fd, name)  # another process may have built it meanwhile
+            if fd is None:
+                build(dir_fd)
+                fd = _open_verified(dir_fd, name)
+        if fd is None:
+            raise OSError(f"the library just built in {path} does not match its digest")
+    try:
+        # through the descriptor of the checked directory where there is /proc (not a directory
+        # swapped in at its path since); only this user can replace the file in it
+        proc = f"/proc/self/fd/{dir_fd}"
+        return ctypes.CDLL(os.path.join(proc if os.path.isdir(proc) else str(path), name))
+    finally:
+        os.close(fd)
+
+
+def _open_dir(path: Path | str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+
+
+def _library_file(compiler: str, name: str, source: Path, flags: Sequence[str]) -> str:
+    """The cache's file name for ``source`` built by ``compiler`` with ``flags``: a hash of the
+    sources, all flags (the ``-march`` included), the compiler's version and the CPU's flags."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    texts = [path.read_text() for path in dict.fromkeys([_SOURCE, source])]
+    key = hashlib.sha256("\0".join([*texts, " ".join([*_compile_flags(), *flags, *_LINK]), version, _cpu_id()]).encode())
+    return f"{name}_{key.hexdigest()[:16]}.so"
 
 
 def _load(name: str, source: Path, flags: Sequence[str] = ()) -> ctypes.CDLL | None:
-    """Compile ``source`` (with the kernel it includes) once per machine and load it."""
+    """Compile ``source`` (with the kernel it includes) once per machine and ISA, and load it;
+    ``None`` (with a warning, once per process) where it cannot be."""
     if os.environ.get("CLUSTERLEARN_NATIVE", "1") == "0":
+        _warn_once(f"CLUSTERLEARN_NATIVE=0 turns the fused Self-Classifier kernel off; {_FALLBACK}")
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
+        _warn_once(f"no C++ compiler (g++, c++ or $CXX) to build the fused Self-Classifier kernel; {_FALLBACK}")
+        return None
+    if os.name != "posix" or fcntl is None:
+        _warn_once(f"the fused Self-Classifier kernel is built on POSIX systems only; {_FALLBACK}")
+        return None
+    if march() is None:
+        _warn_once(f"CLUSTERLEARN_MARCH={os.environ['CLUSTERLEARN_MARCH']!r} is not an ISA name; {_FALLBACK}")
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        texts = [path.read_text() for path in dict.fromkeys([_SOURCE, source])]
-        key = hashlib.sha256("\0".join([*texts, " ".join([*_COMPILE, *flags, *_LINK]), version, _cpu_id()]).encode())
-        target = _cache_dir() / f"{name}_{key.hexdigest()[:16]}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _build(compiler, source, flags, target)
-        return ctypes.CDLL(str(target))
+        file = _library_file(compiler, name, source, flags)
+        build = functools.partial(_build, compiler, source, flags, name=file)
+        cache = _cache_dir()
+        dir_fd = _open_cache(cache)
+        if dir_fd is not None:
+            try:
+                return _load_from(dir_fd, cache, file, build)
+            finally:
+                os.close(dir_fd)
+        with tempfile.TemporaryDirectory(prefix="clusterlearn-") as private:  # 0o700, removed once loaded
+            dir_fd = _open_dir(private)
+            try:
+                return _load_from(dir_fd, Path(private), file, build)
+            finally:
+                os.close(dir_fd)
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or str(err)
-        warnings.warn(
-            f"clusterlearn: the fused Self-Classifier kernel could not be built with {compiler} "
-            f"({detail.strip()[:500]}); using the array implementation instead",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _warn_once(f"the fused Self-Classifier kernel could not be built with {compiler} ({detail.strip()[:500]}); {_FALLBACK}")
         return None
 
 

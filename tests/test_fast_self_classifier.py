@@ -19,6 +19,74 @@ from clusterlearn.self_classifier import SelfClassifierLoss as CoreLoss
 
 EPS = 1e-12
 
+# ---------------------------------------------------------------------------------------------
+# Tolerances: error bounds, not one machine's output (rounding differs between ISAs: AVX2,
+# AVX-512, and XLA's code for each)
+# ---------------------------------------------------------------------------------------------
+
+#: Roundings between a logit s and a log-probability: the max shift, the division by τ and the
+#: two log-sum-exp subtractions.
+ROUNDINGS = 4
+
+
+def _unit_roundoff(dtype) -> float:
+    try:
+        return float(np.finfo(np.dtype(dtype)).eps) / 2
+    except TypeError:  # a torch dtype
+        return float(np.finfo(np.dtype(str(dtype).removeprefix("torch."))).eps) / 2
+
+
+def _leaves(xs) -> list[np.ndarray]:
+    if isinstance(xs, (list, tuple)):
+        return [leaf for x in xs for leaf in _leaves(x)]
+    return [np.asarray(xs, dtype=np.float64)]
+
+
+def rounding_bounds(views, loss: float, grads, dtype, temperatures: tuple[float, float] = (0.1, 0.05)) -> tuple[float, float]:
+    """Bounds on the absolute rounding error of a Self-Classifier loss computed in ``dtype`` and
+    of each entry of its gradient: first order, from the logits ``views`` (arrays of shape
+    ``(N, C)``, nested as heads and views in any way), the loss and its gradients ``grads`` (a
+    float64 reference; any value within these bounds gives the same bounds to first order) and
+    the (row, column) temperatures.
+
+    With u the dtype's unit roundoff: every log-probability the loss is made of comes from
+    max-shifted scaled logits s/τ in :data:`ROUNDINGS` = R roundings of quantities up to
+    max|s|/τ (the core documents an error growing with |s|/τ · (dtype eps)), i.e. it is exact
+    for logits moved by at most δ = R u max|s| (τ cancels); and every sum inside a log-sum-exp
+    or a normalisation (at most N + C terms) adds a relative (N + C) u.
+
+    - loss: δ ‖∇_s L‖₁ for each of the row and the column paths, plus (N + C) u (1 + |L|): a
+      weighted mean of logs whose weights sum to at most 1 per row, each log off by (N + C) u
+      absolute and each weight by (N + C) u relative.
+    - gradient entry: a sum of products of at most 3 probabilities (over N τ); a shift of the
+      scaled logits by κ = δ / τ_min moves each probability by a relative 2κ, each sum by
+      (N + C) u, so the entry by 3 (2κ + (N + C) u) times the size of its terms, taken as the
+      largest entry of the gradient.
+
+    At |s|/τ = 2e5 in float32 (:func:`extreme_views`) the gradient bound reaches the gradient's
+    own size: float32 promises nothing finer there; the moderate cases check the gradient.
+    """
+    u = _unit_roundoff(dtype)
+    leaves, g = _leaves(views), np.concatenate([x.ravel() for x in _leaves(grads)])
+    scale = max(float(np.abs(x).max()) for x in leaves)
+    terms = max(sum(x.shape) for x in leaves)  # N + C
+    delta = ROUNDINGS * u * scale
+    loss_bound = 2 * delta * float(np.abs(g).sum()) + terms * u * (1 + abs(loss))
+    kappa = delta / min(temperatures)
+    grad_bound = 3 * (2 * kappa + terms * u) * float(np.abs(g).max())
+    return loss_bound, grad_bound
+
+
+def assert_within_rounding(loss, grads, ref_loss, ref_grads, views, dtype, temperatures=(0.1, 0.05), computations=2) -> None:
+    """``loss`` and ``grads`` equal ``ref_loss`` and ``ref_grads`` to the rounding of
+    ``computations`` computations in ``dtype`` (2: both computed in it; 1: the reference is
+    exact, e.g. float64 against float32)."""
+    loss_bound, grad_bound = rounding_bounds(views, float(ref_loss), ref_grads, dtype, temperatures)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=0, atol=computations * loss_bound)
+    for g, r in zip(_leaves(grads), _leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=0, atol=computations * grad_bound)
+
+
 
 def make_heads(seed: int, n: int, classes: list[int], views: int, scale: float = 1.0) -> list[list[np.ndarray]]:
     """float32-representable float64 logits ``heads[h][v]`` of shape ``(n, classes[h])``."""
@@ -88,13 +156,10 @@ def test_torch_matches_core(n, classes, views, scale, tr, tc, eps, clamp, kernel
     torch = pytest.importorskip("torch")
     heads = make_heads(n + views, n, classes, views, scale)
     params = dict(row_temperature=tr, col_temperature=tc, eps=eps, clamp_sums=clamp, kernel=kernel)
-    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+    for dtype in (torch.float64, torch.float32):
         expected, expected_grads = torch_value_and_grads(CoreLoss(**core_params(params)), heads, dtype)
         got, grads = torch_value_and_grads(torch_fast(gather=None, **params), heads, dtype)
-        np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
-        scale_g = max(np.abs(g).max() for g in expected_grads)
-        for g, e in zip(grads, expected_grads):
-            np.testing.assert_allclose(g, e, rtol=100 * rtol, atol=10 * rtol * scale_g)
+        assert_within_rounding(got, grads, expected, expected_grads, heads, dtype, (tr, tc))
 
 
 @pytest.mark.parametrize(
@@ -103,6 +168,9 @@ def test_torch_matches_core(n, classes, views, scale, tr, tc, eps, clamp, kernel
     ids=["clamped", "clamped-array", "exact", "clamped-log-space"],
 )
 def test_torch_gradcheck(kwargs):
+    """Central differences in float64 with step h = 1e-6 are off by at most h² |third
+    derivative| / 6 + u |L| / h: with the third derivative at most (2 / τ_min)³ (softmaxes of
+    s/τ), about 1e-8 and 1e-9 here, within atol = 1e-7 on every ISA."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     crit = torch_fast(gather=None, **kwargs)
@@ -123,11 +191,9 @@ def test_torch_collapsed_batch(clamp, expected):
     for dtype in (torch.float64, torch.float32):
         core, core_grads = torch_value_and_grads(CoreLoss(clamp_sums=clamp), heads, dtype)
         got, grads = torch_value_and_grads(torch_fast(gather=None, clamp_sums=clamp), heads, dtype)
-        np.testing.assert_allclose(got, core, rtol=2e-5)
-        for g, e in zip(grads, core_grads):
-            np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-5 * np.abs(e).max())
+        assert_within_rounding(got, grads, core, core_grads, heads, dtype)
     got, _ = torch_value_and_grads(torch_fast(gather=None, clamp_sums=clamp), [[x, x]], torch.float64)
-    np.testing.assert_allclose(got, expected, atol=1e-3)
+    np.testing.assert_allclose(got, expected, atol=1e-3)  # the reference's value, given to 3 decimals
     small = [torch.tensor(collapsed(8, 4) + 0.1 * rng.standard_normal((8, 4)), requires_grad=True) for _ in range(2)]
     assert torch.autograd.gradcheck(lambda p, q: torch_fast(gather=None, clamp_sums=clamp)(p, q), small, eps=1e-6, atol=1e-6)
 
@@ -143,15 +209,13 @@ def extreme_views() -> list[np.ndarray]:
 
 
 def assert_matches_float64_core(loss: float, grads: list[np.ndarray], vs: list[np.ndarray], clamp: bool) -> None:
-    """A float32 loss and its gradients equal the core's in float64 (torch autograd)."""
+    """A float32 loss and its gradients equal the core's in float64 (torch autograd) within the
+    float32 rounding bound (:func:`rounding_bounds`; |s|/τ = 2e5 here)."""
     assert math.isfinite(loss) and loss <= -math.log(EPS) + 1e-3
     assert all(np.isfinite(g).all() for g in grads)
     want, want_grads = torch_value_and_grads(CoreLoss(clamp_sums=clamp), [vs], pytest.importorskip("torch").float64)
-    np.testing.assert_allclose(loss, want, rtol=1e-5)
-    scale = max(float(np.abs(g).max()) for g in want_grads)
-    assert scale > 0
-    for g, w in zip(grads, want_grads):
-        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale)
+    assert max(float(np.abs(g).max()) for g in want_grads) > 0
+    assert_within_rounding(loss, grads, want, want_grads, vs, np.float32, computations=1)
 
 
 def overflowing_views() -> list[np.ndarray]:
@@ -172,7 +236,50 @@ def test_overflowing_scaled_logits_match_core(lib, kernel, clamp):
         loss, grads = jax_value_and_grads(jax_fast(clamp_sums=clamp, kernel=kernel), [vs])
     assert math.isfinite(loss) and all(np.isfinite(g).all() for g in grads)
     if clamp:  # the exact loss in log space is accurate only to |s|/τ · (dtype eps): finite here
-        np.testing.assert_allclose(loss, float(CoreLoss(clamp_sums=clamp)(vs)), rtol=1e-6)
+        # logits ±1e38: every softmax is exactly one-hot or uniform, so only the sums over N + C
+        # terms round (2 computations)
+        rtol = 2 * sum(vs[0].shape) * _unit_roundoff(np.float32)
+        np.testing.assert_allclose(loss, float(CoreLoss(clamp_sums=clamp)(vs)), rtol=rtol)
+
+
+@pytest.mark.parametrize("case", ["extreme-clamped", "extreme-exact", "2v", "peaked"])
+def test_rounding_bounds_catch_bugs(case):
+    """A mutation check of :func:`rounding_bounds` as the tests use it (float32; two
+    computations, or one against float64 for the extreme logits): it still rejects the float64
+    loss and gradient of a wrong eps, of a dropped view, of the other clamp mode (where it
+    matters) and gradients of the wrong sign; for moderate logits also other temperatures and
+    gradients missing a view or 10 % off. (At |s|/τ = 2e5 the float32 gradient bound is the
+    gradient's own size: only its sign is checked there.)"""
+    torch = pytest.importorskip("torch")
+    if case.startswith("extreme"):
+        vs, params = extreme_views(), dict(clamp_sums=case == "extreme-clamped")
+    else:
+        n, classes, views, scale, tr, tc, eps = CASES[CASE_IDS.index(case)]
+        (vs,) = make_heads(n + views, n, classes, views, scale)
+        vs = vs + [vs[0][::-1].copy()]  # a third view, so that one can be dropped
+        params = dict(row_temperature=tr, col_temperature=tc, eps=eps)
+    temps = (params.get("row_temperature", 0.1), params.get("col_temperature", 0.05))
+
+    def reference(views, **changes):
+        return torch_value_and_grads(CoreLoss(**{**params, **changes}), [views], torch.float64)
+
+    loss, grads = reference(vs)
+    mutants = {
+        "eps x 10": reference(vs, eps=params.get("eps", EPS) * 10),
+        "a view dropped": (reference(vs[:-1])[0], grads),
+        "sign of the gradient": (loss, [-g for g in grads]),
+    }
+    if case != "2v":  # no sum falls below eps there: the clamp changes nothing
+        mutants["other clamp mode"] = reference(vs, clamp_sums=not params.get("clamp_sums", True))
+    if not case.startswith("extreme"):  # saturated softmaxes: the temperatures change nothing
+        mutants["temperatures swapped"] = reference(vs, row_temperature=temps[1], col_temperature=temps[0])
+        mutants["gradient of a view missing"] = (loss, [np.zeros_like(grads[0])] + grads[1:])
+        mutants["gradient 10 % off"] = (loss, [1.1 * g for g in grads])
+    computations = 1 if case.startswith("extreme") else 2
+    for name, (bad_loss, bad_grads) in mutants.items():
+        with pytest.raises(AssertionError):
+            assert_within_rounding(bad_loss, bad_grads, loss, grads, vs, np.float32, temps, computations)
+            pytest.fail(f"{name}: within the bound")
 
 
 @pytest.mark.parametrize("kernel", ["auto", "array"])
@@ -195,10 +302,14 @@ def test_torch_call_forms_dtypes_and_functional():
     assert two.shape == () and two.dtype == torch.float64
     assert float(two) == float(crit([a, b])) == float(crit((a, b))) == float(crit([[a, b]]))
     assert float(crit(a, b, c)) == float(crit([a, b, c]))
-    np.testing.assert_allclose(float(self_classifier_head_loss(torch.stack([a, b, c]))), float(crit(a, b, c)), rtol=1e-12)
+    three, grads = torch_value_and_grads(crit, [vs], torch.float64)
+    bound = rounding_bounds(vs, three, grads, torch.float64)[0]
+    np.testing.assert_allclose(float(self_classifier_head_loss(torch.stack([a, b, c]))), three, rtol=0, atol=2 * bound)
     half = crit(a.half(), b.half())
-    assert half.dtype == torch.float32
-    np.testing.assert_allclose(float(half), float(CoreLoss()(a.half(), b.half())), rtol=1e-5)
+    assert half.dtype == torch.float32  # float16 logits are computed with in float32, as in the core
+    halves = [v.astype(np.float16) for v in vs[:2]]
+    bound = rounding_bounds(halves, float(half), torch_value_and_grads(crit, [halves], torch.float64)[1], torch.float32)[0]
+    np.testing.assert_allclose(float(half), float(CoreLoss()(a.half(), b.half())), rtol=0, atol=2 * bound)
     assert "gather='auto'" in repr(torch_fast())
 
 
@@ -240,12 +351,12 @@ def test_torch_fake_gather_gradients():
         local = [torch.tensor(v[slices[r]]) for v in vs]
         loss = torch_fast(gather=rank_gather(gathered, local, slices[r]))(local)
         core = CoreLoss(gather=rank_gather(gathered, local, slices[r]))(local)
-        np.testing.assert_allclose(float(loss.detach()), float(core.detach()), rtol=1e-12)
+        grads = torch.autograd.grad(loss, gathered)
+        loss_bound, _ = rounding_bounds(vs, float(loss.detach()), grads, torch.float64)
+        np.testing.assert_allclose(float(loss.detach()), float(core.detach()), rtol=0, atol=2 * loss_bound)
         losses.append(float(loss.detach()))
-        reduced = [acc + g for acc, g in zip(reduced, torch.autograd.grad(loss, gathered))]
-    np.testing.assert_allclose(np.mean(losses), float(expected_loss.detach()), rtol=1e-12)
-    for g, e in zip(reduced, expected):
-        torch.testing.assert_close(g / world, e, rtol=1e-9, atol=1e-12)
+        reduced = [acc + g for acc, g in zip(reduced, grads)]
+    assert_within_rounding(np.mean(losses), [g / world for g in reduced], expected_loss.detach(), expected, vs, torch.float64)
 
 
 def _ddp_worker(rank: int, world: int, port: int, views: list[np.ndarray], out: str) -> None:
@@ -277,10 +388,9 @@ def test_torch_two_ranks_equal_one_process(tmp_path):
     loss = torch_fast()(full)  # not initialised here: "auto" means no gather
     loss.backward()
     results = [np.load(os.path.join(tmp_path, f"rank{r}.npz")) for r in range(2)]
-    np.testing.assert_allclose(np.mean([r["loss"] for r in results]), float(loss.detach()), rtol=1e-12)
-    for v in range(3):
-        got = np.vstack([r[f"arr_{v}"] for r in results]) / 2  # DDP's mean over ranks
-        np.testing.assert_allclose(got, full[v].grad.numpy(), rtol=1e-9, atol=1e-13)
+    got = [np.vstack([r[f"arr_{v}"] for r in results]) / 2 for v in range(3)]  # DDP's mean over ranks
+    mean = np.mean([r["loss"] for r in results])
+    assert_within_rounding(mean, got, float(loss.detach()), [x.grad for x in full], vs, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,10 +421,7 @@ def test_jax_matches_core(case, clamp, kernel):
     params = dict(row_temperature=tr, col_temperature=tc, eps=eps, clamp_sums=clamp)
     expected, expected_grads = jax_value_and_grads(CoreLoss(**params), heads)
     got, grads = jax_value_and_grads(jax_fast(kernel=kernel, **params), heads)
-    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
-    scale_g = max(np.abs(g).max() for g in expected_grads)
-    for g, e in zip(grads, expected_grads):
-        np.testing.assert_allclose(g, e, rtol=2e-3, atol=2e-4 * scale_g)
+    assert_within_rounding(got, grads, expected, expected_grads, heads, np.float32, (tr, tc))
 
 
 @pytest.mark.parametrize("kernel", ["auto", "array"])
@@ -348,9 +455,9 @@ def test_jax_float64_matches_core(case, kernel):
         for core_fn, fast_fn in checks:
             expected, expected_grads = jax.jit(jax.value_and_grad(core_fn))(xs)
             got, grads = jax.jit(jax.value_and_grad(fast_fn))(xs)
-            np.testing.assert_allclose(float(got), float(expected), rtol=1e-11)
-            for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
-                np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-8, atol=1e-12 * float(np.abs(e).max()))
+            leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
+            want = [np.asarray(e) for e in jax.tree.leaves(expected_grads)]
+            assert_within_rounding(float(got), leaves, float(expected), want, heads, np.float64, (tr, tc))
 
 
 @pytest.mark.parametrize("kernel", ["auto", "array"])
@@ -375,8 +482,10 @@ def test_jax_collapsed_and_eager():
     (vs,) = make_heads(4, 9, [5], 2)
     a, b = (jax.numpy.asarray(v, dtype=jax.numpy.float32) for v in vs)
     eager = float(jax_fast()(a, b))
-    np.testing.assert_allclose(eager, jax_value_and_grads(jax_fast(), [vs])[0], rtol=1e-6)
-    np.testing.assert_allclose(float(self_classifier_loss([a, b])), eager, rtol=1e-6)
+    jitted, grads = jax_value_and_grads(jax_fast(), [vs])
+    bound = 2 * rounding_bounds(vs, jitted, grads, np.float32)[0]
+    np.testing.assert_allclose(eager, jitted, rtol=0, atol=bound)
+    np.testing.assert_allclose(float(self_classifier_loss([a, b])), eager, rtol=0, atol=bound)
 
 
 def test_jax_fake_gather():
@@ -396,9 +505,8 @@ def test_jax_fake_gather():
 
     l_ranks, g_ranks = jax.jit(jax.value_and_grad(ranks_mean))(xs)
     l_full, g_full = jax.jit(jax.value_and_grad(lambda v: jax_fast()(v)))(xs)  # = core: test_jax_matches_core
-    np.testing.assert_allclose(float(l_ranks), float(l_full), rtol=1e-5)
-    for a, b in zip(g_ranks, g_full):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6)
+    # each rank's loss rounds on its own (world computations on one side)
+    assert_within_rounding(float(l_ranks), [np.asarray(g) for g in g_ranks], float(l_full), [np.asarray(g) for g in g_full], vs, np.float32, computations=world + 1)
 
 
 # ---------------------------------------------------------------------------------------------
