@@ -22,6 +22,8 @@ Array = Any
 
 __all__ = [
     "namespace",
+    "check_array",
+    "eager_namespace",
     "to_numpy",
     "convert",
     "scatter_add",
@@ -34,20 +36,19 @@ __all__ = [
 
 
 def namespace(**arrays: Array) -> ModuleType:
-    """Array-API namespace shared by the keyword arrays (``None`` values are ignored).
+    """Array-API namespace shared by the keyword arrays.
 
     Raises
     ------
     TypeError
-        If an argument is not an array, or the arrays come from different libraries; the
-        message names the arguments.
+        If an argument is not a supported array (``None``, a list, a NumPy subclass such as
+        ``numpy.ma.MaskedArray`` or ``numpy.matrix``, a non-standard NumPy dtype such as
+        ml_dtypes' bfloat16, a sparse or quantised torch tensor), or the arrays
+        come from different libraries; the message names the arguments.
     """
     found: dict[str, ModuleType] = {}
     for name, x in arrays.items():
-        if x is None:
-            continue
-        if not aac.is_array_api_obj(x):
-            raise TypeError(f"{name} must be an array (NumPy, PyTorch, JAX, CuPy, ...), got {type(x).__name__}")
+        check_array(x, name)
         found[name] = aac.array_namespace(x)
     if not found:
         raise TypeError("expected at least one array")
@@ -56,6 +57,54 @@ def namespace(**arrays: Array) -> ModuleType:
         desc = ", ".join(f"{n} from {xp.__name__}" for n, xp in found.items())
         raise TypeError(f"arrays from different namespaces cannot be mixed: {desc}")
     return next(iter(found.values()))
+
+
+def check_array(x: Any, name: str) -> None:
+    """Raise TypeError, naming ``name``, unless ``x`` is an array the core can work on.
+
+    Accepted: plain ``numpy.ndarray`` of a standard NumPy dtype, dense strided torch tensors,
+    concrete JAX arrays, CuPy arrays and other array-API arrays. Everything else is refused
+    before any state changes, because it would fail (or silently misbehave) later: masked
+    arrays lose their mask and break broadcasting, ``numpy.matrix`` keeps 2-D shapes, ml_dtypes
+    are not array-API dtypes, sparse tensors have no strided indexing.
+    """
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if isinstance(x, np.ndarray) and type(x) is not np.ndarray:
+        raise TypeError(
+            f"{name} must be a plain numpy.ndarray, got the subclass {type(x).__module__}.{type(x).__name__}"
+            " (convert with numpy.asarray, after filling masked values)"
+        )
+    if not aac.is_array_api_obj(x):
+        raise TypeError(f"{name} must be an array (NumPy, PyTorch, JAX, CuPy, ...), got {type(x).__name__}")
+    if isinstance(x, (np.ndarray, np.generic)) and (x.dtype.kind not in "biufc" or x.dtype.type.__module__ != "numpy"):
+        raise TypeError(f"{name} has the non-standard NumPy dtype {x.dtype}; cast it to float32 or an integer dtype")
+    if aac.is_torch_array(x):
+        import torch
+
+        if x.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+        if x.is_quantized:
+            raise TypeError(f"{name} must not be a quantized tensor")
+
+
+def eager_namespace(**arrays: Array) -> ModuleType:
+    """:func:`namespace` for functions that read values on the host (checks, state changes).
+
+    Also refuses JAX tracers, naming the argument: such a call runs inside ``jax.jit``,
+    where values cannot be checked and no state can be changed in place.
+    """
+    xp = namespace(**arrays)
+    if aac.is_jax_namespace(xp):
+        import jax
+
+        for name, x in arrays.items():
+            if isinstance(x, jax.core.Tracer):
+                raise TypeError(
+                    f"{name} is a JAX tracer: this function runs eagerly and cannot be traced by jax.jit "
+                    "(for the ODC step inside jit use clusterlearn.adapters.jax.step)"
+                )
+    return xp
 
 
 def to_numpy(x: Array) -> np.ndarray:

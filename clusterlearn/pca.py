@@ -167,13 +167,13 @@ class PCAWhitening:
 
         Raises
         ------
-        RuntimeError
+        ValueError
             Called before ``fit``.
         TypeError, ValueError
             Bad ``x`` as in ``fit``, another namespace than the training features, or another D.
         """
         if not hasattr(self, "projection_"):
-            raise RuntimeError("PCAWhitening.transform called before fit; call fit(x) first")
+            raise ValueError("PCAWhitening.transform called before fit; call fit(x) first")
         xp = _check_features(x)
         namespace(x=x, fitted_state=self.projection_)
         if x.shape[1] != self.projection_.shape[0]:
