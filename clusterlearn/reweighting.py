@@ -12,6 +12,8 @@ Array = Any
 
 __all__ = ["LossReweighter", "reweight", "size_weights"]
 
+_POWER_CAP = 1e30
+
 
 def _check_power(power: float) -> float:
     """``power`` as a finite float >= 0 (an infinite power has no weights to normalise)."""
@@ -55,9 +57,13 @@ def size_weights(sizes: Array, power: float) -> Array:
 
     ``w_c = exp(-p (log n_c - log n_min)) / sum``: relative to the smallest non-empty cluster,
     every term lies in (0, 1] and the smallest is exactly 1, so neither the powers nor their
-    sum can overflow, underflow to an all-zero vector, or divide 0 by 0.
+    sum can overflow, underflow to an all-zero vector, or divide 0 by 0. Powers above 1e30
+    give the weights of 1e30 (the product ``p * excess`` stays a finite float32; sizes below
+    2**31 differ by an excess of at least 4e-10, so those weights are already exactly one-hot
+    on the smallest clusters).
     """
     xp = B.namespace(sizes=sizes)
+    power = min(power, _POWER_CAP)
     n = xp.astype(sizes, xp.float32)
     present = n > 0
     log_n = xp.log(xp.where(present, n, xp.ones_like(n)))

@@ -210,6 +210,51 @@ def test_bad_batch_rejected(ready, mutate, err, match):
         clj.step(clj.state_from_core(odc), jnp.asarray(bad_i), jnp.asarray(bad_f), config)
 
 
+def _host_bits(state: clj.ODCState) -> dict[str, bytes]:
+    return {k: np.asarray(v).tobytes() for k, v in state._asdict().items()}
+
+
+REFUSED_BATCHES = {
+    "NaN": lambda i, f: (i, np.where(np.arange(f.size).reshape(f.shape) == 13, np.nan, f).astype(f.dtype)),
+    "inf": lambda i, f: (i, np.where(np.arange(f.size).reshape(f.shape) == 3, -np.inf, f).astype(f.dtype)),
+    "zero row": lambda i, f: (i, np.where((np.arange(f.shape[0]) == 2)[:, None], 0, f).astype(f.dtype)),
+    "index N": lambda i, f: (np.where(np.arange(i.size) == 4, N, i), f),
+    "index -1": lambda i, f: (np.where(np.arange(i.size) == 4, -1, i), f),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED_BATCHES))
+def test_batch_the_core_rejects_is_refused_state_unchanged(ready, kind):
+    """Inside jit values cannot raise: the step keeps the state bit for bit, says applied=False."""
+    odc, config, (idx, f) = ready
+    state = clj.state_from_core(odc)
+    state, _ = clj.step(state, jnp.asarray(idx), jnp.asarray(f), config)  # a state that has moved
+    before = _host_bits(state)
+    bad_i, bad_f = REFUSED_BATCHES[kind](idx, f)
+    with pytest.raises((ValueError, TypeError)):
+        odc.step(bad_i, bad_f)  # the core raises for the same batch
+    out, stats = clj.step(state, jnp.asarray(bad_i), jnp.asarray(bad_f), config)
+    assert not bool(stats["applied"]) and int(stats["num_changed"]) == 0
+    assert not bool(stats["centroids_refreshed"])
+    assert _host_bits(out) == before
+    out, stats = clj.step(out, jnp.asarray(idx), jnp.asarray(f), config)
+    assert bool(stats["applied"]) and int(out.iteration) == 2
+
+
+def test_permuted_batch_gives_bit_identical_state(ready):
+    """Merged duplicates do not depend on the batch order, to the last bit (float32 sums)."""
+    odc, config, _ = ready
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 6, size=BATCH)  # many copies of few indices
+    f = rng.normal(size=(BATCH, D)).astype(np.float32)
+    results = []
+    for perm in (np.arange(BATCH), rng.permutation(BATCH), rng.permutation(BATCH)[::-1]):
+        state, stats = clj.step(clj.state_from_core(odc), jnp.asarray(idx[perm]), jnp.asarray(f[perm]), config)
+        assert bool(stats["applied"])
+        results.append(_host_bits(state))
+    assert results[0] == results[1] == results[2]
+
+
 def test_bad_state_config_and_core_rejected(ready):
     odc, config, (idx, f) = ready
     state = clj.state_from_core(odc)
@@ -239,6 +284,7 @@ def test_bad_state_config_and_core_rejected(ready):
         (dict(centroid_update_interval=0), ValueError, "centroid_update_interval must be >= 1"),
         (dict(resync_interval=0), ValueError, "resync_interval must be >= 1"),
         (dict(min_cluster_size=N), ValueError, "exceeds num_samples"),
+        (dict(reweight_power=float("inf")), ValueError, "reweight_power must be finite"),
     ],
 )
 def test_bad_config(kwargs, err, match):
