@@ -12,6 +12,7 @@ treat the argument as consumed.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any
 
@@ -32,6 +33,8 @@ __all__ = [
     "accumulator_dtype",
     "index_dtype",
     "rng",
+    "power_of_two_exponent",
+    "times_power_of_two",
 ]
 
 
@@ -148,6 +151,36 @@ def accumulator_dtype(xp: ModuleType, device: Any = None) -> Any:
     """float64 where the namespace/device supports it, else float32 (JAX without x64, MPS)."""
     floats = xp.__array_namespace_info__().dtypes(device=device, kind="real floating")
     return floats.get("float64", xp.float32)
+
+
+def power_of_two_exponent(x: Array) -> int:
+    """``e`` with ``max|x| = m * 2**e``, ``m`` in [0.5, 1) (0 for an all-zero or empty ``x``).
+
+    ``x * 2**-e`` (:func:`times_power_of_two`) then has entries of magnitude below 1, so its
+    squares and their sums can neither overflow nor (for the large entries) underflow.
+    """
+    if math.prod(x.shape) == 0:
+        return 0
+    xp = aac.array_namespace(x)
+    return math.frexp(float(xp.max(xp.abs(x))))[1]
+
+
+def times_power_of_two(x: Array, e: int) -> Array:
+    """``x * 2**e`` in ``x``'s dtype, exact barring under/overflow of the result.
+
+    Multiplies by factors small enough to be finite in ``x``'s dtype (2**7 for float16, 2**63
+    for float32, 2**511 for float64), so ``e`` may exceed the dtype's exponent range as long
+    as the result does not: 3e38 * 2**-128 and its inverse are both exact in float32.
+    """
+    if e == 0:
+        return x
+    xp = aac.array_namespace(x)
+    chunk = max(1, int(math.log2(float(xp.finfo(x.dtype).max))) // 2)
+    while e != 0:
+        part = max(-chunk, min(chunk, e))
+        x = x * 2.0**part
+        e -= part
+    return x
 
 
 def rng(*keys: int) -> np.random.Generator:

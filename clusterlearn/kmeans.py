@@ -356,28 +356,23 @@ def kmeans(
     # k-means commutes with scaling: cluster x / 2**e, with max|x / 2**e| in [0.5, 1), and scale
     # the centroids and inertia back. Powers of two scale every rounding exactly, so this only
     # keeps squared distances (|x|**2, up to 4 D max|x|**2) clear of overflow and underflow.
-    e = math.frexp(float(aac.array_namespace(x).max(aac.array_namespace(x).abs(x))))[1]
-    x = _times_power_of_two(x, -e)
+    e = B.power_of_two_exponent(x)
+    x = B.times_power_of_two(x, -e)
     if use_faiss:
         result = _faiss_backend(x, k, n_iter, seed)
     else:
         result = _lloyd(x, k, n_iter, seed, init or "k-means++")
-    scale = 4.0**e if e < 512 else math.inf  # inertia is a Python float; beyond float64 it is inf
     return dataclasses.replace(
         result,
-        centroids=_times_power_of_two(result.centroids, e),
-        inertia=result.inertia * scale,
-        inertia_history=tuple(v * scale for v in result.inertia_history),
+        centroids=B.times_power_of_two(result.centroids, e),
+        inertia=_ldexp(result.inertia, 2 * e),
+        inertia_history=tuple(_ldexp(v, 2 * e) for v in result.inertia_history),
     )
 
 
-def _times_power_of_two(x: Array, e: int) -> Array:
-    """``x * 2**e``, exact barring under/overflow of the result; ``x`` itself when ``e == 0``.
-
-    Two factors of at most 2**ceil(|e| / 2) each, so that neither overflows ``x``'s dtype
-    (2**128 is not a float32, but 2**64 * 2**64 is a valid product for values below 1).
-    """
-    if e == 0:
-        return x
-    half = e // 2
-    return (x * 2.0**half) * 2.0 ** (e - half)
+def _ldexp(value: float, e: int) -> float:
+    """``value * 2**e`` as a Python float, ``inf`` beyond float64's range (inertia of |x| ~ 1e300)."""
+    try:
+        return math.ldexp(value, e)
+    except OverflowError:
+        return math.inf

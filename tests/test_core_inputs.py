@@ -440,3 +440,24 @@ def test_loss_weights_equal_the_power_law_where_it_is_representable():
 def test_pca_transform_before_fit_is_a_value_error():
     with pytest.raises(ValueError, match="before fit"):
         cl.PCAWhitening(2).transform(_features(0, 10, 4))
+
+
+@pytest.mark.parametrize("exponent", [-100, -60, 60, 120])
+def test_pca_whitening_is_exactly_scale_invariant(exponent):
+    """Whitening removes the scale (eps is relative): float32 data near 1e36 or 1e-30 give the
+    output of the unscaled data, bit for bit (powers of two scale every rounding exactly)."""
+    x = _features(7, 80, 6) * np.float32(0.25)
+    scaled = x * np.float32(2.0**exponent)
+    assert np.array_equal(scaled / np.float32(2.0**exponent), x)
+    ref = cl.PCAWhitening(3).fit(x)
+    got = cl.PCAWhitening(3).fit(scaled)
+    np.testing.assert_array_equal(got.transform(scaled), ref.transform(x))
+    np.testing.assert_array_equal(got.mean_, ref.mean_ * 2.0**exponent)
+    labels = cl.DeepClusterLabeler(3, pca_dim=3, backend="array")(scaled).labels
+    np.testing.assert_array_equal(labels, cl.DeepClusterLabeler(3, pca_dim=3, backend="array")(x).labels)
+
+
+def test_pca_of_float64_data_near_its_maximum_is_finite():
+    x = _features(8, 50, 4).astype(np.float64) * 1e300
+    z = cl.PCAWhitening(2).fit_transform(x)
+    np.testing.assert_allclose(z, cl.PCAWhitening(2).fit_transform(x / 1e300), atol=1e-12)
