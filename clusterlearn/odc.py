@@ -215,6 +215,9 @@ class OnlineDeepClustering:
         check_features(features, "features", dim=self.feat_dim, rows=self.num_samples)
         if labels is not None:
             check_labels(labels, "labels", upper=self.num_clusters, length=self.num_samples)
+        kmeans_iters = check_int(kmeans_iters, "kmeans_iters", minimum=0)
+        if kmeans_init not in ("k-means++", "random"):
+            raise ValueError(f"kmeans_init must be 'k-means++' or 'random', got {kmeans_init!r}")
         feats = self.samples.xp.astype(l2_normalize(self.samples.to_memory(features)), self.samples.dtype)
         check_nonzero_rows(feats, "features")
         if labels is None:

@@ -461,3 +461,12 @@ def test_pca_of_float64_data_near_its_maximum_is_finite():
     x = _features(8, 50, 4).astype(np.float64) * 1e300
     z = cl.PCAWhitening(2).fit_transform(x)
     np.testing.assert_allclose(z, cl.PCAWhitening(2).fit_transform(x / 1e300), atol=1e-12)
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"kmeans_iters": -1}, "kmeans_iters"), ({"kmeans_iters": 1.5}, "kmeans_iters"),
+                                              ({"kmeans_init": "x"}, "kmeans_init")])
+def test_initialize_names_its_own_kmeans_arguments(kwargs, name):
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5)
+    with pytest.raises((ValueError, TypeError), match=name):
+        odc.initialize(_features(0), **kwargs)
+    assert not odc.samples.initialized
