@@ -25,6 +25,7 @@ __all__ = [
     "namespace",
     "check_array",
     "eager_namespace",
+    "unsupported_torch_dtype",
     "to_numpy",
     "convert",
     "scatter_add",
@@ -181,6 +182,19 @@ def times_power_of_two(x: Array, e: int) -> Array:
         x = x * 2.0**part
         e -= part
     return x
+
+
+def unsupported_torch_dtype(x: Array) -> bool:
+    """Whether ``x`` is a torch tensor of a dtype torch itself barely computes with.
+
+    float8 (no reductions, no matmul on most devices) and uint16/32/64 (no ``min``/``max``,
+    no indexing): they would fail deep inside a step with ``NotImplementedError``.
+    """
+    if not aac.is_torch_array(x):
+        return False
+    import torch
+
+    return x.dtype in (torch.uint16, torch.uint32, torch.uint64) or "float8" in str(x.dtype)
 
 
 def rng(*keys: int) -> np.random.Generator:

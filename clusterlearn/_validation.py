@@ -14,6 +14,8 @@ from typing import Any
 
 import array_api_compat as aac
 
+from . import _backend as B
+
 Array = Any
 
 
@@ -37,23 +39,10 @@ def check_real(value: Any, name: str, *, low: float, high: float = float("inf"))
     return value
 
 
-def unsupported_torch_dtype(x: Array) -> bool:
-    """Whether ``x`` is a torch tensor of a dtype torch itself barely computes with.
-
-    float8 (no reductions, no matmul on most devices) and uint16/32/64 (no ``min``/``max``,
-    no indexing): they would fail deep inside a step with ``NotImplementedError``.
-    """
-    if not aac.is_torch_array(x):
-        return False
-    import torch
-
-    return x.dtype in (torch.uint16, torch.uint32, torch.uint64) or "float8" in str(x.dtype)
-
-
 def check_features(x: Array, name: str, *, dim: int | None = None, rows: int | None = None) -> None:
     """A finite, real floating (rows, dim) matrix."""
     xp = aac.array_namespace(x)
-    if not xp.isdtype(x.dtype, "real floating") or unsupported_torch_dtype(x):
+    if not xp.isdtype(x.dtype, "real floating") or B.unsupported_torch_dtype(x):
         torch_note = " (torch: float16 or wider)" if aac.is_torch_array(x) else ""
         raise TypeError(f"{name} must have a real floating dtype{torch_note}, got {x.dtype}")
     if x.ndim != 2:
@@ -95,7 +84,7 @@ def all_finite(x: Array, xp: ModuleType) -> bool:
 def check_labels(labels: Array, name: str, *, upper: int, length: int | None = None) -> None:
     """A 1-D integer array with values in [0, upper) (cluster ids or sample indices)."""
     xp = aac.array_namespace(labels)
-    if not xp.isdtype(labels.dtype, "integral") or unsupported_torch_dtype(labels):
+    if not xp.isdtype(labels.dtype, "integral") or B.unsupported_torch_dtype(labels):
         torch_note = " (torch: uint8 or signed)" if aac.is_torch_array(labels) else ""
         raise TypeError(f"{name} must have an integer dtype{torch_note}, got {labels.dtype}")
     if labels.ndim != 1:

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from . import _backend as B
-from ._validation import check_real, unsupported_torch_dtype
+from ._validation import check_real
 
 Array = Any
 
@@ -41,7 +41,7 @@ def reweight(sizes: Array, power: float = 0.5) -> Array:
     """
     xp = B.eager_namespace(sizes=sizes)
     power = _check_power(power)
-    if not xp.isdtype(sizes.dtype, "integral") or unsupported_torch_dtype(sizes):
+    if not xp.isdtype(sizes.dtype, "integral") or B.unsupported_torch_dtype(sizes):
         raise TypeError(f"sizes must have an integer dtype, got {sizes.dtype}")
     if sizes.ndim != 1:
         raise ValueError(f"sizes must be 1-D (clusters,), got shape {tuple(sizes.shape)}")

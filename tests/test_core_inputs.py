@@ -470,3 +470,17 @@ def test_initialize_names_its_own_kmeans_arguments(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=name):
         odc.initialize(_features(0), **kwargs)
     assert not odc.samples.initialized
+
+
+@pytest.mark.parametrize("memory", ["numpy", "jax-bfloat16"])
+def test_jax_bfloat16_features_initialize_step_and_round_trip(memory):
+    """JAX bfloat16 arrives on the host as an ml_dtypes array; the memory casts it to its own
+    dtype before k-means (initialize used to hand the ml_dtypes array to k-means)."""
+    jnp = pytest.importorskip("jax.numpy")
+    like = None if memory == "numpy" else jnp.zeros(1, dtype=jnp.bfloat16)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, like=like)
+    odc.initialize(jnp.asarray(_features(0), dtype=jnp.bfloat16))
+    odc.step(jnp.arange(BATCH), jnp.asarray(-_features(0)[:BATCH], dtype=jnp.bfloat16))
+    other = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, like=like)
+    other.load_state_dict(odc.state_dict())
+    assert _bits(other) == _bits(odc)
