@@ -484,3 +484,12 @@ def test_jax_bfloat16_features_initialize_step_and_round_trip(memory):
     other = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, like=like)
     other.load_state_dict(odc.state_dict())
     assert _bits(other) == _bits(odc)
+
+
+def test_self_classifier_loss_names_unsupported_logits():
+    torch = pytest.importorskip("torch")
+    a = torch.from_numpy(_features(1, 8, 5))
+    with pytest.raises(TypeError, match=r"logits\[0\] must have a real floating dtype"):
+        cl.self_classifier_loss([a.to(torch.float8_e4m3fn), a.to(torch.float8_e4m3fn)])  # was NotImplementedError
+    with pytest.raises(TypeError, match=r"logits\[1\].*MaskedArray"):
+        cl.self_classifier_loss([a.numpy(), np.ma.masked_array(a.numpy())])
