@@ -66,7 +66,8 @@ def namespace(**arrays: Array) -> ModuleType:
 def check_array(x: Any, name: str) -> None:
     """Raise TypeError, naming ``name``, unless ``x`` is an array the core can work on.
 
-    Accepted: plain ``numpy.ndarray`` of a standard NumPy dtype, dense strided torch tensors,
+    Accepted: plain ``numpy.ndarray`` (and ``numpy.memmap``, e.g. ``np.load(..., mmap_mode="r")``)
+    of a standard NumPy dtype, dense strided torch tensors,
     concrete JAX arrays, CuPy arrays and other array-API arrays. Everything else is refused
     before any state changes, because it would fail (or silently misbehave) later: masked
     arrays lose their mask and break broadcasting, ``numpy.matrix`` keeps 2-D shapes, ml_dtypes
@@ -74,7 +75,7 @@ def check_array(x: Any, name: str) -> None:
     """
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
-    if isinstance(x, np.ndarray) and type(x) is not np.ndarray:
+    if isinstance(x, np.ndarray) and type(x) not in (np.ndarray, np.memmap):  # memmap: a file-backed ndarray
         raise TypeError(
             f"{name} must be a plain numpy.ndarray, got the subclass {type(x).__module__}.{type(x).__name__}"
             " (convert with numpy.asarray, after filling masked values)"

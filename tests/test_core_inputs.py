@@ -493,3 +493,14 @@ def test_self_classifier_loss_names_unsupported_logits():
         cl.self_classifier_loss([a.to(torch.float8_e4m3fn), a.to(torch.float8_e4m3fn)])  # was NotImplementedError
     with pytest.raises(TypeError, match=r"logits\[1\].*MaskedArray"):
         cl.self_classifier_loss([a.numpy(), np.ma.masked_array(a.numpy())])
+
+
+def test_memory_mapped_features_are_accepted(tmp_path):
+    """np.load(..., mmap_mode="r") gives a numpy.memmap: an ndarray subclass that is welcome."""
+    np.save(tmp_path / "f.npy", _features(0))
+    mapped = np.load(tmp_path / "f.npy", mmap_mode="r")
+    assert type(mapped) is np.memmap
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5)
+    odc.initialize(mapped)
+    ref = _ready()
+    assert _bits(odc) == _bits(ref)
