@@ -344,6 +344,14 @@ def two_device_worker() -> dict:
     )
     out["committed_ok"] = bool(int(state.iteration) == 1)
 
+    # A NaN on one device's shard: every replica refuses the global batch alike.
+    before = {k: np.asarray(v).tobytes() for k, v in sharded._asdict().items()}
+    idx, f = batches[1]
+    f = f.copy()
+    f[-1, 0] = np.nan  # in device 1's half
+    sharded, s3 = sharded_step(sharded, jnp.asarray(idx), jnp.asarray(f))
+    out["refused_ok"] = bool(not bool(s3["applied"]) and before == {k: np.asarray(v).tobytes() for k, v in sharded._asdict().items()})
+
     # Self-Classifier loss over the global batch: value and gradients (logits = x @ w).
     rng = np.random.default_rng(0)
     views = [jnp.asarray(rng.normal(size=(16, D)).astype(np.float32)) for _ in range(2)]
@@ -403,6 +411,7 @@ def test_two_devices_sharded_step_and_global_loss():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["odc_changed"] > 0, out
     assert out["committed_ok"], out
+    assert out["refused_ok"], out
     for key, diff in out["odc_max_diff"].items():
         assert diff <= (1e-5 if key == "sums" else 1e-6), out
     assert {"core", "array"} | ({"fused"} if _native.xla_targets() is not None else set()) <= set(out["loss"]), out
