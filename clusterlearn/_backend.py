@@ -156,15 +156,21 @@ def accumulator_dtype(xp: ModuleType, device: Any = None) -> Any:
 
 
 def power_of_two_exponent(x: Array) -> int:
-    """``e`` with ``max|x| = m * 2**e``, ``m`` in [0.5, 1) (0 for an all-zero or empty ``x``).
+    """``e`` such that ``x * 2**-e`` is safe to square and sum, 0 when ``x`` already is.
 
-    ``x * 2**-e`` (:func:`times_power_of_two`) then has entries of magnitude below 1, so its
-    squares and their sums can neither overflow nor (for the large entries) underflow.
+    With ``max|x| = m * 2**e``, ``m`` in [0.5, 1), ``x * 2**-e`` (:func:`times_power_of_two`)
+    has entries below 1, so squares and their sums can neither overflow nor (for the large
+    entries) underflow. Data whose largest entry lies within 2**±(maxexp / 4) of 1 (2**±32 in
+    float32, 2**±256 in float64) are already safe and get 0, which spares the caller a copy;
+    16-bit floats (float16 squares overflow at 256) are always rescaled.
     """
     if math.prod(x.shape) == 0:
         return 0
     xp = aac.array_namespace(x)
-    return math.frexp(float(xp.max(xp.abs(x))))[1]
+    e = math.frexp(float(xp.max(xp.abs(x))))[1]
+    info = xp.finfo(x.dtype)
+    safe = int(math.log2(float(info.max))) // 4 if info.bits > 16 else 0
+    return 0 if abs(e) <= safe else e
 
 
 def times_power_of_two(x: Array, e: int) -> Array:

@@ -355,7 +355,8 @@ def kmeans(
     use_faiss = _resolve_backend(backend, x, n_iter, seed, init) == "faiss"
     # k-means commutes with scaling: cluster x / 2**e, with max|x / 2**e| in [0.5, 1), and scale
     # the centroids and inertia back. Powers of two scale every rounding exactly, so this only
-    # keeps squared distances (|x|**2, up to 4 D max|x|**2) clear of overflow and underflow.
+    # keeps squared distances (|x|**2, up to 4 D max|x|**2) clear of overflow and underflow;
+    # data of moderate magnitude (e = 0) are used as they are.
     e = B.power_of_two_exponent(x)
     x = B.times_power_of_two(x, -e)
     if use_faiss:

@@ -504,3 +504,15 @@ def test_memory_mapped_features_are_accepted(tmp_path):
     odc.initialize(mapped)
     ref = _ready()
     assert _bits(odc) == _bits(ref)
+
+
+def test_kmeans_of_float16_data_whose_squares_overflow():
+    """float16 squares overflow at 256: |x| ~ 100 gave inf distances; rescaled, it clusters as
+    the same data at |x| ~ 100 / 128 (a power of two, so the labels are the same)."""
+    x = (_features(9, 200, 8) * 100).astype(np.float16)
+    assert np.isinf(np.float16(x.max()) * np.float16(x.max()))
+    got = cl.kmeans(x, 3, backend="array")
+    ref = cl.kmeans(x / np.float16(128), 3, backend="array")
+    assert np.isfinite(got.centroids).all() and np.isfinite(got.inertia)
+    np.testing.assert_array_equal(got.labels, ref.labels)
+    np.testing.assert_array_equal(got.centroids, ref.centroids * np.float16(128))
