@@ -237,6 +237,10 @@ def _check_state(state: Any, config: Any) -> None:
 
 def _check_batch(indices: Any, features: Any, config: ODCConfig) -> None:
     """Static checks of a batch: (B,) integer indices and (B, D) floating features."""
+    for name, x in (("indices", indices), ("features", features)):
+        # jax.Array covers tracers; NumPy subclasses (masked arrays) and lists are refused by name
+        if not isinstance(x, jax.Array) and type(x) not in (np.ndarray, np.memmap):
+            raise TypeError(f"{name} must be a jax.Array or a numpy.ndarray, got {type(x).__module__}.{type(x).__name__}")
     if jnp.ndim(indices) != 1:
         raise ValueError(f"indices must be 1-D, got shape {tuple(jnp.shape(indices))}")
     if not jnp.isdtype(jnp.result_type(indices), "integral"):
@@ -346,7 +350,9 @@ def _step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCC
     return state._replace(centroids=centroids), stats
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+_jitted_step = jax.jit(_step, static_argnames=("config",), donate_argnames=("state",))
+
+
 def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCConfig) -> tuple[ODCState, dict[str, jax.Array]]:
     """One ODC memory iteration, jit-compiled (``config`` static, ``state`` donated).
 
@@ -383,9 +389,15 @@ def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCCo
     Raises
     ------
     TypeError, ValueError
-        At trace time, for a state or batch whose shapes or dtypes do not fit ``config``.
+        Before tracing, for a batch that is not an array (``None``, a list, a NumPy masked
+        array) or a state or batch whose shapes or dtypes do not fit ``config``.
     """
-    return _step(state, indices, features, config)
+    if isinstance(config, ODCConfig):  # else _step's own check names it
+        _check_batch(indices, features, config)
+    return _jitted_step(state, indices, features, config)
+
+
+step._cache_size = _jitted_step._cache_size  # compilations so far (one per config and batch shape)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -199,6 +199,9 @@ BAD_STEPS = [
     (lambda i, f: (i, f[:, :-1]), ValueError, r"features must have shape \(32, 8\)"),
     (lambda i, f: (i, f[:-1]), ValueError, r"features must have shape \(32, 8\)"),
     (lambda i, f: (i, f.astype(np.int32)), TypeError, "features must have a real floating dtype"),
+    (lambda i, f: (i.tolist(), f), TypeError, "indices must be a jax.Array or a numpy.ndarray, got builtins.list"),
+    (lambda i, f: (i, None), TypeError, "features must be a jax.Array or a numpy.ndarray, got builtins.NoneType"),
+    (lambda i, f: (i, np.ma.masked_array(f)), TypeError, "features must be a jax.Array or a numpy.ndarray, got numpy.ma"),
 ]
 
 
@@ -206,8 +209,9 @@ BAD_STEPS = [
 def test_bad_batch_rejected(ready, mutate, err, match):
     odc, config, (idx, f) = ready
     bad_i, bad_f = mutate(idx, f)
+    as_jax = lambda x: jnp.asarray(x) if type(x) is np.ndarray else x  # noqa: E731 (lists, None, masked as given)
     with pytest.raises(err, match=match):
-        clj.step(clj.state_from_core(odc), jnp.asarray(bad_i), jnp.asarray(bad_f), config)
+        clj.step(clj.state_from_core(odc), as_jax(bad_i), as_jax(bad_f), config)
 
 
 def _host_bits(state: clj.ODCState) -> dict[str, bytes]:
