@@ -34,13 +34,17 @@ A training loop (one device)::
         weights = clj.loss_weights(state, config)
         features = train_step(images, labels, weights)  # the model's (B, D) neck output
         state, stats = clj.step(state, indices, features, config)
+        if not bool(stats["applied"]):
+            raise FloatingPointError("non-finite features: batch refused, state unchanged")
         if int(state.iteration) % config.small_cluster_interval == 0:
             state, handled = clj.handle_small_clusters(state, config)
     clj.load_into_core(odc, state, config)              # then odc.state_dict() to save
 
 This sequence makes the same decisions as ``odc.step`` on every batch. :func:`step` donates
 its ``state`` (the N x D memory is updated in place): do not use the state passed in again.
-Inside ``jit``, index *values* cannot be checked: indices outside [0, N) are not detected.
+Inside ``jit``, values cannot raise: a batch with indices outside [0, N), non-finite features
+or an all-zero feature row leaves the state unchanged and reports ``stats["applied"]`` False
+(the loop above should check it and stop).
 """
 
 from __future__ import annotations
@@ -62,8 +66,8 @@ from clusterlearn._validation import check_int, check_real
 from clusterlearn.assignment import METRICS, Metric, nearest_centroid
 from clusterlearn.centroid_memory import CentroidMemory
 from clusterlearn.odc import OnlineDeepClustering
-from clusterlearn.reweighting import size_weights
-from clusterlearn.sample_memory import SampleMemory, l2_normalize, momentum_update
+from clusterlearn.reweighting import LossReweighter, size_weights
+from clusterlearn.sample_memory import SampleMemory, l2_normalize, merge_sorted_duplicates, momentum_update
 from clusterlearn.small_clusters import SmallClusterHandler, SmallClusterStats
 
 from ._jax_self_classifier import SelfClassifierLoss, self_classifier_loss
@@ -136,7 +140,7 @@ class ODCConfig:
         check_int(self.min_cluster_size, "min_cluster_size", minimum=0)
         check_int(self.seed, "seed", minimum=0)
         check_real(self.momentum, "momentum", low=0.0, high=1.0)
-        check_real(self.reweight_power, "reweight_power", low=0.0)
+        LossReweighter(self.reweight_power)  # finite, >= 0
         if self.resync_interval is not None:
             check_int(self.resync_interval, "resync_interval", minimum=1)
         if self.assign not in METRICS:
@@ -233,6 +237,10 @@ def _check_state(state: Any, config: Any) -> None:
 
 def _check_batch(indices: Any, features: Any, config: ODCConfig) -> None:
     """Static checks of a batch: (B,) integer indices and (B, D) floating features."""
+    for name, x in (("indices", indices), ("features", features)):
+        # jax.Array covers tracers; NumPy subclasses (masked arrays) and lists are refused by name
+        if not isinstance(x, jax.Array) and type(x) not in (np.ndarray, np.memmap):
+            raise TypeError(f"{name} must be a jax.Array or a numpy.ndarray, got {type(x).__module__}.{type(x).__name__}")
     if jnp.ndim(indices) != 1:
         raise ValueError(f"indices must be 1-D, got shape {tuple(jnp.shape(indices))}")
     if not jnp.isdtype(jnp.result_type(indices), "integral"):
@@ -247,25 +255,32 @@ def _check_batch(indices: Any, features: Any, config: ODCConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- the jitted step
+def _batch_is_valid(indices: jax.Array, features: jax.Array, config: ODCConfig) -> jax.Array:
+    """() bool: indices in [0, N) and features (in the memory's dtype) finite with no zero row.
+
+    What the core's :meth:`~clusterlearn.OnlineDeepClustering.step` raises for; under ``jit``
+    values cannot raise, so :func:`step` refuses such a batch instead.
+    """
+    in_range = jnp.all((indices >= 0) & (indices < config.num_samples))
+    finite = jnp.all(jnp.isfinite(features))
+    nonzero = jnp.all(jnp.any(features != 0, axis=1))
+    return in_range & finite & nonzero
+
+
 def _merge_duplicates(indices: jax.Array, features: jax.Array) -> tuple[jax.Array, ...]:
     """:func:`clusterlearn.merge_duplicates` with static shapes.
 
     Returns (B,) sorted indices, (B, D) merged rows (the normalised mean of the normalised
-    features of all copies; the normalised rows themselves when nothing repeats, as the
-    core), (B,) bool ``first`` (first copy of each index) and (B,) ``lead`` (position of each
-    row's first copy).
+    features of all copies, the normalised row itself for an index seen once, bit for bit
+    independent of the batch order, as the core), (B,) bool ``first`` (first copy of each
+    index) and (B,) ``lead`` (position of each row's first copy).
     """
     order = jnp.argsort(indices, stable=True)
     idx = indices[order]
     unit = l2_normalize(features)[order]
-    first = jnp.concatenate([jnp.ones((1,), dtype=bool), idx[1:] != idx[:-1]])
-    group = jnp.cumsum(first) - 1
-    positions = jnp.arange(idx.shape[0])
-    lead = lax.cummax(jnp.where(first, positions, 0))
-    acc = B.accumulator_dtype(jnp)
-    sums = jnp.zeros(unit.shape, dtype=acc).at[group].add(unit.astype(acc))
-    merged = l2_normalize(sums[group].astype(unit.dtype))
-    return idx, jnp.where(jnp.all(first), unit, merged), first, lead
+    merged, lead = merge_sorted_duplicates(idx, unit, B.accumulator_dtype(jnp))
+    first = lead == jnp.arange(idx.shape[0], dtype=lead.dtype)
+    return idx, merged, first, lead
 
 
 def _refresh(centroids: jax.Array, sizes: jax.Array, sums: jax.Array) -> jax.Array:
@@ -293,15 +308,20 @@ def _step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCC
     """:func:`step` without ``jit`` (traced inside :func:`step` and :func:`make_sharded_step`)."""
     _check_state(state, config)
     _check_batch(indices, features, config)
-    idx, merged, first, lead = _merge_duplicates(indices.astype(state.labels.dtype), features.astype(state.features.dtype))
+    features = features.astype(state.features.dtype)
+    applied = _batch_is_valid(indices, features, config)
+    idx, merged, first, lead = _merge_duplicates(indices.astype(state.labels.dtype), features)
     old = state.features[idx]
-    new = momentum_update(old, merged, config.momentum)
     old_labels = state.labels[idx]
+    # A refused batch rewrites its rows' own values and adds zeros: the state keeps every bit.
+    new = jnp.where(applied, momentum_update(old, merged, config.momentum), old)
     # copies of a repeated sample take the label of its first copy
-    new_labels = nearest_centroid(new, state.centroids, metric=config.assign).astype(old_labels.dtype)[lead]
-    count = first.astype(state.sums.dtype)[:, None]  # repeats count once
+    assigned = nearest_centroid(new, state.centroids, metric=config.assign).astype(old_labels.dtype)[lead]
+    new_labels = jnp.where(applied, assigned, old_labels)
+    counted = first & applied  # repeats count once; nothing counts in a refused batch
+    count = counted.astype(state.sums.dtype)[:, None]
     moved_labels = jnp.concatenate([old_labels, new_labels])
-    ones = first.astype(state.sizes.dtype)
+    ones = counted.astype(state.sizes.dtype)
     sizes = state.sizes.at[moved_labels].add(jnp.concatenate([-ones, ones]))
     moved = jnp.concatenate([-old.astype(count.dtype) * count, new.astype(count.dtype) * count])
     state = state._replace(
@@ -309,13 +329,14 @@ def _step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCC
         labels=state.labels.at[idx].set(new_labels),
         sizes=sizes,
         sums=state.sums.at[moved_labels].add(moved),
-        iteration=state.iteration + 1,
+        iteration=state.iteration + applied.astype(state.iteration.dtype),
     )
     every = config.resync_every(state.sums.dtype)
     if every:  # only the small arrays pass through the conditional: no copy of the (N, D) memory
-        sums, sizes = lax.cond(state.iteration % every == 0, _exact_sums, lambda s: (s.sums, s.sizes), state)
+        due = applied & (state.iteration % every == 0)
+        sums, sizes = lax.cond(due, _exact_sums, lambda s: (s.sums, s.sizes), state)
         state = state._replace(sums=sums, sizes=sizes)
-    refreshed = state.iteration % config.centroid_update_interval == 0
+    refreshed = applied & (state.iteration % config.centroid_update_interval == 0)
     centroids = lax.cond(refreshed, _refresh, lambda c, *_: c, state.centroids, state.sizes, state.sums)
     changed = jnp.sum(first & (old_labels != new_labels))
     distinct = jnp.sum(first)
@@ -324,11 +345,14 @@ def _step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCC
         "num_changed": changed,
         "num_distinct": distinct,
         "centroids_refreshed": refreshed,
+        "applied": applied,
     }
     return state._replace(centroids=centroids), stats
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+_jitted_step = jax.jit(_step, static_argnames=("config",), donate_argnames=("state",))
+
+
 def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCConfig) -> tuple[ODCState, dict[str, jax.Array]]:
     """One ODC memory iteration, jit-compiled (``config`` static, ``state`` donated).
 
@@ -342,9 +366,16 @@ def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCCo
     Parameters
     ----------
     state : :class:`ODCState`; donated: its buffers are reused, do not use it afterwards
-    indices : (B,) integer dataset indices in [0, N) (not checked under ``jit``); repeats
-        allowed (a repeated sample gets the mean of its normalised features, counts once)
+    indices : (B,) integer dataset indices in [0, N); repeats allowed (a repeated sample gets
+        the mean of its normalised features, counts once)
     features : (B, D) real floating features of those samples (cast to the memory's dtype)
+
+    Refused batches: values cannot raise inside ``jit``, so a batch the core's ``step`` would
+    reject for its values (an index outside [0, N), a NaN or infinite feature, also after the
+    cast to the memory's dtype, or an all-zero feature row) is not applied: the returned
+    state equals ``state`` bit for bit (the iteration does not advance) and
+    ``stats["applied"]`` is False. Check it on the host (``bool(stats["applied"])``) and stop
+    or skip; a training loop that ignores it silently skips those batches.
     config : :class:`ODCConfig` (static: one compilation per config and batch shape)
 
     Returns
@@ -352,14 +383,21 @@ def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCCo
     state : the updated :class:`ODCState`
     stats : dict of 0-d arrays: ``change_ratio`` (float32, fraction of the batch's distinct
         samples whose label changed), ``num_changed`` and ``num_distinct`` (the integer counts
-        behind it), ``centroids_refreshed`` (bool)
+        behind it), ``centroids_refreshed`` (bool), ``applied`` (bool, False for a refused
+        batch, see above)
 
     Raises
     ------
     TypeError, ValueError
-        At trace time, for a state or batch whose shapes or dtypes do not fit ``config``.
+        Before tracing, for a batch that is not an array (``None``, a list, a NumPy masked
+        array) or a state or batch whose shapes or dtypes do not fit ``config``.
     """
-    return _step(state, indices, features, config)
+    if isinstance(config, ODCConfig):  # else _step's own check names it
+        _check_batch(indices, features, config)
+    return _jitted_step(state, indices, features, config)
+
+
+step._cache_size = _jitted_step._cache_size  # compilations so far (one per config and batch shape)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -12,6 +12,7 @@ treat the argument as consumed.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any
 
@@ -22,6 +23,9 @@ Array = Any
 
 __all__ = [
     "namespace",
+    "check_array",
+    "eager_namespace",
+    "unsupported_torch_dtype",
     "to_numpy",
     "convert",
     "scatter_add",
@@ -30,24 +34,25 @@ __all__ = [
     "accumulator_dtype",
     "index_dtype",
     "rng",
+    "power_of_two_exponent",
+    "times_power_of_two",
 ]
 
 
 def namespace(**arrays: Array) -> ModuleType:
-    """Array-API namespace shared by the keyword arrays (``None`` values are ignored).
+    """Array-API namespace shared by the keyword arrays.
 
     Raises
     ------
     TypeError
-        If an argument is not an array, or the arrays come from different libraries; the
-        message names the arguments.
+        If an argument is not a supported array (``None``, a list, a NumPy subclass such as
+        ``numpy.ma.MaskedArray`` or ``numpy.matrix``, a non-standard NumPy dtype such as
+        ml_dtypes' bfloat16, a sparse or quantised torch tensor), or the arrays
+        come from different libraries; the message names the arguments.
     """
     found: dict[str, ModuleType] = {}
     for name, x in arrays.items():
-        if x is None:
-            continue
-        if not aac.is_array_api_obj(x):
-            raise TypeError(f"{name} must be an array (NumPy, PyTorch, JAX, CuPy, ...), got {type(x).__name__}")
+        check_array(x, name)
         found[name] = aac.array_namespace(x)
     if not found:
         raise TypeError("expected at least one array")
@@ -56,6 +61,55 @@ def namespace(**arrays: Array) -> ModuleType:
         desc = ", ".join(f"{n} from {xp.__name__}" for n, xp in found.items())
         raise TypeError(f"arrays from different namespaces cannot be mixed: {desc}")
     return next(iter(found.values()))
+
+
+def check_array(x: Any, name: str) -> None:
+    """Raise TypeError, naming ``name``, unless ``x`` is an array the core can work on.
+
+    Accepted: plain ``numpy.ndarray`` (and ``numpy.memmap``, e.g. ``np.load(..., mmap_mode="r")``)
+    of a standard NumPy dtype, dense strided torch tensors,
+    concrete JAX arrays, CuPy arrays and other array-API arrays. Everything else is refused
+    before any state changes, because it would fail (or silently misbehave) later: masked
+    arrays lose their mask and break broadcasting, ``numpy.matrix`` keeps 2-D shapes, ml_dtypes
+    are not array-API dtypes, sparse tensors have no strided indexing.
+    """
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if isinstance(x, np.ndarray) and type(x) not in (np.ndarray, np.memmap):  # memmap: a file-backed ndarray
+        raise TypeError(
+            f"{name} must be a plain numpy.ndarray, got the subclass {type(x).__module__}.{type(x).__name__}"
+            " (convert with numpy.asarray, after filling masked values)"
+        )
+    if not aac.is_array_api_obj(x):
+        raise TypeError(f"{name} must be an array (NumPy, PyTorch, JAX, CuPy, ...), got {type(x).__name__}")
+    if isinstance(x, (np.ndarray, np.generic)) and (x.dtype.kind not in "biufc" or x.dtype.type.__module__ != "numpy"):
+        raise TypeError(f"{name} has the non-standard NumPy dtype {x.dtype}; cast it to float32 or an integer dtype")
+    if aac.is_torch_array(x):
+        import torch
+
+        if x.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+        if x.is_quantized:
+            raise TypeError(f"{name} must not be a quantized tensor")
+
+
+def eager_namespace(**arrays: Array) -> ModuleType:
+    """:func:`namespace` for functions that read values on the host (checks, state changes).
+
+    Also refuses JAX tracers, naming the argument: such a call runs inside ``jax.jit``,
+    where values cannot be checked and no state can be changed in place.
+    """
+    xp = namespace(**arrays)
+    if aac.is_jax_namespace(xp):
+        import jax
+
+        for name, x in arrays.items():
+            if isinstance(x, jax.core.Tracer):
+                raise TypeError(
+                    f"{name} is a JAX tracer: this function runs eagerly and cannot be traced by jax.jit "
+                    "(for the ODC step inside jit use clusterlearn.adapters.jax.step)"
+                )
+    return xp
 
 
 def to_numpy(x: Array) -> np.ndarray:
@@ -99,6 +153,55 @@ def accumulator_dtype(xp: ModuleType, device: Any = None) -> Any:
     """float64 where the namespace/device supports it, else float32 (JAX without x64, MPS)."""
     floats = xp.__array_namespace_info__().dtypes(device=device, kind="real floating")
     return floats.get("float64", xp.float32)
+
+
+def power_of_two_exponent(x: Array) -> int:
+    """``e`` such that ``x * 2**-e`` is safe to square and sum, 0 when ``x`` already is.
+
+    With ``max|x| = m * 2**e``, ``m`` in [0.5, 1), ``x * 2**-e`` (:func:`times_power_of_two`)
+    has entries below 1, so squares and their sums can neither overflow nor (for the large
+    entries) underflow. Data whose largest entry lies within 2**±(maxexp / 4) of 1 (2**±32 in
+    float32, 2**±256 in float64) are already safe and get 0, which spares the caller a copy;
+    16-bit floats (float16 squares overflow at 256) are always rescaled.
+    """
+    if math.prod(x.shape) == 0:
+        return 0
+    xp = aac.array_namespace(x)
+    e = math.frexp(float(xp.max(xp.abs(x))))[1]
+    info = xp.finfo(x.dtype)
+    safe = int(math.log2(float(info.max))) // 4 if info.bits > 16 else 0
+    return 0 if abs(e) <= safe else e
+
+
+def times_power_of_two(x: Array, e: int) -> Array:
+    """``x * 2**e`` in ``x``'s dtype, exact barring under/overflow of the result.
+
+    Multiplies by factors small enough to be finite in ``x``'s dtype (2**7 for float16, 2**63
+    for float32, 2**511 for float64), so ``e`` may exceed the dtype's exponent range as long
+    as the result does not: 3e38 * 2**-128 and its inverse are both exact in float32.
+    """
+    if e == 0:
+        return x
+    xp = aac.array_namespace(x)
+    chunk = max(1, int(math.log2(float(xp.finfo(x.dtype).max))) // 2)
+    while e != 0:
+        part = max(-chunk, min(chunk, e))
+        x = x * 2.0**part
+        e -= part
+    return x
+
+
+def unsupported_torch_dtype(x: Array) -> bool:
+    """Whether ``x`` is a torch tensor of a dtype torch itself barely computes with.
+
+    float8 (no reductions, no matmul on most devices) and uint16/32/64 (no ``min``/``max``,
+    no indexing): they would fail deep inside a step with ``NotImplementedError``.
+    """
+    if not aac.is_torch_array(x):
+        return False
+    import torch
+
+    return x.dtype in (torch.uint16, torch.uint32, torch.uint64) or "float8" in str(x.dtype)
 
 
 def rng(*keys: int) -> np.random.Generator:

@@ -14,6 +14,8 @@ from typing import Any
 
 import array_api_compat as aac
 
+from . import _backend as B
+
 Array = Any
 
 
@@ -40,8 +42,9 @@ def check_real(value: Any, name: str, *, low: float, high: float = float("inf"))
 def check_features(x: Array, name: str, *, dim: int | None = None, rows: int | None = None) -> None:
     """A finite, real floating (rows, dim) matrix."""
     xp = aac.array_namespace(x)
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+    if not xp.isdtype(x.dtype, "real floating") or B.unsupported_torch_dtype(x):
+        torch_note = " (torch: float16 or wider)" if aac.is_torch_array(x) else ""
+        raise TypeError(f"{name} must have a real floating dtype{torch_note}, got {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got shape {tuple(x.shape)}")
     if rows is not None and x.shape[0] != rows:
@@ -81,8 +84,9 @@ def all_finite(x: Array, xp: ModuleType) -> bool:
 def check_labels(labels: Array, name: str, *, upper: int, length: int | None = None) -> None:
     """A 1-D integer array with values in [0, upper) (cluster ids or sample indices)."""
     xp = aac.array_namespace(labels)
-    if not xp.isdtype(labels.dtype, "integral"):
-        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
+    if not xp.isdtype(labels.dtype, "integral") or B.unsupported_torch_dtype(labels):
+        torch_note = " (torch: uint8 or signed)" if aac.is_torch_array(labels) else ""
+        raise TypeError(f"{name} must have an integer dtype{torch_note}, got {labels.dtype}")
     if labels.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
     if length is not None and labels.shape[0] != length:

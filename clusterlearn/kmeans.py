@@ -22,6 +22,8 @@ data-set-sized k-means on a CPU; `DeepClusterLabeler` uses ``"auto"`` like the r
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -281,7 +283,10 @@ def kmeans(
 
     Parameters
     ----------
-    x : (N, D) real floating array of any supported namespace, finite, N >= k
+    x : (N, D) real floating array of any supported namespace, finite, N >= k. Any finite
+        magnitude: the data are clustered scaled by a power of two (which commutes exactly
+        with every step of k-means), so float32 data near 1e38 or 1e-38 cluster as at 1.
+        ``inertia`` is a Python float and becomes ``inf`` only beyond float64's range.
     k : number of clusters, >= 1
     n_iter : maximum number of Lloyd iterations (the array backend stops early once
         assignments are stable, faiss once its objective stops changing)
@@ -338,7 +343,7 @@ def kmeans(
     matters more than speed. On the CPU backends (NumPy, PyTorch, JAX, array-api-strict) the
     faiss path sees identical host data, so it gives identical results on all of them.
     """
-    B.namespace(x=x)
+    B.eager_namespace(x=x)
     check_features(x, "x")
     k = check_int(k, "k", minimum=1)
     n_iter = check_int(n_iter, "n_iter", minimum=0)
@@ -347,6 +352,28 @@ def kmeans(
         raise ValueError(f"init must be None, 'k-means++' or 'random', got {init!r}")
     if k > x.shape[0]:
         raise ValueError(f"k must be <= the number of points ({x.shape[0]}), got {k}")
-    if _resolve_backend(backend, x, n_iter, seed, init) == "faiss":
-        return _faiss_backend(x, k, n_iter, seed)
-    return _lloyd(x, k, n_iter, seed, init or "k-means++")
+    use_faiss = _resolve_backend(backend, x, n_iter, seed, init) == "faiss"
+    # k-means commutes with scaling: cluster x / 2**e, with max|x / 2**e| in [0.5, 1), and scale
+    # the centroids and inertia back. Powers of two scale every rounding exactly, so this only
+    # keeps squared distances (|x|**2, up to 4 D max|x|**2) clear of overflow and underflow;
+    # data of moderate magnitude (e = 0) are used as they are.
+    e = B.power_of_two_exponent(x)
+    x = B.times_power_of_two(x, -e)
+    if use_faiss:
+        result = _faiss_backend(x, k, n_iter, seed)
+    else:
+        result = _lloyd(x, k, n_iter, seed, init or "k-means++")
+    return dataclasses.replace(
+        result,
+        centroids=B.times_power_of_two(result.centroids, e),
+        inertia=_ldexp(result.inertia, 2 * e),
+        inertia_history=tuple(_ldexp(v, 2 * e) for v in result.inertia_history),
+    )
+
+
+def _ldexp(value: float, e: int) -> float:
+    """``value * 2**e`` as a Python float, ``inf`` beyond float64's range (inertia of |x| ~ 1e300)."""
+    try:
+        return math.ldexp(value, e)
+    except OverflowError:
+        return math.inf

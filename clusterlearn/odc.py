@@ -32,7 +32,7 @@ from .assignment import METRICS, Metric
 from .centroid_memory import CentroidMemory
 from .kmeans import kmeans
 from .reweighting import LossReweighter
-from .sample_memory import SampleMemory, l2_normalize
+from .sample_memory import SampleMemory, check_nonzero_rows, l2_normalize
 from .small_clusters import SmallClusterHandler, SmallClusterStats
 
 Array = Any
@@ -42,14 +42,28 @@ __all__ = ["OnlineDeepClustering", "NotInitializedError"]
 _STATE_ARRAYS = ("features", "labels", "centroids", "sizes", "sums")
 
 
-def _scalar(value: Any) -> Any:
-    """A Python number or string from itself or a 0-d array (as ``np.savez`` returns)."""
-    if isinstance(value, np.ndarray) and value.ndim == 0:
+def _scalar(value: Any, name: str) -> Any:
+    """A Python number or string from itself, a NumPy scalar or a 0-d array (as ``np.savez`` returns)."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        if value.ndim != 0:
+            raise ValueError(f"{name} must be a scalar, got an array of shape {value.shape}")
         return value.item()
-    if aac.is_array_api_obj(value) and value.ndim == 0:
-        xp = B.namespace(value=value)
+    if aac.is_array_api_obj(value):
+        xp = B.namespace(**{name: value})
+        if value.ndim != 0:
+            raise ValueError(f"{name} must be a scalar, got an array of shape {tuple(value.shape)}")
         return int(value) if xp.isdtype(value.dtype, "integral") else float(value)
     return value
+
+
+def _unit_norm_tolerance(xp: Any, dtype: Any) -> float:
+    """Allowed ``| ||row|| - 1 |`` of a stored feature row: sqrt of the dtype's machine epsilon.
+
+    Normalising in a floating dtype leaves a relative error of a few epsilon; sqrt(eps)
+    (3.5e-4 in float32, 0.03 in float16) accepts every legitimately normalised row while
+    refusing rows that were never normalised.
+    """
+    return float(xp.finfo(dtype).eps) ** 0.5
 
 
 class NotInitializedError(ValueError, AttributeError):
@@ -185,7 +199,9 @@ class OnlineDeepClustering:
 
         Parameters
         ----------
-        features : (N, D) real floating array, any supported namespace; L2-normalised here
+        features : (N, D) real floating array, any supported namespace; L2-normalised here.
+            A row that is all zero (after casting to the memory's dtype) has no direction
+            and is refused with ``ValueError``, as :meth:`step` refuses it
         labels : (N,) integer array in [0, C), optional. When omitted, k-means
             (:func:`clusterlearn.kmeans`, ``kmeans_iters`` iterations, ``kmeans_init``
             seeding, ``seed``) on the normalised features provides them.
@@ -195,11 +211,15 @@ class OnlineDeepClustering:
         dict with ``num_small_clusters`` and ``num_splits`` of the small-cluster handling
         run once after initialisation.
         """
-        B.namespace(features=features, labels=labels)
+        B.eager_namespace(features=features, **({} if labels is None else {"labels": labels}))
         check_features(features, "features", dim=self.feat_dim, rows=self.num_samples)
         if labels is not None:
             check_labels(labels, "labels", upper=self.num_clusters, length=self.num_samples)
-        feats = l2_normalize(self.samples.to_memory(features))
+        kmeans_iters = check_int(kmeans_iters, "kmeans_iters", minimum=0)
+        if kmeans_init not in ("k-means++", "random"):
+            raise ValueError(f"kmeans_init must be 'k-means++' or 'random', got {kmeans_init!r}")
+        feats = self.samples.xp.astype(l2_normalize(self.samples.to_memory(features)), self.samples.dtype)
+        check_nonzero_rows(feats, "features")
         if labels is None:
             labels = self._kmeans_labels(feats, kmeans_iters, kmeans_init)
         self.samples.initialize(feats, self.samples.to_memory(labels))
@@ -214,7 +234,7 @@ class OnlineDeepClustering:
 
     def labels_of(self, indices: Array) -> Array:
         """(B,) pseudo-labels of dataset ``indices`` (B,), in their namespace and on their device."""
-        xp_in = B.namespace(indices=indices)
+        xp_in = B.eager_namespace(indices=indices)
         self._require_initialized()
         idx = self.samples.check_indices(indices)
         return B.convert(self.samples.xp.take(self.samples.labels, idx), xp_in, aac.device(indices))
@@ -319,7 +339,16 @@ class OnlineDeepClustering:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (arrays of any supported namespace), after checking it."""
+        """Restore a :meth:`state_dict` (arrays of any supported namespace), after checking it.
+
+        Everything is verified before anything is replaced: the settings, every array's type,
+        shape, dtype kind and finiteness, labels in [0, C), and the invariants the memories
+        keep: feature rows of unit norm, ``sizes`` equal to ``bincount(labels, C)``, ``sums``
+        equal to the members' feature sums up to accumulated rounding (``sqrt(eps)`` of the
+        checkpoint's sums dtype times the cluster size), centroids (means of unit vectors) of
+        norm at most 1. A failed check raises ``ValueError``/``TypeError`` saying which key is
+        wrong and how, and leaves the object as it was.
+        """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = [k for k in (*_STATE_ARRAYS, "iteration") if k not in state]
@@ -327,26 +356,30 @@ class OnlineDeepClustering:
             raise ValueError(f"state is missing keys {missing}")
         n, k, d = self.num_samples, self.num_clusters, self.feat_dim
         for key, want in self._settings().items():
-            if key in state and _scalar(state[key]) != want:
+            if key in state and _scalar(state[key], f"state[{key!r}]") != want:
                 raise ValueError(
-                    f"state[{key!r}] is {_scalar(state[key])!r}, this object has {want!r}: "
+                    f"state[{key!r}] is {_scalar(state[key], f'state[{key!r}]')!r}, this object has {want!r}: "
                     "construct it with the checkpoint's settings"
                 )
+        B.eager_namespace(**{f"state[{key!r}]": state[key] for key in _STATE_ARRAYS})
         check_features(state["features"], "state['features']", dim=d, rows=n)
         check_features(state["centroids"], "state['centroids']", dim=d, rows=k)
         check_features(state["sums"], "state['sums']", dim=d, rows=k)
         check_labels(state["labels"], "state['labels']", upper=k, length=n)
-        iteration = check_int(_scalar(state["iteration"]), "state['iteration']", minimum=0)
+        check_labels(state["sizes"], "state['sizes']", upper=n + 1, length=k)
+        iteration = check_int(_scalar(state["iteration"], "state['iteration']"), "state['iteration']", minimum=0)
         s, c = self.samples, self.centroids
-        labels, sizes = self._copy(state["labels"]), self._copy(state["sizes"])
-        if tuple(sizes.shape) != (k,) or not bool(s.xp.all(B.bincount(labels, k) == sizes)):
-            raise ValueError("state['sizes'] must equal the bincount of state['labels']")
-        s.features = s.xp.astype(self._copy(state["features"]), s.dtype)
-        s.labels = s.xp.astype(labels, s.labels.dtype)
-        s.initialized = True
-        c.sizes = s.xp.astype(sizes, c.sizes.dtype)
-        c.sums = s.xp.astype(self._copy(state["sums"]), c.acc_dtype)
-        c.set_centroids(s.xp.astype(self._copy(state["centroids"]), s.dtype))
+        xp = s.xp
+        features = xp.astype(self._copy(state["features"]), s.dtype)
+        labels = xp.astype(self._copy(state["labels"]), s.labels.dtype)
+        sizes = xp.astype(self._copy(state["sizes"]), c.sizes.dtype)
+        sums_tol = float(xp.finfo(self._copy(state["sums"]).dtype).eps) ** 0.5
+        sums = xp.astype(self._copy(state["sums"]), c.acc_dtype)
+        centroids = xp.astype(self._copy(state["centroids"]), s.dtype)
+        _verify_state(features, labels, sizes, sums, centroids, s.dtype, sums_tol, c.acc_dtype)
+        s.features, s.labels, s.initialized = features, labels, True
+        c.sizes, c.sums = sizes, sums
+        c.set_centroids(centroids)
         self.iteration = iteration
 
     def _copy(self, x: Array) -> Array:
@@ -356,3 +389,48 @@ class OnlineDeepClustering:
     def _require_initialized(self) -> None:
         if not self.samples.initialized:
             raise NotInitializedError("call initialize(features) before using the memories")
+
+
+def _verify_state(
+    features: Array, labels: Array, sizes: Array, sums: Array, centroids: Array, dtype: Any, sums_tol: float, acc: Any
+) -> None:
+    """Check a checkpoint's memory-namespace arrays against the invariants of the memories.
+
+    ``sums_tol``: allowed deviation of ``sums`` per unit of cluster size (``sqrt(eps)`` of the
+    dtype the sums were saved in: float32 sums that ran 1000 steps between resyncs drift by a
+    few 1e-6 of the cluster size, a wrong or stale array by far more).
+    """
+    xp = aac.array_namespace(features)
+    k = sizes.shape[0]
+    tol = _unit_norm_tolerance(xp, dtype)
+    norms = xp.sqrt(xp.sum(xp.astype(features, acc) ** 2, axis=1))
+    bad = xp.abs(norms - 1) > tol
+    if bool(xp.any(bad)):
+        row = int(xp.argmax(xp.astype(bad, xp.int8)))
+        raise ValueError(
+            f"state['features'] must have rows of unit L2 norm (within {tol:.1e}); row {row} has norm {float(norms[row]):.6g}"
+        )
+    counts = B.bincount(labels, k)
+    if not bool(xp.all(counts == sizes)):
+        cluster = int(xp.argmax(xp.astype(counts != sizes, xp.int8)))
+        raise ValueError(
+            f"state['sizes'] must equal the bincount of state['labels']; cluster {cluster} has "
+            f"size {int(sizes[cluster])} but {int(counts[cluster])} members"
+        )
+    exact = B.scatter_add(xp.zeros(sums.shape, dtype=acc, device=aac.device(sums)), labels, features)
+    err = xp.max(xp.abs(sums - exact), axis=1)
+    allowed = sums_tol * xp.astype(xp.maximum(sizes, xp.ones_like(sizes)), acc)
+    bad = err > allowed
+    if bool(xp.any(bad)):
+        cluster = int(xp.argmax(xp.astype(bad, xp.int8)))
+        raise ValueError(
+            f"state['sums'] must equal the sums of state['features'] over state['labels']; cluster {cluster} "
+            f"is off by {float(err[cluster]):.3g} (allowed {float(allowed[cluster]):.3g} for its {int(sizes[cluster])} members)"
+        )
+    cnorms = xp.sqrt(xp.sum(xp.astype(centroids, acc) ** 2, axis=1))
+    bad = cnorms > 1 + tol
+    if bool(xp.any(bad)):
+        cluster = int(xp.argmax(xp.astype(bad, xp.int8)))
+        raise ValueError(
+            f"state['centroids'] must be means of unit vectors (norm <= 1); centroid {cluster} has norm {float(cnorms[cluster]):.6g}"
+        )

@@ -35,7 +35,7 @@ from typing import Any
 
 import array_api_compat as aac
 
-from ._backend import accumulator_dtype, namespace
+from ._backend import accumulator_dtype, namespace, power_of_two_exponent, times_power_of_two
 from ._validation import check_features, check_int, check_real
 
 Array = Any
@@ -105,8 +105,10 @@ class PCAWhitening:
 
         Parameters
         ----------
-        x : (N, D) array, real floating dtype, finite
-            Any array-API backend; the fitted state lives in the same namespace and device.
+        x : (N, D) array, real floating dtype, finite, of any magnitude (the fit runs on x
+            scaled by a power of two; ``explained_variance_`` is ``inf`` where it exceeds the
+            accumulator dtype). Any array-API backend; the fitted state lives in the same
+            namespace and device.
 
         Returns
         -------
@@ -128,6 +130,10 @@ class PCAWhitening:
             )
         dev = aac.device(x)
         acc = accumulator_dtype(xp, dev)
+        # The whitened output does not depend on the scale of x (eps is relative): fit on
+        # x / 2**e, max entry in [0.5, 1), so the covariance cannot overflow or underflow.
+        e = power_of_two_exponent(x)
+        x = times_power_of_two(x, -e)
         mean = xp.sum(x, axis=0, dtype=acc) / n
         cov = xp.zeros((d, d), dtype=acc, device=dev)
         step = max(1, _BLOCK_ELEMENTS // d)
@@ -146,10 +152,12 @@ class PCAWhitening:
         if not bool(values[0] > 0):
             raise ValueError("x has zero variance (all rows are equal); PCA is undefined")
         scale = 1.0 / xp.sqrt(values + self.eps * values[0])
-        self.mean_ = mean
+        self._exponent = e
+        self._scaled_projection = vectors * scale  # acts on (x - mean) / 2**e
+        self.mean_ = times_power_of_two(mean, e)
         self.components_ = vectors
-        self.explained_variance_ = values
-        self.projection_ = vectors * scale
+        self.explained_variance_ = times_power_of_two(values, 2 * e)
+        self.projection_ = times_power_of_two(self._scaled_projection, -e)
         return self
 
     def transform(self, x: Array) -> Array:
@@ -167,13 +175,13 @@ class PCAWhitening:
 
         Raises
         ------
-        RuntimeError
+        ValueError
             Called before ``fit``.
         TypeError, ValueError
             Bad ``x`` as in ``fit``, another namespace than the training features, or another D.
         """
         if not hasattr(self, "projection_"):
-            raise RuntimeError("PCAWhitening.transform called before fit; call fit(x) first")
+            raise ValueError("PCAWhitening.transform called before fit; call fit(x) first")
         xp = _check_features(x)
         namespace(x=x, fitted_state=self.projection_)
         if x.shape[1] != self.projection_.shape[0]:
@@ -181,8 +189,10 @@ class PCAWhitening:
                 f"x has {x.shape[1]} features but the transform was fitted on "
                 f"{self.projection_.shape[0]}"
             )
-        mean = xp.astype(self.mean_, x.dtype)
-        z = xp.matmul(x - mean, xp.astype(self.projection_, x.dtype))
+        # Centred and projected at the fit's scale: neither x - mean nor projection_ need fit x's dtype.
+        e = self._exponent
+        centred = times_power_of_two(x, -e) - xp.astype(times_power_of_two(self.mean_, -e), x.dtype)
+        z = xp.matmul(centred, xp.astype(self._scaled_projection, x.dtype))
         if not self.normalize:
             return z
         norms = xp.linalg.vector_norm(z, axis=1, keepdims=True)

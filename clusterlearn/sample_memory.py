@@ -11,7 +11,7 @@ from ._validation import all_finite, check_features, check_int, check_labels, ch
 
 Array = Any
 
-__all__ = ["SampleMemory", "l2_normalize", "momentum_update", "merge_duplicates"]
+__all__ = ["SampleMemory", "l2_normalize", "momentum_update", "merge_duplicates", "merge_sorted_duplicates"]
 
 
 def l2_normalize(x: Array) -> Array:
@@ -37,18 +37,29 @@ def momentum_update(old: Array, new: Array, momentum: float) -> Array:
     old : (B, D) unit-norm features from the memory
     new : (B, D) fresh features from the network (any norm)
     momentum : weight m in [0, 1] of the *new* feature (0.5 in the paper)
+
+    Returns
+    -------
+    (B, D) unit-norm rows, dtype of ``old``. Where the blend is exactly zero (a fresh feature
+    antipodal to the stored one at m = 0.5, common with D = 1, or a zero fresh feature at
+    m = 1) it has no direction: the row keeps ``old``, so the memory never holds a zero row.
     """
-    return l2_normalize(momentum * l2_normalize(new) + (1.0 - momentum) * old)
+    xp = aac.array_namespace(old, new)
+    out = l2_normalize(momentum * l2_normalize(new) + (1.0 - momentum) * old)
+    return xp.where(xp.all(out == 0, axis=1, keepdims=True), old, out)
 
 
 def merge_duplicates(indices: Array, features: Array) -> tuple[Array, Array, Array, Array | None]:
     """Sort a batch by sample index and merge the rows of repeated indices.
 
     A batch gathered from a ``DistributedSampler`` repeats indices to pad the last batch. The
-    repeated sample's contribution is the mean of its L2-normalised features, which does not
-    depend on the order of the repeats; the sample is then counted once. Shapes stay (B, ...)
-    (no data-dependent sizes): every copy of a repeated index carries the same merged row,
-    and ``first`` marks one copy of each.
+    repeated sample's contribution is the normalised mean of its L2-normalised features; the
+    sample is then counted once. Shapes stay (B, ...) (no data-dependent sizes): every copy
+    of a repeated index carries the same merged row, and ``first`` marks one copy of each.
+
+    The merged rows are a function of the *multiset* of (index, feature row) pairs, bit for
+    bit: the order of the batch does not change a single bit of them (see
+    :func:`merge_sorted_duplicates`).
 
     Parameters
     ----------
@@ -59,7 +70,7 @@ def merge_duplicates(indices: Array, features: Array) -> tuple[Array, Array, Arr
     -------
     sorted_indices : (B,) ``indices`` in increasing order (stable)
     merged : (B, D) for every position, the normalised mean of the normalised features of
-        all rows with that index (unit norm unless they cancel exactly)
+        all rows with that index (the normalised row itself for an index seen once)
     first : (B,) bool, True at the first position of each distinct index
     lead : (B,) integer array or None, position of each row's first copy (None when no index
         repeats); use it to give all copies the result computed for the first one
@@ -71,11 +82,73 @@ def merge_duplicates(indices: Array, features: Array) -> tuple[Array, Array, Arr
     first = xp.concat([xp.ones((1,), dtype=xp.bool, device=aac.device(s)), s[1:] != s[:-1]])
     if bool(xp.all(first)):
         return s, unit, first, None
-    group = xp.cumulative_sum(xp.astype(first, s.dtype)) - 1
-    acc = B.accumulator_dtype(xp, aac.device(features))
-    sums = B.scatter_add(xp.zeros(unit.shape, dtype=acc, device=aac.device(unit)), group, unit)
-    lead = xp.take(xp.astype(xp.nonzero(first)[0], s.dtype), group)
-    return s, l2_normalize(xp.astype(xp.take(sums, group, axis=0), features.dtype)), first, lead
+    merged, lead = merge_sorted_duplicates(s, unit, B.accumulator_dtype(xp, aac.device(features)))
+    return s, merged, first, lead
+
+
+def merge_sorted_duplicates(sorted_indices: Array, unit: Array, acc_dtype: Any) -> tuple[Array, Array]:
+    """Merged rows of a batch sorted by index: static shapes, no host syncs (``jax.jit``-able).
+
+    Parameters
+    ----------
+    sorted_indices : (B,) integer array in increasing order
+    unit : (B, D) unit-norm rows, in the order of ``sorted_indices``
+    acc_dtype : floating dtype the sums are formed in (float64 where available)
+
+    Returns
+    -------
+    merged : (B, D) dtype of ``unit``; at every position of an index seen k > 1 times the
+        normalised sum of its k rows, elsewhere the row of ``unit`` itself
+    lead : (B,) position of the first copy of each row's index (``searchsorted``)
+
+    Exact order independence: the k values of each column of a repeated index are sorted
+    before they are summed, and summed by a segmented scan (Hillis-Steele, ceil(log2 B)
+    elementwise passes) whose tree depends only on the positions of the index's block, which
+    are fixed by the multiset of indices. So any permutation of the batch yields the same
+    sequence of floating-point operations on the same operands: the same bits, on every
+    backend and device (no atomics, no reduction whose order the library chooses).
+    """
+    xp = aac.array_namespace(sorted_indices, unit)
+    b, d = unit.shape
+    lead = xp.searchsorted(sorted_indices, sorted_indices, side="left")
+    last = xp.searchsorted(sorted_indices, sorted_indices, side="right") - 1
+    # Per column, order the rows by (index, value): value first, then a stable sort by index.
+    by_value = xp.argsort(unit, axis=0, stable=True)
+    index_of = xp.reshape(xp.take(sorted_indices, xp.reshape(by_value, (-1,))), (b, d))
+    order = _take_along_rows(by_value, xp.argsort(index_of, axis=0, stable=True))
+    vals = xp.astype(_take_along_rows(unit, order), acc_dtype)
+    vals = xp.where(vals == 0, xp.zeros_like(vals), vals)  # -0.0 and 0.0 sort as equals: one sign
+    stride = 1
+    while stride < b:  # ceil(log2 B) passes: an inclusive scan within each index's block
+        same = (sorted_indices[stride:] == sorted_indices[:-stride])[:, None]
+        added = xp.where(same, vals[stride:, ...] + vals[:-stride, ...], vals[stride:, ...])
+        vals = xp.concat([vals[:stride, ...], added], axis=0)
+        stride *= 2
+    sums = xp.take(vals, last, axis=0)  # the scan's value at the last row of each block
+    merged = xp.astype(l2_normalize(sums), unit.dtype)
+    repeated = (last != lead)[:, None]
+    return xp.where(repeated, merged, unit), lead
+
+
+def _take_along_rows(x: Array, order: Array) -> Array:
+    """``x[order[i, j], j]`` for (B, D) ``x`` and (B, D) integer ``order`` (flat ``take``)."""
+    xp = aac.array_namespace(x, order)
+    b, d = x.shape
+    cols = xp.arange(d, dtype=order.dtype, device=aac.device(order))
+    flat = xp.reshape(order * d + cols[None, :], (-1,))
+    return xp.reshape(xp.take(xp.reshape(x, (-1,)), flat), (b, d))
+
+
+def check_nonzero_rows(x: Array, name: str) -> None:
+    """Raise ValueError naming ``name`` and the first row of ``x`` (B, D) that is all zero.
+
+    A zero row has no direction: the memory stores unit vectors only.
+    """
+    xp = aac.array_namespace(x)
+    zero = xp.all(x == 0, axis=1)
+    if bool(xp.any(zero)):
+        row = int(xp.argmax(xp.astype(zero, xp.int8)))
+        raise ValueError(f"{name} has an all-zero row (row {row}, in the memory's dtype), which has no direction to store")
 
 
 class SampleMemory:
@@ -129,7 +202,7 @@ class SampleMemory:
 
     def check_indices(self, indices: Array, name: str = "indices") -> Array:
         """Validate sample indices and return them in the memory's namespace."""
-        B.namespace(**{name: indices})
+        B.eager_namespace(**{name: indices})
         check_labels(indices, name, upper=self.num_samples)
         return self.xp.astype(self.to_memory(indices), self.labels.dtype)
 
@@ -139,8 +212,9 @@ class SampleMemory:
 
         features : (N, D) real floating; labels : (N,) integers (range checked by the caller).
         """
-        feats = l2_normalize(self.to_memory(features))
-        self.features = self.xp.astype(feats, self.dtype)
+        feats = self.xp.astype(l2_normalize(self.to_memory(features)), self.dtype)
+        check_nonzero_rows(feats, "features")
+        self.features = feats
         self.labels = self.xp.astype(self.to_memory(labels), self.labels.dtype)
         self.initialized = True
 
@@ -170,13 +244,12 @@ class SampleMemory:
 
     def validate_batch(self, indices: Array, features: Array) -> tuple[Array, Array]:
         """Check a (indices, features) batch and return both in the memory's namespace."""
-        B.namespace(indices=indices, features=features)
+        B.eager_namespace(indices=indices, features=features)
         check_labels(indices, "indices", upper=self.num_samples)
         check_features(features, "features", dim=self.feat_dim, rows=indices.shape[0])
         # Checked again in the memory's dtype: float64 input may overflow or underflow there.
         feats = self.xp.astype(self.to_memory(features), self.dtype)
         if not all_finite(feats, self.xp):
             raise ValueError(f"features exceed the range of the memory's dtype {self.dtype}")
-        if bool(self.xp.any(self.xp.all(feats == 0, axis=1))):
-            raise ValueError("features has an all-zero row (in the memory's dtype), which has no direction to store")
+        check_nonzero_rows(feats, "features")
         return self.xp.astype(self.to_memory(indices), self.labels.dtype), feats

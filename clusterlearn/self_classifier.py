@@ -115,7 +115,7 @@ from typing import Any
 
 import array_api_compat as aac
 
-from ._backend import namespace
+from ._backend import namespace, unsupported_torch_dtype
 from ._validation import all_finite, check_same_device
 
 Array = Any
@@ -237,8 +237,8 @@ def _check_logits(name: str, x: Array, xp: ModuleType, *, min_rows: int = 2) -> 
     """Shape and dtype checks (static: safe under ``jax.jit``)."""
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (N samples, C classes) array, got shape {tuple(x.shape)}")
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+    if not xp.isdtype(x.dtype, "real floating") or unsupported_torch_dtype(x):
+        raise TypeError(f"{name} must have a real floating dtype (float16 or wider), got {x.dtype}")
     n, c = x.shape
     if n is None or c is None:
         raise ValueError(f"{name} must have a known shape, got {tuple(x.shape)}")

@@ -215,6 +215,10 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
                 params, stats, opt_state, state, jc.shard_batch(x, mesh), idx_dev, jc.step_key(train_key, epoch, step),
                 graphdef=train_def, opt=opt, spec=spec, config=config)
             state, st = sharded_step(state, idx_dev, f)
+            if not bool(st["applied"]):  # the next line syncs with the device anyway
+                raise FloatingPointError(
+                    f"epoch {epoch + 1}, step {step}: the memory step refused the batch (non-finite or all-zero "
+                    "features, or indices outside the data set); the memory is unchanged, stopping")
             if int(state.iteration) % config.small_cluster_interval == 0:
                 state, handled = clj.handle_small_clusters(state, config)
                 small += handled.num_small_clusters

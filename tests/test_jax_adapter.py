@@ -199,6 +199,9 @@ BAD_STEPS = [
     (lambda i, f: (i, f[:, :-1]), ValueError, r"features must have shape \(32, 8\)"),
     (lambda i, f: (i, f[:-1]), ValueError, r"features must have shape \(32, 8\)"),
     (lambda i, f: (i, f.astype(np.int32)), TypeError, "features must have a real floating dtype"),
+    (lambda i, f: (i.tolist(), f), TypeError, "indices must be a jax.Array or a numpy.ndarray, got builtins.list"),
+    (lambda i, f: (i, None), TypeError, "features must be a jax.Array or a numpy.ndarray, got builtins.NoneType"),
+    (lambda i, f: (i, np.ma.masked_array(f)), TypeError, "features must be a jax.Array or a numpy.ndarray, got numpy.ma"),
 ]
 
 
@@ -206,8 +209,54 @@ BAD_STEPS = [
 def test_bad_batch_rejected(ready, mutate, err, match):
     odc, config, (idx, f) = ready
     bad_i, bad_f = mutate(idx, f)
+    as_jax = lambda x: jnp.asarray(x) if type(x) is np.ndarray else x  # noqa: E731 (lists, None, masked as given)
     with pytest.raises(err, match=match):
-        clj.step(clj.state_from_core(odc), jnp.asarray(bad_i), jnp.asarray(bad_f), config)
+        clj.step(clj.state_from_core(odc), as_jax(bad_i), as_jax(bad_f), config)
+
+
+def _host_bits(state: clj.ODCState) -> dict[str, bytes]:
+    return {k: np.asarray(v).tobytes() for k, v in state._asdict().items()}
+
+
+REFUSED_BATCHES = {
+    "NaN": lambda i, f: (i, np.where(np.arange(f.size).reshape(f.shape) == 13, np.nan, f).astype(f.dtype)),
+    "inf": lambda i, f: (i, np.where(np.arange(f.size).reshape(f.shape) == 3, -np.inf, f).astype(f.dtype)),
+    "zero row": lambda i, f: (i, np.where((np.arange(f.shape[0]) == 2)[:, None], 0, f).astype(f.dtype)),
+    "index N": lambda i, f: (np.where(np.arange(i.size) == 4, N, i), f),
+    "index -1": lambda i, f: (np.where(np.arange(i.size) == 4, -1, i), f),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED_BATCHES))
+def test_batch_the_core_rejects_is_refused_state_unchanged(ready, kind):
+    """Inside jit values cannot raise: the step keeps the state bit for bit, says applied=False."""
+    odc, config, (idx, f) = ready
+    state = clj.state_from_core(odc)
+    state, _ = clj.step(state, jnp.asarray(idx), jnp.asarray(f), config)  # a state that has moved
+    before = _host_bits(state)
+    bad_i, bad_f = REFUSED_BATCHES[kind](idx, f)
+    with pytest.raises((ValueError, TypeError)):
+        odc.step(bad_i, bad_f)  # the core raises for the same batch
+    out, stats = clj.step(state, jnp.asarray(bad_i), jnp.asarray(bad_f), config)
+    assert not bool(stats["applied"]) and int(stats["num_changed"]) == 0
+    assert not bool(stats["centroids_refreshed"])
+    assert _host_bits(out) == before
+    out, stats = clj.step(out, jnp.asarray(idx), jnp.asarray(f), config)
+    assert bool(stats["applied"]) and int(out.iteration) == 2
+
+
+def test_permuted_batch_gives_bit_identical_state(ready):
+    """Merged duplicates do not depend on the batch order, to the last bit (float32 sums)."""
+    odc, config, _ = ready
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 6, size=BATCH)  # many copies of few indices
+    f = rng.normal(size=(BATCH, D)).astype(np.float32)
+    results = []
+    for perm in (np.arange(BATCH), rng.permutation(BATCH), rng.permutation(BATCH)[::-1]):
+        state, stats = clj.step(clj.state_from_core(odc), jnp.asarray(idx[perm]), jnp.asarray(f[perm]), config)
+        assert bool(stats["applied"])
+        results.append(_host_bits(state))
+    assert results[0] == results[1] == results[2]
 
 
 def test_bad_state_config_and_core_rejected(ready):
@@ -239,6 +288,7 @@ def test_bad_state_config_and_core_rejected(ready):
         (dict(centroid_update_interval=0), ValueError, "centroid_update_interval must be >= 1"),
         (dict(resync_interval=0), ValueError, "resync_interval must be >= 1"),
         (dict(min_cluster_size=N), ValueError, "exceeds num_samples"),
+        (dict(reweight_power=float("inf")), ValueError, "reweight_power must be finite"),
     ],
 )
 def test_bad_config(kwargs, err, match):
@@ -297,6 +347,14 @@ def two_device_worker() -> dict:
         state, jax.device_put(jnp.asarray(idx), jax.devices()[0]), jax.device_put(jnp.asarray(f), jax.devices()[0])
     )
     out["committed_ok"] = bool(int(state.iteration) == 1)
+
+    # A NaN on one device's shard: every replica refuses the global batch alike.
+    before = {k: np.asarray(v).tobytes() for k, v in sharded._asdict().items()}
+    idx, f = batches[1]
+    f = f.copy()
+    f[-1, 0] = np.nan  # in device 1's half
+    sharded, s3 = sharded_step(sharded, jnp.asarray(idx), jnp.asarray(f))
+    out["refused_ok"] = bool(not bool(s3["applied"]) and before == {k: np.asarray(v).tobytes() for k, v in sharded._asdict().items()})
 
     # Self-Classifier loss over the global batch: value and gradients (logits = x @ w).
     rng = np.random.default_rng(0)
@@ -357,6 +415,7 @@ def test_two_devices_sharded_step_and_global_loss():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["odc_changed"] > 0, out
     assert out["committed_ok"], out
+    assert out["refused_ok"], out
     for key, diff in out["odc_max_diff"].items():
         assert diff <= (1e-5 if key == "sums" else 1e-6), out
     assert {"core", "array"} | ({"fused"} if _native.xla_targets() is not None else set()) <= set(out["loss"]), out

@@ -122,7 +122,7 @@ def test_bad_parameters_raise(kwargs, error):
 
 def test_transform_before_fit_and_mismatched_input(backend, numpy_backend):
     features = _features(0, 64, 8)
-    with pytest.raises(RuntimeError, match="before fit"):
+    with pytest.raises(ValueError, match="before fit"):
         PCAWhitening(8).transform(backend.asarray(features))
     pca = PCAWhitening(8).fit(backend.asarray(features))
     with pytest.raises(ValueError, match="fitted on 8"):
