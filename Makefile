@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 
-.PHONY: demo demo-digits test bench clean
+.PHONY: demo demo-digits test test-fast bench clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo-digits: $(VENV)/.demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q
+
+# The inner loop: everything but the tests marked slow (multi-process runs, fault injection).
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/odc_step.py
