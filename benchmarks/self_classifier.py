@@ -81,7 +81,8 @@ def cpu_description() -> str:
     """The CPU's model name and widest x86 vector extension, e.g. ``AMD EPYC, AVX2``.
 
     The ratios depend on both: cross-entropy and the fused kernel gain differently from wider
-    vectors (the kernel is built with ``-march=native``).
+    vectors (the kernel is built with ``-march=native`` unless ``CLUSTERLEARN_MARCH`` names
+    another instruction set).
     """
     from clusterlearn.adapters._native import _cpu_id  # the flags line of /proc/cpuinfo
 
