@@ -16,7 +16,7 @@ $(VENV)/.demo: $(VENV)/.created pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.created pyproject.toml constraints.txt
-	$(PIP) -e ".[test,faiss,torch,jax]" tqdm matplotlib
+	$(PIP) -e ".[test,faiss,torch,jax,tensorboard]" tqdm matplotlib
 	touch $@ $(VENV)/.demo
 
 # ODC training a ResNet-18 on scikit-learn's digits (CPU, a few minutes); its last line is the

@@ -74,11 +74,43 @@ def add_common_arguments(parser: PresetParser) -> None:
     parser.add_preset("--colour", action=argparse.BooleanOptionalAction,
                       help="saturation/hue jitter and random greyscale of ODC and Self-Classifier (DeepCluster has none; "
                       "no-ops on grey images)")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: the forward pass under bfloat16 autocast (CPU and CUDA); "
+                        "losses, gradients' accumulation and the clustering state stay float32")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write metrics.jsonl's numbers as TensorBoard scalars to <out>/tensorboard "
+                        "(needs the tensorboard package)")
     parser.add_argument("--dist-timeout", type=positive_float, default=DIST_TIMEOUT, metavar="SECONDS",
                         help="under torchrun: how long a process waits for the others (joining the group, each "
                         "collective) before it stops with an error, e.g. when another process died "
                         f"(default: {DIST_TIMEOUT:g})")
 
+
+
+
+def metrics_log(args: argparse.Namespace, directory: Path, ctx: DistContext, resumed: bool) -> MetricsLog:
+    """The run's :class:`MetricsLog` on rank 0, with TensorBoard scalars under ``--tensorboard``.
+
+    The scalars (every number of a record, at step = its epoch) go through PyTorch's own
+    ``torch.utils.tensorboard.SummaryWriter`` to ``<directory>/tensorboard``; ``parser.error``-style
+    exit if the tensorboard package is missing.
+    """
+    sink = None
+    if args.tensorboard and ctx.main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise SystemExit(f"error: --tensorboard needs the tensorboard package ({err}): pip install tensorboard") from None
+        writer = SummaryWriter(str(Path(directory) / "tensorboard"))
+
+        def sink(record: dict[str, Any]) -> None:
+            step = int(record["epoch"])
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(key, value, step)
+            writer.flush()
+
+    return MetricsLog(directory, ctx.main, resumed=resumed, also=sink)
 
 # ---------------------------------------------------------------------------- data
 

@@ -103,15 +103,16 @@ def reset_top_layer(net: DeepClusterNet, optimizer: torch.optim.Optimizer, ctx: 
 
 
 def train_epoch(model: nn.Module, labels: torch.Tensor, loader: Any, optimizer: torch.optim.Optimizer,
-                ctx: common.DistContext, show: bool, desc: str) -> dict[str, float]:
+                ctx: common.DistContext, show: bool, desc: str, amp: bool = False) -> dict[str, float]:
     """One epoch of cross-entropy on the pseudo-labels; the mean loss (over ranks) and throughput."""
     model.train()
     loss_sum = torch.zeros((), device=ctx.device)
     steps, images = 0, 0
     start = time.perf_counter()
     for x, idx in common.progress(loader, show, desc):
-        logits = model(x.to(ctx.device, non_blocking=True))
-        loss = F.cross_entropy(logits, labels[idx].to(ctx.device, non_blocking=True))
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x.to(ctx.device, non_blocking=True))
+        loss = F.cross_entropy(logits.float(), labels[idx].to(ctx.device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -147,7 +148,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         common.resume_rng(ckpt, args.seed, ctx)
     model = common.wrap_ddp(net, ctx)
     out = common.run_dir(args, METHOD)
-    log = common.MetricsLog(out, ctx.main, resumed=ckpt is not None)
+    log = common.metrics_log(args, out, ctx, resumed=ckpt is not None)
     show = args.progress and ctx.main
     baseline = common.pixel_kmeans_scores(data, args.clusters, args.seed) if ctx.main else None
     if ctx.main:
@@ -161,7 +162,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         sampler.set_epoch(epoch)
         reset_top_layer(net, optimizer, ctx)
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **report}
-        record |= train_epoch(model, labels, train_loader, optimizer, ctx, show, f"epoch {epoch + 1}/{args.epochs}")
+        record |= train_epoch(model, labels, train_loader, optimizer, ctx, show, f"epoch {epoch + 1}/{args.epochs}", args.amp)
         rng = common.all_rng_states(ctx)
         if ctx.main:
             state = labeler.state_dict()

@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
                         help="clusters below this are dissolved and re-seeded (default: 20)")
     parser.add_argument("--centroid-interval", type=common.positive_int, default=10,
                         help="refresh all centroids every this many iterations (default: 10)")
+    parser.add_argument("--memory-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype of the sample memory's features and the centroids (the per-cluster sums "
+                        "stay float64; default: float32)")
     parser.add_preset("--min-scale", type=common.unit_float, help="smallest area fraction of a random resized crop")
     return parser, parser.parse_args(argv)
 
@@ -94,14 +97,16 @@ class ODCNet(nn.Module):
 
 
 def train_epoch(model: nn.Module, odc: clt.OnlineDeepClustering, loader: Any, optimizer: torch.optim.Optimizer,
-                ctx: common.DistContext, show: bool, desc: str) -> dict[str, float]:
+                ctx: common.DistContext, show: bool, desc: str, amp: bool = False) -> dict[str, float]:
     """One epoch of ODC iterations; the mean loss (over ranks), change ratio and throughput."""
     model.train()
     loss_sum = torch.zeros((), device=ctx.device)
     change_sum, small, steps, images = 0.0, 0, 0, 0
     start = time.perf_counter()
     for x, idx in common.progress(loader, show, desc):
-        feats, logits = model(x.to(ctx.device, non_blocking=True))
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+            feats, logits = model(x.to(ctx.device, non_blocking=True))
+        feats, logits = feats.float(), logits.float()  # loss and memory in float32 under --amp
         loss = clt.ODCHead.loss(logits, idx, odc)  # labels read before this iteration's update
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -135,11 +140,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     steps = sorted(args.lr_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.1 ** sum(e >= s for s in steps))
     odc = clt.OnlineDeepClustering(
-        len(data), args.clusters, FEAT_DIM, device=ctx.device, momentum=args.momentum_memory,
+        len(data), args.clusters, FEAT_DIM, device=ctx.device, dtype=getattr(torch, args.memory_dtype),
+        momentum=args.momentum_memory,
         min_cluster_size=args.min_cluster_size, centroid_update_interval=args.centroid_interval, seed=args.seed,
     )
     out = common.run_dir(args, METHOD)
-    log = common.MetricsLog(out, ctx.main, resumed=ckpt is not None)
+    log = common.metrics_log(args, out, ctx, resumed=ckpt is not None)
     show = args.progress and ctx.main
     baseline = common.pixel_kmeans_scores(data, args.clusters, args.seed) if ctx.main else None
     if ctx.main:
@@ -162,7 +168,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        record |= train_epoch(model, odc, train_loader, optimizer, ctx, show, f"epoch {epoch + 1}/{args.epochs}")
+        record |= train_epoch(model, odc, train_loader, optimizer, ctx, show, f"epoch {epoch + 1}/{args.epochs}", args.amp)
         odc.check_consistency()  # raises if any rank's memories differ from rank 0's
         scheduler.step()
         rng = common.all_rng_states(ctx)

@@ -190,15 +190,16 @@ def warmup_cosine(warmup: int, epochs: int, final: float = 1e-3) -> Callable[[in
 
 
 def train_epoch(model: nn.Module, criterion: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
-                ctx: common.DistContext, show: bool, desc: str) -> dict[str, float]:
+                ctx: common.DistContext, show: bool, desc: str, amp: bool = False) -> dict[str, float]:
     """One epoch of the Self-Classifier loss over all views; mean loss (over ranks) and throughput."""
     model.train()
     loss_sum = torch.zeros((), device=ctx.device)
     steps, images = 0, 0
     start = time.perf_counter()
     for views, _ in common.progress(loader, show, desc):
-        logits = model([v.to(ctx.device, non_blocking=True) for v in views])
-        loss = criterion(logits)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model([v.to(ctx.device, non_blocking=True) for v in views])
+        loss = criterion([[v.float() for v in head] for head in logits])  # the loss in float32 under --amp
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -236,7 +237,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         common.resume_rng(ckpt, args.seed, ctx)
     model = common.wrap_ddp(net, ctx)
     out = common.run_dir(args, METHOD)
-    log = common.MetricsLog(out, ctx.main, resumed=ckpt is not None)
+    log = common.metrics_log(args, out, ctx, resumed=ckpt is not None)
     show = args.progress and ctx.main
     scored = args.classes[0]
     baseline = common.pixel_kmeans_scores(data, scored, args.seed) if ctx.main else None
@@ -249,7 +250,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        record |= train_epoch(model, criterion, train_loader, optimizer, ctx, show, f"epoch {epoch + 1}/{args.epochs}")
+        record |= train_epoch(model, criterion, train_loader, optimizer, ctx, show, f"epoch {epoch + 1}/{args.epochs}", args.amp)
         scheduler.step()
         common.broadcast_module(net, ctx)  # score rank 0's BatchNorm statistics on every shard
         predicted = clt.extract_features(FirstHeadLogits(net), eval_loader, device=ctx.device, progress=show).argmax(1)

@@ -38,7 +38,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: File endings an ImageFolder tree's images may have (torchvision's list).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 #: Options a resumed run may change; any other difference from the checkpoint's is refused.
-RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "stop_after", "workers", "progress", "dist_timeout"})
+RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "stop_after", "workers", "progress", "dist_timeout", "tensorboard"})
 
 
 #: How an :class:`ImageError`'s message starts (before the file's path).
@@ -383,9 +383,11 @@ class MetricsLog:
     before :meth:`write` returns.
     """
 
-    def __init__(self, directory: Path, enabled: bool, resumed: bool) -> None:
+    def __init__(self, directory: Path, enabled: bool, resumed: bool,
+                 also: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = Path(directory) / "metrics.jsonl"
         self.enabled = enabled
+        self.also = also  # a second writer of each record (e.g. TensorBoard scalars)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not resumed:
@@ -411,6 +413,8 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            if self.also is not None:
+                self.also(record)
 
     def read(self) -> list[dict[str, Any]]:
         """All records, the last one per epoch (a resumed epoch replaces its first attempt)."""
