@@ -77,7 +77,7 @@ def test_odc_smoke_writes_metrics_plot_and_checkpoint(odc_straight: tuple[Path, 
     assert (out / "summary.png").stat().st_size > 0
     assert not list(out.glob("*.tmp"))  # atomic writes leave no temporary file behind
     line = final_line(text)
-    assert line.startswith("final ODC") and "NMI" in line and "ACC" in line and "k-means on raw pixels" in line
+    assert line.startswith("final ODC") and "memory labels NMI" in line and "random net: kNN@20" in line and "pixels: kNN@20" in line
     state = load(out / "checkpoint.pt")
     assert set(state) >= {"model", "optimizer", "scheduler", "odc", "epoch", "rng", "args"} and state["epoch"] == 2
 

@@ -134,7 +134,7 @@ def test_odc_smoke_writes_metrics_plot_and_checkpoint(trained: dict) -> None:
     assert (out / "summary.png").stat().st_size > 0
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))  # atomic writes leave nothing behind
     line = final_line(text)
-    assert line.startswith("final ODC") and "NMI" in line and "ACC" in line and "k-means on raw pixels" in line
+    assert line.startswith("final ODC") and "memory labels NMI" in line and "random net: kNN@20" in line and "pixels: kNN@20" in line
     state = checkpoint(out)
     assert int(state["epoch"]) == 2 and json.loads(str(state["args"]))["clusters"] == 2
     for prefix in ("params/", "stats/", "opt/", "odc/", "rng/"):
