@@ -637,7 +637,10 @@ def size_stats(labels: Any, num_clusters: int) -> tuple[np.ndarray, dict[str, in
 
 
 def pixel_kmeans_scores(data: ImageData, num_clusters: int, seed: int) -> dict[str, float] | None:
-    """Scores of k-means on the L2-normalised raw pixels, where the data carries them."""
+    """Scores of k-means on the L2-normalised raw pixels, where the data carries them.
+
+    Superseded by :class:`Evaluator`'s pixel baseline; kept for scripts that do not evaluate yet.
+    """
     if data.pixels is None:
         return None
     result = cl.kmeans(cl.l2_normalize(data.pixels), num_clusters, seed=seed, backend="array")
@@ -660,7 +663,10 @@ def epoch_line(record: dict[str, Any]) -> str:
 
 
 def final_line(method: str, record: dict[str, Any], baseline: dict[str, float] | None) -> str:
-    """The run's last line: final NMI/ACC against the true labels next to k-means on raw pixels."""
+    """The run's last line: final NMI/ACC against the true labels next to k-means on raw pixels.
+
+    Superseded by :func:`summary_line`; kept for scripts that do not evaluate yet.
+    """
     text = f"final {method}: NMI {record['nmi']:.3f}  ACC {record['acc']:.3f}"
     if baseline is None:
         return text + "  |  k-means on raw pixels: not computed for ImageFolder data"
@@ -686,9 +692,6 @@ def plot_run(directory: Path, records: list[dict[str, Any]], sizes: np.ndarray, 
     evaluated = [r for r in records if "feat_nmi" in r]
     fig, axes = plt.subplots(1, 4 if evaluated else 3, figsize=(19 if evaluated else 14, 4))
     ax_loss, ax_nmi, ax_hist = axes[:3]
-    if evaluated:
-        _plot_eval(axes[3], evaluated, baselines)
-        axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.plot(epochs, [r["loss"] for r in records], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
     ax_nmi.plot(epochs, [r["nmi"] for r in records], marker="o", label="NMI")
@@ -697,6 +700,10 @@ def plot_run(directory: Path, records: list[dict[str, Any]], sizes: np.ndarray, 
     ax_nmi.legend()
     for ax in (ax_loss, ax_nmi):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if evaluated:
+        _plot_eval(axes[3], evaluated, baselines)
+        axes[3].set_xlim(ax_loss.get_xlim())  # the same epochs as the loss, also with one evaluation
+        axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_hist.hist(sizes, bins=min(50, max(len(sizes), 1)))
     ax_hist.set(xlabel="samples per cluster", ylabel="clusters", title=f"final cluster sizes (C = {len(sizes)})")
     fig.suptitle(title)
