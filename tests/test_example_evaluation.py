@@ -87,3 +87,16 @@ def test_assignments_name_files_or_dataset_indices(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="one entry per image"):
         r.write_assignments(tmp_path, folder, np.asarray([3]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["assignments.csv"]  # atomic: no temporary file left
+
+
+def test_a_large_train_split_fits_the_probe_on_a_fixed_stratified_part(tmp_path: Path, monkeypatch) -> None:
+    r = runs()
+    targets = np.repeat(np.arange(3), 30)
+    monkeypatch.setattr(r, "PROBE_MAX_TRAIN", 30)
+    evaluator = r.Evaluator(tmp_path, targets, seed=0, write=False)
+    part = evaluator.probe_train
+    assert len(evaluator.train) == 72 and len(part) == 30 and np.isin(part, evaluator.train).all()
+    assert np.bincount(targets[part]).tolist() == [10, 10, 10]
+    assert np.array_equal(part, r.Evaluator(tmp_path, targets, seed=1, write=False).probe_train)  # fixed
+    features = np.eye(4, dtype=np.float32)[targets]
+    assert evaluator.evaluate(features)["linear_top1"] == 1.0
