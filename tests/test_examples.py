@@ -219,6 +219,9 @@ BAD_INPUT = [
     ("imagenet_selfclassifier_torch", ["--classes", "1,4"], "at least 2 classes"),
     ("imagenet_selfclassifier_torch", ["--classes", "10,x"], "comma-separated positive integers"),
     ("imagenet_selfclassifier_torch", ["--resume", "/nonexistent/checkpoint.pt"], "no checkpoint file"),
+    ("imagenet_deepcluster_torch", ["--eval-only", "/nonexistent/checkpoint.pt"], "--eval-only: no checkpoint file"),
+    ("imagenet_odc_torch", ["--eval-only", "a.pt", "--resume", "b.pt"], "do not pass --resume"),
+    ("imagenet_odc_torch", ["--eval-every", "-1"], "must be a non-negative integer"),
 ]
 
 

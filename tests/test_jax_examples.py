@@ -241,6 +241,8 @@ BAD_INPUT = [
     ("imagenet_selfclassifier_jax", ["--classes", "10,x"], "comma-separated positive integers"),
     ("imagenet_selfclassifier_jax", ["--resolution", "0"], "must be a positive integer"),
     ("imagenet_selfclassifier_jax", ["--resume", "/nonexistent/checkpoint.npz"], "no checkpoint file"),
+    ("imagenet_selfclassifier_jax", ["--eval-only", "/nonexistent/checkpoint.npz"], "--eval-only: no checkpoint file"),
+    ("imagenet_odc_jax", ["--eval-only", "{garbage}", "--resume", "{garbage}"], "do not pass --resume"),
 ]
 
 
