@@ -4,8 +4,9 @@ The framework-free parts (data, command line with ImageNet and demo presets, run
 with its ``metrics.jsonl`` and summary plot, scores) live in :mod:`runs`, shared with the JAX
 examples, and are re-exported here. This module adds what needs torch: the data loaders and
 torchvision transforms, the ResNet backbone, ``torch.distributed`` set-up, atomic checkpoints
-that load with ``torch.load(weights_only=True)``, and the RNG state that makes ``--resume``
-continue bit-exactly on CPU.
+that load with ``torch.load(weights_only=True)``, the RNG state that makes ``--resume``
+continue bit-exactly on CPU, and :class:`Evaluation` (frozen features extracted on every rank,
+scored on rank 0, the training's random streams untouched).
 
 The scripts import it as ``import common`` (``python examples/x.py`` puts ``examples/`` on
 ``sys.path``).
@@ -14,11 +15,12 @@ The scripts import it as ``import common`` (``python examples/x.py`` puts ``exam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import runs
+from clusterlearn.adapters import torch as clt
 from runs import (  # noqa: F401  (re-exported for the scripts)
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -41,11 +44,11 @@ from runs import (  # noqa: F401  (re-exported for the scripts)
     args_record,
     cluster_scores,
     epoch_line,
-    final_line,
+    eval_due,
+    eval_only_lines,
     format_value,
     non_negative_int,
     open_data,
-    pixel_kmeans_scores,
     plot_run,
     positive_float,
     positive_int,
@@ -53,7 +56,9 @@ from runs import (  # noqa: F401  (re-exported for the scripts)
     progress,
     run_dir,
     size_stats,
+    summary_line,
     unit_float,
+    write_assignments,
 )
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -88,15 +93,16 @@ def add_common_arguments(parser: PresetParser) -> None:
 
 
 
-def metrics_log(args: argparse.Namespace, directory: Path, ctx: DistContext, resumed: bool) -> MetricsLog:
-    """The run's :class:`MetricsLog` on rank 0, with TensorBoard scalars under ``--tensorboard``.
+def metrics_log(args: argparse.Namespace, directory: Path, enabled: bool, resumed: bool) -> MetricsLog:
+    """The run's :class:`MetricsLog` (written where ``enabled``: rank 0 of a training run), with
+    TensorBoard scalars under ``--tensorboard``.
 
     The scalars (every number of a record, at step = its epoch) go through PyTorch's own
     ``torch.utils.tensorboard.SummaryWriter`` to ``<directory>/tensorboard``; ``parser.error``-style
     exit if the tensorboard package is missing.
     """
     sink = None
-    if args.tensorboard and ctx.main:
+    if args.tensorboard and enabled:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
@@ -110,7 +116,7 @@ def metrics_log(args: argparse.Namespace, directory: Path, ctx: DistContext, res
                     writer.add_scalar(key, value, step)
             writer.flush()
 
-    return MetricsLog(directory, ctx.main, resumed=resumed, also=sink)
+    return MetricsLog(directory, enabled, resumed=resumed, also=sink)
 
 # ---------------------------------------------------------------------------- data
 
@@ -272,13 +278,14 @@ def launch(parser: argparse.ArgumentParser, args: argparse.Namespace, min_images
     image file (:class:`runs.ImageError`) ends in one line and exit code 2; losing the other
     processes (one died, or did not answer within ``--dist-timeout``) in one line and exit code 1.
     """
+    runs.check_eval_only(parser, args)
     data = open_data(parser, args, min_images)
     ckpt = load_checkpoint(parser, args, states)
     ctx = setup_distributed(args.dist_timeout)
     try:
         run(parser, args, data, ckpt, ctx)
     except runs.CheckpointError as err:
-        parser.error(f"--resume: {args.resume}: {err}")
+        parser.error(f"{_checkpoint_flag(args)}: {runs.checkpoint_path(args)}: {err}")
     except runs.ImageError as err:
         parser.error(f"--data: {runs.image_error_line(err)}")
     except RuntimeError as err:
@@ -419,6 +426,17 @@ def resume_rng(ckpt: dict[str, Any], seed: int, ctx: DistContext) -> None:
               "--seed, the epoch and the rank", flush=True)
 
 
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore this process's Python, NumPy and torch random states on leaving (a
+    ``DataLoader`` draws a seed from torch's stream each time it is iterated)."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 def all_rng_states(ctx: DistContext) -> list[dict[str, Any]]:
     """Every rank's :func:`rng_state`, in rank order (a collective)."""
     mine = rng_state()
@@ -443,27 +461,33 @@ _RNG_ENTRIES = {"python": torch.Tensor, "python_version": int, "python_gauss": (
                 "numpy_keys": torch.Tensor, "numpy_pos": int, "numpy_gauss": list, "torch": torch.Tensor}
 
 
+def _checkpoint_flag(args: argparse.Namespace) -> str:
+    return "--eval-only" if args.eval_only is not None else "--resume"
+
+
 def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace,
                     states: Sequence[str] = ("model", "optimizer")) -> dict[str, Any] | None:
-    """The ``--resume`` checkpoint (``weights_only=True``, on the CPU), or None without ``--resume``.
+    """The ``--resume`` (or ``--eval-only``) checkpoint (``weights_only=True``, on the CPU), or
+    None without either.
 
     ``parser.error`` (one line, exit code 2) if it is unreadable, is not a dictionary with the
     ``states`` (dictionaries), ``epoch``, ``rng`` (one :func:`rng_state` per process that wrote
-    it) and ``args`` entries, has nothing left to train, or was trained with other settings
-    than this run's (only the options in ``runs.RESUMABLE_CHANGES`` may differ).
+    it) and ``args`` entries, has nothing left to train (``--resume`` only), or was trained with
+    other settings than this run's (only the options in ``runs.RESUMABLE_CHANGES`` may differ).
     """
-    if args.resume is None:
+    path, flag = runs.checkpoint_path(args), _checkpoint_flag(args)
+    if path is None:
         return None
-    if not args.resume.is_file():
-        parser.error(f"--resume: no checkpoint file {args.resume}")
+    if not path.is_file():
+        parser.error(f"{flag}: no checkpoint file {path}")
     try:
-        state = torch.load(args.resume, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors have many types
-        parser.error(f"--resume: cannot load {args.resume}: {runs.error_line(err)}")
+        parser.error(f"{flag}: cannot load {path}: {runs.error_line(err)}")
     try:
         check_checkpoint(state, states, args)
     except runs.CheckpointError as err:
-        parser.error(f"--resume: {args.resume}: {err}")
+        parser.error(f"{flag}: {path}: {err}")
     return state
 
 
@@ -488,3 +512,56 @@ def check_checkpoint(state: Any, states: Sequence[str], args: argparse.Namespace
             bad = ["python", "numpy_keys"]
         if bad:
             raise runs.CheckpointError(f"its rng entry has no valid {', '.join(bad)} state")
+
+
+# ---------------------------------------------------------------------------- evaluation
+def rank0_decides(flag: bool, ctx: DistContext) -> bool:
+    """Rank 0's ``flag`` on every rank (a collective under torchrun)."""
+    return bool(broadcast_tensor(torch.tensor([int(flag)]), ctx).item())
+
+
+class Evaluation:
+    """The frozen-feature evaluation of a run (see :class:`runs.Evaluator`), under torchrun too.
+
+    Features are extracted on every rank (``extract_features`` gathers them), in eval mode,
+    through ``loader`` (no augmentation, dataset order), with rank 0's weights; only rank 0
+    scores them, the other ranks return at once. Extraction leaves the random streams of the
+    training as they were, so evaluating never changes what is trained.
+
+    Parameters
+    ----------
+    directory : the run directory
+    data, args, ctx : the run's data, options and process
+    loader : the fixed-order extraction loader of :func:`loaders`
+    write : whether rank 0 writes ``split.npz`` and ``baselines.json`` (False for ``--eval-only``)
+    """
+
+    def __init__(self, directory: Path, data: ImageData, args: argparse.Namespace, ctx: DistContext,
+                 loader: DataLoader, write: bool) -> None:
+        self.scorer = runs.Evaluator(directory, data.targets, args.seed, write=write and ctx.main)
+        self.ctx, self.loader, self.show = ctx, loader, args.progress and ctx.main
+        self.pixels = runs.pixel_baseline_affordable(len(data), args.resolution)
+
+    def _features(self, module: nn.Module) -> np.ndarray:
+        """(N, D) float32 outputs of ``module`` (rank 0's weights) over the data set, on every rank."""
+        broadcast_module(module, self.ctx)
+        with preserved_rng():
+            return clt.extract_features(module, self.loader, device=self.ctx.device, progress=self.show).numpy()
+
+    def __call__(self, backbone: nn.Module) -> dict[str, Any]:
+        """:meth:`runs.Evaluator.evaluate` of ``backbone``'s pooled features on rank 0; ``{}`` elsewhere."""
+        feats = self._features(backbone)
+        return self.scorer.evaluate(feats) if self.ctx.main else {}
+
+    def baselines(self, backbone: nn.Module, fresh: bool) -> dict[str, Any] | None:
+        """The run's baselines on rank 0 (None elsewhere): read from the run directory unless
+        ``fresh`` (a new run) or missing there, else computed from ``backbone``, which must
+        still be the randomly initialised network, and the flattened eval images."""
+        stored = None if fresh or not self.ctx.main else self.scorer.load_baselines()
+        if not rank0_decides(stored is None, self.ctx):
+            if self.ctx.main:
+                print(f"baselines read from {self.scorer.directory / runs.BASELINES_FILE}", flush=True)
+            return stored
+        random_net = self._features(backbone)
+        pixels = self._features(nn.Flatten()) if self.pixels else None
+        return self.scorer.make_baselines(random_net, pixels) if self.ctx.main else None

@@ -15,8 +15,12 @@ epochs on the CPU::
 Each epoch: features of the whole data set (no augmentation, eval mode, every rank extracts
 its shard and gathers), PCA-whitening + L2 + k-means on rank 0 (broadcast), a re-initialised
 top layer (fresh momentum), then one epoch of cross-entropy on the pseudo-labels with samples
-drawn uniformly over the clusters. Writes ``metrics.jsonl``, ``checkpoint.pt`` (every epoch)
-and ``summary.png`` to the run directory; ``--resume <dir>/checkpoint.pt`` continues a run.
+drawn uniformly over the clusters. Every ``--eval-every`` epochs and at the end, the
+backbone's pooled features are evaluated on a fixed held-out split (k-NN, linear probe,
+k-means), next to the randomly initialised network and the raw pixels. Writes
+``metrics.jsonl``, ``checkpoint.pt`` (every epoch), ``split.npz``, ``baselines.json``,
+``assignments.csv`` (the last k-means labels) and ``summary.png`` to the run directory;
+``--resume <dir>/checkpoint.pt`` continues a run, ``--eval-only <dir>/checkpoint.pt`` evaluates it.
 """
 
 from __future__ import annotations
@@ -141,19 +145,27 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     labeler = DeepClusterLabeler(args.clusters, pca_dim=args.pca_dim, n_iter=args.kmeans_iters, seed=args.seed,
                                  backend=args.kmeans_backend)
+    out = common.run_dir(args, METHOD)
+    training = args.eval_only is None
+    log = common.metrics_log(args, out, ctx.main and training, resumed=ckpt is not None)
+    show = args.progress and ctx.main
+    evaluation = common.Evaluation(out, data, args, ctx, eval_loader, write=training)
+    if ctx.main:
+        print(f"DeepCluster: {data.name}, {n} images; {args.arch}, k = {args.clusters}, "
+              f"{ctx.world_size} process(es) on {ctx.device}; run directory {out}", flush=True)
+    baselines = evaluation.baselines(net.backbone, fresh=ckpt is None)
     start = 0
     if ckpt is not None:
         common.restore(ckpt, {"model": net, "optimizer": optimizer, "labeler": labeler})
         start = ckpt["epoch"]
         common.resume_rng(ckpt, args.seed, ctx)
+    if not training:
+        record = {"epoch": start, **evaluation(net.backbone)}
+        if ctx.main:
+            record |= common.cluster_scores(data.targets, labeler.state_dict()["previous_labels"])
+            print(common.eval_only_lines("DeepCluster", "k-means labels", record, baselines), flush=True)
+        return
     model = common.wrap_ddp(net, ctx)
-    out = common.run_dir(args, METHOD)
-    log = common.metrics_log(args, out, ctx, resumed=ckpt is not None)
-    show = args.progress and ctx.main
-    baseline = common.pixel_kmeans_scores(data, args.clusters, args.seed) if ctx.main else None
-    if ctx.main:
-        print(f"DeepCluster: {data.name}, {n} images; {args.arch}, k = {args.clusters}, "
-              f"{ctx.world_size} process(es) on {ctx.device}; run directory {out}", flush=True)
     stop = min(args.epochs, args.stop_after or args.epochs)
     for epoch in range(start, stop):
         started = time.perf_counter()
@@ -164,6 +176,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **report}
         record |= train_epoch(model, labels, train_loader, optimizer, ctx, show, f"epoch {epoch + 1}/{args.epochs}", args.amp)
         rng = common.all_rng_states(ctx)
+        if common.eval_due(epoch + 1, stop, args.eval_every):
+            evaluated = time.perf_counter()
+            record |= evaluation(net.backbone) | {"eval_seconds": time.perf_counter() - evaluated}
         if ctx.main:
             state = labeler.state_dict()
             common.save_checkpoint(out / common.CHECKPOINT, {
@@ -178,10 +193,13 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
             print(common.epoch_line(record), flush=True)
     if ctx.main:
         records = log.read()
-        sizes = common.size_stats(labeler.state_dict()["previous_labels"], args.clusters)[0]
-        plot = common.plot_run(out, records, sizes, f"DeepCluster on {data.name}, {args.arch}, k = {args.clusters}")
-        print(f"wrote {log.path}, {out / common.CHECKPOINT}, {plot}")
-        print(common.final_line("DeepCluster (k-means labels)", records[-1], baseline), flush=True)
+        final = labeler.state_dict()["previous_labels"]
+        sizes = common.size_stats(final, args.clusters)[0]
+        plot = common.plot_run(out, records, sizes, f"DeepCluster on {data.name}, {args.arch}, k = {args.clusters}",
+                               baselines)
+        assignments = common.write_assignments(out, data, final)
+        print(f"wrote {log.path}, {out / common.CHECKPOINT}, {plot}, {assignments}")
+        print(common.summary_line("DeepCluster", "k-means labels", records[-1], baselines), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,13 @@ Each iteration is one jitted step over a mesh of all local devices (batch sharde
 memory's labels (read before the update) weighted by ``w_c ∝ n_c^-1/2`` (the adapter's
 ``loss_weights``), an SGD step; then the adapter's ``make_sharded_step`` updates the memory
 (every device applies the same update to its replica from the all-gathered batch) and
-``handle_small_clusters`` runs on the host. Writes ``metrics.jsonl``, ``checkpoint.npz`` (every
-epoch) and ``summary.png`` to the run directory; ``--resume <dir>/checkpoint.npz`` continues a
-run exactly. Not implemented (as torchvision's): the ±2° rotation.
+``handle_small_clusters`` runs on the host. Every ``--eval-every`` epochs and at the end, the
+backbone's pooled features are evaluated on a fixed held-out split (k-NN, linear probe,
+k-means), next to the randomly initialised network and the raw pixels. Writes
+``metrics.jsonl``, ``checkpoint.npz`` (every epoch), ``split.npz``, ``baselines.json``,
+``assignments.csv`` (the memory labels) and ``summary.png`` to the run directory; ``--resume
+<dir>/checkpoint.npz`` continues a run exactly, ``--eval-only <dir>/checkpoint.npz`` evaluates
+it. Not implemented (as torchvision's): the ±2° rotation.
 """
 
 from __future__ import annotations
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh) -> None:
     """Initialise (or resume), train, log, checkpoint and plot."""
     out = runs.run_dir(args, METHOD)
-    log = runs.MetricsLog(out, True, resumed=ckpt is not None)
+    training = args.eval_only is None
+    log = runs.MetricsLog(out, training, resumed=ckpt is not None)
     show = args.progress
     steps = len(data) // args.batch_size
     opt = Optimizer(args.lr, tuple(sorted(args.lr_steps)), args.weight_decay, steps)
@@ -181,9 +186,10 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         centroid_update_interval=args.centroid_interval, seed=args.seed,
     )
     images = jc.Images(data, jc.base_size(args.resolution), args.workers)
-    baseline = runs.pixel_kmeans_scores(data, args.clusters, args.seed)
+    evaluation = jc.Evaluation(out, data, args, images, mesh, write=training)
     print(f"ODC (JAX): {data.name}, {len(data)} images; {args.arch} (width {args.width}, "
           f"{jc.count(params):,} parameters), {args.clusters} clusters, {jc.describe(mesh)}; run directory {out}", flush=True)
+    baselines = evaluation.baselines(eval_def, params, stats, fresh=ckpt is None)
     if ckpt is None:
         params, stats = jc.replicate((params, stats), mesh)
         feats = jc.extract(functools.partial(eval_features, params, stats, graphdef=eval_def, resolution=args.resolution),
@@ -199,6 +205,11 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         odc.load_state_dict({name: ckpt[f"odc/{name}"] for name in clj.ODCState._fields})
         start = int(ckpt["epoch"])
     params, stats, opt_state = jc.replicate((params, stats, opt_state), mesh)
+    if not training:
+        record = {"epoch": start, **evaluation(eval_def, params, stats), **runs.cluster_scores(data.targets, odc.labels)}
+        images.close()
+        print(runs.eval_only_lines("ODC", "memory labels", record, baselines), flush=True)
+        return
     config = clj.config_from_core(odc)
     state = jc.replicate(clj.state_from_core(odc), mesh)
     sharded_step = memory_step(mesh, config)
@@ -235,6 +246,9 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         arrays = {**jc.flatten("params", params), **jc.flatten("stats", stats), **jc.flatten("opt", opt_state),
                   **{f"odc/{k}": np.asarray(v) for k, v in state._asdict().items()}, "rng/key": jc.key_data(key)}
         jc.save_checkpoint(out / jc.CHECKPOINT, arrays, args, epoch + 1)
+        if runs.eval_due(epoch + 1, stop, args.eval_every):
+            evaluated = time.perf_counter()
+            record |= evaluation(eval_def, params, stats) | {"eval_seconds": time.perf_counter() - evaluated}
         labels = np.asarray(state.labels)
         record |= runs.cluster_scores(data.targets, labels)
         record |= runs.size_stats(labels, args.clusters)[1]
@@ -247,9 +261,10 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         print(f"device {device}: ODC memory fingerprint {digest}", flush=True)
     records = log.read()
     plot = runs.plot_run(out, records, np.asarray(state.sizes),
-                         f"ODC (JAX) on {data.name}, {args.arch}, C = {args.clusters}")
-    print(f"wrote {log.path}, {out / jc.CHECKPOINT}, {plot}")
-    print(runs.final_line("ODC (memory labels)", records[-1], baseline), flush=True)
+                         f"ODC (JAX) on {data.name}, {args.arch}, C = {args.clusters}", baselines)
+    assignments = runs.write_assignments(out, data, np.asarray(state.labels))
+    print(f"wrote {log.path}, {out / jc.CHECKPOINT}, {plot}, {assignments}")
+    print(runs.summary_line("ODC", "memory labels", records[-1], baselines), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,12 @@ Each iteration: features ``f = neck(backbone(x))``, cross-entropy of ``head(f)``
 memory's labels (read before the update) weighted by ``w_c ∝ n_c^-1/2``, an optimiser step,
 then ``odc.step(idx, f)`` (memory update, re-labelling, centroid refresh every 10 iterations,
 small-cluster handling). Under torchrun every rank keeps an identical replica of the memories
-(checked each epoch). Writes ``metrics.jsonl``, ``checkpoint.pt`` (every epoch) and
-``summary.png`` to the run directory; ``--resume <dir>/checkpoint.pt`` continues a run.
+(checked each epoch). Every ``--eval-every`` epochs and at the end, the backbone's pooled
+features are evaluated on a fixed held-out split (k-NN, linear probe, k-means), next to the
+randomly initialised network and the raw pixels. Writes ``metrics.jsonl``, ``checkpoint.pt``
+(every epoch), ``split.npz``, ``baselines.json``, ``assignments.csv`` (the memory labels) and
+``summary.png`` to the run directory; ``--resume <dir>/checkpoint.pt`` continues a run,
+``--eval-only <dir>/checkpoint.pt`` evaluates it.
 """
 
 from __future__ import annotations
@@ -145,12 +149,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         min_cluster_size=args.min_cluster_size, centroid_update_interval=args.centroid_interval, seed=args.seed,
     )
     out = common.run_dir(args, METHOD)
-    log = common.metrics_log(args, out, ctx, resumed=ckpt is not None)
+    training = args.eval_only is None
+    log = common.metrics_log(args, out, ctx.main and training, resumed=ckpt is not None)
     show = args.progress and ctx.main
-    baseline = common.pixel_kmeans_scores(data, args.clusters, args.seed) if ctx.main else None
+    evaluation = common.Evaluation(out, data, args, ctx, eval_loader, write=training)
     if ctx.main:
         print(f"ODC: {data.name}, {len(data)} images; {args.arch}, {args.clusters} clusters, "
               f"{ctx.world_size} process(es) on {ctx.device}; run directory {out}", flush=True)
+    baselines = evaluation.baselines(net.backbone, fresh=ckpt is None)
     if ckpt is None:
         feats = clt.extract_features(net.features(), eval_loader, device=ctx.device, progress=show)
         odc.initialize(feats)
@@ -162,6 +168,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         common.restore(ckpt, {"model": net, "optimizer": optimizer, "scheduler": scheduler, "odc": odc})
         start = ckpt["epoch"]
         common.resume_rng(ckpt, args.seed, ctx)
+    if not training:
+        record = {"epoch": start, **evaluation(net.backbone)}
+        if ctx.main:
+            record |= common.cluster_scores(data.targets, odc.labels)
+            print(common.eval_only_lines("ODC", "memory labels", record, baselines), flush=True)
+        return
     model = common.wrap_ddp(net, ctx)
     stop = min(args.epochs, args.stop_after or args.epochs)
     for epoch in range(start, stop):
@@ -172,6 +184,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         odc.check_consistency()  # raises if any rank's memories differ from rank 0's
         scheduler.step()
         rng = common.all_rng_states(ctx)
+        if common.eval_due(epoch + 1, stop, args.eval_every):
+            evaluated = time.perf_counter()
+            record |= evaluation(net.backbone) | {"eval_seconds": time.perf_counter() - evaluated}
         if ctx.main:
             common.save_checkpoint(out / common.CHECKPOINT, {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -186,9 +201,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     if ctx.main:
         records = log.read()
         sizes = odc.cluster_sizes.cpu().numpy()
-        plot = common.plot_run(out, records, sizes, f"ODC on {data.name}, {args.arch}, C = {args.clusters}")
-        print(f"wrote {log.path}, {out / common.CHECKPOINT}, {plot}")
-        print(common.final_line("ODC (memory labels)", records[-1], baseline), flush=True)
+        plot = common.plot_run(out, records, sizes, f"ODC on {data.name}, {args.arch}, C = {args.clusters}", baselines)
+        assignments = common.write_assignments(out, data, odc.labels)
+        print(f"wrote {log.path}, {out / common.CHECKPOINT}, {plot}, {assignments}")
+        print(common.summary_line("ODC", "memory labels", records[-1], baselines), flush=True)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,13 @@ replicated) augments every view on the devices, runs the backbone once per crop 
 takes the adapter's fast loss (closed-form ``custom_vjp``) of the *global* logits: under
 ``jit`` the sharded batch is one array, so the column softmax and the N/C normalisation run
 over the global batch (XLA inserts the collectives), and the gradient is that of the
-global-batch loss. Metrics use the argmax of the first head on centre crops. Writes
-``metrics.jsonl``, ``checkpoint.npz`` (every epoch) and ``summary.png`` to the run directory;
-``--resume <dir>/checkpoint.npz`` continues a run exactly.
+global-batch loss. Metrics use the argmax of the first head on centre crops. Every
+``--eval-every`` epochs and at the end, the backbone's pooled features (before the projection)
+are evaluated on a fixed held-out split (k-NN, linear probe, k-means), next to the randomly
+initialised network and the raw pixels. Writes ``metrics.jsonl``, ``checkpoint.npz`` (every
+epoch), ``split.npz``, ``baselines.json``, ``assignments.csv`` (the first head's argmax) and
+``summary.png`` to the run directory; ``--resume <dir>/checkpoint.npz`` continues a run
+exactly, ``--eval-only <dir>/checkpoint.npz`` evaluates it.
 """
 
 from __future__ import annotations
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh) -> None:
     """Train (or resume), log, checkpoint and plot."""
     out = runs.run_dir(args, METHOD)
-    log = runs.MetricsLog(out, True, resumed=ckpt is not None)
+    training = args.eval_only is None
+    log = runs.MetricsLog(out, training, resumed=ckpt is not None)
     show = args.progress
     steps = len(data) // args.batch_size
     lr = args.base_lr * args.batch_size / 256
@@ -220,6 +225,13 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
     net_args = (args.arch, args.width, args.resolution, tuple(args.classes), args.hidden_dim, args.out_dim, args.proj_layers)
     train_def, eval_def, params, stats = jc.init_model(SelfClassifierNet, net_args, init_key)
     opt_state = opt.build().init(params)
+    images = jc.Images(data, jc.base_size(args.resolution), args.workers)
+    scored = args.classes[0]
+    evaluation = jc.Evaluation(out, data, args, images, mesh, write=training)
+    print(f"Self-Classifier (JAX): {data.name}, {len(data)} images; {args.arch} (width {args.width}, "
+          f"{jc.count(params):,} parameters), heads {runs.format_value(args.classes)}, lr {lr:g}, "
+          f"{jc.describe(mesh)}; run directory {out}", flush=True)
+    baselines = evaluation.baselines(eval_def, params, stats, fresh=ckpt is None)
     start = 0
     if ckpt is not None:
         params = jc.unflatten("params", params, ckpt)
@@ -227,12 +239,14 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         opt_state = jc.unflatten("opt", opt_state, ckpt)
         start = int(ckpt["epoch"])
     params, stats, opt_state = jc.replicate((params, stats, opt_state), mesh)
-    images = jc.Images(data, jc.base_size(args.resolution), args.workers)
-    scored = args.classes[0]
-    baseline = runs.pixel_kmeans_scores(data, scored, args.seed)
-    print(f"Self-Classifier (JAX): {data.name}, {len(data)} images; {args.arch} (width {args.width}, "
-          f"{jc.count(params):,} parameters), heads {runs.format_value(args.classes)}, lr {lr:g}, "
-          f"{jc.describe(mesh)}; run directory {out}", flush=True)
+    labels_name = f"{scored}-class head argmax"
+    if not training:
+        predicted = jc.extract(functools.partial(first_head_labels, params, stats, graphdef=eval_def, resolution=args.resolution),
+                               images, args.batch_size, mesh, show, "scoring")
+        record = {"epoch": start, **evaluation(eval_def, params, stats), **runs.cluster_scores(data.targets, predicted)}
+        images.close()
+        print(runs.eval_only_lines("Self-Classifier", labels_name, record, baselines), flush=True)
+        return
     stop = min(args.epochs, args.stop_after or args.epochs)
     sizes = None
     for epoch in range(start, stop):
@@ -254,6 +268,9 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         jc.save_checkpoint(out / jc.CHECKPOINT, arrays, args, epoch + 1)
         predicted = jc.extract(functools.partial(first_head_labels, params, stats, graphdef=eval_def, resolution=args.resolution),
                                images, args.batch_size, mesh, show, "scoring")
+        if runs.eval_due(epoch + 1, stop, args.eval_every):
+            evaluated = time.perf_counter()
+            record |= evaluation(eval_def, params, stats) | {"eval_seconds": time.perf_counter() - evaluated}
         record |= runs.cluster_scores(data.targets, predicted)
         sizes, size_record = runs.size_stats(predicted, scored)
         record |= size_record
@@ -263,9 +280,11 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
     images.close()
     if sizes is not None:
         records = log.read()
-        plot = runs.plot_run(out, records, sizes, f"Self-Classifier (JAX) on {data.name}, {args.arch}, first head C = {scored}")
-        print(f"wrote {log.path}, {out / jc.CHECKPOINT}, {plot}")
-        print(runs.final_line(f"Self-Classifier (argmax of the {scored}-class head)", records[-1], baseline), flush=True)
+        plot = runs.plot_run(out, records, sizes, f"Self-Classifier (JAX) on {data.name}, {args.arch}, first head C = {scored}",
+                             baselines)
+        assignments = runs.write_assignments(out, data, predicted)
+        print(f"wrote {log.path}, {out / jc.CHECKPOINT}, {plot}, {assignments}")
+        print(runs.summary_line("Self-Classifier", labels_name, records[-1], baselines), flush=True)
 
 
 if __name__ == "__main__":

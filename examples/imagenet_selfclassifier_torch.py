@@ -21,8 +21,12 @@ mean log C of the heads)::
 
 The loss sees the global batch under torchrun (the adapter's loss gathers the logits with a
 gradient). Metrics use the argmax of the first head on un-augmented images (one extra
-inference pass per epoch). Writes ``metrics.jsonl``, ``checkpoint.pt`` (every epoch) and
-``summary.png`` to the run directory; ``--resume <dir>/checkpoint.pt`` continues a run.
+inference pass per epoch). Every ``--eval-every`` epochs and at the end, the backbone's
+pooled features (before the projection) are evaluated on a fixed held-out split (k-NN, linear
+probe, k-means), next to the randomly initialised network and the raw pixels. Writes
+``metrics.jsonl``, ``checkpoint.pt`` (every epoch), ``split.npz``, ``baselines.json``,
+``assignments.csv`` (the first head's argmax) and ``summary.png`` to the run directory;
+``--resume <dir>/checkpoint.pt`` continues a run, ``--eval-only <dir>/checkpoint.pt`` evaluates it.
 """
 
 from __future__ import annotations
@@ -230,20 +234,31 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     optimizer = LARS(net.parameters(), lr=lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_epochs, args.epochs))
     criterion = clt.SelfClassifierLoss(args.row_temperature, args.col_temperature, eps=1e-12)
+    out = common.run_dir(args, METHOD)
+    training = args.eval_only is None
+    log = common.metrics_log(args, out, ctx.main and training, resumed=ckpt is not None)
+    show = args.progress and ctx.main
+    scored = args.classes[0]
+    evaluation = common.Evaluation(out, data, args, ctx, eval_loader, write=training)
+    if ctx.main:
+        print(f"Self-Classifier: {data.name}, {len(data)} images; {args.arch}, heads {common.format_value(args.classes)}, "
+              f"lr {lr:g}, {ctx.world_size} process(es) on {ctx.device}; run directory {out}", flush=True)
+    baselines = evaluation.baselines(net.backbone, fresh=ckpt is None)
     start = 0
     if ckpt is not None:
         common.restore(ckpt, {"model": net, "optimizer": optimizer, "scheduler": scheduler})
         start = ckpt["epoch"]
         common.resume_rng(ckpt, args.seed, ctx)
+    labels_name = f"{scored}-class head argmax"
+    if not training:
+        record = {"epoch": start, **evaluation(net.backbone)}
+        common.broadcast_module(net, ctx)
+        predicted = clt.extract_features(FirstHeadLogits(net), eval_loader, device=ctx.device, progress=show).argmax(1)
+        if ctx.main:
+            record |= common.cluster_scores(data.targets, predicted)
+            print(common.eval_only_lines("Self-Classifier", labels_name, record, baselines), flush=True)
+        return
     model = common.wrap_ddp(net, ctx)
-    out = common.run_dir(args, METHOD)
-    log = common.metrics_log(args, out, ctx, resumed=ckpt is not None)
-    show = args.progress and ctx.main
-    scored = args.classes[0]
-    baseline = common.pixel_kmeans_scores(data, scored, args.seed) if ctx.main else None
-    if ctx.main:
-        print(f"Self-Classifier: {data.name}, {len(data)} images; {args.arch}, heads {common.format_value(args.classes)}, "
-              f"lr {lr:g}, {ctx.world_size} process(es) on {ctx.device}; run directory {out}", flush=True)
     stop = min(args.epochs, args.stop_after or args.epochs)
     sizes = None
     for epoch in range(start, stop):
@@ -255,6 +270,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         common.broadcast_module(net, ctx)  # score rank 0's BatchNorm statistics on every shard
         predicted = clt.extract_features(FirstHeadLogits(net), eval_loader, device=ctx.device, progress=show).argmax(1)
         rng = common.all_rng_states(ctx)
+        if common.eval_due(epoch + 1, stop, args.eval_every):
+            evaluated = time.perf_counter()
+            record |= evaluation(net.backbone) | {"eval_seconds": time.perf_counter() - evaluated}
         if ctx.main:
             common.save_checkpoint(out / common.CHECKPOINT, {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -268,9 +286,11 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
             print(common.epoch_line(record), flush=True)
     if ctx.main and sizes is not None:
         records = log.read()
-        plot = common.plot_run(out, records, sizes, f"Self-Classifier on {data.name}, {args.arch}, first head C = {scored}")
-        print(f"wrote {log.path}, {out / common.CHECKPOINT}, {plot}")
-        print(common.final_line(f"Self-Classifier (argmax of the {scored}-class head)", records[-1], baseline), flush=True)
+        plot = common.plot_run(out, records, sizes, f"Self-Classifier on {data.name}, {args.arch}, first head C = {scored}",
+                               baselines)
+        assignments = common.write_assignments(out, data, predicted)
+        print(f"wrote {log.path}, {out / common.CHECKPOINT}, {plot}, {assignments}")
+        print(common.summary_line("Self-Classifier", labels_name, records[-1], baselines), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@
 - :func:`init_model`: an NNX model, initialised in one compiled program, as train/eval ``GraphDef``\\ s (static, hashable, equal for
   equal architectures, so ``jit`` caches hit across runs in one process) and plain nested
   dicts of parameters and BatchNorm statistics.
+- :class:`Evaluation`: the frozen backbone's pooled features on centre crops (BatchNorm in
+  inference mode), scored by :class:`runs.Evaluator`, and the random-network / raw-pixel baselines.
 - Checkpoints: one ``.npz`` of plain arrays (flattened pytrees under ``/``-joined key paths,
   the run's settings as a JSON string), written atomically (temporary file + ``os.replace``)
   and read back with ``allow_pickle=False``.
@@ -179,6 +181,63 @@ def extract(fn: Callable[[jax.Array], jax.Array], images: Images, batch_size: in
     order = np.arange(-(-n // batch_size) * batch_size).clip(max=n - 1).reshape(-1, batch_size)
     outs = [np.asarray(fn(shard_batch(x, mesh))) for _, x in runs.progress(images.batches(order), show, desc, len(order))]
     return np.concatenate(outs)[:n]
+
+
+# ---------------------------------------------------------------------------- evaluation
+@functools.partial(jax.jit, static_argnames=("graphdef", "resolution"))
+def pooled_features(params: dict, stats: dict, images: jax.Array, *, graphdef: nnx.GraphDef, resolution: int) -> jax.Array:
+    """(B, D) pooled backbone features of centre crops (the model's ``backbone`` attribute, before
+    any neck or projection), BatchNorm in inference mode (``graphdef``: the eval one)."""
+    return nnx.merge(graphdef, params, stats).backbone(center_crop(images, resolution))
+
+
+@functools.partial(jax.jit, static_argnames=("resolution",))
+def flat_pixels(images: jax.Array, *, resolution: int) -> jax.Array:
+    """(B, 3·resolution²) flattened normalised centre crops: the raw-pixel baseline's features."""
+    x = center_crop(images, resolution)
+    return x.reshape(x.shape[0], -1)
+
+
+class Evaluation:
+    """The frozen-feature evaluation of a run (see :class:`runs.Evaluator`).
+
+    Parameters
+    ----------
+    directory : the run directory
+    data, args : the run's data and options (``--seed``, ``--resolution``, ``--batch-size``, ``--progress``)
+    images : the run's :class:`Images`
+    mesh : the device mesh (features are extracted with the batch sharded over it)
+    write : whether ``split.npz`` and ``baselines.json`` are written (False for ``--eval-only``)
+    """
+
+    def __init__(self, directory: Path, data: runs.ImageData, args: argparse.Namespace, images: Images, mesh: Mesh,
+                 write: bool) -> None:
+        self.scorer = runs.Evaluator(directory, data.targets, args.seed, write)
+        self.images, self.mesh, self.batch_size = images, mesh, args.batch_size
+        self.resolution, self.show = args.resolution, args.progress
+        self.pixels = runs.pixel_baseline_affordable(len(data), args.resolution)
+
+    def _extract(self, fn: Callable[[jax.Array], jax.Array]) -> np.ndarray:
+        return extract(fn, self.images, self.batch_size, self.mesh, self.show, "evaluation")
+
+    def __call__(self, graphdef: nnx.GraphDef, params: dict, stats: dict) -> dict[str, Any]:
+        """:meth:`runs.Evaluator.evaluate` of the backbone's pooled features (``graphdef``: eval mode)."""
+        fn = functools.partial(pooled_features, params, stats, graphdef=graphdef, resolution=self.resolution)
+        return self.scorer.evaluate(self._extract(fn))
+
+    def baselines(self, graphdef: nnx.GraphDef, params: dict, stats: dict, fresh: bool) -> dict[str, Any]:
+        """The run's baselines: read from the run directory unless ``fresh`` (a new run) or
+        missing there, else computed from ``params``/``stats``, which must still be the random
+        initialisation, and the flattened centre crops."""
+        stored = None if fresh else self.scorer.load_baselines()
+        if stored is not None:
+            print(f"baselines read from {self.scorer.directory / runs.BASELINES_FILE}", flush=True)
+            return stored
+        params, stats = replicate((params, stats), self.mesh)
+        random_net = self._extract(functools.partial(pooled_features, params, stats, graphdef=graphdef,
+                                                     resolution=self.resolution))
+        pixels = self._extract(functools.partial(flat_pixels, resolution=self.resolution)) if self.pixels else None
+        return self.scorer.make_baselines(random_net, pixels)
 
 
 # ---------------------------------------------------------------------------- augmentations
@@ -356,6 +415,7 @@ def launch(
     :func:`unflatten` checks. A checkpoint ``run`` cannot restore (:class:`runs.CheckpointError`)
     or an unreadable image file (:class:`runs.ImageError`) ends in one line and exit code 2.
     """
+    runs.check_eval_only(parser, args)
     data = runs.open_data(parser, args, min_images)
     mesh = make_mesh()
     runs.check_batch_size(parser, args.batch_size, mesh.size, "devices", len(data))
@@ -363,38 +423,44 @@ def launch(
     try:
         run(args, data, ckpt, mesh)
     except runs.CheckpointError as err:
-        parser.error(f"--resume: {args.resume}: {err}")
+        parser.error(f"{_checkpoint_flag(args)}: {runs.checkpoint_path(args)}: {err}")
     except runs.ImageError as err:
         parser.error(f"--data: {runs.image_error_line(err)}")
 
 
+def _checkpoint_flag(args: argparse.Namespace) -> str:
+    return "--eval-only" if args.eval_only is not None else "--resume"
+
+
 def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace,
                     required: Sequence[str] = ()) -> dict[str, np.ndarray] | None:
-    """The ``--resume`` checkpoint's arrays (``epoch`` included), or None without ``--resume``.
+    """The ``--resume`` (or ``--eval-only``) checkpoint's arrays (``epoch`` included), or None
+    without either.
 
     ``parser.error`` (one line, exit code 2) if it is missing, unreadable, lacks ``epoch``,
-    ``args``, ``rng/key`` or a ``required`` entry, has nothing left to train, or was trained
-    with other settings. Loads without unpickling (``allow_pickle=False``).
+    ``args``, ``rng/key`` or a ``required`` entry, has nothing left to train (``--resume``
+    only), or was trained with other settings. Loads without unpickling (``allow_pickle=False``).
     """
-    if args.resume is None:
+    path, flag = runs.checkpoint_path(args), _checkpoint_flag(args)
+    if path is None:
         return None
-    if not args.resume.is_file():
-        parser.error(f"--resume: no checkpoint file {args.resume}")
+    if not path.is_file():
+        parser.error(f"{flag}: no checkpoint file {path}")
     try:
-        with np.load(args.resume, allow_pickle=False) as z:
+        with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         saved = json.loads(str(arrays.pop("args"))) if "args" in arrays else None
     except Exception as err:  # zip, format and JSON errors have many types
-        parser.error(f"--resume: cannot load {args.resume}: {runs.error_line(err)}")
+        parser.error(f"{flag}: cannot load {path}: {runs.error_line(err)}")
     missing = [k for k in ("epoch", "rng/key", *required) if k not in arrays] + (["args"] if saved is None else [])
     if missing:
-        parser.error(f"--resume: {args.resume}: it has no {', '.join(missing)} entr{'ies' if len(missing) > 1 else 'y'}")
+        parser.error(f"{flag}: {path}: it has no {', '.join(missing)} entr{'ies' if len(missing) > 1 else 'y'}")
     epoch = arrays["epoch"]
     epoch = epoch.item() if epoch.shape == () and epoch.dtype.kind in "iu" else epoch
     try:
         arrays["epoch"] = runs.check_resume(saved, epoch, args)
     except runs.CheckpointError as err:
-        parser.error(f"--resume: {args.resume}: {err}")
+        parser.error(f"{flag}: {path}: {err}")
     return arrays
 
 

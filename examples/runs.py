@@ -3,8 +3,10 @@
 The command line with ImageNet/demo presets and its validators, the data (the embedded
 digits demo as NumPy arrays, an ImageFolder tree listed without torchvision, images read with
 PIL), the run directory (``metrics.jsonl``, atomic file writes, the settings check of
-``--resume``), scores against the true labels, the k-means baseline on raw pixels, the epoch
-and final lines, the summary plot and tqdm progress.
+``--resume``), scores against the true labels, the evaluation of frozen features (the fixed
+split, k-NN, linear probe and k-means scores, the random-network and raw-pixel baselines,
+``--eval-every`` / ``--eval-only``), the training set's cluster assignments, the epoch and final
+lines, the summary plot and tqdm progress.
 
 It imports NumPy, PIL, scikit-learn (demo data, through ``clusterlearn.metrics``) and
 matplotlib (the plot) only: no deep-learning framework. The scripts import it as ``import
@@ -14,8 +16,10 @@ runs`` (``python examples/x.py`` puts ``examples/`` on ``sys.path``).
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import hashlib
+import io
 import json
 import math
 import os
@@ -38,7 +42,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: File endings an ImageFolder tree's images may have (torchvision's list).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 #: Options a resumed run may change; any other difference from the checkpoint's is refused.
-RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "stop_after", "workers", "progress", "dist_timeout", "tensorboard"})
+RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "stop_after", "workers", "progress", "dist_timeout",
+                               "eval_every", "eval_only", "tensorboard"})
+#: Options every script has whose defaults differ between the ImageNet and the demo presets.
+COMMON_PRESETS = {"imagenet": {"eval_every": 0}, "demo": {"eval_every": 5}}
 
 
 #: How an :class:`ImageError`'s message starts (before the file's path).
@@ -121,7 +128,7 @@ class PresetParser(argparse.ArgumentParser):
 
     def __init__(self, presets: dict[str, dict[str, Any]], **kwargs: Any) -> None:
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-        self.presets = presets
+        self.presets = {name: {**COMMON_PRESETS[name], **values} for name, values in presets.items()}
 
     def add_preset(self, flag: str, *, help: str, **kwargs: Any) -> None:
         """Add an option whose default comes from the presets (shown in ``--help``)."""
@@ -145,6 +152,11 @@ def add_common_arguments(parser: PresetParser, archs: Sequence[str], *, workers_
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<method>-<timestamp>, or the "
                         "checkpoint's directory with --resume)")
     parser.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue from this checkpoint")
+    parser.add_argument("--eval-only", type=Path, metavar="CHECKPOINT",
+                        help="evaluate this checkpoint (the same settings as its run), print the final line and exit; "
+                        "writes nothing")
+    parser.add_preset("--eval-every", type=non_negative_int,
+                      help="evaluate the frozen features every this many epochs (0: only at the end of the run)")
     parser.add_preset("--epochs", type=positive_int, help="total training epochs")
     parser.add_argument("--stop-after", type=positive_int, metavar="EPOCH",
                         help="stop after this epoch (the schedule still plans --epochs; continue with --resume)")
@@ -166,13 +178,16 @@ class ImageData:
 
     ``images`` is an (N, H, W, 3) uint8 array (the demo) or a list of N file paths (an
     ImageFolder tree, read on access). ``pixels`` holds flat raw pixel vectors for the
-    k-means baseline where that is affordable (the demo data), else ``None``.
+    k-means baseline where that is affordable (the demo data), else ``None``. ``ids``: each
+    array image's index in the full data set (a ``--subset`` keeps them), ``None`` for
+    ``0..N-1``.
     """
 
     name: str
     images: np.ndarray | list[str]
     targets: np.ndarray
     pixels: np.ndarray | None = None
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -192,7 +207,15 @@ class ImageData:
         idx = np.linspace(0, len(self) - 1, n).round().astype(np.int64)
         images = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
         pixels = None if self.pixels is None else self.pixels[idx]
-        return ImageData(f"{self.name} (subset of {n})", images, self.targets[idx], pixels)
+        ids = np.arange(len(self), dtype=np.int64) if self.ids is None else self.ids
+        return ImageData(f"{self.name} (subset of {n})", images, self.targets[idx], pixels, ids[idx])
+
+    def names(self) -> list[str]:
+        """What identifies each image to a user: its file path, or its index in the full data set."""
+        if not isinstance(self.images, np.ndarray):
+            return list(self.images)
+        ids = np.arange(len(self), dtype=np.int64) if self.ids is None else self.ids
+        return [str(i) for i in ids.tolist()]
 
 
 def demo_digits(resolution: int) -> ImageData:
@@ -305,12 +328,24 @@ def epoch_order(num_samples: int, batch_size: int, seed: int, epoch: int) -> np.
 
 # ---------------------------------------------------------------------------- run directory
 def run_dir(args: argparse.Namespace, method: str) -> Path:
-    """``--out``, else the checkpoint's directory when resuming, else ``runs/<method>-<timestamp>``."""
+    """``--out``, else the checkpoint's directory when resuming or evaluating (``--eval-only``),
+    else ``runs/<method>-<timestamp>``."""
     if args.out is not None:
         return args.out
-    if args.resume is not None:
-        return args.resume.parent
+    if checkpoint_path(args) is not None:
+        return checkpoint_path(args).parent
     return Path("runs") / f"{method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path | None:
+    """The checkpoint to load: ``--eval-only``'s, else ``--resume``'s, else None."""
+    return args.eval_only if args.eval_only is not None else args.resume
+
+
+def check_eval_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` when ``--eval-only`` is combined with ``--resume``."""
+    if args.eval_only is not None and args.resume is not None:
+        parser.error("--eval-only: evaluates a checkpoint without training; do not pass --resume with it")
 
 
 def args_record(args: argparse.Namespace) -> dict[str, Any]:
@@ -336,7 +371,8 @@ def check_resume(saved: Any, epoch: Any, args: argparse.Namespace) -> int:
     ``saved`` is the checkpoint's :func:`args_record`, ``epoch`` its epoch count (a Python or
     NumPy integer). Raises :class:`CheckpointError` (a one-line message) when ``saved`` is not
     a dictionary, ``epoch`` not an integer in ``[0, --epochs)`` or not before ``--stop-after``,
-    or the settings differ from this run's beyond :data:`RESUMABLE_CHANGES`.
+    or the settings differ from this run's beyond :data:`RESUMABLE_CHANGES`. Under
+    ``--eval-only`` nothing is trained: any epoch count >= 0 is accepted.
     """
     if not isinstance(saved, dict):
         raise CheckpointError(f"its args entry is a {type(saved).__name__}, not a dictionary of settings")
@@ -348,6 +384,8 @@ def check_resume(saved: Any, epoch: Any, args: argparse.Namespace) -> int:
     epoch = int(epoch)
     if epoch < 0:
         raise CheckpointError(f"its epoch entry is {epoch}, not a number of finished epochs (>= 0)")
+    if args.eval_only is not None:
+        return epoch
     if epoch >= args.epochs:
         raise CheckpointError(f"the checkpoint has finished {epoch} epochs of --epochs {args.epochs}: nothing to "
                               "train (raise --epochs to train longer)")
@@ -444,6 +482,159 @@ def fingerprint(arrays: Iterable[np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+# ---------------------------------------------------------------------------- evaluation
+#: The fixed held-out split of every run: the same for every method, seed and baseline.
+TEST_FRACTION, SPLIT_SEED = 0.2, 0
+#: k of the weighted k-NN (capped by the train split's size on tiny subsets).
+KNN_K = (20, 200)
+#: Keys an evaluation adds to a metrics record (see :meth:`Evaluator.evaluate`).
+EVAL_KEYS = ("knn_top1@20", "knn_top1@200", "linear_top1", "feat_nmi", "feat_ari", "feat_acc")
+#: The probe is fitted on at most this many training images (a fixed class-stratified part of the
+#: train split): scikit-learn's multinomial fit on ImageNet's million 2048-d features would take hours.
+PROBE_MAX_TRAIN = 50_000
+#: The raw-pixel baseline is skipped when the flattened images would take more bytes (float32).
+PIXEL_BASELINE_MAX_BYTES = 1 << 30
+SPLIT_FILE = "split.npz"
+BASELINES_FILE = "baselines.json"
+ASSIGNMENTS_FILE = "assignments.csv"
+
+
+def eval_due(epoch: int, stop: int, every: int) -> bool:
+    """Whether finished epoch ``epoch`` (1-based) is evaluated: every ``every`` epochs (0: never
+    on the way) and always the last epoch of the run, ``stop``."""
+    return epoch == stop or (every > 0 and epoch % every == 0)
+
+
+def pixel_baseline_affordable(num_images: int, resolution: int) -> bool:
+    """Whether the flattened eval images (N, 3·resolution²) float32 fit :data:`PIXEL_BASELINE_MAX_BYTES`."""
+    return num_images * 3 * resolution * resolution * 4 <= PIXEL_BASELINE_MAX_BYTES
+
+
+class Evaluator:
+    """The evaluation protocol of one run: a fixed split, frozen-feature scores and the baselines.
+
+    The split is ``cl.stratified_split(targets, 0.2, seed=0)`` (labels used for evaluation
+    only); with ``write`` it is saved as ``<dir>/split.npz`` (``train`` and ``test`` index
+    arrays). :meth:`evaluate` scores features; the baselines (the randomly initialised network
+    and the raw pixels through the same protocol) live in ``<dir>/baselines.json``.
+
+    Parameters
+    ----------
+    directory : the run directory
+    targets : (N,) int64 true class labels
+    seed : seed of the k-means of :meth:`evaluate` (the run's ``--seed``)
+    write : whether this process writes files (rank 0 of a training run)
+    """
+
+    def __init__(self, directory: Path, targets: np.ndarray, seed: int, write: bool) -> None:
+        self.directory = Path(directory)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.seed = seed
+        self.write = write
+        self.train, self.test = cl.stratified_split(self.targets, TEST_FRACTION, seed=SPLIT_SEED)
+        self.probe_train = self.train
+        if len(self.train) > PROBE_MAX_TRAIN:
+            part = cl.stratified_split(self.targets[self.train], PROBE_MAX_TRAIN / len(self.train), seed=SPLIT_SEED)[1]
+            self.probe_train = self.train[part]
+        if write:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.directory / SPLIT_FILE, lambda f: np.savez(f, train=self.train, test=self.test))
+
+    def evaluate(self, features: np.ndarray) -> dict[str, float | None]:
+        """Scores of (N, D) frozen features, in dataset order (L2-normalised here).
+
+        Returns :data:`EVAL_KEYS`: ``knn_top1@20`` and ``knn_top1@200`` (weighted k-NN fitted on
+        the train split, scored on the test split; k capped by the train split's size),
+        ``linear_top1`` (a logistic-regression probe on standardised features, C = 1, fitted on
+        the train split, or a fixed class-stratified part of :data:`PROBE_MAX_TRAIN` of it), and
+        ``feat_nmi``, ``feat_ari``, ``feat_acc`` (k-means of all N features with k = the number
+        of classes, against the labels). k-NN and probe are ``None`` when the split leaves no
+        test sample or fewer than two training classes (tiny subsets).
+        """
+        x = np.asarray(features, dtype=np.float32)
+        if x.shape[0] != self.targets.shape[0]:
+            raise ValueError(f"features must have one row per image ({self.targets.shape[0]}), got {x.shape[0]}")
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        out: dict[str, float | None] = dict.fromkeys(EVAL_KEYS[:3])
+        y_train, y_test = self.targets[self.train], self.targets[self.test]
+        if len(self.test) and np.unique(y_train).shape[0] >= 2:
+            ks = [min(k, len(self.train)) for k in KNN_K]
+            knn = cl.knn_accuracy(x[self.train], y_train, x[self.test], y_test, k=sorted(set(ks)),
+                                  num_classes=int(self.targets.max()) + 1)
+            for k, capped in zip(KNN_K, ks):
+                out[f"knn_top1@{k}"] = knn[f"knn_top1@{capped}"]
+            probe = cl.linear_probe(x[self.probe_train], self.targets[self.probe_train], x[self.test], y_test)
+            out["linear_top1"] = probe["probe_top1"]
+        scores = cl.cluster_scores(x, self.targets, seed=self.seed)
+        out |= {"feat_nmi": scores["nmi"], "feat_ari": scores["ari"], "feat_acc": scores["acc"]}
+        return out
+
+    def load_baselines(self) -> dict[str, Any] | None:
+        """The run directory's baselines, or None if it has none (or an unreadable file)."""
+        try:
+            baselines = json.loads((self.directory / BASELINES_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return baselines if isinstance(baselines, dict) and {"random_net", "pixels"} <= set(baselines) else None
+
+    def make_baselines(self, random_net: np.ndarray, pixels: np.ndarray | None) -> dict[str, Any]:
+        """Evaluate the random network's features and the flattened pixels (``None``: skipped,
+        too large); saved to ``<dir>/baselines.json`` when writing."""
+        baselines = {"random_net": self.evaluate(random_net), "pixels": None if pixels is None else self.evaluate(pixels),
+                     "split": {"test_fraction": TEST_FRACTION, "seed": SPLIT_SEED, "train": len(self.train),
+                               "test": len(self.test)}}
+        if self.write:
+            atomic_write(self.directory / BASELINES_FILE, lambda f: f.write(json.dumps(baselines, indent=1).encode()))
+        return baselines
+
+
+def write_assignments(directory: Path, data: ImageData, labels: Any) -> Path:
+    """``<dir>/assignments.csv``: ``index,path_or_id,cluster`` for every training image (atomic).
+
+    ``labels`` (N,) are the method's final cluster ids (any backend); ``path_or_id`` is the
+    image's file, or its index in the full data set (the digits demo).
+    """
+    labels = np.asarray(to_numpy(labels), dtype=np.int64)
+    if labels.shape != (len(data),):
+        raise ValueError(f"labels must have one entry per image ({len(data)}), got shape {labels.shape}")
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["index", "path_or_id", "cluster"])
+    writer.writerows(zip(range(len(data)), data.names(), labels.tolist()))
+    path = Path(directory) / ASSIGNMENTS_FILE
+    atomic_write(path, lambda f: f.write(rows.getvalue().encode()))
+    return path
+
+
+def _eval_text(scores: dict[str, Any] | None, feat: str = "") -> str:
+    """``kNN@20 0.912  probe 0.934  NMI 0.710  ACC 0.700`` of an evaluation (n/a where not computed)."""
+    if scores is None:
+        return "not computed (too large)"
+    show = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return (f"kNN@20 {show(scores.get('knn_top1@20'))}  probe {show(scores.get('linear_top1'))}  "
+            f"{feat}NMI {show(scores.get('feat_nmi'))}  ACC {show(scores.get('feat_acc'))}")
+
+
+def summary_line(method: str, labels: str, record: dict[str, Any], baselines: dict[str, Any] | None) -> str:
+    """The run's last line: the frozen features' evaluation, the training labels' scores, and
+    the same evaluation of the randomly initialised network and of the raw pixels.
+
+    ``final ODC: kNN@20 0.912  probe 0.934  feat NMI 0.710  ACC 0.700 | memory labels NMI ..  ACC ..
+    | random net: kNN@20 ..  probe ..  NMI ..  ACC .. | pixels: kNN@20 ..  probe ..  NMI ..  ACC ..``
+    """
+    parts = [f"final {method}: {_eval_text(record, 'feat ')}", f"{labels} NMI {record['nmi']:.3f}  ACC {record['acc']:.3f}"]
+    if baselines is None:
+        parts.append("baselines: not computed")
+    else:
+        parts += [f"random net: {_eval_text(baselines['random_net'])}", f"pixels: {_eval_text(baselines['pixels'])}"]
+    return " | ".join(parts)
+
+
+def eval_only_lines(method: str, labels: str, record: dict[str, Any], baselines: dict[str, Any] | None) -> str:
+    """What ``--eval-only`` prints: the record as JSON (``evaluation {...}``), then :func:`summary_line`."""
+    return f"evaluation {json.dumps(record)}\n{summary_line(method, labels, record, baselines)}"
+
+
 # ---------------------------------------------------------------------------- scores and output
 def cluster_scores(truth: np.ndarray, labels: Any) -> dict[str, float]:
     """NMI, ARI and Hungarian-matched accuracy of cluster ``labels`` (any backend, any device)."""
@@ -459,7 +650,10 @@ def size_stats(labels: Any, num_clusters: int) -> tuple[np.ndarray, dict[str, in
 
 
 def pixel_kmeans_scores(data: ImageData, num_clusters: int, seed: int) -> dict[str, float] | None:
-    """Scores of k-means on the L2-normalised raw pixels, where the data carries them."""
+    """Scores of k-means on the L2-normalised raw pixels, where the data carries them.
+
+    Superseded by :class:`Evaluator`'s pixel baseline; kept for scripts that do not evaluate yet.
+    """
     if data.pixels is None:
         return None
     result = cl.kmeans(cl.l2_normalize(data.pixels), num_clusters, seed=seed, backend="array")
@@ -476,19 +670,31 @@ def epoch_line(record: dict[str, Any]) -> str:
     parts += [f"NMI {record['nmi']:.3f}", f"ACC {record['acc']:.3f}",
               f"clusters {record['cluster_size_min']}-{record['cluster_size_max']}",
               f"{record['images_per_s']:.0f} img/s"]
+    if "feat_nmi" in record:
+        parts.append(f"| eval: {_eval_text(record, 'feat ')}")
     return "  ".join(parts)
 
 
 def final_line(method: str, record: dict[str, Any], baseline: dict[str, float] | None) -> str:
-    """The run's last line: final NMI/ACC against the true labels next to k-means on raw pixels."""
+    """The run's last line: final NMI/ACC against the true labels next to k-means on raw pixels.
+
+    Superseded by :func:`summary_line`; kept for scripts that do not evaluate yet.
+    """
     text = f"final {method}: NMI {record['nmi']:.3f}  ACC {record['acc']:.3f}"
     if baseline is None:
         return text + "  |  k-means on raw pixels: not computed for ImageFolder data"
     return text + f"  |  k-means on raw pixels: NMI {baseline['nmi']:.3f}  ACC {baseline['acc']:.3f}"
 
 
-def plot_run(directory: Path, records: list[dict[str, Any]], sizes: np.ndarray, title: str) -> Path:
-    """``<dir>/summary.png``: loss and NMI/ACC per epoch, and a histogram of the final cluster sizes."""
+#: What the evaluation panel of the summary plot draws: record key, legend label.
+_PLOTTED_EVAL = (("knn_top1@20", "kNN@20"), ("linear_top1", "probe"), ("feat_nmi", "feature NMI"))
+
+
+def plot_run(directory: Path, records: list[dict[str, Any]], sizes: np.ndarray, title: str,
+             baselines: dict[str, Any] | None = None) -> Path:
+    """``<dir>/summary.png``: loss and NMI/ACC per epoch, a histogram of the final cluster sizes,
+    and (when any record was evaluated) kNN@20, probe and feature NMI over the evaluated
+    epochs with ``baselines`` (random network dashed, raw pixels dotted) as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -496,7 +702,9 @@ def plot_run(directory: Path, records: list[dict[str, Any]], sizes: np.ndarray, 
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
-    fig, (ax_loss, ax_nmi, ax_hist) = plt.subplots(1, 3, figsize=(14, 4))
+    evaluated = [r for r in records if "feat_nmi" in r]
+    fig, axes = plt.subplots(1, 4 if evaluated else 3, figsize=(19 if evaluated else 14, 4))
+    ax_loss, ax_nmi, ax_hist = axes[:3]
     ax_loss.plot(epochs, [r["loss"] for r in records], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
     ax_nmi.plot(epochs, [r["nmi"] for r in records], marker="o", label="NMI")
@@ -505,6 +713,10 @@ def plot_run(directory: Path, records: list[dict[str, Any]], sizes: np.ndarray, 
     ax_nmi.legend()
     for ax in (ax_loss, ax_nmi):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if evaluated:
+        _plot_eval(axes[3], evaluated, baselines)
+        axes[3].set_xlim(ax_loss.get_xlim())  # the same epochs as the loss, also with one evaluation
+        axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_hist.hist(sizes, bins=min(50, max(len(sizes), 1)))
     ax_hist.set(xlabel="samples per cluster", ylabel="clusters", title=f"final cluster sizes (C = {len(sizes)})")
     fig.suptitle(title)
@@ -513,6 +725,23 @@ def plot_run(directory: Path, records: list[dict[str, Any]], sizes: np.ndarray, 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path
+
+
+def _plot_eval(ax: Any, evaluated: list[dict[str, Any]], baselines: dict[str, Any] | None) -> None:
+    """The evaluation panel: frozen-feature scores per evaluated epoch, baselines as lines."""
+    for i, (key, label) in enumerate(_PLOTTED_EVAL):
+        colour = f"C{i}"
+        points = [(r["epoch"], r[key]) for r in evaluated if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", color=colour, label=label)
+        for name, style in (("random_net", "--"), ("pixels", ":")):
+            value = ((baselines or {}).get(name) or {}).get(key)
+            if value is not None:
+                ax.axhline(value, color=colour, linestyle=style, linewidth=1)
+    ax.plot([], [], "k--", linewidth=1, label="random network")
+    ax.plot([], [], "k:", linewidth=1, label="raw pixels")
+    ax.set(xlabel="epoch", ylim=(0, 1), title="frozen features (held-out split)")
+    ax.legend(fontsize="small")
 
 
 def progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | None = None) -> Iterable[Any]:

@@ -20,6 +20,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+import clusterlearn as cl
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
@@ -47,6 +49,31 @@ def final_line(text: str) -> str:
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_evaluation(out: Path, text: str, labels: np.ndarray, num_clusters: int) -> None:
+    """What every run's evaluation leaves: scores in range in the final record, the fixed split,
+    the baselines in the file and the final line, and one assignment per training image."""
+    runs = script("runs")
+    data = runs.demo_digits(16).subset(16)
+    final = records(out)[-1]
+    for key in runs.EVAL_KEYS:
+        assert final[key] is not None and (-1 if key == "feat_ari" else 0) <= final[key] <= 1, key
+    train, test = np.load(out / "split.npz").values()
+    want = cl.stratified_split(data.targets, 0.2, seed=0)
+    assert np.array_equal(train, want[0]) and np.array_equal(test, want[1])
+    baselines = json.loads((out / "baselines.json").read_text())
+    line = [line for line in text.splitlines() if line.startswith("final ")][-1]
+    for name, shown in (("random_net", "random net"), ("pixels", "pixels")):
+        assert set(runs.EVAL_KEYS) <= set(baselines[name]), name
+        b = baselines[name]
+        assert f"{shown}: kNN@20 {b['knn_top1@20']:.3f}  probe {b['linear_top1']:.3f}  NMI {b['feat_nmi']:.3f}" in line, line
+    assert f"kNN@20 {final['knn_top1@20']:.3f}  probe {final['linear_top1']:.3f}  feat NMI {final['feat_nmi']:.3f}" in line
+    rows = (out / "assignments.csv").read_text().splitlines()
+    assert rows[0] == "index,path_or_id,cluster" and len(rows) == 1 + len(data)
+    table = np.array([[int(v) for v in row.split(",")] for row in rows[1:]])
+    assert table[:, 0].tolist() == list(range(len(data))) and np.array_equal(table[:, 1], data.ids)
+    assert np.array_equal(table[:, 2], labels) and 0 <= labels.min() and labels.max() < num_clusters
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +104,38 @@ def test_odc_smoke_writes_metrics_plot_and_checkpoint(odc_straight: tuple[Path, 
     assert (out / "summary.png").stat().st_size > 0
     assert not list(out.glob("*.tmp"))  # atomic writes leave no temporary file behind
     line = final_line(text)
-    assert line.startswith("final ODC") and "NMI" in line and "ACC" in line and "k-means on raw pixels" in line
+    assert line.startswith("final ODC") and "memory labels NMI" in line
     state = load(out / "checkpoint.pt")
     assert set(state) >= {"model", "optimizer", "scheduler", "odc", "epoch", "rng", "args"} and state["epoch"] == 2
+    assert "feat_nmi" not in rows[0]  # the demo evaluates every 5 epochs and at the end only
+    check_evaluation(out, text, state["odc"]["labels"].numpy(), 2)
+
+
+def test_odc_eval_only_reproduces_the_final_evaluation(odc_straight: tuple[Path, str]) -> None:
+    out, _ = odc_straight
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    text = _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--eval-only", str(out / "checkpoint.pt")])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # writes nothing
+    (evaluated,) = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("evaluation {")]
+    final = records(out)[-1]
+    assert evaluated["epoch"] == 2
+    for key in (*script("runs").EVAL_KEYS, "nmi", "acc"):
+        assert evaluated[key] == final[key], key
+    assert "baselines read from" in text and "random net: kNN@20" in final_line(text)
 
 
 def test_odc_resume_is_bit_exact(odc_straight: tuple[Path, str], tmp_path: Path) -> None:
     straight, _ = odc_straight
     _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(tmp_path)])
     assert [r["epoch"] for r in records(tmp_path)] == [1]
-    _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pt")])
+    assert "feat_nmi" in records(tmp_path)[0]  # the last epoch of a run is evaluated
+    # the baselines are computed once per run: a resume reads them (here a marked copy)
+    baselines = json.loads((tmp_path / "baselines.json").read_text())
+    baselines["random_net"]["knn_top1@20"] = 0.123
+    (tmp_path / "baselines.json").write_text(json.dumps(baselines))
+    text = _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pt")])
+    assert "random net: kNN@20 0.123" in final_line(text)
+    assert json.loads((tmp_path / "baselines.json").read_text()) == baselines
     a, b = load(straight / "checkpoint.pt"), load(tmp_path / "checkpoint.pt")
     assert b["epoch"] == 2
     for part in ("model", "odc"):
@@ -113,7 +162,9 @@ def test_deepcluster_smoke(tmp_path: Path) -> None:
     assert {"loss", "nmi", "acc", "cluster_size_min", "cluster_size_max", "images_per_s"} <= set(row)
     assert row["cluster_size_min"] >= 1  # k-means never returns an empty cluster
     assert final_line(text).startswith("final DeepCluster") and (tmp_path / "summary.png").exists()
-    assert load(tmp_path / "checkpoint.pt")["labeler"]["epoch"] == 1
+    state = load(tmp_path / "checkpoint.pt")
+    assert state["labeler"]["epoch"] == 1
+    check_evaluation(tmp_path, text, state["labeler"]["previous_labels"].numpy(), 4)
 
 
 def test_selfclassifier_smoke(tmp_path: Path) -> None:
@@ -125,6 +176,11 @@ def test_selfclassifier_smoke(tmp_path: Path) -> None:
     assert np.isfinite(row["loss"])
     assert final_line(text).startswith("final Self-Classifier") and (tmp_path / "summary.png").exists()
     assert load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    rows = (tmp_path / "assignments.csv").read_text().splitlines()[1:]
+    labels = np.array([int(r.split(",")[2]) for r in rows])
+    sizes = np.bincount(labels, minlength=4)  # the first head's argmax, which the record's sizes count
+    assert (sizes.min(), sizes.max()) == (row["cluster_size_min"], row["cluster_size_max"])
+    check_evaluation(tmp_path, text, labels, 4)
 
 
 def test_odc_two_gloo_processes_keep_identical_memories(tmp_path: Path) -> None:
@@ -144,6 +200,9 @@ def test_odc_two_gloo_processes_keep_identical_memories(tmp_path: Path) -> None:
     assert set(prints) == {"0", "1"}, log[-4000:]
     assert prints["0"] == prints["1"] == records(tmp_path)[-1]["fingerprint"]
     assert "1 process(es)" not in log and "2 process(es)" in log
+    # rank 0 evaluated the gathered features (every image once) while rank 1 went on, without a hang
+    labels = load(tmp_path / "checkpoint.pt")["odc"]["labels"].numpy()
+    check_evaluation(tmp_path, log, labels, 2)
 
 
 BAD_INPUT = [
@@ -160,6 +219,9 @@ BAD_INPUT = [
     ("imagenet_selfclassifier_torch", ["--classes", "1,4"], "at least 2 classes"),
     ("imagenet_selfclassifier_torch", ["--classes", "10,x"], "comma-separated positive integers"),
     ("imagenet_selfclassifier_torch", ["--resume", "/nonexistent/checkpoint.pt"], "no checkpoint file"),
+    ("imagenet_deepcluster_torch", ["--eval-only", "/nonexistent/checkpoint.pt"], "--eval-only: no checkpoint file"),
+    ("imagenet_odc_torch", ["--eval-only", "a.pt", "--resume", "b.pt"], "do not pass --resume"),
+    ("imagenet_odc_torch", ["--eval-every", "-1"], "must be a non-negative integer"),
 ]
 
 
@@ -203,3 +265,28 @@ def test_small_input_stem_keeps_the_resolution(width: int) -> None:
         assert net(x).shape == (2, features) and features == 8 * width
     big, features = common.backbone("resnet50", width=width)
     assert features == 32 * width and big(torch.randn(1, 3, 64, 64)).shape == (1, features)
+
+
+def test_evaluation_leaves_the_training_random_streams_alone(tmp_path: Path) -> None:
+    """Evaluating between epochs must not shift what the training draws next (a ``DataLoader``
+    takes a seed from torch's stream each time it is iterated)."""
+    import argparse
+
+    common = script("common")
+    data = script("runs").demo_digits(16).subset(16)
+    loader = torch.utils.data.DataLoader(common.IndexedImages(data, common.eval_transform(16)), 8)
+    ctx = common.DistContext(0, 1, torch.device("cpu"))
+    args = argparse.Namespace(seed=0, progress=False, resolution=16)
+    evaluation = common.Evaluation(tmp_path, data, args, ctx, loader, write=False)
+    backbone, _ = common.backbone("resnet18", small_input=True, width=4)
+
+    def draws() -> tuple:
+        return float(torch.rand(())), float(np.random.rand()), random.random()
+
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    want = draws()
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    scores = evaluation(backbone)
+    assert draws() == want
+    assert set(scores) == set(script("runs").EVAL_KEYS)
+    assert not list(tmp_path.iterdir())  # write=False: no split or baselines file

@@ -92,6 +92,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, s
         ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(d["odc_resumed"])]),
         ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "2", "--resume", str(d["odc_resumed"] / "checkpoint.npz")]),
         ("imagenet_selfclassifier_jax", [*SC_TINY, "--epochs", "1", "--out", str(d["sc"])]),
+        ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "2", "--eval-only", str(d["odc"] / "checkpoint.npz")]),
     ]
     two = [
         ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "1", "--out", str(d["odc_2dev"])]),
@@ -105,11 +106,29 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, s
     text = [log.read_text() for log in logs]
     return {"odc": (d["odc"], text[0]), "odc_stopped": (d["odc_resumed"], text[1]),
             "odc_resumed": (d["odc_resumed"], text[2]), "sc": (d["sc"], text[3]),
-            "odc_2dev": (d["odc_2dev"], text[4]), "sc_2dev": (d["sc_2dev"], text[5])}
+            "odc_eval_only": (d["odc"], text[4]), "odc_2dev": (d["odc_2dev"], text[5]), "sc_2dev": (d["sc_2dev"], text[6])}
 
 
 def final_line(text: str) -> str:
     return text.strip().splitlines()[-1]
+
+
+def check_evaluation(out: Path, text: str, labels: np.ndarray, num_clusters: int) -> None:
+    """Scores in range in the final record, the baselines in the final line, one assignment per image."""
+    runs = script("runs")
+    final = records(out)[-1]
+    for key in runs.EVAL_KEYS:
+        assert final[key] is not None and (-1 if key == "feat_ari" else 0) <= final[key] <= 1, key
+    assert (out / "split.npz").exists()
+    baselines = json.loads((out / "baselines.json").read_text())
+    line = final_line(text)
+    for name, shown in (("random_net", "random net"), ("pixels", "pixels")):
+        b = baselines[name]
+        assert f"{shown}: kNN@20 {b['knn_top1@20']:.3f}  probe {b['linear_top1']:.3f}  NMI {b['feat_nmi']:.3f}" in line, line
+    rows = (out / "assignments.csv").read_text().splitlines()
+    assert rows[0] == "index,path_or_id,cluster" and len(rows) == 17
+    clusters = np.array([int(row.split(",")[2]) for row in rows[1:]])
+    assert np.array_equal(clusters, labels) and 0 <= labels.min() and labels.max() < num_clusters
 
 
 # ---------------------------------------------------------------------------- model
@@ -134,8 +153,10 @@ def test_odc_smoke_writes_metrics_plot_and_checkpoint(trained: dict) -> None:
     assert (out / "summary.png").stat().st_size > 0
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))  # atomic writes leave nothing behind
     line = final_line(text)
-    assert line.startswith("final ODC") and "NMI" in line and "ACC" in line and "k-means on raw pixels" in line
+    assert line.startswith("final ODC") and "memory labels NMI" in line
+    assert "feat_nmi" not in rows[0]  # the demo evaluates every 5 epochs and at the end only
     state = checkpoint(out)
+    check_evaluation(out, text, state["odc/labels"], 2)
     assert int(state["epoch"]) == 2 and json.loads(str(state["args"]))["clusters"] == 2
     for prefix in ("params/", "stats/", "opt/", "odc/", "rng/"):
         assert any(k.startswith(prefix) for k in state), prefix
@@ -155,9 +176,22 @@ def test_odc_resume_is_exact(trained: dict) -> None:
         if key != "args":
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} differs after resuming")
     assert [r["epoch"] for r in records(resumed)] == [1, 2]
-    timing = {"images_per_s", "train_seconds", "seconds"}
-    for x, y in zip(records(straight), records(resumed)):
-        assert {k: v for k, v in x.items() if k not in timing} == {k: v for k, v in y.items() if k not in timing}
+    timing = {"images_per_s", "train_seconds", "seconds", "eval_seconds"}
+    for x, y in zip(records(straight), records(resumed)):  # the stopped run also evaluated its last epoch, 1
+        assert {k: v for k, v in x.items() if k not in timing} == {k: v for k, v in y.items() if k in x and k not in timing}
+    assert "feat_nmi" in records(resumed)[0] and "feat_nmi" in records(resumed)[1]
+    # the baselines are computed once per run, at its start: the resumed run reads them
+    assert "baselines read from" in trained["odc_resumed"][1] and "baselines read from" not in trained["odc_stopped"][1]
+
+
+def test_odc_eval_only_reproduces_the_final_evaluation(trained: dict) -> None:
+    out, text = trained["odc_eval_only"]
+    (evaluated,) = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("evaluation {")]
+    final = records(out)[-1]
+    assert evaluated["epoch"] == 2 and len(records(out)) == 2  # nothing appended to metrics.jsonl
+    for key in (*script("runs").EVAL_KEYS, "nmi", "acc"):
+        assert evaluated[key] == final[key], key
+    assert "baselines read from" in text and final_line(text).startswith("final ODC")
 
 
 def test_selfclassifier_smoke(trained: dict) -> None:
@@ -168,6 +202,11 @@ def test_selfclassifier_smoke(trained: dict) -> None:
     assert final_line(text).startswith("final Self-Classifier") and (out / "summary.png").exists()
     state = checkpoint(out)
     assert int(state["epoch"]) == 1 and any(k.startswith("opt/") for k in state)
+    rows = (out / "assignments.csv").read_text().splitlines()[1:]
+    labels = np.array([int(r.split(",")[2]) for r in rows])
+    sizes = np.bincount(labels, minlength=4)  # the first head's argmax, which the record's sizes count
+    assert (sizes.min(), sizes.max()) == (row["cluster_size_min"], row["cluster_size_max"])
+    check_evaluation(out, text, labels, 4)
 
 
 def test_two_devices_keep_identical_memories(trained: dict) -> None:
@@ -202,6 +241,8 @@ BAD_INPUT = [
     ("imagenet_selfclassifier_jax", ["--classes", "10,x"], "comma-separated positive integers"),
     ("imagenet_selfclassifier_jax", ["--resolution", "0"], "must be a positive integer"),
     ("imagenet_selfclassifier_jax", ["--resume", "/nonexistent/checkpoint.npz"], "no checkpoint file"),
+    ("imagenet_selfclassifier_jax", ["--eval-only", "/nonexistent/checkpoint.npz"], "--eval-only: no checkpoint file"),
+    ("imagenet_odc_jax", ["--eval-only", "{garbage}", "--resume", "{garbage}"], "do not pass --resume"),
 ]
 
 
