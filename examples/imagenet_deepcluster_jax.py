@@ -205,6 +205,8 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
     opt_state = opt.build().init(params)
     labeler = cl.DeepClusterLabeler(args.clusters, pca_dim=args.pca_dim, n_iter=args.kmeans_iters, seed=args.seed,
                                     backend=args.kmeans_backend)
+    training = args.eval_only is None
+    random_init = (params, stats)  # the random network baseline's weights (the restore below replaces them)
     start = 0
     if ckpt is not None:  # everything restored (and checked) before the run directory is touched
         try:
@@ -215,14 +217,21 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
                 raise ValueError(f"the checkpoint has no {', '.join(missing)}")
             labeler.load_state_dict({"epoch": int(ckpt["labeler/epoch"]), "previous_labels": ckpt["labeler/previous_labels"]})
         except (TypeError, ValueError) as err:
-            fail(f"--resume: {err}")
+            fail(f"{'--resume' if training else '--eval-only'}: {err}")
         start = int(ckpt["epoch"])
     params, stats, opt_state = jc.replicate((params, stats, opt_state), mesh)
     out = runs.run_dir(args, METHOD)
+    images = jc.Images(data, jc.base_size(args.resolution), args.workers)
+    evaluation = jc.Evaluation(out, data, args, images, mesh, write=training)
+    baselines = evaluation.baselines(eval_def, *random_init, fresh=ckpt is None)
+    if not training:
+        record = {"epoch": start, **evaluation(eval_def, params, stats),
+                  **runs.cluster_scores(data.targets, labeler.state_dict()["previous_labels"])}
+        images.close()
+        print(runs.eval_only_lines("DeepCluster", "k-means labels", record, baselines), flush=True)
+        return
     log = runs.MetricsLog(out, True, resumed=ckpt is not None)
     show = args.progress
-    images = jc.Images(data, jc.base_size(args.resolution), args.workers)
-    baseline = runs.pixel_kmeans_scores(data, args.clusters, args.seed)
     print(f"DeepCluster (JAX): {data.name}, {n} images; {args.arch} (width {args.width}, "
           f"{jc.count(params):,} parameters), k = {args.clusters}, {jc.describe(mesh)}; run directory {out}", flush=True)
     stop = min(args.epochs, args.stop_after or args.epochs)
@@ -253,6 +262,9 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
                   "labeler/epoch": np.asarray(state["epoch"], np.int64),
                   "labeler/previous_labels": state["previous_labels"], "rng/key": jc.key_data(key)}
         jc.save_checkpoint(out / jc.CHECKPOINT, arrays, args, epoch + 1)
+        if runs.eval_due(epoch + 1, stop, args.eval_every):
+            evaluated = time.perf_counter()
+            record |= evaluation(eval_def, params, stats) | {"eval_seconds": time.perf_counter() - evaluated}
         record |= runs.cluster_scores(data.targets, labels)
         record |= runs.size_stats(labels, args.clusters)[1]
         record["seconds"] = time.perf_counter() - started
@@ -260,10 +272,13 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         print(runs.epoch_line(record), flush=True)
     images.close()
     records = log.read()
-    sizes = runs.size_stats(labeler.state_dict()["previous_labels"], args.clusters)[0]
-    plot = runs.plot_run(out, records, sizes, f"DeepCluster (JAX) on {data.name}, {args.arch}, k = {args.clusters}")
-    print(f"wrote {log.path}, {out / jc.CHECKPOINT}, {plot}")
-    print(runs.final_line("DeepCluster (k-means labels)", records[-1], baseline), flush=True)
+    last = labeler.state_dict()["previous_labels"]  # the last epoch's k-means labels
+    sizes = runs.size_stats(last, args.clusters)[0]
+    plot = runs.plot_run(out, records, sizes, f"DeepCluster (JAX) on {data.name}, {args.arch}, k = {args.clusters}",
+                         baselines)
+    assignments = runs.write_assignments(out, data, last)
+    print(f"wrote {log.path}, {out / jc.CHECKPOINT}, {plot}, {assignments}")
+    print(runs.summary_line("DeepCluster", "k-means labels", records[-1], baselines), flush=True)
 
 
 if __name__ == "__main__":

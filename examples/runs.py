@@ -649,17 +649,6 @@ def size_stats(labels: Any, num_clusters: int) -> tuple[np.ndarray, dict[str, in
                    "empty_clusters": int((sizes == 0).sum())}
 
 
-def pixel_kmeans_scores(data: ImageData, num_clusters: int, seed: int) -> dict[str, float] | None:
-    """Scores of k-means on the L2-normalised raw pixels, where the data carries them.
-
-    Superseded by :class:`Evaluator`'s pixel baseline; kept for scripts that do not evaluate yet.
-    """
-    if data.pixels is None:
-        return None
-    result = cl.kmeans(cl.l2_normalize(data.pixels), num_clusters, seed=seed, backend="array")
-    return cluster_scores(data.targets, np.asarray(result.labels))
-
-
 def epoch_line(record: dict[str, Any]) -> str:
     """A one-line summary of an epoch's metrics record."""
     parts = [f"epoch {record['epoch']}", f"loss {record['loss']:.4f}"]
@@ -673,17 +662,6 @@ def epoch_line(record: dict[str, Any]) -> str:
     if "feat_nmi" in record:
         parts.append(f"| eval: {_eval_text(record, 'feat ')}")
     return "  ".join(parts)
-
-
-def final_line(method: str, record: dict[str, Any], baseline: dict[str, float] | None) -> str:
-    """The run's last line: final NMI/ACC against the true labels next to k-means on raw pixels.
-
-    Superseded by :func:`summary_line`; kept for scripts that do not evaluate yet.
-    """
-    text = f"final {method}: NMI {record['nmi']:.3f}  ACC {record['acc']:.3f}"
-    if baseline is None:
-        return text + "  |  k-means on raw pixels: not computed for ImageFolder data"
-    return text + f"  |  k-means on raw pixels: NMI {baseline['nmi']:.3f}  ACC {baseline['acc']:.3f}"
 
 
 #: What the evaluation panel of the summary plot draws: record key, legend label.

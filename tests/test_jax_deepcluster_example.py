@@ -31,7 +31,7 @@ EXAMPLES = ROOT / "examples"
 NAME = "imagenet_deepcluster_jax"
 TINY = ["--subset", "16", "--resolution", "16", "--width", "4", "--batch-size", "8", "--clusters", "2",
         "--pca-dim", "4", "--kmeans-backend", "array", "--no-progress"]
-TIMING = {"images_per_s", "train_seconds", "cluster_seconds", "seconds"}
+TIMING = {"images_per_s", "train_seconds", "cluster_seconds", "eval_seconds", "seconds"}
 
 # Runs ``[(argv, stdout file), ...]`` (JSON in argv[1]) of the example in one interpreter.
 DRIVER = """
@@ -110,7 +110,12 @@ def test_smoke_writes_metrics_plot_and_checkpoint(trained: dict) -> None:
     assert (out / "summary.png").stat().st_size > 0
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))  # atomic writes leave nothing behind
     line = text.strip().splitlines()[-1]
-    assert line.startswith("final DeepCluster (k-means labels): NMI") and "k-means on raw pixels: NMI" in line
+    assert line.startswith("final DeepCluster: kNN@20") and "k-means labels NMI" in line
+    baselines = json.loads((out / "baselines.json").read_text())
+    for name, shown in (("random_net", "random net"), ("pixels", "pixels")):
+        assert f"{shown}: kNN@20 {baselines[name]['knn_top1@20']:.3f}" in line, line
+    for key in ("knn_top1@20", "linear_top1", "feat_nmi", "feat_acc"):
+        assert rows[-1][key] is not None and 0 <= rows[-1][key] <= 1, key  # the last epoch is evaluated
     state = checkpoint(out)
     assert int(state["epoch"]) == 2 and json.loads(str(state["args"]))["clusters"] == 2
     for prefix in ("params/", "stats/", "opt/", "rng/"):
@@ -118,6 +123,9 @@ def test_smoke_writes_metrics_plot_and_checkpoint(trained: dict) -> None:
     assert int(state["labeler/epoch"]) == 2
     labels = state["labeler/previous_labels"]
     assert labels.shape == (16,) and np.bincount(labels, minlength=2).min() >= 1
+    assigned = (out / "assignments.csv").read_text().splitlines()
+    assert assigned[0] == "index,path_or_id,cluster" and len(assigned) == 17
+    assert [int(row.split(",")[2]) for row in assigned[1:]] == labels.tolist()
     assert state["params/top/kernel"].shape[-1] == 2
 
 
@@ -134,7 +142,10 @@ def test_resume_is_exact(trained: dict) -> None:
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} differs after resuming")
     assert [r["epoch"] for r in records(resumed)] == [1, 2]
     for x, y in zip(records(straight), records(resumed)):
-        assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
+        # the stopped run evaluates its last epoch (1), the straight one only its end: compare what both measured
+        shared = (set(x) & set(y)) - TIMING
+        assert {k: x[k] for k in shared} == {k: y[k] for k in shared}
+        assert {"loss", "nmi", "kmeans_inertia"} <= shared
 
 
 @pytest.mark.slow
