@@ -277,9 +277,8 @@ def _restarts(x: Array, k: int, n_iter: int, seed: int, init: Init, n_init: int,
     # The array backend's data, and where k-means++ seeds are chosen; faiss' own random draw
     # needs no centred copy.
     centred = x if use_faiss and init == "random" else x - offset
-    if use_faiss:
-        host = np.ascontiguousarray(B.to_numpy(x), dtype=np.float32)
-        gpu = _on_cuda(x) and faiss_gpu_available()
+    host = np.ascontiguousarray(B.to_numpy(x), dtype=np.float32) if use_faiss else None
+    gpu = use_faiss and _on_cuda(x) and faiss_gpu_available()
 
     def run(seed: int) -> KMeansResult:
         if not use_faiss:
