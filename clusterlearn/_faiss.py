@@ -95,8 +95,9 @@ def faiss_kmeans(
     seed: int = 0,
     gpu: bool = False,
     max_points_per_centroid: int | None = None,
+    init_centroids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[float], int]:
-    """Lloyd's k-means with ``faiss.Kmeans`` (random initial centroids drawn with ``seed``).
+    """Lloyd's k-means with ``faiss.Kmeans``, from given or random initial centroids.
 
     Parameters
     ----------
@@ -107,13 +108,17 @@ def faiss_kmeans(
     n_iter : int, default 20
         Maximum iterations; faiss stops early when the objective stops changing.
     seed : int, default 0
-        Seed of faiss' initialisation (k distinct training points) and subsampling, in
-        [0, 2**31 - 1]; the same seed gives the same result on the same data and device.
+        Seed of faiss' initialisation (k distinct training points, when ``init_centroids`` is
+        not given) and subsampling, in [0, 2**31 - 1]; the same seed gives the same result on
+        the same data and device.
     gpu : bool, default False
         Use every visible GPU (needs faiss with GPU support, see `faiss_gpu_available`).
     max_points_per_centroid : int, optional
         faiss subsamples the training set to ``k * max_points_per_centroid`` points when it is
         larger; ``None`` trains on all points. The final labels always cover all N points.
+    init_centroids : (k, D) NumPy array, optional
+        Finite starting centroids (k-means++ seeds, say), converted to float32; ``None`` lets
+        faiss draw k distinct training points with ``seed``.
 
     Returns
     -------
@@ -135,7 +140,8 @@ def faiss_kmeans(
     TypeError
         ``x`` is not a floating NumPy array, or an integer argument is not an int.
     ValueError
-        Bad shape, non-finite values, or ``k``, ``n_iter``, ``seed`` out of range.
+        Bad shape, non-finite values, or ``k``, ``n_iter``, ``seed`` out of range; or
+        ``init_centroids`` not finite or not of shape (k, D).
     RuntimeError
         ``gpu=True`` without a GPU-enabled faiss and a GPU.
     """
@@ -162,6 +168,16 @@ def faiss_kmeans(
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError("x contains NaN or Inf")
+    if init_centroids is not None:
+        if not isinstance(init_centroids, np.ndarray) or init_centroids.dtype.kind != "f":
+            got = init_centroids.dtype if isinstance(init_centroids, np.ndarray) else type(init_centroids).__name__
+            raise TypeError(f"init_centroids must be a real floating NumPy array, got {got}")
+        if init_centroids.shape != (k, d):
+            raise ValueError(f"init_centroids must have shape (k, D) = {(k, d)}, got {init_centroids.shape}")
+        with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+            init_centroids = np.ascontiguousarray(init_centroids, dtype=np.float32)
+        if not np.isfinite(init_centroids).all():
+            raise ValueError("init_centroids contains NaN or Inf (in float32)")
 
     km = faiss.Kmeans(
         d,
@@ -173,7 +189,7 @@ def faiss_kmeans(
         min_points_per_centroid=1,  # N >= k is checked above; silences faiss' size warning
         max_points_per_centroid=max_points_per_centroid,
     )
-    km.train(x)
+    km.train(x, init_centroids=init_centroids)
     history = [float(v) for v in km.obj]
     n_fixed = sum(int(stats["nsplit"]) for stats in km.iteration_stats)
     centroids = np.array(km.centroids, dtype=np.float32)

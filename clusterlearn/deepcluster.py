@@ -88,9 +88,10 @@ class DeepClusterLabeler:
     backend : {"auto", "faiss", "array"}, default "auto"
         k-means implementation, see :func:`clusterlearn.kmeans`.
     init : {None, "k-means++", "random"}, optional
-        k-means initialisation, see :func:`clusterlearn.kmeans`. ``None`` lets the backend
-        choose; on the array backend that is k-means++, whose cost grows as k N D, so pass
-        ``"random"`` for large k on a CPU.
+        k-means initialisation, see :func:`clusterlearn.kmeans`. ``None`` means greedy
+        k-means++ on either backend (k sequential passes over the features, about
+        ``2 + ln k`` Lloyd iterations' worth of arithmetic); ``"random"`` is the reference's
+        cheaper start (faiss' own draw), which can leave well-separated clusters merged.
 
     Attributes
     ----------

@@ -3,21 +3,24 @@
 Two implementations sit behind :func:`kmeans`:
 
 ``"array"``
-    Lloyd's algorithm written against the array API (this module), with k-means++ or random
-    initialisation. All random draws come from a host NumPy generator seeded by ``seed``, so
-    the same input gives the same clustering on every backend (up to floating-point ties).
+    Lloyd's algorithm written against the array API (this module). All random draws come from
+    a host NumPy generator seeded by ``seed``, so the same input gives the same clustering on
+    every backend (up to floating-point ties).
 ``"faiss"``
     ``faiss.Kmeans`` on a host float32 copy (:mod:`clusterlearn._faiss`), as DeepCluster's
     reference implementation does; a GPU index when the input lives on a CUDA device and
     faiss has GPU support. Results are converted back to the caller's namespace and device.
 
+Both start from greedy k-means++ seeds by default, chosen here in the caller's namespace (faiss
+takes them as its initial centroids), so on the same data the two backends start from the same
+rows; ``init="random"`` keeps faiss' own random start, the DeepCluster reference's behaviour.
+``n_init`` restarts keep the run of lowest inertia.
+
 ``backend="auto"`` (the default) picks faiss whenever it is importable and can serve the
 call, see :func:`kmeans`. The library's own callers choose as follows: the 2-means splits of
-small-cluster handling pass ``backend="array"`` (a few dozen points, where k-means++ matters
-more than speed, and splits must not change with whether faiss is installed);
-``OnlineDeepClustering.initialize`` asks for k-means++ by default, which only the array backend
-has, and reaches faiss through ``"auto"`` with ``kmeans_init="random"``, the choice for
-data-set-sized k-means on a CPU; `DeepClusterLabeler` uses ``"auto"`` like the reference.
+small-cluster handling pass ``backend="array"`` (a few dozen points, and splits must not change
+with whether faiss is installed); ``OnlineDeepClustering.initialize`` and `DeepClusterLabeler`
+use ``"auto"`` with k-means++ by default (``"random"`` on request).
 """
 
 from __future__ import annotations
@@ -141,42 +144,55 @@ def relocate_empty(labels: Array, sq_dists: Array, sizes: Array) -> tuple[Array,
     return labels, moved
 
 
-def _init_centroids(x: Array, k: int, init: str, gen: Any) -> Array:
-    xp = aac.array_namespace(x)
-    n = x.shape[0]
-    if init == "random":
-        idx = xp.asarray(gen.choice(n, size=k, replace=False), device=aac.device(x))
-        return xp.take(x, idx, axis=0)
-    # k-means++: each new centre drawn with probability proportional to D(x)^2.
-    acc = B.accumulator_dtype(xp, aac.device(x))
-    first = int(gen.integers(n))
-    centres = [x[first : first + 1, ...]]
-    x_sq = xp.sum(x * x, axis=1)
+def _seed_indices(x: Array, k: int, init: Init, gen: Any) -> Array:
+    """(k,) indices of the rows of ``x`` (N, D) that start Lloyd's algorithm.
 
-    def sq_dist(c: Array) -> Array:  # (N,) ||x - c||^2 by a matrix-vector product, no (N, D) temporary
-        return xp.clip(x_sq - 2 * xp.matmul(x, c[0, ...]) + xp.sum(c * c), min=0.0)
-
-    d2 = sq_dist(centres[0])
-    for _ in range(1, k):
-        cdf = xp.cumulative_sum(xp.astype(d2, acc))
-        target = xp.asarray(gen.random(), dtype=acc, device=aac.device(x)) * cdf[-1]
-        pick = xp.clip(xp.searchsorted(cdf, xp.reshape(target, (1,)), side="right"), max=n - 1)
-        c = xp.take(x, xp.astype(pick, B.index_dtype(xp, aac.device(x))), axis=0)
-        centres.append(c)
-        d2 = xp.minimum(d2, sq_dist(c))
-    return xp.concat(centres, axis=0)
-
-
-def _lloyd(x: Array, k: int, n_iter: int, seed: int, init: Init) -> KMeansResult:
-    """The array backend of :func:`kmeans` (arguments already validated).
-
-    The data are centred first (k-means is translation invariant): with a large common offset,
-    the float32 distances ``||x||^2 - 2 x.c + ||c||^2`` would otherwise cancel catastrophically.
+    ``"random"``: k distinct rows, uniformly. ``"k-means++"``: greedy k-means++ (Arthur and
+    Vassilvitskii's D^2 sampling, with the greedy refinement scikit-learn also uses): the first
+    row uniformly, then at each step ``2 + floor(ln k)`` candidates drawn with probability
+    proportional to their squared distance to the nearest row chosen so far, keeping the
+    candidate that lowers the total of those squared distances most. One pass over ``x`` per
+    chosen centre, all candidates of a step in one (N, D) x (D, L) product; no host round trip.
+    Every draw comes from the host generator ``gen``, so every backend makes the same draws.
+    ``x`` should be centred (the expansion ``|x|^2 - 2 x.c + |c|^2`` cancels with a large offset).
     """
     xp = aac.array_namespace(x)
-    offset = xp.mean(x, axis=0)
-    x = x - offset
-    centroids = _init_centroids(x, k, init, B.rng(seed))
+    dev = aac.device(x)
+    n = x.shape[0]
+    idx_dtype = B.index_dtype(xp, dev)
+    if init == "random":
+        return xp.asarray(gen.choice(n, size=k, replace=False), dtype=idx_dtype, device=dev)
+    acc = B.accumulator_dtype(xp, dev)
+    trials = 2 + int(math.log(k))
+    x_sq = xp.sum(x * x, axis=1)
+
+    def sq_dists(idx: Array) -> Array:  # (N, m) squared distances to the rows x[idx], idx (m,)
+        c = xp.take(x, idx, axis=0)
+        cross = xp.matmul(x, xp.matrix_transpose(c))
+        return xp.clip(x_sq[:, None] - 2 * cross + xp.sum(c * c, axis=1)[None, :], min=0.0)
+
+    first = xp.asarray([int(gen.integers(n))], dtype=idx_dtype, device=dev)
+    chosen = [first]
+    d2 = sq_dists(first)[:, 0]
+    for _ in range(1, k):  # inherent to k-means++: each draw depends on the previous centres
+        cdf = xp.cumulative_sum(xp.astype(d2, acc))
+        targets = xp.asarray(gen.random(trials), dtype=acc, device=dev) * cdf[-1]
+        candidates = xp.astype(xp.clip(xp.searchsorted(cdf, targets, side="right"), max=n - 1), idx_dtype)
+        merged = xp.minimum(d2[:, None], sq_dists(candidates))  # (N, L) distances if each were added
+        best = xp.argmin(xp.sum(xp.astype(merged, acc), axis=0), keepdims=True)  # first on ties
+        chosen.append(xp.take(candidates, best))
+        d2 = xp.take(merged, best, axis=1)[:, 0]
+    return xp.concat(chosen)
+
+
+def _lloyd(x: Array, centroids: Array, n_iter: int) -> KMeansResult:
+    """The array backend of :func:`kmeans`: Lloyd's algorithm from ``centroids`` (k, D).
+
+    ``x`` (N, D) is centred by the caller (see :func:`_seed_indices`); so are the centroids
+    returned.
+    """
+    xp = aac.array_namespace(x)
+    k = centroids.shape[0]
     history: list[float] = []
     n_fixed = 0
     labels = None
@@ -196,7 +212,7 @@ def _lloyd(x: Array, k: int, n_iter: int, seed: int, init: Init) -> KMeansResult
             break
         centroids, _ = cluster_means(x, labels, k, previous=centroids)
         done += 1
-    return KMeansResult(centroids + offset, labels, history[-1], tuple(history), done, n_fixed)
+    return KMeansResult(centroids, labels, history[-1], tuple(history), done, n_fixed)
 
 
 def _on_cuda(x: Array) -> bool:
@@ -224,34 +240,73 @@ def _host_inertia(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> f
     return total
 
 
-def _faiss_backend(x: Array, k: int, n_iter: int, seed: int) -> KMeansResult:
-    """The faiss backend of :func:`kmeans` (arguments already validated).
+def _faiss_run(host: np.ndarray, k: int, n_iter: int, seed: int, starts: np.ndarray | None, gpu: bool) -> KMeansResult:
+    """One faiss k-means of the float32 host array ``host`` (N, D); NumPy arrays in the result.
 
-    faiss trains on a float32 host copy of ``x``, on a GPU index when ``x`` is on a CUDA device
-    and faiss has GPU support; the result is converted back to ``x``'s namespace, device and
-    dtype (labels in the namespace's default integer dtype).
+    ``starts`` (k,) indexes the rows that start training (faiss draws k random rows with
+    ``seed`` when it is ``None``).
+    """
+    init_centroids = None if starts is None else host[starts]
+    centroids, labels, history, n_fixed = faiss_kmeans(
+        host, k, n_iter=n_iter, seed=seed, gpu=gpu, init_centroids=init_centroids
+    )
+    inertia = _host_inertia(host, centroids, labels)
+    return KMeansResult(centroids, labels, inertia, (*history, inertia), len(history), n_fixed)
+
+
+def _run_seed(seed: int, run: int) -> int:
+    """Seed of restart ``run`` >= 1 (the first run uses ``seed`` itself), in faiss' range."""
+    return int(B.rng(seed, run).integers(_FAISS_MAX_SEED + 1))
+
+
+def _restarts(x: Array, k: int, n_iter: int, seed: int, init: Init, n_init: int, use_faiss: bool) -> KMeansResult:
+    """The lowest-inertia of ``n_init`` runs of one backend (arguments already validated).
+
+    Array backend: Lloyd's algorithm in ``x``'s namespace on the centred data (k-means is
+    translation invariant; with a large common offset the float32 distances
+    ``|x|^2 - 2 x.c + |c|^2`` would otherwise cancel catastrophically).
+    faiss backend: ``faiss.Kmeans`` on a float32 host copy of ``x`` (a GPU index when ``x`` is on
+    a CUDA device and faiss has GPU support), started from the same rows the array backend
+    would start from (k-means++ seeds chosen in ``x``'s namespace, on its device), or from
+    faiss' own random draw for ``init="random"``. Results are converted back to ``x``'s
+    namespace, device and dtype (labels in the namespace's default integer dtype).
     """
     xp = aac.array_namespace(x)
     dev = aac.device(x)
-    host = np.ascontiguousarray(B.to_numpy(x), dtype=np.float32)
-    gpu = _on_cuda(x) and faiss_gpu_available()
-    centroids, labels, history, n_fixed = faiss_kmeans(host, k, n_iter=n_iter, seed=seed, gpu=gpu)
-    inertia = _host_inertia(host, centroids, labels)
-    return KMeansResult(
-        centroids=xp.astype(B.convert(centroids, xp, dev), x.dtype),
-        labels=xp.astype(B.convert(labels, xp, dev), B.index_dtype(xp, dev)),
-        inertia=inertia,
-        inertia_history=(*history, inertia),
-        n_iter=len(history),
-        n_empty_fixed=n_fixed,
+    offset = xp.mean(x, axis=0)
+    # The array backend's data, and where k-means++ seeds are chosen; faiss' own random draw
+    # needs no centred copy.
+    centred = x if use_faiss and init == "random" else x - offset
+    host = np.ascontiguousarray(B.to_numpy(x), dtype=np.float32) if use_faiss else None
+    gpu = use_faiss and _on_cuda(x) and faiss_gpu_available()
+
+    def run(seed: int) -> KMeansResult:
+        if not use_faiss:
+            return _lloyd(centred, xp.take(centred, _seed_indices(centred, k, init, B.rng(seed)), axis=0), n_iter)
+        if init == "random":  # faiss' own draw: the DeepCluster reference's start
+            return _faiss_run(host, k, n_iter, seed, None, gpu)
+        starts = np.asarray(B.to_numpy(_seed_indices(centred, k, init, B.rng(seed))), dtype=np.int64)
+        return _faiss_run(host, k, n_iter, seed, starts, gpu)
+
+    best = run(seed)
+    for r in range(1, n_init):
+        result = run(_run_seed(seed, r))
+        if result.inertia < best.inertia:  # the earlier run is kept on ties
+            best = result
+    if not use_faiss:
+        return dataclasses.replace(best, centroids=best.centroids + offset)
+    return dataclasses.replace(
+        best,
+        centroids=xp.astype(B.convert(best.centroids, xp, dev), x.dtype),
+        labels=xp.astype(B.convert(best.labels, xp, dev), B.index_dtype(xp, dev)),
     )
 
 
-def _resolve_backend(backend: str, x: Array, n_iter: int, seed: int, init: Init | None) -> str:
+def _resolve_backend(backend: str, x: Array, n_iter: int, seed: int) -> str:
     """``"faiss"`` or ``"array"``: the implementation that serves this call (see `kmeans`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    faiss_can = init != "k-means++" and n_iter >= 1 and seed <= _FAISS_MAX_SEED
+    faiss_can = n_iter >= 1 and seed <= _FAISS_MAX_SEED
     if backend == "auto":
         if not faiss_can or not faiss_available():
             return "array"
@@ -261,8 +316,6 @@ def _resolve_backend(backend: str, x: Array, n_iter: int, seed: int, init: Init 
     if backend == "faiss":
         if not faiss_available():
             raise ImportError(f"kmeans(backend='faiss') needs faiss: {_FAISS_HINT}; or use backend='array'")
-        if init == "k-means++":
-            raise ValueError("backend='faiss' initialises with random points only: use init=None or 'random'")
         if n_iter < 1:
             raise ValueError(f"backend='faiss' runs at least one iteration, got n_iter={n_iter}")
         if seed > _FAISS_MAX_SEED:
@@ -278,6 +331,7 @@ def kmeans(
     seed: int = 0,
     init: Init | None = None,
     backend: Backend = "auto",
+    n_init: int = 1,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` into ``k`` non-empty clusters with Lloyd's algorithm.
 
@@ -293,20 +347,28 @@ def kmeans(
     seed : non-negative seed of the initialisation; the same seed gives the same result for
         the same input and backend choice
     init : {None, "k-means++", "random"}
-        Initial centroids. ``None`` (default) lets the backend choose: k-means++ for
-        ``"array"``, faiss' own (k distinct training points drawn with ``seed``) for
-        ``"faiss"``. ``"random"`` draws k distinct points (with faiss' generator on the faiss
-        backend, so the two backends start from different points). ``"k-means++"`` exists
-        only in the array backend; it costs k passes over the data (O(k N D)), so for very
-        large k on a CPU ``"random"`` is much cheaper.
+        Initial centroids, the same rows on both backends for ``"k-means++"``. ``None``
+        (default) means ``"k-means++"``: greedy k-means++ (each new centre the best, by the
+        resulting sum of squared distances, of ``2 + floor(ln k)`` candidates drawn by D^2
+        sampling), chosen in ``x``'s namespace and on its device and handed to faiss on the
+        faiss backend. It makes k sequential passes over the data (about ``2 + ln k`` Lloyd
+        iterations' worth of arithmetic). ``"random"``: k distinct points; on the faiss backend
+        faiss' own draw with ``seed``, i.e. exactly what ``faiss.Kmeans(..., seed=seed)`` and
+        the DeepCluster reference do (random starts can put two centres in one well-separated
+        cluster and leave another without one, which Lloyd's algorithm cannot undo).
     backend : {"auto", "faiss", "array"}
         ``"array"``: Lloyd's algorithm in ``x``'s own namespace and on its device.
         ``"faiss"``: ``faiss.Kmeans`` on a float32 host copy of ``x`` (a GPU index when ``x``
         lives on a CUDA device and faiss has GPU support, faiss-cpu otherwise); needs
-        ``n_iter >= 1``, ``seed <= 2**31 - 1`` and ``init`` other than ``"k-means++"``.
+        ``n_iter >= 1`` and ``seed <= 2**31 - 1``.
         ``"auto"`` (default): faiss when it is importable and can serve the call (the
         conditions just listed), except for CUDA input without GPU-enabled faiss, which stays
         on its device with the array backend; the array backend otherwise.
+    n_init : int, default 1
+        Runs (initialisation then Lloyd's algorithm), the first with ``seed`` and the others
+        with seeds derived from it; the run of lowest inertia is returned (the earliest on
+        ties), so more runs never give a higher inertia than ``n_init=1``. Each run costs as
+        much as one call.
 
     Returns
     -------
@@ -329,7 +391,8 @@ def kmeans(
     Raises
     ------
     TypeError
-        ``x`` is not a real floating array, or ``k``, ``n_iter``, ``seed`` are not integers.
+        ``x`` is not a real floating array, or ``k``, ``n_iter``, ``seed``, ``n_init`` are not
+        integers.
     ValueError
         ``x`` is not 2-D, empty, or not finite; ``k > N``; an argument is out of range; or
         ``backend="faiss"`` with a call faiss cannot serve.
@@ -341,28 +404,28 @@ def kmeans(
     ``"auto"`` makes results depend on whether faiss is installed (and, on GPUs, on whether it
     has GPU support); pass ``backend="array"`` where reproducibility across installations
     matters more than speed. On the CPU backends (NumPy, PyTorch, JAX, array-api-strict) the
-    faiss path sees identical host data, so it gives identical results on all of them.
+    faiss path trains on identical host data; its k-means++ seeds are chosen in ``x``'s
+    namespace, so they agree across namespaces up to floating-point ties between candidates
+    (with ``init="random"`` faiss' draw is identical everywhere).
     """
     B.eager_namespace(x=x)
     check_features(x, "x")
     k = check_int(k, "k", minimum=1)
     n_iter = check_int(n_iter, "n_iter", minimum=0)
     seed = check_int(seed, "seed", minimum=0)
+    n_init = check_int(n_init, "n_init", minimum=1)
     if init not in (None, "k-means++", "random"):
         raise ValueError(f"init must be None, 'k-means++' or 'random', got {init!r}")
     if k > x.shape[0]:
         raise ValueError(f"k must be <= the number of points ({x.shape[0]}), got {k}")
-    use_faiss = _resolve_backend(backend, x, n_iter, seed, init) == "faiss"
+    use_faiss = _resolve_backend(backend, x, n_iter, seed) == "faiss"
     # k-means commutes with scaling: cluster x / 2**e, with max|x / 2**e| in [0.5, 1), and scale
     # the centroids and inertia back. Powers of two scale every rounding exactly, so this only
     # keeps squared distances (|x|**2, up to 4 D max|x|**2) clear of overflow and underflow;
     # data of moderate magnitude (e = 0) are used as they are.
     e = B.power_of_two_exponent(x)
     x = B.times_power_of_two(x, -e)
-    if use_faiss:
-        result = _faiss_backend(x, k, n_iter, seed)
-    else:
-        result = _lloyd(x, k, n_iter, seed, init or "k-means++")
+    result = _restarts(x, k, n_iter, seed, init or "k-means++", n_init, use_faiss)
     return dataclasses.replace(
         result,
         centroids=B.times_power_of_two(result.centroids, e),

@@ -55,6 +55,20 @@ def test_planted_mixture(seed, k, d, n_per):
 
 
 @needs_faiss
+@pytest.mark.parametrize("seed", [0, 3])
+def test_training_starts_from_the_given_centroids(seed):
+    x, _ = _planted(seed, 300, 5, 6)
+    start = x[np.random.default_rng(seed).choice(300, 5, replace=False)]
+    centroids, labels, history, _ = faiss_kmeans(x, 5, n_iter=1, seed=seed, init_centroids=start.astype(np.float64))
+    dist = _squared_distances(x, start)
+    # faiss' first objective is the start's, in float32 (relative error a few D * eps)
+    assert history[0] == pytest.approx(dist.min(axis=1).sum(), rel=1e-5)
+    assignment = dist.argmin(axis=1)  # one iteration: centroids are the means of that assignment
+    means = np.stack([x[assignment == j].astype(np.float64).mean(axis=0) for j in range(5)])
+    np.testing.assert_allclose(centroids, means, rtol=1e-5, atol=1e-4)
+
+
+@needs_faiss
 def test_converges_on_separated_clusters():
     x, truth = _planted(7, 600, 4, 8)
     centroids, labels, history, _ = faiss_kmeans(x, 4, n_iter=20, seed=7)
@@ -100,6 +114,12 @@ def test_duplicates_left_empty_by_faiss_are_reseeded(monkeypatch):
         (np.ones((4, 3), dtype=np.float32), {"k": 2, "seed": 2**31}, ValueError, "seed"),
         (np.ones((4, 3), dtype=np.float32), {"k": 2.0}, TypeError, "k must be an integer"),
         (np.ones((4, 3), dtype=np.float32), {"k": 2, "max_points_per_centroid": 0}, ValueError, "max_points"),
+        (np.ones((4, 3), np.float32), {"k": 2, "init_centroids": np.ones((3, 3))}, ValueError, "init_centroids must have"),
+        (np.ones((4, 3), np.float32), {"k": 2, "init_centroids": np.ones((2, 2))}, ValueError, "init_centroids must have"),
+        (np.ones((4, 3), np.float32), {"k": 2, "init_centroids": np.full((2, 3), np.inf)}, ValueError, "init_centroids"),
+        (np.ones((4, 3), np.float32), {"k": 2, "init_centroids": np.full((2, 3), 1e39)}, ValueError, "init_centroids"),
+        (np.ones((4, 3), np.float32), {"k": 2, "init_centroids": np.ones((2, 3), int)}, TypeError, "init_centroids"),
+        (np.ones((4, 3), np.float32), {"k": 2, "init_centroids": [[1.0] * 3] * 2}, TypeError, "init_centroids"),
     ],
 )
 def test_bad_input_raises(x, kwargs, error, match):

@@ -138,12 +138,13 @@ def test_faiss_backend_invariants(backend, seed, k, dup):
 
 @needs_faiss
 def test_faiss_backend_keeps_dtype_and_repairs_empty_clusters(monkeypatch):
-    # Three distinct points for three clusters: faiss' split copies of a duplicated start tie.
+    # Three distinct points for three clusters: faiss' split copies of a duplicated start tie
+    # (faiss' random start draws duplicates; k-means++ seeds never repeat a point here).
     fixed = 0
     for seed in range(5):
         points = np.random.default_rng(seed).normal(size=(3, 3))
         x = np.repeat(points, [50, 50, 1], axis=0)  # float64: faiss works in float32
-        res = cl.kmeans(x, 3, seed=seed, backend="faiss")
+        res = cl.kmeans(x, 3, seed=seed, init="random", backend="faiss")
         assert res.centroids.dtype == np.float64
         assert (np.bincount(res.labels, minlength=3) > 0).all()
         fixed += res.n_empty_fixed
@@ -166,10 +167,9 @@ def test_array_and_faiss_agree_on_two_components(backend, seed, d, share):
     assert nmi(a, f) >= 0.99 and nmi(truth, a) >= 0.99
 
 
-# faiss starts from k random points, so with k > 2 components two starts can share one
-# component and Lloyd's algorithm stays trapped (k-means++ spreads the starts). These seeds
-# are ones where faiss' draw covers every component. The array backend runs on NumPy only: it
-# gives the same labels on every backend (test above), and eager JAX makes it slow.
+# Both backends start from the same k-means++ rows (chosen in the input's namespace). The array
+# backend runs on NumPy only: it gives the same labels on every backend (test above), and eager
+# JAX makes it slow.
 @needs_faiss
 @pytest.mark.parametrize(("k", "seed"), [(3, 0), (4, 3), (6, 7), (8, 8)])
 def test_array_and_faiss_agree_on_separated_mixtures(backend, k, seed):
@@ -213,7 +213,8 @@ class FaissSpy:
     [
         ({}, True),
         ({"init": "random"}, True),
-        ({"init": "k-means++"}, False),  # faiss has no k-means++
+        ({"init": "k-means++"}, True),  # seeds chosen here, handed to faiss
+        ({"n_init": 3}, True),
         ({"n_iter": 0}, False),  # faiss runs at least one iteration
         ({"seed": 2**31}, False),  # faiss' seed is a C int
         ({"backend": "array"}, False),
@@ -223,7 +224,7 @@ class FaissSpy:
 def test_auto_picks_faiss_when_it_can_serve_the_call(monkeypatch, kwargs, uses_faiss):
     spy = FaissSpy(monkeypatch)
     res = cl.kmeans(planted(0), 3, **kwargs)
-    assert spy.calls == ([False] if uses_faiss else [])
+    assert spy.calls == ([False] * kwargs.get("n_init", 1) if uses_faiss else [])
     assert (np.bincount(res.labels, minlength=3) > 0).all()
 
 
@@ -251,7 +252,7 @@ def test_without_faiss_auto_falls_back_and_faiss_raises(monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"backend": "faiss", "init": "k-means++"}, "random points only"),
+        ({"n_init": 0}, "n_init must be >= 1"),
         ({"backend": "faiss", "n_iter": 0}, "at least one iteration"),
         ({"backend": "faiss", "seed": 2**31}, "seed <="),
         ({"backend": "sklearn"}, "backend must be one of"),
@@ -277,3 +278,94 @@ def test_array_kmeans_is_translation_invariant():
     from sklearn.metrics import normalized_mutual_info_score
 
     assert normalized_mutual_info_score(truth, base.labels) == 1.0  # recovers the planted truth
+
+
+# ----------------------------------------------------------------------------- seeding, restarts
+def gaussian_mixture(seed=0, n=6000, k=20, d=64, scale=6.0):
+    """k unit-variance Gaussians in d dimensions, centres drawn with standard deviation ``scale``
+    per coordinate (about scale * sqrt(2 d) = 68 sigma apart); n points, labels drawn uniformly."""
+    rng = np.random.default_rng(seed)
+    centres = scale * rng.normal(size=(k, d))
+    truth = rng.integers(k, size=n)
+    return (centres[truth] + rng.normal(size=(n, d))).astype(np.float32), truth
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return gaussian_mixture()
+
+
+# Seeds 18 and 31 are two of the three in 0..39 where a single greedy k-means++ run leaves one
+# component without a seed (Lloyd's algorithm then merges two clusters, NMI about 0.98);
+# three restarts recover every component.
+@needs_faiss
+@pytest.mark.parametrize(("seed", "n_init"), [(0, 1), (1, 1), (18, 3), (31, 3)])
+def test_both_backends_recover_a_planted_mixture(mixture, seed, n_init):
+    x, truth = mixture
+    f = cl.kmeans(x, 20, seed=seed, n_init=n_init, backend="faiss")
+    a = cl.kmeans(x, 20, seed=seed, n_init=n_init, backend="array")
+    assert nmi(truth, f.labels) >= 0.99 and nmi(truth, a.labels) >= 0.99
+    assert nmi(a.labels, f.labels) >= 0.99  # same start rows, same clustering
+    # float32 expansion |x|^2 - 2 x.c + |c|^2: error per point <~ 4 eps (|x|^2 + |c|^2) ~ 1e-3
+    # (|x|^2 ~ 64 * 37) against squared distances ~ 64, so relative <~ 2e-5 on the sum
+    assert f.inertia == pytest.approx(a.inertia, rel=1e-4)
+
+
+@needs_faiss
+def test_faiss_random_start_merges_planted_clusters(mixture):
+    # The DeepCluster reference's start (k random points) leaves components without a centre;
+    # Lloyd's algorithm cannot move a centre across the gap, and restarts do not help.
+    x, truth = mixture
+    assert nmi(truth, cl.kmeans(x, 20, seed=0, init="random", n_init=2, backend="faiss").labels) < 0.97
+
+
+def test_kmeans_plus_plus_is_greedy(mixture):
+    # Plain D^2 sampling seeds all 20 components in about 18% of seedings here (on the last
+    # picks the 19 covered clusters hold about a third of the D^2 mass); the greedy variant,
+    # keeping the best of 2 + ln k candidates, in about 92%.
+    x, truth = mixture
+    centred = x - x.mean(axis=0)
+    covered = [
+        len(set(truth[kmeans_module._seed_indices(centred, 20, "k-means++", np.random.default_rng(s))]))
+        for s in range(20)
+    ]
+    assert sum(c == 20 for c in covered) >= 14, covered
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_init=st.integers(2, 4), init=st.sampled_from(["k-means++", "random"]))
+@pytest.mark.parametrize("method", ["array", pytest.param("faiss", marks=needs_faiss)])
+def test_restarts_keep_the_lowest_inertia(method, seed, n_init, init):
+    # 5 overlapping components for k = 8: runs end in different local minima.
+    x = planted(seed % 1000, n=200, k=5, d=3, spread=1.0)
+    runs = [cl.kmeans(x, 8, seed=seed, init=init, backend=method)]
+    runs += [
+        cl.kmeans(x, 8, seed=kmeans_module._run_seed(seed, r), init=init, backend=method) for r in range(1, n_init)
+    ]
+    best = cl.kmeans(x, 8, seed=seed, init=init, n_init=n_init, backend=method)
+    assert best.inertia <= runs[0].inertia  # never worse than one run
+    assert best.inertia == min(r.inertia for r in runs)
+    first = min(range(n_init), key=lambda i: runs[i].inertia)  # min() keeps the earliest on ties
+    np.testing.assert_array_equal(best.labels, runs[first].labels)
+    assert (np.bincount(best.labels, minlength=8) > 0).all()
+
+
+@needs_faiss
+@pytest.mark.parametrize("seed", [0, 5])
+def test_faiss_random_init_is_the_reference(seed):
+    import faiss
+
+    x, _ = gaussian_mixture(seed, n=600, k=6, d=8, scale=1.0)
+    km = faiss.Kmeans(8, 6, niter=20, seed=seed, min_points_per_centroid=1, max_points_per_centroid=100)
+    km.train(x)
+    res = cl.kmeans(x, 6, seed=seed, init="random", backend="faiss")
+    np.testing.assert_array_equal(res.centroids, km.centroids)
+    np.testing.assert_array_equal(res.inertia_history[:-1], km.obj)
+
+
+@pytest.mark.parametrize("method", ["array", pytest.param("faiss", marks=needs_faiss)])
+def test_same_seed_same_result(method):
+    x = planted(4, n=300, k=6, d=4, spread=0.8)
+    a, b = (cl.kmeans(x, 6, seed=9, n_init=3, backend=method) for _ in range(2))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
