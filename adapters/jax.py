@@ -278,8 +278,12 @@ def _merge_duplicates(indices: jax.Array, features: jax.Array) -> tuple[jax.Arra
     order = jnp.argsort(indices, stable=True)
     idx = indices[order]
     unit = l2_normalize(features)[order]
-    merged, lead = merge_sorted_duplicates(idx, unit, B.accumulator_dtype(jnp))
+    lead = jnp.searchsorted(idx, idx, side="left")
     first = lead == jnp.arange(idx.shape[0], dtype=lead.dtype)
+    # The order-independent merge sorts every column: only worth its cost when an index repeats
+    # (DistributedSampler padding, in the last batch), so it runs under a cond, as the core skips it.
+    merged = jax.lax.cond(jnp.all(first), lambda: unit,
+                          lambda: merge_sorted_duplicates(idx, unit, B.accumulator_dtype(jnp))[0])
     return idx, merged, first, lead
 
 

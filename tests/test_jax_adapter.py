@@ -82,14 +82,14 @@ def run_both(odc, state, config, batches, conv=np.asarray):
 )
 def test_jitted_step_equals_numpy_core(momentum, assign, resync, min_size):
     """Labels, sizes exactly; features, centroids, sums closely; stats equal; every step."""
-    x0, batches = make_stream(int(momentum * 10) + len(assign), steps=24)
+    x0, batches = make_stream(int(momentum * 10) + len(assign), steps=36)  # long enough for small clusters to form
     odc = core(momentum=momentum, assign=assign, resync_interval=resync, min_cluster_size=min_size,
                centroid_update_interval=3, small_cluster_interval=2, seed=5)
     odc.initialize(x0)
     config, state = clj.config_from_core(odc), clj.state_from_core(odc)
     assert config.momentum == momentum and config.assign == assign and config.resync_interval == resync
     _, seen = run_both(odc, state, config, batches)
-    assert seen["changed"] > 0 and seen["refreshed"] == 8, seen  # labels really changed
+    assert seen["changed"] > 0 and seen["refreshed"] == 12, seen  # labels really changed
     assert seen["small"] > 0, seen  # the handler really ran
 
 
