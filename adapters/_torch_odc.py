@@ -149,7 +149,9 @@ class OnlineDeepClustering(_CoreODC):
         if labels is None:
             labels, err = None, None
             if D.rank(self.group) == 0:
-                unit = l2_normalize(self.samples.to_memory(features))
+                # k-means on the rows as the memory will hold them (cast to its dtype), as the core
+                # clusters them: the initial labels must not depend on the world size
+                unit = l2_normalize(self.samples.to_memory(features)).to(self.samples.dtype)
                 labels, err = D.first_error(lambda: self._kmeans_labels(unit, kmeans_iters, kmeans_init))
             D.agree([], err, what=what + " (k-means on rank 0)", names=[], group=self.group)
             if labels is None:

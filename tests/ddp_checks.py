@@ -65,7 +65,14 @@ def odc_scenario(rank: int, world: int) -> dict[str, Any]:
         prints.append(odc.fingerprint())
     odc.check_consistency()
     state = odc.state_dict()
-    return {"prints": prints, "stats": stats, "state": state}
+    return {"prints": prints, "stats": stats, "state": state, "bf16_labels": bfloat16_initial_labels(feats)}
+
+
+def bfloat16_initial_labels(feats: torch.Tensor) -> torch.Tensor:
+    """k-means labels of a bfloat16 memory's initialisation (clustered as the memory holds the rows)."""
+    odc = clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs(), dtype=torch.bfloat16)
+    odc.initialize(feats)
+    return odc.labels.clone()
 
 
 def odc_single(world: int) -> dict[str, Any]:
@@ -77,7 +84,7 @@ def odc_single(world: int) -> dict[str, Any]:
     for idx, f in make_stream(world):
         stats.append(odc.step(idx, f))
         prints.append(odc.fingerprint())
-    return {"prints": prints, "stats": stats}
+    return {"prints": prints, "stats": stats, "bf16_labels": bfloat16_initial_labels(initial_features())}
 
 
 def errors_scenario(rank: int, world: int) -> dict[str, Any]:

@@ -80,6 +80,13 @@ def test_odc_replicas_identical_and_equal_to_one_process(ranks: list[_Rank]) -> 
     assert len(set(single["prints"])) == len(single["prints"])
 
 
+def test_a_bfloat16_memory_starts_from_the_same_clusters_under_ddp(ranks: list[_Rank]) -> None:
+    """Rank 0's k-means clusters the rows as the memory holds them (bfloat16), as one process does."""
+    single = ddp_checks.odc_single(WORLD)["bf16_labels"]
+    for rank in ranks:
+        assert torch.equal(rank["odc"]["bf16_labels"], single)
+
+
 def test_odc_state_dict_loads_with_weights_only(ranks: list[_Rank]) -> None:
     state = ranks[0]["odc"]["state"]
     from clusterlearn.adapters import torch as clt
