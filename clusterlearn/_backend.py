@@ -328,3 +328,26 @@ def set_rows(x: Array, index: Array, values: Array) -> Array:
     picked = xp.take(values, pos, axis=0)
     mask = hit if x.ndim == 1 else hit[:, None]
     return xp.where(mask, picked, x)
+
+
+def top_k_indices(s: Array, k: int) -> Array | None:
+    """(B, k) column indices of the ``k`` largest entries of each row of (B, N) ``s``, in any order
+    (the backend's native top-k: ``argpartition``, ``torch.topk``, ``jax.lax.top_k``).
+
+    ``None`` where the namespace has no native top-k (array-api-strict): the caller sorts.
+    """
+    if isinstance(s, np.ndarray):
+        return np.argpartition(s, s.shape[1] - k, axis=1)[:, s.shape[1] - k :]
+    if aac.is_torch_array(s):
+        import torch
+
+        return torch.topk(s, k, dim=1, largest=True, sorted=False).indices
+    if aac.is_jax_array(s):
+        import jax
+
+        return jax.lax.top_k(s, k)[1]
+    if aac.is_cupy_array(s):
+        import cupy
+
+        return cupy.argpartition(s, s.shape[1] - k, axis=1)[:, s.shape[1] - k :]
+    return None

@@ -39,28 +39,6 @@ DEFAULT_TEMPERATURE = 0.07
 _BLOCK_ELEMENTS = 1 << 24  # test rows x training rows per similarity block (64 MiB of float32)
 
 
-def _native_top_k(s: Array, k: int) -> Array | None:
-    """Column indices of the ``k`` largest entries of each row of ``s``, in any order.
-
-    ``None`` where the namespace has no native top-k (array-api-strict): the caller sorts.
-    """
-    if isinstance(s, np.ndarray):
-        return np.argpartition(s, s.shape[1] - k, axis=1)[:, s.shape[1] - k :]
-    if aac.is_torch_array(s):
-        import torch
-
-        return torch.topk(s, k, dim=1, largest=True, sorted=False).indices
-    if aac.is_jax_array(s):
-        import jax
-
-        return jax.lax.top_k(s, k)[1]
-    if aac.is_cupy_array(s):
-        import cupy
-
-        return cupy.argpartition(s, s.shape[1] - k, axis=1)[:, s.shape[1] - k :]
-    return None
-
-
 def _top_k(s: Array, k: int) -> tuple[Array, Array]:
     """The ``k`` largest entries of each row of ``s`` (B, N) and their column indices.
 
@@ -68,7 +46,7 @@ def _top_k(s: Array, k: int) -> tuple[Array, Array]:
     exactly the first ``k`` columns of a stable descending sort, on every backend.
     """
     xp = aac.array_namespace(s)
-    idx = _native_top_k(s, k) if k < s.shape[1] else None
+    idx = B.top_k_indices(s, k) if k < s.shape[1] else None
     if idx is not None:
         vals = xp.take_along_axis(s, idx, axis=1)
         kth = xp.min(vals, axis=1, keepdims=True)
