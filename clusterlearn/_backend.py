@@ -31,6 +31,8 @@ __all__ = [
     "scatter_add",
     "bincount",
     "set_rows",
+    "cond",
+    "is_float64",
     "accumulator_dtype",
     "index_dtype",
     "rng",
@@ -328,3 +330,23 @@ def set_rows(x: Array, index: Array, values: Array) -> Array:
     picked = xp.take(values, pos, axis=0)
     mask = hit if x.ndim == 1 else hit[:, None]
     return xp.where(mask, picked, x)
+
+
+def cond(pred: Array, true_fn: Any, false_fn: Any, *operands: Array) -> Any:
+    """``true_fn(*operands)`` if ``pred`` else ``false_fn(*operands)``, also under ``jax.jit``.
+
+    Python's ``if`` needs a concrete boolean; a traced JAX ``pred`` goes to ``lax.cond``
+    (both branches must return arrays of equal shapes and dtypes; only one runs). Every
+    other ``pred`` (a 0-d array of any namespace, or a Python bool) is read on the host.
+    """
+    if aac.is_jax_array(pred):
+        import jax
+
+        if isinstance(pred, jax.core.Tracer):
+            return jax.lax.cond(pred, true_fn, false_fn, *operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
+def is_float64(dtype: Any) -> bool:
+    """Whether ``dtype`` (a NumPy, JAX, PyTorch, CuPy or array-api-strict dtype) is float64."""
+    return str(dtype).rsplit(".", 1)[-1].strip("'>") == "float64"
