@@ -32,6 +32,7 @@ __all__ = [
     "bincount",
     "set_rows",
     "cond",
+    "argmax_rows",
     "is_float64",
     "accumulator_dtype",
     "index_dtype",
@@ -345,6 +346,23 @@ def cond(pred: Array, true_fn: Any, false_fn: Any, *operands: Array) -> Any:
         if isinstance(pred, jax.core.Tracer):
             return jax.lax.cond(pred, true_fn, false_fn, *operands)
     return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
+def argmax_rows(x: Array) -> Array:
+    """(B,) position of the largest entry of every row of ``x`` (B, K); ties: the lowest position.
+
+    The namespace's default integer dtype. JAX on CPU uses ``lax.top_k(x, 1)`` (which also
+    puts the lower position first among equal values): XLA's CPU argmax, a reduction over
+    (value, position) pairs, is not vectorised and costs a large fraction of the B x K x D
+    matmul whose scores it reads; top_k is one vectorised pass.
+    """
+    xp = aac.array_namespace(x)
+    if aac.is_jax_array(x):
+        import jax
+
+        if jax.default_backend() == "cpu":
+            return xp.astype(jax.lax.top_k(x, 1)[1][:, 0], index_dtype(xp))
+    return xp.argmax(x, axis=1)
 
 
 def is_float64(dtype: Any) -> bool:

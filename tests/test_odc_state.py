@@ -120,3 +120,20 @@ def test_checkpoint_of_the_previous_code_loads_and_continues_alike():
     np.testing.assert_allclose(got["features"], after["features"], rtol=0, atol=bound)
     np.testing.assert_allclose(got["centroids"], after["centroids"], rtol=0, atol=bound)
     np.testing.assert_allclose(got["sums"], after["sums"], rtol=0, atol=bound * N)
+
+
+def test_argmax_rows_takes_the_lowest_of_tied_positions(backend):
+    """The labelling's argmax (lax.top_k on JAX CPU) keeps argmax's rule: among equal
+    scores the lowest cluster id, also with -inf (excluded clusters) and under jax.jit."""
+    from clusterlearn import _backend as B
+
+    x = np.array([[1, 3, 3, 0], [-np.inf, -np.inf, 2, 2], [5, 5, 5, 5], [0, -1, -2, 7]], dtype=np.float32)
+    want = [1, 2, 0, 3]
+    got = B.argmax_rows(backend.asarray(x))
+    np.testing.assert_array_equal(backend.to_numpy(got), want)
+    xp = backend.xp
+    assert got.dtype == B.index_dtype(xp)
+    if backend.name == "jax":
+        import jax
+
+        np.testing.assert_array_equal(np.asarray(jax.jit(B.argmax_rows)(backend.asarray(x))), want)
