@@ -19,6 +19,7 @@ import torch
 from clusterlearn import _backend as B
 from clusterlearn._validation import check_features, check_labels
 from clusterlearn.odc import OnlineDeepClustering as _CoreODC
+from clusterlearn.odc_state import ODCState
 from clusterlearn.sample_memory import l2_normalize
 
 from . import _torch_distributed as D
@@ -196,9 +197,7 @@ class OnlineDeepClustering(_CoreODC):
         self._require_initialized()
         header, names = self._replica_header()
         parts: dict[str, Any] = dict(zip(names, header))
-        s, c = self.samples, self.centroids
-        arrays = (s.features, s.labels, c.centroids, c.sizes, c.sums)
-        for name, x in zip(_ARRAY_NAMES, arrays):
+        for name, x in zip(_ARRAY_NAMES, self.state):
             data = np.ascontiguousarray(B.to_numpy(x))
             parts[name] = f"{x.dtype} {list(x.shape)} {hashlib.sha256(data.tobytes()).hexdigest()}"
         return parts
@@ -253,17 +252,14 @@ class OnlineDeepClustering(_CoreODC):
         header, names = self._replica_header()
         D.agree(header[:-1], err, what="OnlineDeepClustering.sync_from_rank0", names=names[:-1], group=self.group)
         s, c = self.samples, self.centroids
-        s.features = D.broadcast_(s.features, group=self.group)
-        s.labels = D.broadcast_(s.labels, group=self.group)
-        c.sizes = D.broadcast_(c.sizes, group=self.group)
-        c.sums = D.broadcast_(c.sums, group=self.group)
-        c.set_centroids(D.broadcast_(c.centroids, group=self.group))
-        self.iteration = int(D.broadcast_(torch.tensor([self.iteration], dtype=torch.int64), group=self.group))
-        s.initialized = True
+        arrays = (s.features, s.labels, c.centroids, c.sizes, c.sums)  # allocated on every rank
+        arrays = [D.broadcast_(x, group=self.group) for x in arrays]
+        iteration = D.broadcast_(torch.tensor([self.iteration], dtype=s.labels.dtype), group=self.group)[0]
+        self._set_state(ODCState(*arrays, iteration))
 
 
 #: Names of the memory arrays among :meth:`OnlineDeepClustering._fingerprint_parts`.
-_ARRAY_NAMES = ("features", "labels", "centroids", "sizes", "sums")
+_ARRAY_NAMES = ODCState._fields[:-1]
 
 #: Unsigned index dtypes torch cannot reduce on the CPU (``min``/``max`` raise NotImplementedError).
 _UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))

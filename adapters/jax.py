@@ -4,14 +4,15 @@ The core objects accept and return ``jax.Array`` eagerly; this module gives JAX 
 the same memories with JAX idioms:
 
 - :class:`ODCState`, a ``NamedTuple`` pytree of the memory arrays, and :class:`ODCConfig`, the
-  frozen, hashable static settings (a ``static_argnames`` argument of ``jax.jit``);
+  frozen, hashable static settings (a ``static_argnames`` argument of ``jax.jit``): the
+  core's own (:mod:`clusterlearn.odc_state`);
 - :func:`config_from_core`, :func:`state_from_core` and :func:`load_into_core` convert to and
   from :class:`clusterlearn.OnlineDeepClustering` (initialise with the core's k-means, then
   run the jitted step; write the state back to checkpoint it through the core);
-- :func:`step`, one memory iteration (merge repeated indices, momentum update, re-label,
-  incremental sizes and sums, periodic resync and centroid refresh), equal to the core's
-  :meth:`~clusterlearn.OnlineDeepClustering.step` up to its small-cluster handling, with
-  static shapes so that it compiles once per batch size; :func:`loss_weights`; :func:`resync`;
+- :func:`step`, one memory iteration: ``jax.jit`` of the core's pure
+  :func:`clusterlearn.odc_state.step` (the function
+  :meth:`~clusterlearn.OnlineDeepClustering.step` calls before its small-cluster handling),
+  compiled once per config and batch size; :func:`loss_weights`; :func:`resync`;
 - :func:`handle_small_clusters`, host-side (data-dependent shapes), delegating to the core's
   :class:`~clusterlearn.SmallClusterHandler`;
 - :func:`make_sharded_step` (data parallelism with ``jax.shard_map``: every device applies
@@ -49,10 +50,9 @@ or an all-zero feature row leaves the state unchanged and reports ``stats["appli
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,13 +61,13 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clusterlearn import _backend as B
-from clusterlearn._validation import check_int, check_real
-from clusterlearn.assignment import METRICS, Metric, nearest_centroid
+from clusterlearn import odc_state
+from clusterlearn._backend import accumulator_dtype, convert, index_dtype
+from clusterlearn._validation import check_int
 from clusterlearn.centroid_memory import CentroidMemory
 from clusterlearn.odc import OnlineDeepClustering
-from clusterlearn.reweighting import LossReweighter, size_weights
-from clusterlearn.sample_memory import SampleMemory, l2_normalize, merge_sorted_duplicates, momentum_update
+from clusterlearn.odc_state import DEFAULT_FLOAT32_RESYNC, ODCConfig, ODCState  # noqa: F401 (re-exported)
+from clusterlearn.sample_memory import SampleMemory
 from clusterlearn.small_clusters import SmallClusterHandler, SmallClusterStats
 
 from ._jax_self_classifier import SelfClassifierLoss, self_classifier_loss
@@ -88,76 +88,6 @@ __all__ = [
     "self_classifier_loss",
 ]
 
-#: Resync interval of float32 sums when :attr:`ODCConfig.resync_interval` is None (the core's).
-DEFAULT_FLOAT32_RESYNC = 1000
-
-
-class ODCState(NamedTuple):
-    """The ODC memories as a pytree of arrays (one replica per device under data parallelism).
-
-    Attributes
-    ----------
-    features : (N, D) floating (float32 by default), unit-norm memory feature of every sample
-    labels : (N,) int32 (int64 with ``jax_enable_x64``), pseudo-label of every sample in [0, C)
-    centroids : (C, D) dtype of ``features``, members' means as of the last refresh
-    sizes : (C,) dtype of ``labels``, always ``bincount(labels, C)``
-    sums : (C, D) float64 with ``jax_enable_x64``, else float32: members' current feature sums
-    iteration : () dtype of ``labels``, number of steps taken
-    """
-
-    features: jax.Array
-    labels: jax.Array
-    centroids: jax.Array
-    sizes: jax.Array
-    sums: jax.Array
-    iteration: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class ODCConfig:
-    """Static settings of the ODC step; field names and meanings as in :class:`~clusterlearn.OnlineDeepClustering`.
-
-    ``resync_interval`` None means the core's default, decided by the state's sums dtype:
-    never for float64 sums, every :data:`DEFAULT_FLOAT32_RESYNC` steps for float32 sums.
-    Frozen and hashable: pass it as a static argument of ``jax.jit``.
-    """
-
-    num_samples: int
-    num_clusters: int
-    feat_dim: int
-    momentum: float = 0.5
-    min_cluster_size: int = 20
-    centroid_update_interval: int = 10
-    small_cluster_interval: int = 1
-    reweight_power: float = 0.5
-    assign: Metric = "l2"
-    seed: int = 0
-    resync_interval: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("num_samples", "num_clusters", "feat_dim", "centroid_update_interval", "small_cluster_interval"):
-            check_int(getattr(self, name), name, minimum=1)
-        check_int(self.min_cluster_size, "min_cluster_size", minimum=0)
-        check_int(self.seed, "seed", minimum=0)
-        check_real(self.momentum, "momentum", low=0.0, high=1.0)
-        LossReweighter(self.reweight_power)  # finite, >= 0
-        if self.resync_interval is not None:
-            check_int(self.resync_interval, "resync_interval", minimum=1)
-        if self.assign not in METRICS:
-            raise ValueError(f"assign must be one of {METRICS}, got {self.assign!r}")
-        if self.num_clusters * max(self.min_cluster_size, 1) > self.num_samples:
-            raise ValueError(
-                f"num_clusters * max(min_cluster_size, 1) ({self.num_clusters} * {max(self.min_cluster_size, 1)}) "
-                f"exceeds num_samples ({self.num_samples})"
-            )
-
-    def resync_every(self, sums_dtype: Any) -> int:
-        """Steps between exact resyncs of the sums for ``sums_dtype`` (0: never)."""
-        if self.resync_interval is not None:
-            return self.resync_interval
-        return 0 if sums_dtype == jnp.float64 else DEFAULT_FLOAT32_RESYNC
-
-
 # ---------------------------------------------------------------------------- conversions
 def _check_core(odc: Any) -> None:
     if not isinstance(odc, OnlineDeepClustering):
@@ -165,25 +95,13 @@ def _check_core(odc: Any) -> None:
 
 
 def config_from_core(odc: OnlineDeepClustering) -> ODCConfig:
-    """The settings of a core :class:`~clusterlearn.OnlineDeepClustering` as an :class:`ODCConfig`.
+    """The settings of a core :class:`~clusterlearn.OnlineDeepClustering`: its :class:`ODCConfig`.
 
-    A core whose resync interval is its float64 default (never) gives ``resync_interval=None``,
-    so the JAX state applies the same rule to its own sums dtype (float32 without x64).
+    A core constructed without ``resync_interval`` gives ``resync_interval=None``, so the JAX
+    state applies the core's rule to its own sums dtype (float32 without x64).
     """
     _check_core(odc)
-    return ODCConfig(
-        num_samples=odc.num_samples,
-        num_clusters=odc.num_clusters,
-        feat_dim=odc.feat_dim,
-        momentum=odc.momentum,
-        min_cluster_size=odc.min_cluster_size,
-        centroid_update_interval=odc.centroid_update_interval,
-        small_cluster_interval=odc.small_cluster_interval,
-        reweight_power=odc.reweight_power,
-        assign=odc.assign,
-        seed=odc.seed,
-        resync_interval=odc.resync_interval or None,
-    )
+    return odc.config
 
 
 def state_from_core(odc: OnlineDeepClustering) -> ODCState:
@@ -194,16 +112,11 @@ def state_from_core(odc: OnlineDeepClustering) -> ODCState:
     Raises :class:`~clusterlearn.NotInitializedError` before ``odc.initialize``.
     """
     _check_core(odc)
-    s = odc.state_dict()
-    index, acc = B.index_dtype(jnp), B.accumulator_dtype(jnp)
-    return ODCState(
-        features=B.convert(s["features"], jnp),
-        labels=B.convert(s["labels"], jnp).astype(index),
-        centroids=B.convert(s["centroids"], jnp),
-        sizes=B.convert(s["sizes"], jnp).astype(index),
-        sums=B.convert(s["sums"], jnp).astype(acc),
-        iteration=jnp.asarray(s["iteration"], dtype=index),
-    )
+    index, acc = index_dtype(jnp), accumulator_dtype(jnp)
+    dtypes = {"labels": index, "sizes": index, "sums": acc}
+    copies = odc.state_dict()  # copies: the returned state is donated to the step
+    arrays = {k: jnp.asarray(convert(copies[k], jnp), dtype=dtypes.get(k)) for k in ODCState._fields[:-1]}
+    return ODCState(**arrays, iteration=jnp.asarray(copies["iteration"], dtype=index))
 
 
 def load_into_core(odc: OnlineDeepClustering, state: ODCState, config: ODCConfig) -> None:
@@ -214,7 +127,7 @@ def load_into_core(odc: OnlineDeepClustering, state: ODCState, config: ODCConfig
     """
     _check_core(odc)
     _check_state(state, config)
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+    settings = {k: v for k, v in vars(config).items() if v is not None}
     odc.load_state_dict({**state._asdict(), **settings, "iteration": int(state.iteration)})
 
 
@@ -255,103 +168,15 @@ def _check_batch(indices: Any, features: Any, config: ODCConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- the jitted step
-def _batch_is_valid(indices: jax.Array, features: jax.Array, config: ODCConfig) -> jax.Array:
-    """() bool: indices in [0, N) and features (in the memory's dtype) finite with no zero row.
-
-    What the core's :meth:`~clusterlearn.OnlineDeepClustering.step` raises for; under ``jit``
-    values cannot raise, so :func:`step` refuses such a batch instead.
-    """
-    in_range = jnp.all((indices >= 0) & (indices < config.num_samples))
-    finite = jnp.all(jnp.isfinite(features))
-    nonzero = jnp.all(jnp.any(features != 0, axis=1))
-    return in_range & finite & nonzero
-
-
-def _merge_duplicates(indices: jax.Array, features: jax.Array) -> tuple[jax.Array, ...]:
-    """:func:`clusterlearn.merge_duplicates` with static shapes.
-
-    Returns (B,) sorted indices, (B, D) merged rows (the normalised mean of the normalised
-    features of all copies, the normalised row itself for an index seen once, bit for bit
-    independent of the batch order, as the core), (B,) bool ``first`` (first copy of each
-    index) and (B,) ``lead`` (position of each row's first copy).
-    """
-    order = jnp.argsort(indices, stable=True)
-    idx = indices[order]
-    unit = l2_normalize(features)[order]
-    lead = jnp.searchsorted(idx, idx, side="left")
-    first = lead == jnp.arange(idx.shape[0], dtype=lead.dtype)
-    # The order-independent merge sorts every column: only worth its cost when an index repeats
-    # (DistributedSampler padding, in the last batch), so it runs under a cond, as the core skips it.
-    merged = jax.lax.cond(jnp.all(first), lambda: unit,
-                          lambda: merge_sorted_duplicates(idx, unit, B.accumulator_dtype(jnp))[0])
-    return idx, merged, first, lead
-
-
-def _refresh(centroids: jax.Array, sizes: jax.Array, sums: jax.Array) -> jax.Array:
-    """Every centroid set to ``sums / sizes``; empty clusters keep theirs (as the core)."""
-    safe = jnp.maximum(sizes, 1).astype(centroids.dtype)
-    means = sums.astype(centroids.dtype) / safe[:, None]
-    return jnp.where((sizes > 0)[:, None], means, centroids)
-
-
-def _exact_sums(state: ODCState) -> tuple[jax.Array, jax.Array]:
-    """(C, D) sums and (C,) sizes recomputed from all samples (O(N D)), in ``state``'s dtypes."""
-    features, labels = state.features, state.labels
-    sums = jnp.zeros_like(state.sums).at[labels].add(features.astype(state.sums.dtype))
-    return sums, jnp.bincount(labels, length=state.sizes.shape[0]).astype(state.sizes.dtype)
-
-
-@jax.jit
-def resync(state: ODCState) -> ODCState:
-    """``state`` with sums and sizes recomputed exactly from the sample memory (O(N D))."""
-    sums, sizes = _exact_sums(state)
-    return state._replace(sums=sums, sizes=sizes)
+resync = jax.jit(odc_state.resync)  # the core's docstring; jitted
 
 
 def _step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCConfig) -> tuple[ODCState, dict[str, jax.Array]]:
-    """:func:`step` without ``jit`` (traced inside :func:`step` and :func:`make_sharded_step`)."""
+    """:func:`step` without ``jit``: the core's pure step after the static checks (traced
+    inside :func:`step` and :func:`make_sharded_step`)."""
     _check_state(state, config)
     _check_batch(indices, features, config)
-    features = features.astype(state.features.dtype)
-    applied = _batch_is_valid(indices, features, config)
-    idx, merged, first, lead = _merge_duplicates(indices.astype(state.labels.dtype), features)
-    old = state.features[idx]
-    old_labels = state.labels[idx]
-    # A refused batch rewrites its rows' own values and adds zeros: the state keeps every bit.
-    new = jnp.where(applied, momentum_update(old, merged, config.momentum), old)
-    # copies of a repeated sample take the label of its first copy
-    assigned = nearest_centroid(new, state.centroids, metric=config.assign).astype(old_labels.dtype)[lead]
-    new_labels = jnp.where(applied, assigned, old_labels)
-    counted = first & applied  # repeats count once; nothing counts in a refused batch
-    count = counted.astype(state.sums.dtype)[:, None]
-    moved_labels = jnp.concatenate([old_labels, new_labels])
-    ones = counted.astype(state.sizes.dtype)
-    sizes = state.sizes.at[moved_labels].add(jnp.concatenate([-ones, ones]))
-    moved = jnp.concatenate([-old.astype(count.dtype) * count, new.astype(count.dtype) * count])
-    state = state._replace(
-        features=state.features.at[idx].set(new),
-        labels=state.labels.at[idx].set(new_labels),
-        sizes=sizes,
-        sums=state.sums.at[moved_labels].add(moved),
-        iteration=state.iteration + applied.astype(state.iteration.dtype),
-    )
-    every = config.resync_every(state.sums.dtype)
-    if every:  # only the small arrays pass through the conditional: no copy of the (N, D) memory
-        due = applied & (state.iteration % every == 0)
-        sums, sizes = lax.cond(due, _exact_sums, lambda s: (s.sums, s.sizes), state)
-        state = state._replace(sums=sums, sizes=sizes)
-    refreshed = applied & (state.iteration % config.centroid_update_interval == 0)
-    centroids = lax.cond(refreshed, _refresh, lambda c, *_: c, state.centroids, state.sizes, state.sums)
-    changed = jnp.sum(first & (old_labels != new_labels))
-    distinct = jnp.sum(first)
-    stats = {
-        "change_ratio": changed.astype(jnp.float32) / distinct.astype(jnp.float32),
-        "num_changed": changed,
-        "num_distinct": distinct,
-        "centroids_refreshed": refreshed,
-        "applied": applied,
-    }
-    return state._replace(centroids=centroids), stats
+    return odc_state.step(state, jnp.asarray(indices), jnp.asarray(features), config)
 
 
 _jitted_step = jax.jit(_step, static_argnames=("config",), donate_argnames=("state",))
@@ -411,7 +236,7 @@ def loss_weights(state: ODCState, config: ODCConfig) -> jax.Array:
     Equal to :meth:`clusterlearn.OnlineDeepClustering.loss_weights` (:func:`clusterlearn.reweight`
     of ``state.sizes`` with ``p = config.reweight_power``), without its host-side checks.
     """
-    return size_weights(state.sizes, config.reweight_power)
+    return odc_state.loss_weights(state, config)
 
 
 # ---------------------------------------------------------------------------- small clusters
@@ -422,15 +247,11 @@ def _host_memories(state: ODCState, config: ODCConfig) -> tuple[SampleMemory, Ce
     CPU (``np.asarray`` of a CPU ``jax.Array`` is a view); labels, sizes, sums (in float64)
     and centroids are copied.
     """
-    features = np.asarray(state.features)
-    samples = SampleMemory(1, config.feat_dim, momentum=config.momentum, like=features)  # 1 row: no N x D zeros
-    samples.num_samples, samples.initialized = config.num_samples, True
-    samples.features = features
-    samples.labels = np.asarray(state.labels).astype(samples.labels.dtype)
+    labels = np.asarray(state.labels).astype(np.int64)
+    samples = SampleMemory.wrap(np.asarray(state.features), labels, momentum=config.momentum)
     centroids = CentroidMemory(config.num_clusters, config.feat_dim, xp=samples.xp, device=None, dtype=samples.dtype)
-    centroids.sizes = np.asarray(state.sizes).astype(centroids.sizes.dtype)
-    centroids.sums = np.asarray(state.sums).astype(centroids.acc_dtype)
-    centroids.set_centroids(np.asarray(state.centroids))
+    sums = np.asarray(state.sums).astype(centroids.acc_dtype)
+    centroids.set_state(np.array(state.centroids), np.asarray(state.sizes).astype(labels.dtype), sums)
     return samples, centroids
 
 

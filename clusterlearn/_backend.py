@@ -31,6 +31,9 @@ __all__ = [
     "scatter_add",
     "bincount",
     "set_rows",
+    "cond",
+    "argmax_rows",
+    "is_float64",
     "accumulator_dtype",
     "index_dtype",
     "rng",
@@ -328,6 +331,43 @@ def set_rows(x: Array, index: Array, values: Array) -> Array:
     picked = xp.take(values, pos, axis=0)
     mask = hit if x.ndim == 1 else hit[:, None]
     return xp.where(mask, picked, x)
+
+
+def cond(pred: Array, true_fn: Any, false_fn: Any, *operands: Array) -> Any:
+    """``true_fn(*operands)`` if ``pred`` else ``false_fn(*operands)``, also under ``jax.jit``.
+
+    Python's ``if`` needs a concrete boolean; a traced JAX ``pred`` goes to ``lax.cond``
+    (both branches must return arrays of equal shapes and dtypes; only one runs). Every
+    other ``pred`` (a 0-d array of any namespace, or a Python bool) is read on the host.
+    """
+    if aac.is_jax_array(pred):
+        import jax
+
+        if isinstance(pred, jax.core.Tracer):
+            return jax.lax.cond(pred, true_fn, false_fn, *operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
+def argmax_rows(x: Array) -> Array:
+    """(B,) position of the largest entry of every row of ``x`` (B, K); ties: the lowest position.
+
+    The namespace's default integer dtype. JAX on CPU uses ``lax.top_k(x, 1)`` (which also
+    puts the lower position first among equal values): XLA's CPU argmax, a reduction over
+    (value, position) pairs, is not vectorised and costs a large fraction of the B x K x D
+    matmul whose scores it reads; top_k is one vectorised pass.
+    """
+    xp = aac.array_namespace(x)
+    if aac.is_jax_array(x):
+        import jax
+
+        if jax.default_backend() == "cpu":
+            return xp.astype(jax.lax.top_k(x, 1)[1][:, 0], index_dtype(xp))
+    return xp.argmax(x, axis=1)
+
+
+def is_float64(dtype: Any) -> bool:
+    """Whether ``dtype`` (a NumPy, JAX, PyTorch, CuPy or array-api-strict dtype) is float64."""
+    return str(dtype).rsplit(".", 1)[-1].strip("'>") == "float64"
 
 
 def top_k_indices(s: Array, k: int) -> Array | None:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import array_api_compat as aac
 
+from . import _backend as B
+
 Array = Any
 Metric = Literal["l2", "dot"]
 
@@ -86,7 +88,7 @@ def nearest_centroid(
         scores = centroid_scores(xb, centroids, metric=metric, half_sq_norms=half_sq_norms)
         if exclude is not None:
             scores = xp.where(exclude[None, :], xp.asarray(-float("inf"), dtype=scores.dtype), scores)
-        labels.append(xp.argmax(scores, axis=1))
+        labels.append(B.argmax_rows(scores))
         if return_distances:
             best = xp.sum(xb * xb, axis=1) - 2 * xp.max(scores, axis=1)
             dists.append(xp.clip(best, min=0.0))

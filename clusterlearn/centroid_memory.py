@@ -11,12 +11,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import array_api_compat as aac
+
 from . import _backend as B
 from .assignment import Metric, nearest_centroid
 
 Array = Any
 
-__all__ = ["CentroidMemory"]
+__all__ = ["CentroidMemory", "centroids_from_sums"]
+
+
+def centroids_from_sums(centroids: Array, sizes: Array, sums: Array) -> Array:
+    """(K, D) ``sums / sizes`` in the dtype of ``centroids`` (K, D); empty clusters keep theirs.
+
+    ``sizes`` (K,) integers, ``sums`` (K, D) floating. Pure and static-shaped (``jax.jit``-able).
+    """
+    xp = aac.array_namespace(centroids, sizes, sums)
+    safe = xp.astype(xp.maximum(sizes, xp.ones_like(sizes)), centroids.dtype)
+    means = xp.astype(sums, centroids.dtype) / safe[:, None]  # centroids are stored in dtype anyway
+    return xp.where((sizes > 0)[:, None], means, centroids)
 
 
 class CentroidMemory:
@@ -98,17 +111,15 @@ class CentroidMemory:
             sums = xp.take(self.sums, clusters, axis=0)
             sizes = xp.take(self.sizes, clusters)
             current = xp.take(self.centroids, clusters, axis=0)
-        safe = xp.astype(xp.maximum(sizes, xp.ones_like(sizes)), self.dtype)
-        means = xp.astype(sums, self.dtype) / safe[:, None]  # centroids are stored in dtype anyway
-        if not bool(xp.all(sizes > 0)):
-            means = xp.where((sizes > 0)[:, None], means, current)
+        means = centroids_from_sums(current, sizes, sums)
         if clusters is None:
             self.centroids = means
         else:
             self.centroids = B.set_rows(self.centroids, clusters, means)
         self._half_sq_norms = xp.sum(self.centroids * self.centroids, axis=1) / 2
 
-    def set_centroids(self, centroids: Array) -> None:
-        """Replace all centroids with a copy of ``centroids`` (loading a checkpoint)."""
-        self.centroids = self.xp.asarray(centroids, copy=True)
-        self._half_sq_norms = self.xp.sum(centroids * centroids, axis=1) / 2
+    def set_state(self, centroids: Array, sizes: Array, sums: Array) -> None:
+        """Hold ``centroids`` (C, D), ``sizes`` (C,) and ``sums`` (C, D) themselves (not checked)."""
+        if centroids is not self.centroids:
+            self._half_sq_norms = self.xp.sum(centroids * centroids, axis=1) / 2
+        self.centroids, self.sizes, self.sums = centroids, sizes, sums

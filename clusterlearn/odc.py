@@ -3,9 +3,11 @@
 :class:`OnlineDeepClustering` composes the four parts, each usable on its own:
 :class:`~clusterlearn.SampleMemory` (features and labels of all N samples),
 :class:`~clusterlearn.CentroidMemory` (centroids, exact sizes and sums),
-:class:`~clusterlearn.SmallClusterHandler` and :class:`~clusterlearn.LossReweighter`.
+:class:`~clusterlearn.SmallClusterHandler` and :func:`~clusterlearn.reweight`.
 
-One :meth:`OnlineDeepClustering.step` on a batch with dataset indices ``idx`` and features
+The memory update itself is the pure function :func:`clusterlearn.odc_state.step` over an
+:class:`~clusterlearn.odc_state.ODCState`; this class is its checked, stateful shell. One
+:meth:`OnlineDeepClustering.step` on a batch with dataset indices ``idx`` and features
 ``f`` (B, D):
 
 1. merge repeated indices (mean of their normalised features; see
@@ -28,10 +30,12 @@ import numpy as np
 
 from . import _backend as B
 from ._validation import check_features, check_int, check_labels
-from .assignment import METRICS, Metric
+from .assignment import Metric
 from .centroid_memory import CentroidMemory
 from .kmeans import kmeans
-from .reweighting import LossReweighter
+from .odc_state import ODCConfig, ODCState, init
+from .odc_state import step as odc_step
+from .reweighting import reweight
 from .sample_memory import SampleMemory, check_nonzero_rows, l2_normalize
 from .small_clusters import SmallClusterHandler, SmallClusterStats
 
@@ -39,7 +43,7 @@ Array = Any
 
 __all__ = ["OnlineDeepClustering", "NotInitializedError"]
 
-_STATE_ARRAYS = ("features", "labels", "centroids", "sizes", "sums")
+_STATE_ARRAYS = ODCState._fields[:-1]  # the memory arrays; the iteration is a number
 
 
 def _scalar(value: Any, name: str) -> Any:
@@ -124,39 +128,51 @@ class OnlineDeepClustering:
         device: Any = None,
         resync_interval: int | None = None,
     ) -> None:
-        num_samples = check_int(num_samples, "num_samples", minimum=1)
-        self.num_clusters = check_int(num_clusters, "num_clusters", minimum=1)
-        self.centroid_update_interval = check_int(centroid_update_interval, "centroid_update_interval", minimum=1)
-        self.small_cluster_interval = check_int(small_cluster_interval, "small_cluster_interval", minimum=1)
-        if resync_interval is not None:
-            resync_interval = check_int(resync_interval, "resync_interval", minimum=1)
-        self.seed = check_int(seed, "seed", minimum=0)
-        if assign not in METRICS:
-            raise ValueError(f"assign must be one of {METRICS}, got {assign!r}")
-        self.assign = assign
-        if self.num_clusters > num_samples:
-            raise ValueError(f"num_clusters ({self.num_clusters}) must not exceed num_samples ({num_samples})")
-        self.handler = SmallClusterHandler(min_cluster_size, metric=assign, seed=self.seed)
-        if self.num_clusters * self.handler.min_cluster_size > num_samples:
-            raise ValueError(
-                f"num_clusters * min_cluster_size ({self.num_clusters} * {self.handler.min_cluster_size}) "
-                f"exceeds num_samples ({num_samples}): no assignment can keep every cluster that large"
-            )
-        self.reweighter = LossReweighter(reweight_power)
-        self.samples = SampleMemory(num_samples, feat_dim, momentum=momentum, like=like, device=device)
+        #: the static settings (:class:`~clusterlearn.odc_state.ODCConfig`, which checks them)
+        self.config = ODCConfig(
+            num_samples, num_clusters, feat_dim, momentum=momentum, min_cluster_size=min_cluster_size,
+            centroid_update_interval=centroid_update_interval, small_cluster_interval=small_cluster_interval,
+            reweight_power=reweight_power, assign=assign, seed=seed, resync_interval=resync_interval,
+        )
+        c = self.config
+        self.handler = SmallClusterHandler(c.min_cluster_size, metric=c.assign, seed=c.seed)
+        self.samples = SampleMemory(c.num_samples, c.feat_dim, momentum=c.momentum, like=like, device=device)
         s = self.samples
-        self.centroids = CentroidMemory(self.num_clusters, s.feat_dim, xp=s.xp, device=s.device, dtype=s.dtype)
-        if resync_interval is None:
-            resync_interval = 0 if self.centroids.acc_dtype == s.xp.float64 else 1000
-        self.resync_interval = resync_interval  # 0: never
+        self.centroids = CentroidMemory(c.num_clusters, c.feat_dim, xp=s.xp, device=s.device, dtype=s.dtype)
         self.iteration = 0
 
     # ------------------------------------------------------------------ properties
-    num_samples = property(lambda self: self.samples.num_samples, doc="N, number of samples")
-    feat_dim = property(lambda self: self.samples.feat_dim, doc="D, feature dimension")
-    momentum = property(lambda self: self.samples.momentum, doc="weight of the fresh feature")
-    min_cluster_size = property(lambda self: self.handler.min_cluster_size, doc="small-cluster threshold")
-    reweight_power = property(lambda self: self.reweighter.power, doc="p in w ∝ n^-p")
+    num_samples = property(lambda self: self.config.num_samples, doc="N, number of samples")
+    num_clusters = property(lambda self: self.config.num_clusters, doc="C, number of clusters")
+    feat_dim = property(lambda self: self.config.feat_dim, doc="D, feature dimension")
+    momentum = property(lambda self: self.config.momentum, doc="weight of the fresh feature")
+    min_cluster_size = property(lambda self: self.config.min_cluster_size, doc="small-cluster threshold")
+    centroid_update_interval = property(lambda self: self.config.centroid_update_interval, doc="steps between refreshes")
+    small_cluster_interval = property(lambda self: self.config.small_cluster_interval, doc="steps between handlings")
+    reweight_power = property(lambda self: self.config.reweight_power, doc="p in w ∝ n^-p")
+    assign = property(lambda self: self.config.assign, doc='"l2" or "dot"')
+    seed = property(lambda self: self.config.seed, doc="seed of k-means and the splits")
+    resync_interval = property(
+        lambda self: self.config.resync_every(self.centroids.acc_dtype), doc="steps between exact resyncs (0: never)"
+    )
+
+    @property
+    def state(self) -> ODCState:
+        """The memories as an :class:`~clusterlearn.odc_state.ODCState`: the live arrays, not copies.
+
+        Do not write to them; :func:`clusterlearn.odc_state.step` consumes its state (NumPy,
+        PyTorch and CuPy update it in place), so give it a copy (or :meth:`state_dict`'s arrays).
+        """
+        self._require_initialized()
+        s, c = self.samples, self.centroids
+        iteration = s.xp.asarray(self.iteration, dtype=s.labels.dtype, device=s.device)
+        return ODCState(s.features, s.labels, c.centroids, c.sizes, c.sums, iteration)
+
+    def _set_state(self, state: ODCState) -> None:
+        """Hold ``state``'s arrays (memory namespace, checked or produced by the step)."""
+        self.samples.set_state(state.features, state.labels)
+        self.centroids.set_state(state.centroids, state.sizes, state.sums)
+        self.iteration = int(state.iteration)
 
     @property
     def labels(self) -> Array:
@@ -222,9 +238,8 @@ class OnlineDeepClustering:
         check_nonzero_rows(feats, "features")
         if labels is None:
             labels = self._kmeans_labels(feats, kmeans_iters, kmeans_init)
-        self.samples.initialize(feats, self.samples.to_memory(labels))
-        self.centroids.initialize(self.samples.features, self.samples.labels)
-        self.iteration = 0
+        # normalised again in the memory's dtype: a cast from a narrower input is not unit-norm
+        self._set_state(init(l2_normalize(feats), self.samples.to_memory(labels), self.num_clusters))
         handled = self.handler(self.samples, self.centroids, key=0)
         return {"num_small_clusters": handled.num_small_clusters, "num_splits": handled.num_splits}
 
@@ -246,7 +261,7 @@ class OnlineDeepClustering:
         ``like``'s namespace, on its device and (if floating, e.g. bfloat16 logits) its dtype.
         """
         self._require_initialized()
-        w = self.reweighter(self.centroids.sizes)
+        w = reweight(self.centroids.sizes, self.reweight_power)
         if like is None:
             return w
         xp = B.namespace(like=like)
@@ -272,31 +287,17 @@ class OnlineDeepClustering:
         """
         self._require_initialized()
         idx, feats = self.samples.validate_batch(indices, features)
-        # Every check has passed: from here on the state changes.
-        xp = self.samples.xp
-        idx, first, old, new, lead = self.samples.update(idx, feats)
-        old_labels = xp.take(self.samples.labels, idx)
-        new_labels = xp.astype(self.centroids.assign(new, metric=self.assign), old_labels.dtype)
-        if lead is not None:  # copies of a repeated sample take its first copy's label
-            new_labels = xp.take(new_labels, lead)
-        self.samples.set_labels(idx, new_labels)
-        repeats = not bool(xp.all(first))
-        self.centroids.move(old_labels, new_labels, old, new, count=first if repeats else None)
-        self.iteration += 1
-        if self.resync_interval and self.iteration % self.resync_interval == 0:
-            self.centroids.resync(self.samples.features, self.samples.labels)
-        refreshed = self.iteration % self.centroid_update_interval == 0
-        if refreshed:
-            self.centroids.refresh()
+        # Every check has passed (the step applies the batch): from here on the state changes.
+        state, stats = odc_step(self.state, idx, feats, self.config)
+        self._set_state(state)
         handled = SmallClusterStats(0, 0, 0)
         if self.iteration % self.small_cluster_interval == 0:
             handled = self.handler(self.samples, self.centroids, key=self.iteration)
-        changed = xp.sum(xp.astype(first & (old_labels != new_labels), xp.float32))
         return {
-            "change_ratio": float(changed) / float(xp.sum(xp.astype(first, xp.float32))),
+            "change_ratio": int(stats["num_changed"]) / int(stats["num_distinct"]),
             "num_small_clusters": handled.num_small_clusters,
             "num_splits": handled.num_splits,
-            "centroids_refreshed": refreshed,
+            "centroids_refreshed": bool(stats["centroids_refreshed"]),
         }
 
     # ------------------------------------------------------------------ checkpoints
@@ -309,18 +310,9 @@ class OnlineDeepClustering:
         ``centroid_update_interval``, ``small_cluster_interval``, ``reweight_power``,
         ``assign``, ``seed``, ``resync_interval``), which :meth:`load_state_dict` checks.
         """
-        self._require_initialized()
-        s, c = self.samples, self.centroids
-        copy = self._copy
-        return {
-            "features": copy(s.features),
-            "labels": copy(s.labels),
-            "centroids": copy(c.centroids),
-            "sizes": copy(c.sizes),
-            "sums": copy(c.sums),
-            "iteration": self.iteration,
-            **self._settings(),
-        }
+        arrays = self.state._asdict()
+        del arrays["iteration"]
+        return {**{k: self._copy(v) for k, v in arrays.items()}, "iteration": self.iteration, **self._settings()}
 
     def _settings(self) -> dict[str, int | float | str]:
         """The constructor settings a resumed run must share to continue identically."""
@@ -351,7 +343,7 @@ class OnlineDeepClustering:
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        missing = [k for k in (*_STATE_ARRAYS, "iteration") if k not in state]
+        missing = [k for k in ODCState._fields if k not in state]
         if missing:
             raise ValueError(f"state is missing keys {missing}")
         n, k, d = self.num_samples, self.num_clusters, self.feat_dim
@@ -377,10 +369,8 @@ class OnlineDeepClustering:
         sums = xp.astype(self._copy(state["sums"]), c.acc_dtype)
         centroids = xp.astype(self._copy(state["centroids"]), s.dtype)
         _verify_state(features, labels, sizes, sums, centroids, s.dtype, sums_tol, c.acc_dtype)
-        s.features, s.labels, s.initialized = features, labels, True
-        c.sizes, c.sums = sizes, sums
-        c.set_centroids(centroids)
-        self.iteration = iteration
+        iteration = xp.asarray(iteration, dtype=labels.dtype, device=s.device)
+        self._set_state(ODCState(features, labels, centroids, sizes, sums, iteration))
 
     def _copy(self, x: Array) -> Array:
         """A private copy of ``x`` in the memory's namespace (the memory writes in place)."""

@@ -195,6 +195,25 @@ class SampleMemory:
         self.labels = xp.zeros((self.num_samples,), dtype=B.index_dtype(xp, device), device=device)
         self.initialized = False
 
+    @classmethod
+    def wrap(cls, features: Array, labels: Array, *, momentum: float = 0.5) -> SampleMemory:
+        """An initialised memory holding ``features`` (N, D) and ``labels`` (N,) themselves.
+
+        No copy and no check (the arrays must be unit-norm rows and integer labels of one
+        namespace and device): for handing existing arrays to the small-cluster handler.
+        """
+        xp = B.namespace(features=features, labels=labels)
+        self = cls.__new__(cls)
+        self.num_samples, self.feat_dim = features.shape
+        self.momentum = check_real(momentum, "momentum", low=0.0, high=1.0)
+        self.xp, self.device, self.dtype = xp, aac.device(features), features.dtype
+        self.set_state(features, labels)
+        return self
+
+    def set_state(self, features: Array, labels: Array) -> None:
+        """Hold ``features`` (N, D) and ``labels`` (N,) (memory namespace, not checked) as the state."""
+        self.features, self.labels, self.initialized = features, labels, True
+
     # ------------------------------------------------------------------ conversions
     def to_memory(self, x: Array) -> Array:
         """``x`` in the memory's namespace and on its device."""

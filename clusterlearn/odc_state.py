@@ -1,0 +1,261 @@
+"""ODC as pure functions over a state of arrays (the shape of an optax transformation).
+
+:class:`ODCState` holds the memories, :class:`ODCConfig` the static settings, and
+:func:`step` is one memory iteration: ``step(state, indices, features, config) -> (state,
+stats)``. Written against the array API with static shapes and no data-dependent Python
+control flow (the two periodic updates go through :func:`clusterlearn._backend.cond`), so
+the same function runs eagerly on every backend and traces under ``jax.jit``.
+
+:class:`~clusterlearn.OnlineDeepClustering` is the checked, stateful shell around it (input
+validation, namespace conversion, the host-side small-cluster handling);
+``clusterlearn.adapters.jax`` jit-compiles it, the torch adapter gathers the global batch
+around it.
+
+Arrays passed in as ``state`` are consumed: NumPy, PyTorch and CuPy update the (N, D) memory
+in place, JAX returns new arrays (donate the state under ``jax.jit``). Use the returned state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import array_api_compat as aac
+
+from . import _backend as B
+from ._validation import check_int, check_real
+from .assignment import METRICS, Metric, nearest_centroid
+from .centroid_memory import centroids_from_sums
+from .reweighting import _check_power, size_weights
+from .sample_memory import l2_normalize, merge_sorted_duplicates, momentum_update
+
+Array = Any
+
+__all__ = ["ODCConfig", "ODCState", "DEFAULT_FLOAT32_RESYNC", "init", "step", "refresh", "resync", "loss_weights"]
+
+#: Resync interval of sums that are not float64 when :attr:`ODCConfig.resync_interval` is None.
+DEFAULT_FLOAT32_RESYNC = 1000
+
+
+class ODCState(NamedTuple):
+    """The ODC memories (a pytree under JAX); also the array part of a checkpoint.
+
+    Attributes
+    ----------
+    features : (N, D) floating, unit-norm memory feature of every sample
+    labels : (N,) integer (the namespace's default), pseudo-label of every sample in [0, C)
+    centroids : (C, D) dtype of ``features``, members' means as of the last refresh
+    sizes : (C,) dtype of ``labels``, always ``bincount(labels, C)``
+    sums : (C, D) float64 where the backend has it, else float32: members' current feature sums
+    iteration : () dtype of ``labels``, number of steps taken
+    """
+
+    features: Array
+    labels: Array
+    centroids: Array
+    sizes: Array
+    sums: Array
+    iteration: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ODCConfig:
+    """Static settings of ODC, checked here; meanings as in :class:`~clusterlearn.OnlineDeepClustering`.
+
+    ``resync_interval`` None means: decided by the sums dtype (:meth:`resync_every`). Frozen
+    and hashable: pass it as a static argument of ``jax.jit``.
+
+    Raises ``TypeError``/``ValueError`` naming the setting for a bad value, and for
+    ``num_clusters * max(min_cluster_size, 1) > num_samples`` (no assignment can keep every
+    cluster that large).
+    """
+
+    num_samples: int
+    num_clusters: int
+    feat_dim: int
+    momentum: float = 0.5
+    min_cluster_size: int = 20
+    centroid_update_interval: int = 10
+    small_cluster_interval: int = 1
+    reweight_power: float = 0.5
+    assign: Metric = "l2"
+    seed: int = 0
+    resync_interval: int | None = None
+
+    def __post_init__(self) -> None:
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        for name in ("num_samples", "num_clusters", "feat_dim", "centroid_update_interval", "small_cluster_interval"):
+            put(name, check_int(getattr(self, name), name, minimum=1))
+        if self.resync_interval is not None:
+            put("resync_interval", check_int(self.resync_interval, "resync_interval", minimum=1))
+        put("seed", check_int(self.seed, "seed", minimum=0))
+        if self.assign not in METRICS:
+            raise ValueError(f"assign must be one of {METRICS}, got {self.assign!r}")
+        if self.num_clusters > self.num_samples:
+            raise ValueError(f"num_clusters ({self.num_clusters}) must not exceed num_samples ({self.num_samples})")
+        put("min_cluster_size", check_int(self.min_cluster_size, "min_cluster_size", minimum=0))
+        if self.num_clusters * self.min_cluster_size > self.num_samples:
+            raise ValueError(
+                f"num_clusters * min_cluster_size ({self.num_clusters} * {self.min_cluster_size}) "
+                f"exceeds num_samples ({self.num_samples}): no assignment can keep every cluster that large"
+            )
+        put("reweight_power", _check_power(self.reweight_power))
+        put("momentum", check_real(self.momentum, "momentum", low=0.0, high=1.0))
+
+    def resync_every(self, sums_dtype: Any) -> int:
+        """Steps between exact resyncs of the sums kept in ``sums_dtype`` (0: never).
+
+        ``resync_interval`` when set; else never for float64 sums (their drift stays near
+        1e-16 per update) and every :data:`DEFAULT_FLOAT32_RESYNC` steps otherwise.
+        """
+        if self.resync_interval is not None:
+            return self.resync_interval
+        return 0 if B.is_float64(sums_dtype) else DEFAULT_FLOAT32_RESYNC
+
+
+# ---------------------------------------------------------------------------- pure functions
+def _exact_sums(features: Array, labels: Array, sums: Array) -> tuple[Array, Array]:
+    """(C, D) sums (dtype of ``sums``) and (C,) sizes recomputed from all N samples, O(N D)."""
+    xp = aac.array_namespace(features, labels, sums)
+    zeros = xp.zeros(sums.shape, dtype=sums.dtype, device=aac.device(sums))
+    return B.scatter_add(zeros, labels, features), xp.astype(B.bincount(labels, sums.shape[0]), labels.dtype)
+
+
+def init(features: Array, labels: Array, num_clusters: int) -> ODCState:
+    """The state of unit-norm ``features`` (N, D) labelled ``labels`` (N,) in [0, C).
+
+    Sums (float64 where available) and sizes exact, centroids the members' means (zero for an
+    empty cluster), iteration 0. Inputs are not checked (see
+    :meth:`~clusterlearn.OnlineDeepClustering.initialize`).
+    """
+    xp = aac.array_namespace(features, labels)
+    device = aac.device(features)
+    acc = B.accumulator_dtype(xp, device)
+    labels = xp.astype(labels, B.index_dtype(xp, device))
+    empty = xp.zeros((num_clusters, features.shape[1]), dtype=acc, device=device)
+    sums, sizes = _exact_sums(features, labels, empty)
+    centroids = centroids_from_sums(xp.zeros(sums.shape, dtype=features.dtype, device=device), sizes, sums)
+    return ODCState(features, labels, centroids, sizes, sums, xp.asarray(0, dtype=labels.dtype, device=device))
+
+
+def refresh(state: ODCState) -> ODCState:
+    """``state`` with every centroid set to its members' mean ``sums / sizes`` (O(C D)).
+
+    Empty clusters keep their previous centroid.
+    """
+    return state._replace(centroids=centroids_from_sums(state.centroids, state.sizes, state.sums))
+
+
+def resync(state: ODCState) -> ODCState:
+    """``state`` with sums and sizes recomputed exactly from the sample memory (O(N D))."""
+    sums, sizes = _exact_sums(state.features, state.labels, state.sums)
+    return state._replace(sums=sums, sizes=sizes)
+
+
+def loss_weights(state: ODCState, config: ODCConfig) -> Array:
+    """(C,) float32 class weights ``w_c ∝ n_c ** -p`` over non-empty clusters, summing to 1.
+
+    :func:`clusterlearn.reweighting.size_weights` of ``state.sizes``, ``p = config.reweight_power``.
+    """
+    return size_weights(state.sizes, config.reweight_power)
+
+
+def _batch_is_valid(indices: Array, features: Array, num_samples: int) -> Array:
+    """() bool: indices in [0, N) and features finite with no all-zero row."""
+    xp = aac.array_namespace(indices, features)
+    in_range = xp.all((indices >= 0) & (indices < num_samples))
+    finite = xp.all(xp.isfinite(features))
+    nonzero = xp.all(xp.any(features != 0, axis=1))
+    return in_range & finite & nonzero
+
+
+def _merged_rows(unit: Array, sorted_indices: Array, acc_dtype: Any) -> Array:
+    """(B, D) merged rows of a sorted batch; the rows themselves when no index repeats."""
+    xp = aac.array_namespace(unit, sorted_indices)
+    distinct = xp.all(sorted_indices[1:] != sorted_indices[:-1])
+    merge = lambda u, s: merge_sorted_duplicates(s, u, acc_dtype)[0]  # noqa: E731
+    return B.cond(distinct, lambda u, s: u, merge, unit, sorted_indices)
+
+
+def step(state: ODCState, indices: Array, features: Array, config: ODCConfig) -> tuple[ODCState, dict[str, Array]]:
+    """One ODC memory iteration; pure, static shapes, traceable by ``jax.jit`` (``config`` static).
+
+    1. Sort the batch by index and merge repeated indices (the normalised mean of their
+       normalised features, bit for bit independent of the batch order:
+       :func:`~clusterlearn.sample_memory.merge_sorted_duplicates`);
+    2. ``F[idx] <- normalize(m normalize(f) + (1 - m) F[idx])``;
+    3. re-label the batch to the nearest centroid (``config.assign``); copies of a repeated
+       index take the label of its first copy;
+    4. sizes and sums updated incrementally, each distinct sample counted once;
+    5. every :meth:`ODCConfig.resync_every` steps sums and sizes recomputed exactly, then
+       every ``centroid_update_interval`` steps all centroids refreshed.
+
+    Small-cluster handling is not part of it (host side, data-dependent shapes).
+
+    Parameters
+    ----------
+    state : :class:`ODCState`, consumed (see the module docstring)
+    indices : (B,) integer dataset indices, in the state's namespace
+    features : (B, D) real floating features (cast to the memory's dtype)
+    config : :class:`ODCConfig`
+
+    A batch with an index outside [0, N), a non-finite feature (after the cast) or an
+    all-zero row is refused, not raised on (values cannot raise under ``jit``): the state
+    keeps every bit, the iteration does not advance, and ``stats["applied"]`` is False.
+
+    Returns
+    -------
+    state : the new :class:`ODCState`
+    stats : dict of 0-d arrays: ``change_ratio`` (float32, fraction of the batch's distinct
+        samples whose label changed), ``num_changed`` and ``num_distinct`` (the counts behind
+        it, dtype of the labels), ``centroids_refreshed`` and ``applied`` (bool)
+    """
+    xp = aac.array_namespace(state.features, indices, features)
+    index = state.labels.dtype
+    features = xp.astype(features, state.features.dtype)
+    applied = _batch_is_valid(indices, features, config.num_samples)
+    # A refused batch reads and rewrites row 0 and adds zeros: no index can leave [0, N).
+    indices = xp.where(applied, xp.astype(indices, index), xp.zeros_like(indices, dtype=index))
+    order = xp.argsort(indices, stable=True)
+    idx = xp.take(indices, order)
+    unit = xp.take(l2_normalize(features), order, axis=0)
+    lead = xp.searchsorted(idx, idx, side="left")  # position of each row's first copy
+    first = lead == xp.arange(idx.shape[0], dtype=lead.dtype, device=aac.device(lead))
+    merged = _merged_rows(unit, idx, state.sums.dtype)
+    old = xp.take(state.features, idx, axis=0)
+    old_labels = xp.take(state.labels, idx)
+    new = xp.where(applied, momentum_update(old, merged, config.momentum), old)
+    assigned = xp.take(xp.astype(nearest_centroid(new, state.centroids, metric=config.assign), index), lead)
+    new_labels = xp.where(applied, assigned, old_labels)
+    counted = first & applied  # repeats count once; nothing counts in a refused batch
+    moved_labels = xp.concat([old_labels, new_labels])
+    ones = xp.astype(counted, state.sizes.dtype)
+    acc = state.sums.dtype
+    count = xp.astype(counted, acc)[:, None]
+    moved = xp.concat([-xp.astype(old, acc) * count, xp.astype(new, acc) * count])
+    state = ODCState(
+        features=B.set_rows(state.features, idx, new),
+        labels=B.set_rows(state.labels, idx, new_labels),
+        centroids=state.centroids,
+        sizes=B.scatter_add(state.sizes, moved_labels, xp.concat([-ones, ones])),
+        sums=B.scatter_add(state.sums, moved_labels, moved),
+        iteration=state.iteration + xp.astype(applied, state.iteration.dtype),
+    )
+    every = config.resync_every(acc)
+    if every:  # only the small arrays pass through the conditional: no copy of the (N, D) memory
+        due = applied & (state.iteration % every == 0)
+        exact = lambda f, y, s, n: _exact_sums(f, y, s)  # noqa: E731
+        sums, sizes = B.cond(due, exact, lambda f, y, s, n: (s, n), state.features, state.labels, state.sums, state.sizes)
+        state = state._replace(sums=sums, sizes=sizes)
+    refreshed = applied & (state.iteration % config.centroid_update_interval == 0)
+    centroids = B.cond(refreshed, centroids_from_sums, lambda c, n, s: c, state.centroids, state.sizes, state.sums)
+    changed = xp.sum(xp.astype(first & (old_labels != new_labels), index))
+    distinct = xp.sum(xp.astype(first, index))
+    stats = {
+        "change_ratio": xp.astype(changed, xp.float32) / xp.astype(distinct, xp.float32),
+        "num_changed": changed,
+        "num_distinct": distinct,
+        "centroids_refreshed": refreshed,
+        "applied": applied,
+    }
+    return state._replace(centroids=centroids), stats

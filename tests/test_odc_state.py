@@ -1,0 +1,139 @@
+"""The pure ODC step (``clusterlearn.odc_state``): traced by ``jax.jit``, shared by the core
+shell and the JAX adapter, refusing bad batches on every backend, and continuing a checkpoint
+written before it existed exactly as the old code did.
+
+Float tolerances: features are unit vectors re-normalised every step, so two correct
+evaluations that round differently (XLA fuses a multiply into a reduction under ``jit``, which
+it does not do op by op) differ by a few float32 ulps per step, and an error in the stored
+feature shrinks by (1 - m) at each later visit: ``8 * eps * steps`` bounds them. Sums of
+``n`` such rows differ by at most ``n`` times that.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import clusterlearn as cl
+from clusterlearn import odc_state
+
+N, C, D, BATCH = 240, 6, 8, 32
+EPS32 = float(np.finfo(np.float32).eps)
+DATA = os.path.join(os.path.dirname(__file__), "data", "odc_stream_v0.npz")
+
+
+def make_stream(seed: int, steps: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Initial features and batches drifting to two attractors; each batch repeats 3 indices."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.normal(size=(N, D)).astype(np.float32)
+    attract = rng.normal(size=(2, D)) * 2
+    idx = [rng.choice(N, size=BATCH, replace=False) for _ in range(steps)]
+    idx = [np.concatenate([i[:-3], i[:3]]).astype(np.int64) for i in idx]  # DDP padding repeats the head
+    return x0, [(i, (attract[i % 2] + 0.5 * rng.normal(size=(BATCH, D))).astype(np.float32)) for i in idx]
+
+
+def test_config_is_the_constructors_check():
+    """One set of checks: the core constructor raises what ODCConfig raises, and keeps it."""
+    with pytest.raises(ValueError, match="exceeds num_samples"):
+        cl.OnlineDeepClustering(N, C, D, min_cluster_size=N)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        odc_state.ODCConfig(N, C, D, momentum=2.0)
+    odc = cl.OnlineDeepClustering(np.int64(N), C, D, momentum=1, resync_interval=7)
+    assert odc.config == odc_state.ODCConfig(N, C, D, momentum=1.0, resync_interval=7)
+    assert type(odc.config.num_samples) is int and type(odc.config.momentum) is float
+    assert odc.resync_interval == 7 and cl.OnlineDeepClustering(N, C, D).resync_interval == 0
+
+
+def test_jitted_step_equals_eager_step():
+    """The core's step traces under jax.jit (one compilation) and agrees with its eager run
+    on JAX arrays: labels, sizes, iteration and statistics exactly, floats within rounding."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    x0, batches = make_stream(3, steps=12)
+    odc = cl.OnlineDeepClustering(N, C, D, momentum=0.2, min_cluster_size=0, centroid_update_interval=3, resync_interval=4)
+    odc.initialize(x0)
+    config = odc.config
+    arrays = lambda: odc_state.ODCState(*(jnp.asarray(np.asarray(x)) for x in odc.state))  # noqa: E731
+    traced, eager = arrays(), arrays()
+    jitted = jax.jit(odc_state.step, static_argnames="config")
+    refreshed = changed = 0
+    for k, (idx, f) in enumerate(batches, start=1):
+        traced, got = jitted(traced, jnp.asarray(idx), jnp.asarray(f), config)
+        eager, want = odc_state.step(eager, jnp.asarray(idx), jnp.asarray(f), config)
+        assert {key: np.asarray(v).item() for key, v in got.items()} == {key: np.asarray(v).item() for key, v in want.items()}
+        for name in ("labels", "sizes", "iteration"):
+            np.testing.assert_array_equal(getattr(traced, name), getattr(eager, name), err_msg=name)
+        bound = 8 * EPS32 * k
+        np.testing.assert_allclose(traced.features, eager.features, rtol=0, atol=bound)
+        np.testing.assert_allclose(traced.centroids, eager.centroids, rtol=0, atol=bound)
+        np.testing.assert_allclose(traced.sums, eager.sums, rtol=0, atol=bound * N)
+        refreshed += bool(got["centroids_refreshed"])
+        changed += int(got["num_changed"])
+    assert jitted._cache_size() == 1
+    assert refreshed == 4 and changed > 0 and int(traced.iteration) == 12
+
+
+def test_refused_batch_leaves_state_unchanged(backend):
+    """The refusal lives in the core function: on every backend a non-finite batch or an
+    index out of range changes no bit and reports applied False; a good batch applies."""
+    x0, batches = make_stream(1, steps=1)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=0, like=backend.asarray(np.zeros(1, np.float32)))
+    odc.initialize(backend.asarray(x0))
+    idx, f = batches[0]
+    before = [backend.to_numpy(x).copy() for x in odc.state]
+    bad_f = f.copy()
+    bad_f[5, 2] = np.nan
+    bad_idx = idx.copy()
+    bad_idx[4] = N
+    for i, x in ((idx, bad_f), (bad_idx, f)):
+        state, stats = odc_state.step(odc.state, backend.asarray(i), backend.asarray(x), odc.config)
+        assert not bool(stats["applied"])
+        for name, old, new in zip(odc_state.ODCState._fields, before, state):
+            np.testing.assert_array_equal(backend.to_numpy(new), old, err_msg=name)
+    state, stats = odc_state.step(odc.state, backend.asarray(idx), backend.asarray(f), odc.config)
+    assert bool(stats["applied"]) and int(state.iteration) == 1
+    assert int(stats["num_distinct"]) == BATCH - 3
+
+
+def test_checkpoint_of_the_previous_code_loads_and_continues_alike():
+    """tests/data/odc_stream_v0.npz was written by the step before it became pure (see
+    tests/data/make_odc_stream_v0.py): its checkpoint loads, and its 16 batches (repeats,
+    resyncs, refreshes, 7 small clusters re-seeded) give the same labels, sizes and
+    statistics, and features and sums within rounding."""
+    with np.load(DATA) as z:
+        data = {k: z[k] for k in z.files}
+    before = {k.split("/", 1)[1]: v for k, v in data.items() if k.startswith("before/")}
+    after = {k.split("/", 1)[1]: v for k, v in data.items() if k.startswith("after/")}
+    settings = ("momentum", "min_cluster_size", "centroid_update_interval", "small_cluster_interval", "seed", "resync_interval")
+    odc = cl.OnlineDeepClustering(N, C, D, **{k: before[k].item() for k in settings})
+    odc.load_state_dict(before)
+    for idx, f, want in zip(data["indices"], data["features"], data["stats"]):
+        s = odc.step(idx, f)
+        assert [s["change_ratio"], s["num_small_clusters"], s["num_splits"], s["centroids_refreshed"]] == list(want)
+    assert data["stats"][:, 1].sum() == 7
+    got = odc.state_dict()
+    for name in ("labels", "sizes", "iteration"):
+        np.testing.assert_array_equal(got[name], after[name], err_msg=name)
+    bound = 8 * EPS32 * len(data["indices"])
+    np.testing.assert_allclose(got["features"], after["features"], rtol=0, atol=bound)
+    np.testing.assert_allclose(got["centroids"], after["centroids"], rtol=0, atol=bound)
+    np.testing.assert_allclose(got["sums"], after["sums"], rtol=0, atol=bound * N)
+
+
+def test_argmax_rows_takes_the_lowest_of_tied_positions(backend):
+    """The labelling's argmax (lax.top_k on JAX CPU) keeps argmax's rule: among equal
+    scores the lowest cluster id, also with -inf (excluded clusters) and under jax.jit."""
+    from clusterlearn import _backend as B
+
+    x = np.array([[1, 3, 3, 0], [-np.inf, -np.inf, 2, 2], [5, 5, 5, 5], [0, -1, -2, 7]], dtype=np.float32)
+    want = [1, 2, 0, 3]
+    got = B.argmax_rows(backend.asarray(x))
+    np.testing.assert_array_equal(backend.to_numpy(got), want)
+    xp = backend.xp
+    assert got.dtype == B.index_dtype(xp)
+    if backend.name == "jax":
+        import jax
+
+        np.testing.assert_array_equal(np.asarray(jax.jit(B.argmax_rows)(backend.asarray(x))), want)
