@@ -100,8 +100,10 @@ def test_refused_batch_leaves_state_unchanged(backend):
 def test_checkpoint_of_the_previous_code_loads_and_continues_alike():
     """tests/data/odc_stream_v0.npz was written by the step before it became pure (see
     tests/data/make_odc_stream_v0.py): its checkpoint loads, and its 16 batches (repeats,
-    resyncs, refreshes, 7 small clusters re-seeded) give the same labels, sizes and
-    statistics, and features and sums within rounding."""
+    resyncs, refreshes) give the same statistics up to the first small-cluster handling; from
+    there on the 2-means splits start from greedy k-means++ seeds (a later change to
+    :func:`clusterlearn.kmeans`), so the re-seeded clusters differ and only the memories'
+    invariants are compared."""
     with np.load(DATA) as z:
         data = {k: z[k] for k in z.files}
     before = {k.split("/", 1)[1]: v for k, v in data.items() if k.startswith("before/")}
@@ -109,17 +111,18 @@ def test_checkpoint_of_the_previous_code_loads_and_continues_alike():
     settings = ("momentum", "min_cluster_size", "centroid_update_interval", "small_cluster_interval", "seed", "resync_interval")
     odc = cl.OnlineDeepClustering(N, C, D, **{k: before[k].item() for k in settings})
     odc.load_state_dict(before)
+    same = True  # until the first small-cluster handling
     for idx, f, want in zip(data["indices"], data["features"], data["stats"]):
         s = odc.step(idx, f)
-        assert [s["change_ratio"], s["num_small_clusters"], s["num_splits"], s["centroids_refreshed"]] == list(want)
-    assert data["stats"][:, 1].sum() == 7
+        if same:
+            assert [s["change_ratio"], s["num_small_clusters"], s["num_splits"], s["centroids_refreshed"]] == list(want)
+            same = want[1] == 0
+    assert not same and data["stats"][:, 1].sum() == 7  # the comparison covered steps before a handling
     got = odc.state_dict()
-    for name in ("labels", "sizes", "iteration"):
-        np.testing.assert_array_equal(got[name], after[name], err_msg=name)
-    bound = 8 * EPS32 * len(data["indices"])
-    np.testing.assert_allclose(got["features"], after["features"], rtol=0, atol=bound)
-    np.testing.assert_allclose(got["centroids"], after["centroids"], rtol=0, atol=bound)
-    np.testing.assert_allclose(got["sums"], after["sums"], rtol=0, atol=bound * N)
+    assert int(got["iteration"]) == int(after["iteration"])
+    np.testing.assert_array_equal(got["sizes"], np.bincount(got["labels"], minlength=C))
+    assert got["sizes"].min() >= odc.min_cluster_size
+    np.testing.assert_allclose(np.linalg.norm(got["features"], axis=1), 1.0, rtol=0, atol=8 * EPS32)
 
 
 def test_argmax_rows_takes_the_lowest_of_tied_positions(backend):
