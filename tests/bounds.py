@@ -1,0 +1,96 @@
+"""Tolerances derived from error bounds, shared by the test files.
+
+Rounding differs between machines (AVX2, AVX-512, XLA's code for each, the fused kernel built
+for ``-march=native`` or a baseline ISA), so no tolerance is one machine's result: each comes
+from the dtype's unit roundoff u, the magnitude of the values and the number of terms summed
+(Higham, *Accuracy and Stability of Numerical Algorithms*, ch. 3: a sum or dot product of n
+terms is off by at most γ_n times the sum of the terms' magnitudes, γ_n = n u / (1 − n u),
+whatever the order or the vector width of the additions).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Roundings between a logit s and a Self-Classifier log-probability: the max shift, the
+#: division by τ and the two log-sum-exp subtractions.
+ROUNDINGS = 4
+
+
+def unit_roundoff(dtype) -> float:
+    """u = eps / 2 of a NumPy, torch or JAX floating dtype (or its name)."""
+    try:
+        return float(np.finfo(np.dtype(dtype)).eps) / 2
+    except TypeError:  # a torch dtype
+        return float(np.finfo(np.dtype(str(dtype).removeprefix("torch."))).eps) / 2
+
+
+def gamma(n: int, dtype) -> float:
+    """γ_n = n u / (1 − n u): relative bound of n roundings (an n-term sum or dot product)."""
+    nu = n * unit_roundoff(dtype)
+    assert nu < 1, (n, dtype)
+    return nu / (1 - nu)
+
+
+def leaves(xs) -> list[np.ndarray]:
+    """The arrays of a nested list / tuple, as float64 NumPy arrays."""
+    if isinstance(xs, (list, tuple)):
+        return [leaf for x in xs for leaf in leaves(x)]
+    return [np.asarray(xs, dtype=np.float64)]
+
+
+def rounding_bounds(views, loss: float, grads, dtype, temperatures: tuple[float, float] = (0.1, 0.05)) -> tuple[float, float]:
+    """Bounds on the absolute rounding error of a Self-Classifier loss computed in ``dtype`` and
+    of each entry of its gradient: first order, from the logits ``views`` (arrays of shape
+    ``(N, C)``, nested as heads and views in any way), the loss and its gradients ``grads`` (a
+    float64 reference; any value within these bounds gives the same bounds to first order) and
+    the (row, column) temperatures.
+
+    With u the dtype's unit roundoff: every log-probability the loss is made of comes from
+    max-shifted scaled logits s/τ in :data:`ROUNDINGS` = R roundings of quantities up to
+    max|s|/τ (the core documents an error growing with |s|/τ · (dtype eps)), i.e. it is exact
+    for logits moved by at most δ = R u max|s| (τ cancels); and every sum inside a log-sum-exp
+    or a normalisation (at most N + C terms) adds a relative (N + C) u.
+
+    - loss: δ ‖∇_s L‖₁ for each of the row and the column paths, plus (N + C) u (1 + |L|): a
+      weighted mean of logs whose weights sum to at most 1 per row, each log off by (N + C) u
+      absolute and each weight by (N + C) u relative.
+    - gradient entry: a sum of products of at most 3 probabilities (over N τ); a shift of the
+      scaled logits by κ = δ / τ_min moves each probability by a relative 2κ, each sum by
+      (N + C) u, so the entry by 3 (2κ + (N + C) u) times the size of its terms, taken as the
+      largest entry of the gradient.
+
+    At |s|/τ = 2e5 in float32 (``test_fast_self_classifier.extreme_views``) the gradient bound reaches the gradient's
+    own size: float32 promises nothing finer there; the moderate cases check the gradient.
+    """
+    u = unit_roundoff(dtype)
+    xs, g = leaves(views), np.concatenate([x.ravel() for x in leaves(grads)])
+    scale = max(float(np.abs(x).max()) for x in xs)
+    terms = max(sum(x.shape) for x in xs)  # N + C
+    delta = ROUNDINGS * u * scale
+    loss_bound = 2 * delta * float(np.abs(g).sum()) + terms * u * (1 + abs(loss))
+    kappa = delta / min(temperatures)
+    grad_bound = 3 * (2 * kappa + terms * u) * float(np.abs(g).max())
+    return loss_bound, grad_bound
+
+
+def assert_within_rounding(loss, grads, ref_loss, ref_grads, views, dtype, temperatures=(0.1, 0.05), computations=2) -> None:
+    """``loss`` and ``grads`` equal ``ref_loss`` and ``ref_grads`` to the rounding of
+    ``computations`` computations in ``dtype`` (2: both computed in it; 1: the reference is
+    exact, e.g. float64 against float32)."""
+    loss_bound, grad_bound = rounding_bounds(views, float(ref_loss), ref_grads, dtype, temperatures)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=0, atol=computations * loss_bound)
+    for g, r in zip(leaves(grads), leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=0, atol=computations * grad_bound)
+
+
+def probability_rtol(views, dtype, temperature: float) -> float:
+    """Relative rounding bound of a Self-Classifier probability (a softmax of s/τ, L1-normalised
+    along the other axis) computed in ``dtype`` from the logits ``views``: the scaled logits are
+    exact for a shift of κ = R u max|s| / τ (as in :func:`rounding_bounds`), which moves a
+    softmax entry by a relative 2κ; each of the two sums (at most N + C terms) adds (N + C) u.
+    A log-probability is off by the same amount, absolutely."""
+    u = unit_roundoff(dtype)
+    xs = leaves(views)
+    kappa = ROUNDINGS * u * max(float(np.abs(x).max()) for x in xs) / temperature
+    return 2 * kappa + 2 * max(sum(x.shape) for x in xs) * u
