@@ -94,3 +94,16 @@ def probability_rtol(views, dtype, temperature: float) -> float:
     xs = leaves(views)
     kappa = ROUNDINGS * u * max(float(np.abs(x).max()) for x in xs) / temperature
     return 2 * kappa + 2 * max(sum(x.shape) for x in xs) * u
+
+
+def unit_norm_atol(dim: int, dtype) -> float:
+    """|‖x / ‖x‖‖ − 1| of a ``dim``-vector normalised in ``dtype`` (its sum of squares γ_dim
+    relative, the square root, a rescaling against under/overflow and the division u each,
+    halved by the root at most) and measured again in ``dtype`` (γ_dim + u): γ_{2 dim + 4}."""
+    return gamma(2 * dim + 4, dtype)
+
+
+def running_sum_atol(additions: int, magnitude: float, dtype) -> float:
+    """Drift of a sum kept up to date in ``dtype`` by ``additions`` additions or subtractions,
+    its partial sums never larger than ``magnitude``: each rounds by u · magnitude at most."""
+    return gamma(additions, dtype) * magnitude
