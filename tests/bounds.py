@@ -107,3 +107,21 @@ def running_sum_atol(additions: int, magnitude: float, dtype) -> float:
     """Drift of a sum kept up to date in ``dtype`` by ``additions`` additions or subtractions,
     its partial sums never larger than ``magnitude``: each rounds by u · magnitude at most."""
     return gamma(additions, dtype) * magnitude
+
+
+def momentum_feature_atol(dim: int, momentum: float, updates: int, dtype, computations: int = 2) -> float:
+    """Entry error of an ODC memory feature after ``updates`` momentum updates in ``dtype``
+    (unit-norm ``dim``-vectors): each update normalises m·unit + (1 − m)·old, the unit vector
+    and the old feature off by γ_{dim+2} each, the mix by 2u more, divided by ‖mix‖ ≥ |2m − 1|,
+    and its own normalisation γ_{dim+2}: γ_{2 dim + 8} / |2m − 1|; the previous error is
+    carried with weight r = (1 − m) / |2m − 1|, so after k updates Σ_{i<k} r^i of them."""
+    r = (1 - momentum) / abs(2 * momentum - 1)
+    carried = sum(r**i for i in range(max(updates, 1)))
+    return computations * gamma(2 * dim + 8, dtype) / abs(2 * momentum - 1) * carried
+
+
+def reweight_rtol(clusters: int, power: float, largest: int, dtype) -> float:
+    """Relative bound of ODC's loss weights n^−p / Σ n^−p computed in log space in ``dtype``:
+    p log n rounded (u p log n_max, in the numerator and in each term of the sum), the
+    logsumexp of ``clusters`` terms γ_{C+2}, and exp one u."""
+    return gamma(clusters + 3, dtype) + 2 * power * float(np.log(max(largest, 2))) * unit_roundoff(dtype)

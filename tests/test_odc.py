@@ -7,8 +7,6 @@ swap of m and 1 - m would be caught.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -17,7 +15,7 @@ from hypothesis import strategies as st
 import clusterlearn as cl
 from clusterlearn import _backend as B
 
-from bounds import gamma, running_sum_atol, unit_norm_atol, unit_roundoff
+from bounds import gamma, momentum_feature_atol, reweight_rtol, running_sum_atol, unit_norm_atol, unit_roundoff
 
 N, C, D, BATCH = 240, 6, 8, 32
 MAX_EXAMPLES = {"jax": 2, "array_api_strict": 5}  # eager JAX compiles every new shape
@@ -113,9 +111,7 @@ def test_stream_invariants(backend):
             head = idx[3:-3]
             unit = f[3:-3] / np.linalg.norm(f[3:-3], axis=1, keepdims=True)
             mix = p["momentum"] * unit + (1 - p["momentum"]) * feat_before[head]
-            # unit and old feature each off by γ_{D+2} (normalisations), the mix by 2u more, all
-            # divided by ‖mix‖ ≥ |2m − 1|; its own normalisation γ_{D+2}
-            atol = gamma(2 * D + 8, np.float32) / abs(2 * p["momentum"] - 1)
+            atol = momentum_feature_atol(D, p["momentum"], 1, np.float32, computations=1)  # against float64
             np.testing.assert_allclose(feats[head], mix / np.linalg.norm(mix, axis=1, keepdims=True), rtol=0, atol=atol)
             if stats["num_small_clusters"] == 0:  # labels = nearest centroid before the step
                 scores = feats[idx] @ cen_before.T
@@ -143,13 +139,6 @@ def test_stream_really_forms_small_clusters():
     odc.initialize(x0)
     total = sum(odc.step(i, f)["num_small_clusters"] for i, f in batches)
     assert total > 0
-
-
-def reweight_rtol(sizes: int, power: float, largest: int, dtype) -> float:
-    """Relative bound of ``reweight`` (log space, ``dtype``): the exponent −p log n − logsumexp
-    has p log n rounded (u p log n_max, in the numerator and in each term of the sum), the
-    logsumexp of ``sizes`` terms γ_{C+2}, and exp one u."""
-    return gamma(sizes + 3, dtype) + 2 * power * math.log(max(largest, 2)) * unit_roundoff(dtype)
 
 
 def test_loss_weights_formula(backend):
@@ -218,9 +207,8 @@ def test_same_labels_on_every_backend(backend):
         s = odc.step(backend.asarray(idx), backend.asarray(f))
         assert s == s_ref
         np.testing.assert_array_equal(B.to_numpy(odc.labels), B.to_numpy(ref.labels))
-        # each update: γ_{2D+8} / |2m − 1| (test_stream_invariants), the previous error carried
-        # with weight (1 − m) / ‖mix‖ ≤ 1/3 (geometric: ×1.5); two computations
-        np.testing.assert_allclose(B.to_numpy(odc.features), B.to_numpy(ref.features), rtol=0, atol=2 * 1.5 * gamma(2 * D + 8, np.float32) / 0.6)
+        atol = momentum_feature_atol(D, 0.8, len(batches), np.float32)  # at most one update per step
+        np.testing.assert_allclose(B.to_numpy(odc.features), B.to_numpy(ref.features), rtol=0, atol=atol)
 
 
 def test_state_dict_round_trip_gives_identical_steps(backend):
