@@ -125,3 +125,34 @@ def reweight_rtol(clusters: int, power: float, largest: int, dtype) -> float:
     p log n rounded (u p log n_max, in the numerator and in each term of the sum), the
     logsumexp of ``clusters`` terms γ_{C+2}, and exp one u."""
     return gamma(clusters + 3, dtype) + 2 * power * float(np.log(max(largest, 2))) * unit_roundoff(dtype)
+
+
+def linear_head_bounds(inputs, weight, loss: float, logit_grads, dtype, temperatures=(0.1, 0.05), computations: int = 2):
+    """Bounds for a Self-Classifier loss of logits s_v = x_v @ W computed ``computations`` times
+    in ``dtype``, from the inputs x_v (N, D), W (D, C) (a bias: a row of W and a column of
+    ones in x), the loss and its gradients w.r.t. the logits (a reference).
+
+    Each logit is also off by γ_D (|x| @ |W|) from its product: that moves the loss by that
+    times ‖∇_s L‖₁, and a gradient entry w.r.t. s by 6 κ max|∇_s L| (κ = that / τ_min, as in
+    :func:`rounding_bounds`). ∂L/∂W = Σ_v x_vᵀ ∇_{s_v} L and ∂L/∂x_v = ∇_{s_v} L Wᵀ carry the
+    ∇_s error times the column (row) 1-norms of x (W), and their own γ_{V N} (γ_C) sums.
+
+    Returns (loss bound, bound on each entry of ∂L/∂W, [bound on each entry of ∂L/∂x_v]).
+    """
+    xs, w = leaves(inputs), np.asarray(weight, np.float64)
+    g_s = leaves(logit_grads)
+    logits = [x @ w for x in xs]
+    loss_b, grad_b = rounding_bounds(logits, loss, g_s, dtype, temperatures)
+    product = gamma(w.shape[0], dtype) * max(float((np.abs(x) @ np.abs(w)).max()) for x in xs)
+    g_max = max(float(np.abs(g).max()) for g in g_s)
+    loss_tol = computations * (loss_b + product * sum(float(np.abs(g).sum()) for g in g_s))
+    gs_tol = computations * (grad_b + 6 * product / min(temperatures) * g_max)
+    terms = sum(x.shape[0] for x in xs)
+    w_tol = gs_tol * sum(float(np.abs(x).sum(axis=0).max()) for x in xs) + computations * gamma(terms, dtype) * float(
+        sum(np.abs(x).T @ np.abs(g) for x, g in zip(xs, g_s)).max()
+    )
+    x_tols = [
+        gs_tol * float(np.abs(w).sum(axis=1).max()) + computations * gamma(w.shape[1], dtype) * float((np.abs(g) @ np.abs(w).T).max())
+        for g in g_s
+    ]
+    return loss_tol, w_tol, x_tols

@@ -24,7 +24,7 @@ from clusterlearn import _backend as B  # noqa: E402
 from clusterlearn.adapters import _native  # noqa: E402
 from clusterlearn.adapters import jax as clj  # noqa: E402
 
-from bounds import gamma, momentum_feature_atol, reweight_rtol, rounding_bounds, running_sum_atol, unit_roundoff  # noqa: E402
+from bounds import linear_head_bounds, momentum_feature_atol, reweight_rtol, rounding_bounds, running_sum_atol, unit_roundoff  # noqa: E402
 
 N, C, D, BATCH = 240, 6, 8, 32
 
@@ -386,22 +386,10 @@ def two_device_worker() -> dict:
         return cl.SelfClassifierLoss()(a @ w, b @ w)
 
     want_value, want_grads = jax.value_and_grad(global_loss, argnums=(0, 1, 2))(w, *views)
-    # Bounds: two float32 computations of the loss of the logits s = x @ w (bounds.py), each
-    # logit also off by γ_D (|x| @ |w|) from its product (moving the loss by that times
-    # ‖∇_s L‖₁ and a gradient entry by 6 κ max|∇_s L| as in bounds.rounding_bounds); the
-    # gradients w.r.t. w = Σ xᵀ ∇_s L and x = ∇_s L wᵀ add their own γ_N, γ_C sums.
-    xs, w_np = [np.asarray(v, np.float64) for v in views], np.asarray(w, np.float64)
-    logits = [x @ w_np for x in xs]
-    g_s = [np.asarray(g, np.float64) for g in jax.grad(lambda s, t: cl.SelfClassifierLoss()(s, t), argnums=(0, 1))(*(jnp.asarray(v, jnp.float32) for v in logits))]
-    loss_b, grad_b = rounding_bounds(logits, float(want_value), g_s, np.float32)
-    product = gamma(D, np.float32) * max(float((np.abs(x) @ np.abs(w_np)).max()) for x in xs)
-    g_max = max(float(np.abs(g).max()) for g in g_s)
-    loss_tol = 2 * (loss_b + product * sum(float(np.abs(g).sum()) for g in g_s))
-    gs_tol = 2 * (grad_b + 6 * product / 0.05 * g_max)  # τ_min = 0.05
-    w_tol = gs_tol * sum(float(np.abs(x).sum(axis=0).max()) for x in xs) + 2 * gamma(2 * len(xs[0]), np.float32) * float(
-        sum(np.abs(x).T @ np.abs(g) for x, g in zip(xs, g_s)).max()
-    )
-    x_tols = [gs_tol * float(np.abs(w_np).sum(axis=1).max()) + 2 * gamma(w_np.shape[1], np.float32) * float((np.abs(g) @ np.abs(w_np).T).max()) for g in g_s]
+    # Bounds: two float32 computations of the loss of s = x @ w (bounds.linear_head_bounds)
+    logits = [v @ w for v in views]
+    g_s = jax.grad(lambda s, t: cl.SelfClassifierLoss()(s, t), argnums=(0, 1))(*logits)
+    loss_tol, w_tol, x_tols = linear_head_bounds(views, w, float(want_value), g_s, np.float32)
     out["loss_atol"], out["grad_atol"] = loss_tol, [w_tol, *x_tols]
     # the core loss, and the adapter's with its jax.numpy custom_vjp and with the fused kernel
     # (an FFI call, whose results must be typed as varying over the mesh for jax.grad)
