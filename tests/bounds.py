@@ -18,11 +18,11 @@ ROUNDINGS = 4
 
 
 def unit_roundoff(dtype) -> float:
-    """u = eps / 2 of a NumPy, torch or JAX floating dtype (or its name)."""
+    """u = eps / 2 of a NumPy, torch, JAX or array-API floating dtype (or its name)."""
     try:
         return float(np.finfo(np.dtype(dtype)).eps) / 2
-    except TypeError:  # a torch dtype
-        return float(np.finfo(np.dtype(str(dtype).removeprefix("torch."))).eps) / 2
+    except TypeError:  # torch.float32, array_api_strict.float64, ...
+        return float(np.finfo(np.dtype(str(dtype).rsplit(".", 1)[-1])).eps) / 2
 
 
 def gamma(n: int, dtype) -> float:
