@@ -156,3 +156,21 @@ def linear_head_bounds(inputs, weight, loss: float, logit_grads, dtype, temperat
         for g in g_s
     ]
     return loss_tol, w_tol, x_tols
+
+
+def distance_atol(x: np.ndarray, centred: bool = True, dtype=np.float32) -> np.ndarray:
+    """(N,) bounds on a squared distance from each row of ``x`` to any centroid (a mean of rows
+    or a row: inside their convex hull) computed in ``dtype`` as ‖x‖² − 2 x·c + ‖c‖²: the
+    D-term sums and two additions γ_{D+4} (‖x‖ + ‖c‖)², of the data centred on their mean
+    (``centred``: the array backend) or not (faiss); centring and the float32 centroids move
+    each coordinate by u (|x| + |c|), the distance by 2 ‖x − c‖ times that."""
+    x = x.astype(np.float64)
+    a = np.linalg.norm(x, axis=1)
+    r = np.linalg.norm(x - x.mean(axis=0), axis=1) if centred else a
+    reach = r + r.max()
+    return gamma(x.shape[1] + 4, dtype) * reach**2 + 4 * reach * unit_roundoff(dtype) * (a + a.max())
+
+
+def inertia_atol(x: np.ndarray, inertia: float, centred: bool = True, dtype=np.float32) -> float:
+    """Bound on an inertia: the distances' bounds and the N-term sum's γ_N (in ``dtype`` at worst)."""
+    return float(distance_atol(x, centred, dtype).sum()) + gamma(x.shape[0], dtype) * inertia

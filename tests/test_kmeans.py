@@ -16,7 +16,7 @@ import clusterlearn as cl
 from clusterlearn._faiss import faiss_available
 from clusterlearn.kmeans import relocate_empty
 
-from bounds import gamma, unit_roundoff
+from bounds import distance_atol, gamma, inertia_atol, unit_roundoff
 
 kmeans_module = importlib.import_module("clusterlearn.kmeans")  # the package attribute is the function
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
@@ -29,24 +29,6 @@ def planted(seed, n=120, k=4, d=5, spread=0.05, duplicates=0):
     if duplicates:  # many identical points make k-means++ pick equal centres -> empty clusters
         x[:duplicates] = x[0]
     return x.astype(np.float32)
-
-
-def distance_atol(x: np.ndarray, centred: bool = True, dtype=np.float32) -> np.ndarray:
-    """(N,) bounds on a squared distance from each row of ``x`` to any centroid (a mean of rows
-    or a row: inside their convex hull) computed in ``dtype`` as ‖x‖² − 2 x·c + ‖c‖²: the
-    D-term sums and two additions γ_{D+4} (‖x‖ + ‖c‖)², of the data centred on their mean
-    (``centred``: the array backend) or not (faiss); centring and the float32 centroids move
-    each coordinate by u (|x| + |c|), the distance by 2 ‖x − c‖ times that."""
-    x = x.astype(np.float64)
-    a = np.linalg.norm(x, axis=1)
-    r = np.linalg.norm(x - x.mean(axis=0), axis=1) if centred else a
-    reach = r + r.max()
-    return gamma(x.shape[1] + 4, dtype) * reach**2 + 4 * reach * unit_roundoff(dtype) * (a + a.max())
-
-
-def inertia_atol(x: np.ndarray, inertia: float, centred: bool = True, dtype=np.float32) -> float:
-    """Bound on an inertia: the distances' bounds and the N-term sum's γ_N (in ``dtype`` at worst)."""
-    return float(distance_atol(x, centred, dtype).sum()) + gamma(x.shape[0], dtype) * inertia
 
 
 @settings(max_examples=10)
