@@ -174,3 +174,42 @@ def distance_atol(x: np.ndarray, centred: bool = True, dtype=np.float32) -> np.n
 def inertia_atol(x: np.ndarray, inertia: float, centred: bool = True, dtype=np.float32) -> float:
     """Bound on an inertia: the distances' bounds and the N-term sum's γ_N (in ``dtype`` at worst)."""
     return float(distance_atol(x, centred, dtype).sum()) + gamma(x.shape[0], dtype) * inertia
+
+
+PCA_EPS = 1e-5  # PCAWhitening's default relative eps
+
+
+def whitening_bounds(x: np.ndarray, dim: int, acc, out=np.float32) -> dict[str, float]:
+    """Error bounds of the whitening of ``x`` (n, d) of dtype ``out`` fitted with an accumulator
+    dtype ``acc``, from its float64 covariance C (eigenvalues λ₁ ≥ … ≥ λ_d):
+
+    - fit: the covariance accumulated in ``acc`` is off by d γ_{n+2} λ₁ in norm (entries
+      γ_{n+2} √(C_kk C_ll)), ``eigh`` is backward stable (γ_{d²} λ₁ taken for its constant):
+      C + E is whitened exactly, ‖E‖ = pert;
+    - whitened covariance: W C Wᵀ = diag(λ / (λ + eps λ₁)) − W E Wᵀ: eps κ + pert / λ_dim
+      (κ = λ₁ / λ_dim), plus the output's own rounding (see ``z_rel``) twice;
+    - z = (x − μ) W: each entry relative z_rel = u(out) + γ_d(acc) √(d κ_all) (the product's terms
+      are up to √(tr C / λ_dim) times the result); the mean μ off by γ_{n+2} max|x|, moving
+      every z by that times ‖W‖ = λ_dim^{-1/2} √d;
+    - a second fit on perturbed data (another backend, a scaled copy: 2 u relative on C) moves
+      the whitening W by pert' (1 / gap + 1 / λ_dim), gap the smallest eigenvalue gap among
+      the first dim + 1 (Davis–Kahan): ``refit`` bounds the unit output rows' entries.
+    """
+    n, d = x.shape
+    x64 = x.astype(np.float64)
+    xc = x64 - x64.mean(axis=0)
+    lam = np.linalg.eigvalsh(xc.T @ xc / n)[::-1]
+    kappa, kappa_all = lam[0] / lam[dim - 1], lam.sum() / lam[dim - 1]
+    pert = (d * gamma(n + 2, acc) + gamma(d * d, acc)) * lam[0]
+    z_rel = unit_roundoff(out) + gamma(d, acc) * np.sqrt(d * kappa_all)
+    gaps = -np.diff(lam[: min(dim + 1, d)])
+    gap = gaps.min() if gaps.size else np.inf
+    pert2 = pert + (d * gamma(n + 2, np.float64) + gamma(d * d, np.float64) + 2 * unit_roundoff(out)) * lam[0]
+    refit = 2 * np.sqrt(kappa_all) * pert2 * (1 / gap + 1 / lam[dim - 1]) + 2 * z_rel
+    mean_shift = gamma(n + 2, acc) * np.abs(x64).max() * np.sqrt(d / lam[dim - 1])
+    return {
+        "cov": PCA_EPS * kappa + pert / lam[dim - 1] + 3 * z_rel,
+        "z_rel": z_rel,
+        "mean": mean_shift + z_rel * np.sqrt(kappa_all),
+        "refit": refit,
+    }

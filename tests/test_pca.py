@@ -11,46 +11,7 @@ from hypothesis import strategies as st
 from clusterlearn import _backend as B
 from clusterlearn.pca import PCAWhitening, pca_whiten_l2
 
-from bounds import gamma, unit_norm_atol, unit_roundoff
-
-EPS = 1e-5  # PCAWhitening's default relative eps
-
-
-def whitening_bounds(x: np.ndarray, dim: int, acc) -> dict[str, float]:
-    """Error bounds of the whitening of float32 ``x`` (n, d) fitted with an accumulator dtype
-    ``acc``, from its float64 covariance C (eigenvalues λ₁ ≥ … ≥ λ_d):
-
-    - fit: the covariance accumulated in ``acc`` is off by d γ_{n+2} λ₁ in norm (entries
-      γ_{n+2} √(C_kk C_ll)), ``eigh`` is backward stable (γ_{d²} λ₁ taken for its constant):
-      C + E is whitened exactly, ‖E‖ = pert;
-    - whitened covariance: W C Wᵀ = diag(λ / (λ + eps λ₁)) − W E Wᵀ: eps κ + pert / λ_dim
-      (κ = λ₁ / λ_dim), plus the output's own rounding (see ``z_rel``) twice;
-    - z = (x − μ) W: each entry relative z_rel = u₃₂ + γ_d(acc) √(d κ_all) (the product's terms
-      are up to √(tr C / λ_dim) times the result); the mean μ off by γ_{n+2} max|x|, moving
-      every z by that times ‖W‖ = λ_dim^{-1/2} √d;
-    - a second fit on perturbed data (another backend, a scaled copy: 2 u relative on C) moves
-      the whitening W by pert' (1 / gap + 1 / λ_dim), gap the smallest eigenvalue gap among
-      the first dim + 1 (Davis–Kahan): ``refit`` bounds the unit output rows' entries.
-    """
-    n, d = x.shape
-    x64 = x.astype(np.float64)
-    xc = x64 - x64.mean(axis=0)
-    lam = np.linalg.eigvalsh(xc.T @ xc / n)[::-1]
-    kappa, kappa_all = lam[0] / lam[dim - 1], lam.sum() / lam[dim - 1]
-    pert = (d * gamma(n + 2, acc) + gamma(d * d, acc)) * lam[0]
-    z_rel = unit_roundoff(np.float32) + gamma(d, acc) * np.sqrt(d * kappa_all)
-    gaps = -np.diff(lam[: min(dim + 1, d)])
-    gap = gaps.min() if gaps.size else np.inf
-    pert2 = pert + (d * gamma(n + 2, np.float64) + gamma(d * d, np.float64) + 2 * unit_roundoff(np.float32)) * lam[0]
-    refit = 2 * np.sqrt(kappa_all) * pert2 * (1 / gap + 1 / lam[dim - 1]) + 2 * z_rel
-    mean_shift = gamma(n + 2, acc) * np.abs(x64).max() * np.sqrt(d / lam[dim - 1])
-    return {
-        "cov": EPS * kappa + pert / lam[dim - 1] + 3 * z_rel,
-        "z_rel": z_rel,
-        "mean": mean_shift + z_rel * np.sqrt(kappa_all),
-        "refit": refit,
-    }
-
+from bounds import unit_norm_atol, whitening_bounds
 
 def _features(seed: int, n: int, d: int) -> np.ndarray:
     """(n, d) float32 features: a random rotation of axes with std in [1, 4], offset by 3."""
