@@ -213,3 +213,11 @@ def whitening_bounds(x: np.ndarray, dim: int, acc, out=np.float32) -> dict[str, 
         "mean": mean_shift + z_rel * np.sqrt(kappa_all),
         "refit": refit,
     }
+
+
+def identical_partitions_nmi_rtol(classes: int) -> float:
+    """Relative bound of scikit-learn's NMI (float64) of two partitions into ``classes`` classes
+    that are equal up to renaming: the mutual information and both entropies are sums of
+    ``classes`` non-negative terms −p log p (no cancellation), each term off by 4 u, each sum
+    by γ_classes more; their ratio adds 2 u: γ_{2 classes + 12} covers both sides."""
+    return gamma(2 * classes + 12, np.float64)
