@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -18,6 +19,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# --import-mode=importlib puts no test folder on sys.path: make the shared tests/bounds.py
+# importable from every test file.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 settings.register_profile(
     "default",

@@ -20,6 +20,8 @@ import torch.distributed as dist
 import clusterlearn as cl
 from clusterlearn.adapters import torch as clt
 
+from bounds import linear_head_bounds
+
 N, C, DIM, MIN = 96, 4, 8, 3
 LOCAL_B = 6
 STEPS = 7
@@ -182,9 +184,16 @@ def loss_single(world: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 6)
     x = torch.from_numpy(np.random.default_rng(11).normal(size=(2, world * 4, 5)).astype(np.float32))
-    loss = cl.SelfClassifierLoss()(model(x[0]), model(x[1]))
+    logits = [model(x[0]), model(x[1])]
+    loss = cl.SelfClassifierLoss()(*logits)
+    logit_grads = torch.autograd.grad(loss, logits, retain_graph=True)
     loss.backward()
-    return {"loss": loss.detach(), "grads": [p.grad.clone() for p in model.parameters()]}
+    # rounding bounds of a second float32 computation (tests/bounds.py; the bias as a row of W)
+    ones = torch.ones(x.shape[1], 1)
+    inputs = [torch.cat([x[v], ones], dim=1).numpy() for v in range(2)]
+    weight = torch.cat([model.weight.T, model.bias[None]]).detach().numpy()
+    bounds = linear_head_bounds(inputs, weight, float(loss), [g.numpy() for g in logit_grads], np.float32)
+    return {"loss": loss.detach(), "grads": [p.grad.clone() for p in model.parameters()], "loss_atol": bounds[0], "grad_atol": bounds[1]}
 
 
 def _copy(module: torch.nn.Module) -> torch.nn.Module:

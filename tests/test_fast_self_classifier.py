@@ -17,76 +17,9 @@ import pytest
 
 from clusterlearn.self_classifier import SelfClassifierLoss as CoreLoss
 
+from bounds import assert_within_rounding, rounding_bounds, unit_roundoff
+
 EPS = 1e-12
-
-# ---------------------------------------------------------------------------------------------
-# Tolerances: error bounds, not one machine's output (rounding differs between ISAs: AVX2,
-# AVX-512, and XLA's code for each)
-# ---------------------------------------------------------------------------------------------
-
-#: Roundings between a logit s and a log-probability: the max shift, the division by τ and the
-#: two log-sum-exp subtractions.
-ROUNDINGS = 4
-
-
-def _unit_roundoff(dtype) -> float:
-    try:
-        return float(np.finfo(np.dtype(dtype)).eps) / 2
-    except TypeError:  # a torch dtype
-        return float(np.finfo(np.dtype(str(dtype).removeprefix("torch."))).eps) / 2
-
-
-def _leaves(xs) -> list[np.ndarray]:
-    if isinstance(xs, (list, tuple)):
-        return [leaf for x in xs for leaf in _leaves(x)]
-    return [np.asarray(xs, dtype=np.float64)]
-
-
-def rounding_bounds(views, loss: float, grads, dtype, temperatures: tuple[float, float] = (0.1, 0.05)) -> tuple[float, float]:
-    """Bounds on the absolute rounding error of a Self-Classifier loss computed in ``dtype`` and
-    of each entry of its gradient: first order, from the logits ``views`` (arrays of shape
-    ``(N, C)``, nested as heads and views in any way), the loss and its gradients ``grads`` (a
-    float64 reference; any value within these bounds gives the same bounds to first order) and
-    the (row, column) temperatures.
-
-    With u the dtype's unit roundoff: every log-probability the loss is made of comes from
-    max-shifted scaled logits s/τ in :data:`ROUNDINGS` = R roundings of quantities up to
-    max|s|/τ (the core documents an error growing with |s|/τ · (dtype eps)), i.e. it is exact
-    for logits moved by at most δ = R u max|s| (τ cancels); and every sum inside a log-sum-exp
-    or a normalisation (at most N + C terms) adds a relative (N + C) u.
-
-    - loss: δ ‖∇_s L‖₁ for each of the row and the column paths, plus (N + C) u (1 + |L|): a
-      weighted mean of logs whose weights sum to at most 1 per row, each log off by (N + C) u
-      absolute and each weight by (N + C) u relative.
-    - gradient entry: a sum of products of at most 3 probabilities (over N τ); a shift of the
-      scaled logits by κ = δ / τ_min moves each probability by a relative 2κ, each sum by
-      (N + C) u, so the entry by 3 (2κ + (N + C) u) times the size of its terms, taken as the
-      largest entry of the gradient.
-
-    At |s|/τ = 2e5 in float32 (:func:`extreme_views`) the gradient bound reaches the gradient's
-    own size: float32 promises nothing finer there; the moderate cases check the gradient.
-    """
-    u = _unit_roundoff(dtype)
-    leaves, g = _leaves(views), np.concatenate([x.ravel() for x in _leaves(grads)])
-    scale = max(float(np.abs(x).max()) for x in leaves)
-    terms = max(sum(x.shape) for x in leaves)  # N + C
-    delta = ROUNDINGS * u * scale
-    loss_bound = 2 * delta * float(np.abs(g).sum()) + terms * u * (1 + abs(loss))
-    kappa = delta / min(temperatures)
-    grad_bound = 3 * (2 * kappa + terms * u) * float(np.abs(g).max())
-    return loss_bound, grad_bound
-
-
-def assert_within_rounding(loss, grads, ref_loss, ref_grads, views, dtype, temperatures=(0.1, 0.05), computations=2) -> None:
-    """``loss`` and ``grads`` equal ``ref_loss`` and ``ref_grads`` to the rounding of
-    ``computations`` computations in ``dtype`` (2: both computed in it; 1: the reference is
-    exact, e.g. float64 against float32)."""
-    loss_bound, grad_bound = rounding_bounds(views, float(ref_loss), ref_grads, dtype, temperatures)
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=0, atol=computations * loss_bound)
-    for g, r in zip(_leaves(grads), _leaves(ref_grads), strict=True):
-        np.testing.assert_allclose(g, r, rtol=0, atol=computations * grad_bound)
-
-
 
 def make_heads(seed: int, n: int, classes: list[int], views: int, scale: float = 1.0) -> list[list[np.ndarray]]:
     """float32-representable float64 logits ``heads[h][v]`` of shape ``(n, classes[h])``."""
@@ -238,7 +171,7 @@ def test_overflowing_scaled_logits_match_core(lib, kernel, clamp):
     if clamp:  # the exact loss in log space is accurate only to |s|/τ · (dtype eps): finite here
         # logits ±1e38: every softmax is exactly one-hot or uniform, so only the sums over N + C
         # terms round (2 computations)
-        rtol = 2 * sum(vs[0].shape) * _unit_roundoff(np.float32)
+        rtol = 2 * sum(vs[0].shape) * unit_roundoff(np.float32)
         np.testing.assert_allclose(loss, float(CoreLoss(clamp_sums=clamp)(vs)), rtol=rtol)
 
 

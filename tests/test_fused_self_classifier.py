@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from clusterlearn.adapters import _native
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_fast_self_classifier import assert_within_rounding, rounding_bounds  # noqa: E402
+from bounds import assert_within_rounding, rounding_bounds  # noqa: E402
 
 # (views, N, C, scale, loss rows, row/col temperatures); the kernel starts a second thread
 # from 65,536 elements per thread (K N C in the forward's passes)

@@ -27,14 +27,14 @@ COMPILER = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler")
 
 # One torch loss through the fused kernel, compared with the torch-op closed form (float64,
-# within the rounding bound of test_fast_self_classifier.py), then the names and modes of what
+# within the rounding bound of tests/bounds.py), then the names and modes of what
 # the cache holds.
 LOSS = """
 import json, os, stat, sys, warnings, numpy as np, torch
 from clusterlearn.adapters import _native
 from clusterlearn.adapters._torch_self_classifier import self_classifier_head_loss as f
 sys.path.insert(0, TESTS)
-from test_fast_self_classifier import rounding_bounds
+from bounds import rounding_bounds
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     lib = _native.kernel()

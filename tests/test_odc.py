@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 import clusterlearn as cl
 from clusterlearn import _backend as B
 
+from bounds import gamma, momentum_feature_atol, reweight_rtol, running_sum_atol, unit_norm_atol, unit_roundoff
+
 N, C, D, BATCH = 240, 6, 8, 32
 MAX_EXAMPLES = {"jax": 2, "array_api_strict": 5}  # eager JAX compiles every new shape
 
@@ -52,14 +54,23 @@ def snapshot(odc) -> dict:
     return {k: (v if isinstance(v, (int, float, str)) else B.to_numpy(v).copy()) for k, v in odc.state_dict().items()}
 
 
-def check_invariants(odc, min_size: int) -> None:
+def sums_atol(odc, steps: int) -> float:
+    """Drift of the incremental cluster sums after ``steps`` steps: the initial sum of n unit
+    vectors, then per step each sample moved (−old, +new) by the step and again by the
+    small-cluster handling, 4 n additions per entry at most; partial sums ≤ the largest size."""
+    n, acc = B.to_numpy(odc.labels).shape[0], B.to_numpy(odc.centroids.sums).dtype
+    return running_sum_atol(n + 4 * n * steps, int(B.to_numpy(odc.cluster_sizes).max()) + 1, acc)
+
+
+def check_invariants(odc, min_size: int, steps: int = 0) -> None:
     labels = B.to_numpy(odc.labels)
     sizes = B.to_numpy(odc.cluster_sizes)
     feats = B.to_numpy(odc.features)
     np.testing.assert_array_equal(sizes, np.bincount(labels, minlength=odc.num_clusters))
     assert sizes.min() >= max(min_size, 1), sizes
-    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(B.to_numpy(odc.centroids.sums), exact_means(feats, labels, C) * sizes[:, None], atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=0, atol=unit_norm_atol(feats.shape[1], feats.dtype))
+    want = exact_means(feats, labels, odc.num_clusters) * sizes[:, None]
+    np.testing.assert_allclose(B.to_numpy(odc.centroids.sums), want, rtol=0, atol=sums_atol(odc, steps))
 
 
 params = st.fixed_dictionaries(
@@ -86,12 +97,12 @@ def test_stream_invariants(backend):
         odc.initialize(backend.asarray(x0))
         check_invariants(odc, p["min_size"])
         changed = 0.0
-        for idx, f in batches:
+        for step, (idx, f) in enumerate(batches, 1):
             cen_before = B.to_numpy(odc.centroids.centroids).copy()
             feat_before = B.to_numpy(odc.features).copy()
             stats = odc.step(backend.asarray(idx), backend.asarray(f))
             changed += stats["change_ratio"]
-            check_invariants(odc, p["min_size"])
+            check_invariants(odc, p["min_size"], step)
             labels, feats = B.to_numpy(odc.labels), B.to_numpy(odc.features)
             y = odc.labels_of(backend.asarray(idx))
             assert B.namespace(y=y) is B.namespace(i=backend.asarray(idx))
@@ -100,16 +111,21 @@ def test_stream_invariants(backend):
             head = idx[3:-3]
             unit = f[3:-3] / np.linalg.norm(f[3:-3], axis=1, keepdims=True)
             mix = p["momentum"] * unit + (1 - p["momentum"]) * feat_before[head]
-            np.testing.assert_allclose(feats[head], mix / np.linalg.norm(mix, axis=1, keepdims=True), atol=1e-5)
+            atol = momentum_feature_atol(D, p["momentum"], 1, np.float32, computations=1)  # against float64
+            np.testing.assert_allclose(feats[head], mix / np.linalg.norm(mix, axis=1, keepdims=True), rtol=0, atol=atol)
             if stats["num_small_clusters"] == 0:  # labels = nearest centroid before the step
                 scores = feats[idx] @ cen_before.T
                 if p["assign"] == "l2":
                     scores = 2 * scores - (cen_before**2).sum(1)
                 best = scores.max(axis=1)
                 chosen = scores[np.arange(len(idx)), labels[idx]]
-                np.testing.assert_allclose(chosen, best, atol=1e-5)
+                # scores of unit features and centroids (‖c‖ ≤ 1): a D-term dot product off by γ_D,
+                # 2 f·c − ‖c‖² by 3 γ_D; the core's ‖f − c‖² form adds γ_D (‖f‖²); two computations
+                np.testing.assert_allclose(chosen, best, rtol=0, atol=8 * gamma(D, np.float32))
             if stats["centroids_refreshed"]:
-                np.testing.assert_allclose(B.to_numpy(odc.centroids.centroids), exact_means(feats, labels, C), atol=1e-5)
+                # sums / sizes: the sums' drift (≥ its share per member) and one float32 rounding of a mean ≤ 1
+                atol = sums_atol(odc, step) + unit_roundoff(np.float32)
+                np.testing.assert_allclose(B.to_numpy(odc.centroids.centroids), exact_means(feats, labels, C), rtol=0, atol=atol)
             elif stats["num_small_clusters"] == 0:  # nothing may move the centroids in between
                 np.testing.assert_array_equal(B.to_numpy(odc.centroids.centroids), cen_before)
         assert changed > 0, "the stream never changed a label: the test would prove nothing"
@@ -133,7 +149,8 @@ def test_loss_weights_formula(backend):
         odc.step(backend.asarray(idx), backend.asarray(f))
         n = B.to_numpy(odc.cluster_sizes).astype(np.float64)
         w = n**-0.7 / (n**-0.7).sum()
-        np.testing.assert_allclose(backend.to_numpy(odc.loss_weights()), w, rtol=1e-5)
+        got = backend.to_numpy(odc.loss_weights())
+        np.testing.assert_allclose(got, w, rtol=reweight_rtol(C, 0.7, N, got.dtype), atol=0)
     torch = pytest.importorskip("torch")
     w = odc.loss_weights(like=torch.zeros(1, dtype=torch.bfloat16))  # bf16 logits: bf16 weights
     assert isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16
@@ -141,7 +158,7 @@ def test_loss_weights_formula(backend):
 
 def test_reweight_zero_for_empty_and_validates():
     w = cl.reweight(np.array([4, 0, 1]), 0.5)
-    np.testing.assert_allclose(w, np.array([0.5, 0, 1]) / 1.5)
+    np.testing.assert_allclose(w, np.array([0.5, 0, 1]) / 1.5, rtol=reweight_rtol(3, 0.5, 4, w.dtype), atol=0)
     with pytest.raises(ValueError, match="at least one positive"):
         cl.reweight(np.array([0, 0]))
     with pytest.raises(ValueError, match="reweight_power"):
@@ -166,11 +183,15 @@ def test_duplicates_are_averaged_order_free_and_counted_once(backend):
     unit = f / np.linalg.norm(f, axis=1, keepdims=True)
     merged = np.stack([unit[idx == i].mean(0) for i in (5, 9, 17)])
     c.step(backend.asarray(np.array([5, 9, 17])), backend.asarray(merged))
+    # the mean of 3 unit vectors off by γ_{D+5} (normalisations, the sum), amplified by
+    # 1 / ‖mean‖, then the momentum rule (÷ |2m − 1|) as in test_stream_invariants; two computations
+    shrink = np.linalg.norm(merged, axis=1).min() * abs(2 * 0.3 - 1)
+    atol = 2 * gamma(3 * D + 13, np.float32) / shrink
     for other in (b, c):
         sa, so = snapshot(a), snapshot(other)
         for key in ("labels", "sizes"):
             np.testing.assert_array_equal(sa[key], so[key])
-        np.testing.assert_allclose(sa["features"], so["features"], atol=1e-6)
+        np.testing.assert_allclose(sa["features"], so["features"], rtol=0, atol=atol)
     check_invariants(a, 1)
 
 
@@ -186,7 +207,8 @@ def test_same_labels_on_every_backend(backend):
         s = odc.step(backend.asarray(idx), backend.asarray(f))
         assert s == s_ref
         np.testing.assert_array_equal(B.to_numpy(odc.labels), B.to_numpy(ref.labels))
-        np.testing.assert_allclose(B.to_numpy(odc.features), B.to_numpy(ref.features), atol=1e-5)
+        atol = momentum_feature_atol(D, 0.8, len(batches), np.float32)  # at most one update per step
+        np.testing.assert_allclose(B.to_numpy(odc.features), B.to_numpy(ref.features), rtol=0, atol=atol)
 
 
 def test_state_dict_round_trip_gives_identical_steps(backend):
@@ -377,13 +399,13 @@ def test_weak_regime_still_keeps_every_cluster_at_the_threshold():
     attract = rng.normal(size=(2, D)) * 2
     odc = cl.OnlineDeepClustering(n, c, D, min_cluster_size=m, momentum=0.8)
     odc.initialize(x0)
-    for _ in range(30):
+    for step in range(1, 31):
         idx = rng.choice(n, 16, replace=False)
         odc.step(idx, (attract[idx % 2] + 0.5 * rng.normal(size=(16, D))).astype(np.float32))
         sizes = odc.cluster_sizes
         assert sizes.min() >= m, sizes
         np.testing.assert_array_equal(sizes, np.bincount(odc.labels, minlength=c))
-        np.testing.assert_allclose(odc.centroids.sums, exact_means(odc.features, odc.labels, c) * sizes[:, None], atol=1e-4)
+        np.testing.assert_allclose(odc.centroids.sums, exact_means(odc.features, odc.labels, c) * sizes[:, None], rtol=0, atol=sums_atol(odc, step))
 
 
 def test_labels_property_is_a_snapshot(backend):
@@ -409,7 +431,7 @@ def test_extreme_and_half_precision_features_stay_unit_norm():
     rng = np.random.default_rng(0)
     for scale in (1e-25, 1.0, 1e20):
         x = (rng.normal(size=(5, D)) * scale).astype(np.float32)
-        np.testing.assert_allclose(np.linalg.norm(cl.l2_normalize(x), axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(cl.l2_normalize(x), axis=1), 1.0, rtol=0, atol=unit_norm_atol(D, np.float32))
     torch = pytest.importorskip("torch")
     x0, _ = make_stream(13, steps=0)
     odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, like=torch.zeros(1, dtype=torch.float16))

@@ -134,17 +134,18 @@ def test_self_classifier_loss_and_gradients_match_one_process(ranks: list[_Rank]
     # Each rank's loss averages the global-softmax terms over its own rows: their mean is the
     # loss of the whole batch, and DDP's averaged gradients are that loss's gradients.
     losses = torch.stack([r["loss"][kind]["loss"] for r in ranks])
-    torch.testing.assert_close(losses.mean(), single["loss"], rtol=1e-5, atol=1e-6)
+    # within the rounding bounds of a second float32 computation (ddp_checks.loss_single)
+    torch.testing.assert_close(losses.mean(), single["loss"], rtol=0, atol=single["loss_atol"])
     assert not torch.allclose(losses[0], losses[1])
     for r in ranks:
         for g, want in zip(r["loss"][kind]["grads"], single["grads"]):
-            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(g, want, rtol=0, atol=single["grad_atol"])
 
 
 def test_plain_all_gather_gives_wrong_gradients(ranks: list[_Rank]) -> None:
     single = ddp_checks.loss_single(WORLD)
     got = ranks[0]["loss"]["plain"]["grads"][0]
-    assert not torch.allclose(got, single["grads"][0], rtol=1e-3, atol=1e-6)
+    assert float((got - single["grads"][0]).abs().max()) > 2 * single["grad_atol"]  # beyond rounding
 
 
 def test_extract_features_in_dataset_order_on_every_rank(ranks: list[_Rank]) -> None:
