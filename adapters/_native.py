@@ -385,7 +385,12 @@ def _load(name: str, source: Path, flags: Sequence[str] = ()) -> ctypes.CDLL | N
         file = _library_file(compiler, name, source, flags)
         build = functools.partial(_build, compiler, source, flags, name=file)
         cache = _cache_dir()
-        dir_fd = _open_cache(cache)
+        try:
+            dir_fd = _open_cache(cache)
+        except OSError as err:  # cannot be created or opened (e.g. HOME=/nonexistent): as an untrusted one
+            _warn_once(f"cannot use the kernel cache {cache} ({err}); the kernel is built in a private temporary "
+                       "directory for this process instead: point CLUSTERLEARN_CACHE at a directory you can write")
+            dir_fd = None
         if dir_fd is not None:
             try:
                 return _load_from(dir_fd, cache, file, build)

@@ -198,6 +198,19 @@ def test_the_library_loaded_is_the_one_verified(built, tmp_path, no_proc):
 
 
 @needs_compiler
+def test_an_unusable_cache_builds_privately(built, tmp_path):
+    """A cache directory that cannot be created (here its parent is a file; also e.g.
+    HOME=/nonexistent) is treated as an untrusted one: a warning, and the kernel is built in a
+    private temporary directory."""
+    cxx, log = copying_compiler(built, tmp_path)
+    parent = tmp_path / "not-a-directory"
+    parent.write_text("")
+    out = run_child(LOSS, parent / "cache", **cxx)
+    assert out["loaded"] and out["close"] and links(log) == 1
+    assert len(out["warnings"]) == 1 and "cannot use the kernel cache" in out["warnings"][0], out["warnings"]
+
+
+@needs_compiler
 def test_truncated_library_is_rebuilt(built, tmp_path):
     """A truncated library (an interrupted copy, a full disk) fails its digest and is rebuilt;
     loaded as it was, it killed the process with SIGBUS at the first loss. A whole one is
