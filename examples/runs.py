@@ -427,6 +427,13 @@ def check_resume(saved: Any, epoch: Any, args: argparse.Namespace) -> int:
     return epoch
 
 
+def _umask() -> int:
+    """This process's umask (read by setting a stricter one for an instant)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
 
@@ -435,6 +442,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0o600 would make every rewritten file private
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -369,6 +369,17 @@ def test_atomic_write_syncs_the_file_then_its_directory(tmp_path: Path, monkeypa
     assert synced == [False, True] and (tmp_path / "f.bin").read_bytes() == b"new"
 
 
+def test_atomic_write_gives_the_umask_mode(tmp_path: Path) -> None:
+    """A rewritten file (checkpoint, metrics) gets the mode of any new file, not mkstemp's 0o600."""
+    runs = script("runs")
+    old = os.umask(0o022)
+    try:
+        runs.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"new"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
     runs = script("runs")
     path = tmp_path / "f.bin"
