@@ -312,13 +312,44 @@ def _load_from(dir_fd: int, path: Path, name: str, build: Callable[[int], None])
                 fd = _open_verified(dir_fd, name)
         if fd is None:
             raise OSError(f"the library just built in {path} does not match its digest")
+    return _map_verified(fd)
+
+
+def _map_verified(fd: int) -> ctypes.CDLL:
+    """Load the library open at ``fd`` (the file whose digest was checked, not whatever its name
+    points to by now).
+
+    Where there is ``/proc``, through the descriptor itself; ``fd`` then stays open for the
+    process's lifetime (the library stays mapped that long anyway): the dynamic loader knows
+    loaded libraries by their path, so a later load must not reuse this ``/proc/self/fd`` name.
+    Elsewhere, from a copy of the verified bytes in a fresh private directory (no parent of the
+    cache, which others might be able to rename, is resolved again).
+    """
+    proc = f"/proc/self/fd/{fd}"
+    if os.path.exists(proc):
+        try:
+            return ctypes.CDLL(proc)
+        except BaseException:
+            os.close(fd)
+            raise
     try:
-        # through the descriptor of the checked directory where there is /proc (not a directory
-        # swapped in at its path since); only this user can replace the file in it
-        proc = f"/proc/self/fd/{dir_fd}"
-        return ctypes.CDLL(os.path.join(proc if os.path.isdir(proc) else str(path), name))
+        data, offset = [], 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            data.append(chunk)
+            offset += len(chunk)
     finally:
         os.close(fd)
+    with tempfile.TemporaryDirectory(prefix="clusterlearn-load-") as private:  # 0o700, removed once mapped
+        copy = os.path.join(private, "kernel.so")
+        out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, 0o700)
+        try:
+            for chunk in data:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+        finally:
+            os.close(out)
+        return ctypes.CDLL(copy)
 
 
 def _open_dir(path: Path | str) -> int:
@@ -354,7 +385,12 @@ def _load(name: str, source: Path, flags: Sequence[str] = ()) -> ctypes.CDLL | N
         file = _library_file(compiler, name, source, flags)
         build = functools.partial(_build, compiler, source, flags, name=file)
         cache = _cache_dir()
-        dir_fd = _open_cache(cache)
+        try:
+            dir_fd = _open_cache(cache)
+        except OSError as err:  # cannot be created or opened (e.g. HOME=/nonexistent): as an untrusted one
+            _warn_once(f"cannot use the kernel cache {cache} ({err}); the kernel is built in a private temporary "
+                       "directory for this process instead: point CLUSTERLEARN_CACHE at a directory you can write")
+            dir_fd = None
         if dir_fd is not None:
             try:
                 return _load_from(dir_fd, cache, file, build)

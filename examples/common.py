@@ -275,7 +275,8 @@ def launch(parser: argparse.ArgumentParser, args: argparse.Namespace, min_images
 
     ``states``: the checkpoint's state-dict entries the script restores (checked on loading).
     A checkpoint that ``run`` cannot restore (:class:`runs.CheckpointError`) or an unreadable
-    image file (:class:`runs.ImageError`) ends in one line and exit code 2; losing the other
+    image file (:class:`runs.ImageError`, on this rank or, under DDP, on a peer whose error a
+    collective reports) ends in one line and exit code 2; losing the other
     processes (one died, or did not answer within ``--dist-timeout``) in one line and exit code 1.
     """
     runs.check_eval_only(parser, args)
@@ -285,11 +286,11 @@ def launch(parser: argparse.ArgumentParser, args: argparse.Namespace, min_images
     try:
         run(parser, args, data, ckpt, ctx)
     except runs.CheckpointError as err:
-        parser.error(f"{_checkpoint_flag(args)}: {runs.checkpoint_path(args)}: {err}")
-    except runs.ImageError as err:
-        parser.error(f"--data: {runs.image_error_line(err)}")
-    except RuntimeError as err:
-        if not lost_processes(err, ctx):
+        runs.fail(parser, f"{_checkpoint_flag(args)}: {runs.checkpoint_path(args)}: {err}")
+    except (ValueError, RuntimeError) as err:
+        if runs.IMAGE_ERROR in str(err):  # this rank's ImageError, or a peer's named by a collective's header
+            runs.fail(parser, f"--data: {runs.image_error_line(err)}")
+        if not isinstance(err, RuntimeError) or not lost_processes(err, ctx):
             raise
         print(f"{parser.prog}: error: rank {ctx.rank} of {ctx.world_size} lost the other processes (one died or "
               f"did not answer within --dist-timeout {args.dist_timeout:g} s): {runs.error_line(err)}",
@@ -329,10 +330,8 @@ def restore(ckpt: dict[str, Any], objects: dict[str, Any]) -> None:
     """``obj.load_state_dict(ckpt[name])`` for each entry; :class:`runs.CheckpointError` naming
     the entry if one does not fit (shapes, keys, types)."""
     for name, obj in objects.items():
-        try:
+        with runs.restoring(name):
             obj.load_state_dict(ckpt[name])
-        except Exception as err:  # torch raises RuntimeError, KeyError, ValueError, TypeError, ...
-            raise runs.CheckpointError(f"its {name} state does not fit this run: {runs.error_line(err)}") from err
 
 
 def broadcast_module(module: nn.Module, ctx: DistContext) -> None:
@@ -470,7 +469,7 @@ def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace,
     """The ``--resume`` (or ``--eval-only``) checkpoint (``weights_only=True``, on the CPU), or
     None without either.
 
-    ``parser.error`` (one line, exit code 2) if it is unreadable, is not a dictionary with the
+    :func:`runs.fail` (one line, exit code 2) if it is unreadable, is not a dictionary with the
     ``states`` (dictionaries), ``epoch``, ``rng`` (one :func:`rng_state` per process that wrote
     it) and ``args`` entries, has nothing left to train (``--resume`` only), or was trained with
     other settings than this run's (only the options in ``runs.RESUMABLE_CHANGES`` may differ).
@@ -479,15 +478,15 @@ def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if path is None:
         return None
     if not path.is_file():
-        parser.error(f"{flag}: no checkpoint file {path}")
+        runs.fail(parser, f"{flag}: no checkpoint file {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors have many types
-        parser.error(f"{flag}: cannot load {path}: {runs.error_line(err)}")
+        runs.fail(parser, f"{flag}: cannot load {path}: {runs.error_line(err)}")
     try:
         check_checkpoint(state, states, args)
     except runs.CheckpointError as err:
-        parser.error(f"{flag}: {path}: {err}")
+        runs.fail(parser, f"{flag}: {path}: {err}")
     return state
 
 

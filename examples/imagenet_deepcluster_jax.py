@@ -30,9 +30,8 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -187,13 +186,12 @@ def training_order(labels: np.ndarray, batch_size: int, seed: int, epoch: int) -
 
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
-    jc.launch(parser, args, args.clusters, functools.partial(run, fail=parser.error))
+    jc.launch(parser, args, args.clusters, run, ["labeler/epoch", "labeler/previous_labels"])
 
 
-def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh,
-        *, fail: Callable[[str], NoReturn]) -> None:
-    """Train (or resume), log, checkpoint and plot; ``fail`` (``parser.error``) reports a checkpoint
-    whose arrays do not fit this run, before anything is written."""
+def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh) -> None:
+    """Train (or resume), log, checkpoint and plot; a checkpoint whose arrays do not fit this run
+    is refused (:class:`runs.CheckpointError`) before anything is written."""
     n = len(data)
     steps = n // args.batch_size
     opt = Optimizer(args.lr, args.weight_decay)
@@ -209,15 +207,14 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
     random_init = (params, stats)  # the random network baseline's weights (the restore below replaces them)
     start = 0
     if ckpt is not None:  # everything restored (and checked) before the run directory is touched
-        try:
-            params, stats, opt_state = (jc.unflatten(prefix, tree, ckpt) for prefix, tree in
-                                        (("params", params), ("stats", stats), ("opt", opt_state)))
-            missing = sorted({"labeler/epoch", "labeler/previous_labels"} - set(ckpt))
-            if missing:
-                raise ValueError(f"the checkpoint has no {', '.join(missing)}")
+        with runs.restoring("params"):
+            params = jc.unflatten("params", params, ckpt)
+        with runs.restoring("stats"):
+            stats = jc.unflatten("stats", stats, ckpt)
+        with runs.restoring("opt"):
+            opt_state = jc.unflatten("opt", opt_state, ckpt)
+        with runs.restoring("labeler"):
             labeler.load_state_dict({"epoch": int(ckpt["labeler/epoch"]), "previous_labels": ckpt["labeler/previous_labels"]})
-        except (TypeError, ValueError) as err:
-            fail(f"{'--resume' if training else '--eval-only'}: {err}")
         start = int(ckpt["epoch"])
     params, stats, opt_state = jc.replicate((params, stats, opt_state), mesh)
     out = runs.run_dir(args, METHOD)

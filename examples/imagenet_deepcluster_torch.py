@@ -26,6 +26,7 @@ k-means), next to the randomly initialised network and the raw pixels. Writes
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from typing import Any
 
@@ -145,19 +146,21 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     labeler = DeepClusterLabeler(args.clusters, pca_dim=args.pca_dim, n_iter=args.kmeans_iters, seed=args.seed,
                                  backend=args.kmeans_backend)
-    out = common.run_dir(args, METHOD)
     training = args.eval_only is None
+    random_init = copy.deepcopy(net.backbone) if ckpt is not None else net.backbone  # the random network baseline's weights
+    start = 0
+    if ckpt is not None:  # everything restored (and checked) before the run directory is touched
+        common.restore(ckpt, {"model": net, "optimizer": optimizer, "labeler": labeler})
+        start = ckpt["epoch"]
+    out = common.run_dir(args, METHOD)
     log = common.metrics_log(args, out, ctx.main and training, resumed=ckpt is not None)
     show = args.progress and ctx.main
     evaluation = common.Evaluation(out, data, args, ctx, eval_loader, write=training)
     if ctx.main:
         print(f"DeepCluster: {data.name}, {n} images; {args.arch}, k = {args.clusters}, "
               f"{ctx.world_size} process(es) on {ctx.device}; run directory {out}", flush=True)
-    baselines = evaluation.baselines(net.backbone, fresh=ckpt is None)
-    start = 0
+    baselines = evaluation.baselines(random_init, fresh=ckpt is None)
     if ckpt is not None:
-        common.restore(ckpt, {"model": net, "optimizer": optimizer, "labeler": labeler})
-        start = ckpt["epoch"]
         common.resume_rng(ckpt, args.seed, ctx)
     if not training:
         record = {"epoch": start, **evaluation(net.backbone)}

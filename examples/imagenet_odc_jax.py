@@ -170,9 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh) -> None:
     """Initialise (or resume), train, log, checkpoint and plot."""
-    out = runs.run_dir(args, METHOD)
     training = args.eval_only is None
-    log = runs.MetricsLog(out, training, resumed=ckpt is not None)
     show = args.progress
     steps = len(data) // args.batch_size
     opt = Optimizer(args.lr, tuple(sorted(args.lr_steps)), args.weight_decay, steps)
@@ -185,25 +183,32 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         len(data), args.clusters, FEAT_DIM, momentum=args.momentum_memory, min_cluster_size=args.min_cluster_size,
         centroid_update_interval=args.centroid_interval, seed=args.seed,
     )
+    random_init = (params, stats)  # the random network baseline's weights (the restore below replaces them)
+    start = 0
+    if ckpt is not None:  # everything restored (and checked) before the run directory is touched
+        with runs.restoring("params"):
+            params = jc.unflatten("params", params, ckpt)
+        with runs.restoring("stats"):
+            stats = jc.unflatten("stats", stats, ckpt)
+        with runs.restoring("opt"):
+            opt_state = jc.unflatten("opt", opt_state, ckpt)
+        with runs.restoring("odc"):
+            odc.load_state_dict({name: ckpt[f"odc/{name}"] for name in clj.ODCState._fields})
+        start = int(ckpt["epoch"])
+    out = runs.run_dir(args, METHOD)
+    log = runs.MetricsLog(out, training, resumed=ckpt is not None)
     images = jc.Images(data, jc.base_size(args.resolution), args.workers)
     evaluation = jc.Evaluation(out, data, args, images, mesh, write=training)
     print(f"ODC (JAX): {data.name}, {len(data)} images; {args.arch} (width {args.width}, "
           f"{jc.count(params):,} parameters), {args.clusters} clusters, {jc.describe(mesh)}; run directory {out}", flush=True)
-    baselines = evaluation.baselines(eval_def, params, stats, fresh=ckpt is None)
+    baselines = evaluation.baselines(eval_def, *random_init, fresh=ckpt is None)
     if ckpt is None:
         params, stats = jc.replicate((params, stats), mesh)
         feats = jc.extract(functools.partial(eval_features, params, stats, graphdef=eval_def, resolution=args.resolution),
                            images, args.batch_size, mesh, show, "features")
         odc.initialize(feats)
-        start = 0
         scores = runs.cluster_scores(data.targets, np.asarray(odc.labels))
         print(f"initial k-means on the random network's features: NMI {scores['nmi']:.3f}  ACC {scores['acc']:.3f}", flush=True)
-    else:
-        params = jc.unflatten("params", params, ckpt)
-        stats = jc.unflatten("stats", stats, ckpt)
-        opt_state = jc.unflatten("opt", opt_state, ckpt)
-        odc.load_state_dict({name: ckpt[f"odc/{name}"] for name in clj.ODCState._fields})
-        start = int(ckpt["epoch"])
     params, stats, opt_state = jc.replicate((params, stats, opt_state), mesh)
     if not training:
         record = {"epoch": start, **evaluation(eval_def, params, stats), **runs.cluster_scores(data.targets, odc.labels)}

@@ -26,6 +26,7 @@ randomly initialised network and the raw pixels. Writes ``metrics.jsonl``, ``che
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from typing import Any
 
@@ -148,25 +149,27 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         momentum=args.momentum_memory,
         min_cluster_size=args.min_cluster_size, centroid_update_interval=args.centroid_interval, seed=args.seed,
     )
-    out = common.run_dir(args, METHOD)
     training = args.eval_only is None
+    random_init = copy.deepcopy(net.backbone) if ckpt is not None else net.backbone  # the random network baseline's weights
+    start = 0
+    if ckpt is not None:  # everything restored (and checked) before the run directory is touched
+        common.restore(ckpt, {"model": net, "optimizer": optimizer, "scheduler": scheduler, "odc": odc})
+        start = ckpt["epoch"]
+    out = common.run_dir(args, METHOD)
     log = common.metrics_log(args, out, ctx.main and training, resumed=ckpt is not None)
     show = args.progress and ctx.main
     evaluation = common.Evaluation(out, data, args, ctx, eval_loader, write=training)
     if ctx.main:
         print(f"ODC: {data.name}, {len(data)} images; {args.arch}, {args.clusters} clusters, "
               f"{ctx.world_size} process(es) on {ctx.device}; run directory {out}", flush=True)
-    baselines = evaluation.baselines(net.backbone, fresh=ckpt is None)
+    baselines = evaluation.baselines(random_init, fresh=ckpt is None)
     if ckpt is None:
         feats = clt.extract_features(net.features(), eval_loader, device=ctx.device, progress=show)
         odc.initialize(feats)
-        start = 0
         if ctx.main:
             scores = common.cluster_scores(data.targets, odc.labels)
             print(f"initial k-means on the random network's features: NMI {scores['nmi']:.3f}  ACC {scores['acc']:.3f}", flush=True)
     else:
-        common.restore(ckpt, {"model": net, "optimizer": optimizer, "scheduler": scheduler, "odc": odc})
-        start = ckpt["epoch"]
         common.resume_rng(ckpt, args.seed, ctx)
     if not training:
         record = {"epoch": start, **evaluation(net.backbone)}

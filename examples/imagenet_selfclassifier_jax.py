@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh) -> None:
     """Train (or resume), log, checkpoint and plot."""
-    out = runs.run_dir(args, METHOD)
     training = args.eval_only is None
-    log = runs.MetricsLog(out, training, resumed=ckpt is not None)
     show = args.progress
     steps = len(data) // args.batch_size
     lr = args.base_lr * args.batch_size / 256
@@ -225,19 +223,25 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
     net_args = (args.arch, args.width, args.resolution, tuple(args.classes), args.hidden_dim, args.out_dim, args.proj_layers)
     train_def, eval_def, params, stats = jc.init_model(SelfClassifierNet, net_args, init_key)
     opt_state = opt.build().init(params)
+    random_init = (params, stats)  # the random network baseline's weights (the restore below replaces them)
+    start = 0
+    if ckpt is not None:  # everything restored (and checked) before the run directory is touched
+        with runs.restoring("params"):
+            params = jc.unflatten("params", params, ckpt)
+        with runs.restoring("stats"):
+            stats = jc.unflatten("stats", stats, ckpt)
+        with runs.restoring("opt"):
+            opt_state = jc.unflatten("opt", opt_state, ckpt)
+        start = int(ckpt["epoch"])
+    out = runs.run_dir(args, METHOD)
+    log = runs.MetricsLog(out, training, resumed=ckpt is not None)
     images = jc.Images(data, jc.base_size(args.resolution), args.workers)
     scored = args.classes[0]
     evaluation = jc.Evaluation(out, data, args, images, mesh, write=training)
     print(f"Self-Classifier (JAX): {data.name}, {len(data)} images; {args.arch} (width {args.width}, "
           f"{jc.count(params):,} parameters), heads {runs.format_value(args.classes)}, lr {lr:g}, "
           f"{jc.describe(mesh)}; run directory {out}", flush=True)
-    baselines = evaluation.baselines(eval_def, params, stats, fresh=ckpt is None)
-    start = 0
-    if ckpt is not None:
-        params = jc.unflatten("params", params, ckpt)
-        stats = jc.unflatten("stats", stats, ckpt)
-        opt_state = jc.unflatten("opt", opt_state, ckpt)
-        start = int(ckpt["epoch"])
+    baselines = evaluation.baselines(eval_def, *random_init, fresh=ckpt is None)
     params, stats, opt_state = jc.replicate((params, stats, opt_state), mesh)
     labels_name = f"{scored}-class head argmax"
     if not training:

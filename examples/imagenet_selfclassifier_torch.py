@@ -32,6 +32,7 @@ probe, k-means), next to the randomly initialised network and the raw pixels. Wr
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -234,8 +235,13 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     optimizer = LARS(net.parameters(), lr=lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_epochs, args.epochs))
     criterion = clt.SelfClassifierLoss(args.row_temperature, args.col_temperature, eps=1e-12)
-    out = common.run_dir(args, METHOD)
     training = args.eval_only is None
+    random_init = copy.deepcopy(net.backbone) if ckpt is not None else net.backbone  # the random network baseline's weights
+    start = 0
+    if ckpt is not None:  # everything restored (and checked) before the run directory is touched
+        common.restore(ckpt, {"model": net, "optimizer": optimizer, "scheduler": scheduler})
+        start = ckpt["epoch"]
+    out = common.run_dir(args, METHOD)
     log = common.metrics_log(args, out, ctx.main and training, resumed=ckpt is not None)
     show = args.progress and ctx.main
     scored = args.classes[0]
@@ -243,11 +249,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     if ctx.main:
         print(f"Self-Classifier: {data.name}, {len(data)} images; {args.arch}, heads {common.format_value(args.classes)}, "
               f"lr {lr:g}, {ctx.world_size} process(es) on {ctx.device}; run directory {out}", flush=True)
-    baselines = evaluation.baselines(net.backbone, fresh=ckpt is None)
-    start = 0
+    baselines = evaluation.baselines(random_init, fresh=ckpt is None)
     if ckpt is not None:
-        common.restore(ckpt, {"model": net, "optimizer": optimizer, "scheduler": scheduler})
-        start = ckpt["epoch"]
         common.resume_rng(ckpt, args.seed, ctx)
     labels_name = f"{scored}-class head argmax"
     if not training:

@@ -423,9 +423,9 @@ def launch(
     try:
         run(args, data, ckpt, mesh)
     except runs.CheckpointError as err:
-        parser.error(f"{_checkpoint_flag(args)}: {runs.checkpoint_path(args)}: {err}")
+        runs.fail(parser, f"{_checkpoint_flag(args)}: {runs.checkpoint_path(args)}: {err}")
     except runs.ImageError as err:
-        parser.error(f"--data: {runs.image_error_line(err)}")
+        runs.fail(parser, f"--data: {runs.image_error_line(err)}")
 
 
 def _checkpoint_flag(args: argparse.Namespace) -> str:
@@ -437,7 +437,7 @@ def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace,
     """The ``--resume`` (or ``--eval-only``) checkpoint's arrays (``epoch`` included), or None
     without either.
 
-    ``parser.error`` (one line, exit code 2) if it is missing, unreadable, lacks ``epoch``,
+    :func:`runs.fail` (one line, exit code 2) if it is missing, unreadable, lacks ``epoch``,
     ``args``, ``rng/key`` or a ``required`` entry, has nothing left to train (``--resume``
     only), or was trained with other settings. Loads without unpickling (``allow_pickle=False``).
     """
@@ -445,22 +445,22 @@ def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if path is None:
         return None
     if not path.is_file():
-        parser.error(f"{flag}: no checkpoint file {path}")
+        runs.fail(parser, f"{flag}: no checkpoint file {path}")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         saved = json.loads(str(arrays.pop("args"))) if "args" in arrays else None
     except Exception as err:  # zip, format and JSON errors have many types
-        parser.error(f"{flag}: cannot load {path}: {runs.error_line(err)}")
+        runs.fail(parser, f"{flag}: cannot load {path}: {runs.error_line(err)}")
     missing = [k for k in ("epoch", "rng/key", *required) if k not in arrays] + (["args"] if saved is None else [])
     if missing:
-        parser.error(f"{flag}: {path}: it has no {', '.join(missing)} entr{'ies' if len(missing) > 1 else 'y'}")
+        runs.fail(parser, f"{flag}: {path}: it has no {', '.join(missing)} entr{'ies' if len(missing) > 1 else 'y'}")
     epoch = arrays["epoch"]
     epoch = epoch.item() if epoch.shape == () and epoch.dtype.kind in "iu" else epoch
     try:
         arrays["epoch"] = runs.check_resume(saved, epoch, args)
     except runs.CheckpointError as err:
-        parser.error(f"{flag}: {path}: {err}")
+        runs.fail(parser, f"{flag}: {path}: {err}")
     return arrays
 
 

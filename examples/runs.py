@@ -16,6 +16,7 @@ runs`` (``python examples/x.py`` puts ``examples/`` on ``sys.path``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import hashlib
@@ -23,12 +24,13 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import numpy as np
 from PIL import Image
@@ -66,11 +68,41 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
-def image_error_line(err: ImageError) -> str:
+def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exit with the one line ``<prog>: error: <message>`` on stderr and exit code 2.
+
+    For a file that cannot be used (``--resume``, ``--data``): the options parsed, so unlike
+    ``parser.error`` no usage is printed before the line.
+    """
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+@contextlib.contextmanager
+def restoring(name: str) -> Iterator[None]:
+    """Run the restore of the checkpoint's ``name`` state (``load_state_dict``, ``unflatten``, ...)
+    inside this block: any exception it raises becomes a :class:`CheckpointError` naming the entry
+    (a :class:`CheckpointError` passes unchanged)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:  # torch raises RuntimeError, KeyError, ValueError, TypeError, ...
+        raise CheckpointError(f"its {name} state does not fit this run: {error_line(err)}") from err
+
+
+def image_error_line(err: BaseException) -> str:
     """The one line of an :class:`ImageError`, also when a ``DataLoader`` worker re-raised it
-    with the worker's traceback folded into the message."""
+    with the worker's traceback folded into the message, or when it is a peer rank's, as the
+    other ranks raise it from a collective's header exchange (``... (rank 1: ImageError:
+    cannot read image <path>: <reason>; rank 2: ...)``)."""
     lines = [line for line in str(err).splitlines() if IMAGE_ERROR in line]
-    return lines[-1][lines[-1].index(IMAGE_ERROR):] if lines else str(err)
+    if not lines:
+        return str(err)
+    line = lines[-1][lines[-1].index(IMAGE_ERROR):]
+    if isinstance(err, ImageError):
+        return line
+    first = re.split(r"; rank \d+: ", line, maxsplit=1)  # the first failing rank's
+    return first[0] if len(first) > 1 else line.removesuffix(")")
 
 
 # ---------------------------------------------------------------------------- command line
@@ -281,14 +313,15 @@ def image_folder(root: Path) -> ImageData:
 
 
 def open_data(parser: argparse.ArgumentParser, args: argparse.Namespace, min_images: int) -> ImageData:
-    """The data of ``--data`` (or the demo), cut to ``--subset``; ``parser.error`` on bad input.
+    """The data of ``--data`` (or the demo), cut to ``--subset``; ``parser.error`` on bad options,
+    :func:`fail` on a tree that cannot be listed.
 
     ``min_images`` is the smallest data set the method can use (e.g. its cluster count).
     """
     try:
         data = image_folder(args.data) if args.data is not None else demo_digits(args.resolution)
     except ValueError as err:
-        parser.error(f"--data: {err}")
+        fail(parser, f"--data: {err}")
     if args.subset is not None:
         if args.subset > len(data):
             parser.error(f"--subset {args.subset} exceeds the {len(data)} images of {data.name}")
@@ -394,6 +427,13 @@ def check_resume(saved: Any, epoch: Any, args: argparse.Namespace) -> int:
     return epoch
 
 
+def _umask() -> int:
+    """This process's umask (read by setting a stricter one for an instant)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
 
@@ -402,6 +442,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0o600 would make every rewritten file private
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -410,6 +451,11 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power loss only once synced
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 class MetricsLog:

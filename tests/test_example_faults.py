@@ -13,6 +13,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -204,26 +205,34 @@ BAD_CHECKPOINTS = [
 ]
 
 
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative name: bytes)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.parametrize(("change", "argv", "message"), [c[1:] for c in BAD_CHECKPOINTS], ids=[c[0] for c in BAD_CHECKPOINTS])
 def test_a_bad_checkpoint_is_a_one_line_error(odc_run: Path, change, argv: list[str], message: str, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
-    path = tmp_path / "checkpoint.pt"
+    """Resumed in place (no ``--out``) next to a torn metrics line: the refusal touches no file of the run."""
+    run = tmp_path / "run"
+    shutil.copytree(odc_run, run)
+    path = run / "checkpoint.pt"
     if change is None and not argv:
         path.write_bytes(b"")
     else:
         state = load(odc_run / "checkpoint.pt")
         torch.save(state if change is None else change(state), path)
-    before = path.read_bytes(), (odc_run / "metrics.jsonl").read_bytes()
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 2, "lo')  # what a run killed mid-write leaves, which a resume would repair
+    before = snapshot(run)
     with pytest.raises(SystemExit) as exc:
-        script("imagenet_odc_torch").main([*ODC_TINY, "--epochs", "2", *argv, "--resume", str(path),
-                                           "--out", str(tmp_path / "new")])
+        script("imagenet_odc_torch").main([*ODC_TINY, "--epochs", "2", *argv, "--resume", str(path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and message in err.strip().splitlines()[-1], err
-    assert (path.read_bytes(), (odc_run / "metrics.jsonl").read_bytes()) == before
+    assert len(err.splitlines()) == 1 and message in err, err  # one line: no usage, no warning
+    assert snapshot(run) == before
 
 
-# ---------------------------------------------------------------------------- metrics.jsonl
 def test_a_torn_metrics_line_is_dropped_on_resume(odc_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for name in ("checkpoint.pt", "metrics.jsonl"):
         (tmp_path / name).write_bytes((odc_run / name).read_bytes())
@@ -274,7 +283,51 @@ def test_an_unreadable_image_is_named_in_one_line(bad: str, workers: int, tmp_pa
                                            "--out", str(tmp_path / "run")])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and f"--data: cannot read image {path}: " in err.strip().splitlines()[-1], err
+    assert len(err.splitlines()) == 1 and f"--data: cannot read image {path}: " in err, err
+
+
+def _peer_error(monkeypatch: pytest.MonkeyPatch, errors: list[BaseException | None]) -> BaseException:
+    """What rank 0 of ``len(errors)`` raises from ``agree`` when rank ``r``'s local phase raised
+    ``errors[r]`` (the header exchange simulated: each rank's payload as ``agree`` encodes it)."""
+    from clusterlearn.adapters import _torch_distributed as td
+
+    payloads: list[bytes] = []
+    monkeypatch.setattr(td, "_active", lambda group=None: True)
+    monkeypatch.setattr(td, "_exchange_bytes", lambda payload, group: payloads.append(payload) or [payload])
+    for error in errors[1:]:  # record the peers' payloads
+        with contextlib.suppress(Exception):
+            td.agree([1], error, what="extract_features", names=["n"])
+    monkeypatch.setattr(td, "_exchange_bytes", lambda payload, group: [payload, *payloads])
+    with pytest.raises(Exception) as caught:
+        td.agree([1], errors[0], what="extract_features", names=["n"])
+    return caught.value
+
+
+@pytest.mark.parametrize("peers", [["image"], ["image", "image"], ["os"]], ids=["one", "two", "other-error"])
+def test_a_peers_unreadable_image_is_the_same_one_line_error(peers: list[str], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """Under DDP the healthy ranks learn of a peer's unreadable image from a collective's header
+    exchange; they stop with the same ``--data`` line as the rank that read it (with a
+    non-image error of a peer, its error is raised as it is)."""
+    runs, common = script("runs"), script("common")
+    path = tmp_path / "b" / "bad (1).png"
+    own = runs.ImageError(f"{runs.IMAGE_ERROR}{path}: UnidentifiedImageError: cannot identify image file (x)")
+    errors = [None] + [own if p == "image" else OSError("disk (y) gone; rank 3: z") for p in peers]
+    peer = _peer_error(monkeypatch, errors)
+    parser, args = script("imagenet_odc_torch").parse_args([*ODC_TINY])
+
+    def run(*_):
+        raise peer
+
+    if peers == ["os"]:
+        with pytest.raises(type(peer)):
+            common.launch(parser, args, 1, run)
+        return
+    with pytest.raises(SystemExit) as exc:
+        common.launch(parser, args, 1, run)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"{parser.prog}: error: --data: {own}"]
 
 
 def test_a_symlink_loop_in_the_data_lists_each_image_once(tmp_path: Path) -> None:

@@ -147,6 +147,16 @@ def test_odc_resume_is_bit_exact(odc_straight: tuple[Path, str], tmp_path: Path)
     assert records(straight)[-1]["fingerprint"] == records(tmp_path)[-1]["fingerprint"]
 
 
+def test_a_resume_without_baselines_recomputes_them_from_the_random_init(tmp_path: Path) -> None:
+    """The checkpoint is restored before the baselines are computed: they must still come from
+    the random initialisation, not from the trained weights just loaded."""
+    _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(tmp_path)])
+    first = json.loads((tmp_path / "baselines.json").read_text())
+    (tmp_path / "baselines.json").unlink()
+    _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pt")])
+    assert json.loads((tmp_path / "baselines.json").read_text()) == first
+
+
 def test_resume_with_other_settings_is_refused(odc_straight: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
     out, _ = odc_straight
     argv = [*ODC_TINY, "--clusters", "3", "--epochs", "3", "--resume", str(out / "checkpoint.pt")]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,6 +282,17 @@ def _with(key: str, value: object):
     return lambda a: {**a, key: np.asarray(value)}
 
 
+def _label_out_of_range(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    labels = a["odc/labels"].copy()
+    labels[0] = 7  # the run has 2 clusters
+    return {**a, "odc/labels": labels}
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative name: bytes)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 BAD_CHECKPOINTS = [
     ("empty file", None, [], "cannot load"),
     ("no args", _without("args"), [], "no args entry"),
@@ -292,26 +304,32 @@ BAD_CHECKPOINTS = [
     ("no odc labels", _without("odc/labels"), [], "no odc/labels entry"),
     ("finished run", lambda a: a, ["--epochs", "2"], "nothing to train"),
     ("params do not fit", lambda a: {**a, "params/head/kernel": np.zeros(3, np.float32)}, [], "params/head/kernel is float32[3]"),
+    ("odc labels out of range", _label_out_of_range, [], "its odc state does not fit this run: ValueError: state['labels']"),
 ]
 
 
 @pytest.mark.parametrize(("change", "argv", "message"), [c[1:] for c in BAD_CHECKPOINTS], ids=[c[0] for c in BAD_CHECKPOINTS])
 def test_a_bad_checkpoint_is_a_one_line_error(trained: dict, change, argv: list[str], message: str, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
+    """Resumed in place (no ``--out``) next to a torn metrics line: the refusal touches no file of the run."""
     out, _ = trained["odc"]
-    path = tmp_path / "checkpoint.npz"
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    path = run / "checkpoint.npz"
     if change is None:
         path.write_bytes(b"")
     else:
         with path.open("wb") as f:
             np.savez(f, **change(checkpoint(out)))
-    before = path.read_bytes()
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "lo')  # what a run killed mid-write leaves, which a resume would repair
+    before = snapshot(run)
     with pytest.raises(SystemExit) as exc:
-        script("imagenet_odc_jax").main([*ODC_TINY, "--epochs", "3", *argv, "--resume", str(path), "--out", str(tmp_path / "run")])
+        script("imagenet_odc_jax").main([*ODC_TINY, "--epochs", "3", *argv, "--resume", str(path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and message in err.strip().splitlines()[-1], err
-    assert path.read_bytes() == before
+    assert len(err.splitlines()) == 1 and message in err, err  # one line: no usage, no warning
+    assert snapshot(run) == before
 
 
 # ---------------------------------------------------------------------------- framework-free helpers
@@ -337,6 +355,29 @@ def test_runs_reads_an_image_folder_without_a_framework(tmp_path: Path) -> None:
     assert [b[0].tolist() for b in batches] == [[4, 0], [1, 2]] and batches[0][1].shape == (2, 8, 8, 3)
     source = (EXAMPLES / "runs.py").read_text()  # shared with the torch examples: no framework imports
     assert not any(f"import {m}" in source or f"from {m}" in source for m in ("torch", "jax", "flax", "optax"))
+
+
+def test_atomic_write_syncs_the_file_then_its_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rename is durable only once the directory is synced: after the file, its directory."""
+    import stat
+
+    runs = script("runs")
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(runs.os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or fsync(fd))
+    runs.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"new"))
+    assert synced == [False, True] and (tmp_path / "f.bin").read_bytes() == b"new"
+
+
+def test_atomic_write_gives_the_umask_mode(tmp_path: Path) -> None:
+    """A rewritten file (checkpoint, metrics) gets the mode of any new file, not mkstemp's 0o600."""
+    runs = script("runs")
+    old = os.umask(0o022)
+    try:
+        runs.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"new"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path) -> None:

@@ -154,6 +154,62 @@ def test_planted_library_in_shared_cache_is_not_loaded(built, tmp_path):
     assert out["modes"][built[1]] == 0o700 and out["modes"][built[1] + ".sha256"] == 0o600
 
 
+# Replace the cache's library by the planted one right after its digest was checked (a concurrent
+# writer could), then load: what gets mapped must be the verified file, not the name's new target.
+SWAP_AFTER_CHECK = """
+import json, os, warnings
+from clusterlearn.adapters import _native
+checked = _native._open_verified
+def swapping(dir_fd, name):
+    fd = checked(dir_fd, name)
+    if fd is not None and name.endswith(".so"):
+        tmp = ".swap"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o700, dir_fd=dir_fd), "wb") as f:
+            with open(PLANTED, "rb") as planted:
+                f.write(planted.read())
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    return fd
+_native._open_verified = swapping
+if NO_PROC:  # as on macOS: no /proc/self/fd
+    exists = os.path.exists
+    os.path.exists = lambda p: False if str(p).startswith("/proc/self/fd/") else exists(p)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    lib = _native._load("self_classifier", _native._SOURCE)
+print(json.dumps(dict(loaded=lib is not None and hasattr(lib, "sc_stats_size"),
+                      warnings=[str(w.message) for w in caught])))
+"""
+
+
+@needs_compiler
+@pytest.mark.parametrize("no_proc", [False, True], ids=["proc", "no-proc"])
+def test_the_library_loaded_is_the_one_verified(built, tmp_path, no_proc):
+    """A library swapped in at the verified one's name after the digest check is not what gets
+    loaded: through /proc/self/fd of the checked descriptor, or (without /proc) from a private
+    copy of the checked bytes."""
+    marker = tmp_path / "constructor-ran"
+    planted = tmp_path / "planted.so"
+    planted.write_bytes(planted_library(tmp_path, marker))
+    cache = copy_cache(built, tmp_path / "cache")
+    code = SWAP_AFTER_CHECK.replace("PLANTED", repr(str(planted))).replace("NO_PROC", repr(no_proc))
+    out = run_child(code, cache)
+    assert not marker.exists(), "the planted library's constructor ran"
+    assert out["loaded"] and not out["warnings"], out
+
+
+@needs_compiler
+def test_an_unusable_cache_builds_privately(built, tmp_path):
+    """A cache directory that cannot be created (here its parent is a file; also e.g.
+    HOME=/nonexistent) is treated as an untrusted one: a warning, and the kernel is built in a
+    private temporary directory."""
+    cxx, log = copying_compiler(built, tmp_path)
+    parent = tmp_path / "not-a-directory"
+    parent.write_text("")
+    out = run_child(LOSS, parent / "cache", **cxx)
+    assert out["loaded"] and out["close"] and links(log) == 1
+    assert len(out["warnings"]) == 1 and "cannot use the kernel cache" in out["warnings"][0], out["warnings"]
+
+
 @needs_compiler
 def test_truncated_library_is_rebuilt(built, tmp_path):
     """A truncated library (an interrupted copy, a full disk) fails its digest and is rebuilt;
