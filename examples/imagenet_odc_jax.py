@@ -186,12 +186,7 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
     random_init = (params, stats)  # the random network baseline's weights (the restore below replaces them)
     start = 0
     if ckpt is not None:  # everything restored (and checked) before the run directory is touched
-        with runs.restoring("params"):
-            params = jc.unflatten("params", params, ckpt)
-        with runs.restoring("stats"):
-            stats = jc.unflatten("stats", stats, ckpt)
-        with runs.restoring("opt"):
-            opt_state = jc.unflatten("opt", opt_state, ckpt)
+        params, stats, opt_state = jc.restore_training(ckpt, params, stats, opt_state)
         with runs.restoring("odc"):
             odc.load_state_dict({name: ckpt[f"odc/{name}"] for name in clj.ODCState._fields})
         start = int(ckpt["epoch"])

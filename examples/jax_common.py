@@ -464,6 +464,17 @@ def load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return arrays
 
 
+def restore_training(ckpt: dict[str, np.ndarray], params: dict, stats: dict, opt_state: Any) -> tuple[dict, dict, Any]:
+    """The model's parameters and BatchNorm statistics and the optimiser state from ``ckpt``, in the
+    structure of the given (freshly initialised) ones; a ``runs.CheckpointError`` naming the entry
+    (``params``, ``stats`` or ``opt``) that does not fit this run."""
+    restored = []
+    for prefix, tree in (("params", params), ("stats", stats), ("opt", opt_state)):
+        with runs.restoring(prefix):
+            restored.append(unflatten(prefix, tree, ckpt))
+    return tuple(restored)
+
+
 def key_data(key: jax.Array) -> np.ndarray:
     """The raw uint32 words of a typed PRNG key (for the checkpoint)."""
     return np.asarray(jax.random.key_data(key))
