@@ -9,9 +9,6 @@ the survivor must notice on its own, through ``--dist-timeout``.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import io
-import json
 import os
 import shutil
 import signal
@@ -23,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from example_runs import records, run_main, script
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
@@ -40,23 +38,10 @@ TIMEOUT = 10  # --dist-timeout of the fault tests, seconds
 GUARD = 240  # a hang guard only: well above start-up + TIMEOUT on a busy 2-core machine
 
 
-def script(name: str):
-    """An example script imported as a module (``examples/`` on ``sys.path``, as when run)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
 
 
-def run_main(name: str, argv: list[str]) -> str:
-    """Run a script's ``main`` in this process and return what it printed."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        script(name).main(argv)
-    return buf.getvalue()
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def load(path: Path) -> dict:

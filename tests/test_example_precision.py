@@ -7,35 +7,21 @@ and nothing else breaks.
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from contextlib import redirect_stdout
-from io import StringIO
 from pathlib import Path
 
 import pytest
+from example_runs import run_main, script
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--subset", "16", "--resolution", "16", "--batch-size", "8", "--no-progress", "--epochs", "1"]
 ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]
 
 
-def script(name: str):
-    """An example script imported as a module (``examples/`` on ``sys.path``, as when run)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
 
 
-def run(name: str, argv: list[str]) -> str:
-    buf = StringIO()
-    with redirect_stdout(buf):
-        script(name).main(argv)
-    return buf.getvalue()
 
 
 def training_logit_dtypes(monkeypatch: pytest.MonkeyPatch) -> list:
@@ -61,7 +47,7 @@ def record(out: Path) -> dict:
 def test_odc_amp_runs_the_forward_in_bfloat16_and_keeps_a_bfloat16_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = training_logit_dtypes(monkeypatch)
     out = tmp_path / "odc"
-    run("imagenet_odc_torch", [*ODC_TINY, "--amp", "--memory-dtype", "bfloat16", "--out", str(out)])
+    run_main("imagenet_odc_torch", [*ODC_TINY, "--amp", "--memory-dtype", "bfloat16", "--out", str(out)])
     assert seen and set(seen) == {torch.bfloat16}
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["odc"]
     assert state["features"].dtype == torch.bfloat16
@@ -73,19 +59,30 @@ def test_odc_amp_runs_the_forward_in_bfloat16_and_keeps_a_bfloat16_memory(tmp_pa
 def test_odc_without_amp_trains_in_float32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = training_logit_dtypes(monkeypatch)
     out = tmp_path / "odc"
-    run("imagenet_odc_torch", [*ODC_TINY, "--out", str(out)])
+    run_main("imagenet_odc_torch", [*ODC_TINY, "--out", str(out)])
     assert set(seen) == {torch.float32}
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["odc"]
     assert state["features"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("name, extra", [
-    ("imagenet_deepcluster_torch", ["--clusters", "2"]),
-    ("imagenet_selfclassifier_torch", ["--classes", "4", "--local-crops", "0"]),
+@pytest.mark.parametrize("name, net, extra", [
+    ("imagenet_deepcluster_torch", "DeepClusterNet", ["--clusters", "2"]),
+    ("imagenet_selfclassifier_torch", "SelfClassifierNet", ["--classes", "4", "--local-crops", "0"]),
 ])
-def test_amp_trains_deepcluster_and_selfclassifier(tmp_path: Path, name: str, extra: list[str]) -> None:
+def test_amp_trains_deepcluster_and_selfclassifier_under_bfloat16_autocast(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, net: str, extra: list[str]) -> None:
+    cls = getattr(script(name), net)
+    forward, autocast = cls.forward, []
+
+    def spy(self, x):  # whether the training forward runs under bfloat16 autocast
+        if self.training:
+            autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(self, x)
+
+    monkeypatch.setattr(cls, "forward", spy)
     out = tmp_path / "run"
-    run(name, [*TINY, *extra, "--amp", "--out", str(out)])
+    run_main(name, [*TINY, *extra, "--amp", "--out", str(out)])
+    assert autocast and set(autocast) == {(True, torch.bfloat16)}
     rec = record(out)
     assert rec["epoch"] == 1 and rec["loss"] == rec["loss"] and rec["loss"] > 0
 
@@ -95,7 +92,7 @@ def test_tensorboard_writes_the_metrics_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "odc"
-    run("imagenet_odc_torch", [*ODC_TINY, "--tensorboard", "--out", str(out)])
+    run_main("imagenet_odc_torch", [*ODC_TINY, "--tensorboard", "--out", str(out)])
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     rec = record(out)

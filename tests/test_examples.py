@@ -7,7 +7,6 @@ timeout that kills the whole process group.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import random
@@ -15,10 +14,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
+from example_runs import records, run_main, script
 
 import clusterlearn as cl
 
@@ -32,15 +31,8 @@ TINY = ["--subset", "16", "--resolution", "16", "--batch-size", "8", "--no-progr
 ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]
 
 
-def script(name: str) -> ModuleType:
-    """An example script imported as a module (``examples/`` on ``sys.path``, as when run)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def final_line(text: str) -> str:
@@ -80,18 +72,9 @@ def check_evaluation(out: Path, text: str, labels: np.ndarray, num_clusters: int
 def odc_straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """Two ODC epochs in one go (the smoke run, and the reference for the resume test)."""
     out = tmp_path_factory.mktemp("odc_straight")
-    return out, _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--out", str(out)])
+    return out, run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--out", str(out)])
 
 
-def _run_main(name: str, argv: list[str]) -> str:
-    """Run a script's ``main`` here and return what it printed."""
-    from contextlib import redirect_stdout
-    from io import StringIO
-
-    buf = StringIO()
-    with redirect_stdout(buf):
-        script(name).main(argv)
-    return buf.getvalue()
 
 
 def test_odc_smoke_writes_metrics_plot_and_checkpoint(odc_straight: tuple[Path, str]) -> None:
@@ -114,7 +97,7 @@ def test_odc_smoke_writes_metrics_plot_and_checkpoint(odc_straight: tuple[Path, 
 def test_odc_eval_only_reproduces_the_final_evaluation(odc_straight: tuple[Path, str]) -> None:
     out, _ = odc_straight
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    text = _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--eval-only", str(out / "checkpoint.pt")])
+    text = run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--eval-only", str(out / "checkpoint.pt")])
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # writes nothing
     (evaluated,) = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("evaluation {")]
     final = records(out)[-1]
@@ -126,14 +109,14 @@ def test_odc_eval_only_reproduces_the_final_evaluation(odc_straight: tuple[Path,
 
 def test_odc_resume_is_bit_exact(odc_straight: tuple[Path, str], tmp_path: Path) -> None:
     straight, _ = odc_straight
-    _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(tmp_path)])
+    run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(tmp_path)])
     assert [r["epoch"] for r in records(tmp_path)] == [1]
     assert "feat_nmi" in records(tmp_path)[0]  # the last epoch of a run is evaluated
     # the baselines are computed once per run: a resume reads them (here a marked copy)
     baselines = json.loads((tmp_path / "baselines.json").read_text())
     baselines["random_net"]["knn_top1@20"] = 0.123
     (tmp_path / "baselines.json").write_text(json.dumps(baselines))
-    text = _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pt")])
+    text = run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pt")])
     assert "random net: kNN@20 0.123" in final_line(text)
     assert json.loads((tmp_path / "baselines.json").read_text()) == baselines
     a, b = load(straight / "checkpoint.pt"), load(tmp_path / "checkpoint.pt")
@@ -150,10 +133,10 @@ def test_odc_resume_is_bit_exact(odc_straight: tuple[Path, str], tmp_path: Path)
 def test_a_resume_without_baselines_recomputes_them_from_the_random_init(tmp_path: Path) -> None:
     """The checkpoint is restored before the baselines are computed: they must still come from
     the random initialisation, not from the trained weights just loaded."""
-    _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(tmp_path)])
+    run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(tmp_path)])
     first = json.loads((tmp_path / "baselines.json").read_text())
     (tmp_path / "baselines.json").unlink()
-    _run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pt")])
+    run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pt")])
     assert json.loads((tmp_path / "baselines.json").read_text()) == first
 
 
@@ -167,7 +150,7 @@ def test_resume_with_other_settings_is_refused(odc_straight: tuple[Path, str], c
 
 
 def test_deepcluster_smoke(tmp_path: Path) -> None:
-    text = _run_main("imagenet_deepcluster_torch", [*TINY, "--clusters", "4", "--epochs", "1", "--out", str(tmp_path)])
+    text = run_main("imagenet_deepcluster_torch", [*TINY, "--clusters", "4", "--epochs", "1", "--out", str(tmp_path)])
     (row,) = records(tmp_path)
     assert {"loss", "nmi", "acc", "cluster_size_min", "cluster_size_max", "images_per_s"} <= set(row)
     assert row["cluster_size_min"] >= 1  # k-means never returns an empty cluster
@@ -180,7 +163,7 @@ def test_deepcluster_smoke(tmp_path: Path) -> None:
 def test_selfclassifier_smoke(tmp_path: Path) -> None:
     argv = [*TINY, "--batch-size", "16", "--classes", "4,8", "--hidden-dim", "32", "--local-crops", "1",
             "--epochs", "1", "--out", str(tmp_path)]
-    text = _run_main("imagenet_selfclassifier_torch", argv)
+    text = run_main("imagenet_selfclassifier_torch", argv)
     (row,) = records(tmp_path)
     assert {"loss", "nmi", "acc", "cluster_size_min", "cluster_size_max", "images_per_s"} <= set(row)
     assert np.isfinite(row["loss"])

@@ -10,7 +10,6 @@ this process.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -19,8 +18,11 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import example_runs
 import numpy as np
 import pytest
+from example_runs import npz_checkpoint as checkpoint
+from example_runs import records
 
 pytest.importorskip("flax")
 pytest.importorskip("optax")
@@ -45,18 +47,11 @@ for argv, log in json.loads(sys.argv[1]):
 
 def script() -> ModuleType:
     """The example imported as a module (``examples/`` on ``sys.path``, as when run)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(NAME)
+    return example_runs.script(NAME)
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def checkpoint(out: Path) -> dict[str, np.ndarray]:
-    with np.load(out / "checkpoint.npz", allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 def _start(runs: list[tuple[list[str], Path]], devices: int) -> subprocess.Popen:

@@ -11,7 +11,6 @@ Bad command lines are checked in this process: they stop before anything is comp
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -19,10 +18,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
+from example_runs import npz_checkpoint as checkpoint
+from example_runs import records, script
 
 pytest.importorskip("flax")
 pytest.importorskip("optax")
@@ -45,20 +45,10 @@ for name, argv, log in json.loads(sys.argv[1]):
 """
 
 
-def script(name: str) -> ModuleType:
-    """An example script imported as a module (``examples/`` on ``sys.path``, as when run)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def checkpoint(out: Path) -> dict[str, np.ndarray]:
-    with np.load(out / "checkpoint.npz", allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 def _start(runs: list[tuple[str, list[str], Path]], devices: int) -> subprocess.Popen:
