@@ -40,3 +40,46 @@ def run_main(name: str, argv: list[str]) -> str:
     with contextlib.redirect_stdout(buf):
         script(name).main(argv)
     return buf.getvalue()
+
+
+#: Runs ``[(module, argv, stdout file), ...]`` (JSON in argv[1]) in one interpreter.
+_DRIVER = """
+import contextlib, importlib, json, sys
+sys.path.insert(0, sys.argv[2])
+for name, argv, log in json.loads(sys.argv[1]):
+    with open(log, "w") as f, contextlib.redirect_stdout(f):
+        importlib.import_module(name).main(argv)
+"""
+
+
+def start_jax_runs(runs: list[tuple[str, list[str], Path]], devices: int):
+    """One subprocess running the JAX example runs ``(module, argv, stdout file)`` in order, on
+    ``devices`` forced CPU devices, compiled fast (JAX compile time dominates tiny runs)."""
+    import os
+    import subprocess
+
+    flags = ["--xla_backend_optimization_level=0"]
+    if devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
+    spec = json.dumps([(name, argv, str(log)) for name, argv, log in runs])
+    return subprocess.Popen([sys.executable, "-c", _DRIVER, spec, str(EXAMPLES)], cwd=EXAMPLES.parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc, timeout: float) -> str:
+    """Wait for a :func:`start_jax_runs` process (killed and failed after ``timeout`` s); its output."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the example runs did not finish in {timeout} s")
+    assert proc.returncode == 0, log[-4000:]
+    return log

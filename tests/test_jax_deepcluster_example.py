@@ -11,10 +11,6 @@ this process.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -35,16 +31,6 @@ TINY = ["--subset", "16", "--resolution", "16", "--width", "4", "--batch-size", 
         "--pca-dim", "4", "--kmeans-backend", "array", "--no-progress"]
 TIMING = {"images_per_s", "train_seconds", "cluster_seconds", "eval_seconds", "seconds"}
 
-# Runs ``[(argv, stdout file), ...]`` (JSON in argv[1]) of the example in one interpreter.
-DRIVER = """
-import contextlib, importlib, json, sys
-sys.path.insert(0, sys.argv[2])
-for argv, log in json.loads(sys.argv[1]):
-    with open(log, "w") as f, contextlib.redirect_stdout(f):
-        importlib.import_module(sys.argv[3]).main(argv)
-"""
-
-
 def script() -> ModuleType:
     """The example imported as a module (``examples/`` on ``sys.path``, as when run)."""
     return example_runs.script(NAME)
@@ -52,24 +38,6 @@ def script() -> ModuleType:
 
 
 
-
-
-def _start(runs: list[tuple[list[str], Path]], devices: int) -> subprocess.Popen:
-    flags = ["--xla_backend_optimization_level=0"] + ([f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else [])
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
-    spec = json.dumps([(argv, str(log)) for argv, log in runs])
-    return subprocess.Popen([sys.executable, "-c", DRIVER, spec, str(EXAMPLES), NAME], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float) -> None:
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"the example runs did not finish in {timeout} s")
-    assert proc.returncode == 0, log[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +50,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, s
            [*TINY, "--epochs", "2", "--resume", str(d["resumed"] / "checkpoint.npz")]]
     two = [[*TINY, "--epochs", "1", "--out", str(d["two"])]]
     logs = [base / f"{i}.txt" for i in range(len(one) + len(two))]
-    procs = [_start(list(zip(one, logs)), 1), _start(list(zip(two, logs[len(one):])), 2)]
+    procs = [example_runs.start_jax_runs([(NAME, a, log) for a, log in zip(one, logs)], 1),
+             example_runs.start_jax_runs([(NAME, a, log) for a, log in zip(two, logs[len(one):])], 2)]
     for proc in procs:
-        _finish(proc, 300)
+        example_runs.finish(proc, 300)
     text = [log.read_text() for log in logs]
     return {"straight": (d["straight"], text[0]), "stopped": (d["resumed"], text[1]),
             "resumed": (d["resumed"], text[2]), "two": (d["two"], text[3])}

@@ -14,15 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from example_runs import npz_checkpoint as checkpoint
-from example_runs import records, script
+from example_runs import finish, records, script, start_jax_runs
 
 pytest.importorskip("flax")
 pytest.importorskip("optax")
@@ -33,41 +30,6 @@ EXAMPLES = ROOT / "examples"
 TINY = ["--subset", "16", "--resolution", "16", "--width", "4", "--batch-size", "8", "--no-progress"]
 ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]
 SC_TINY = [*TINY, "--batch-size", "16", "--classes", "4,8", "--hidden-dim", "32", "--local-crops", "1"]
-XLA_FAST_COMPILE = "--xla_backend_optimization_level=0"
-
-# Runs ``[(module, argv, stdout file), ...]`` (JSON in argv[1]) in one interpreter.
-DRIVER = """
-import contextlib, importlib, json, sys
-sys.path.insert(0, sys.argv[2])
-for name, argv, log in json.loads(sys.argv[1]):
-    with open(log, "w") as f, contextlib.redirect_stdout(f):
-        importlib.import_module(name).main(argv)
-"""
-
-
-
-
-
-
-
-
-def _start(runs: list[tuple[str, list[str], Path]], devices: int) -> subprocess.Popen:
-    flags = [XLA_FAST_COMPILE] + ([f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else [])
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
-    spec = json.dumps([(name, argv, str(log)) for name, argv, log in runs])
-    return subprocess.Popen([sys.executable, "-c", DRIVER, spec, str(EXAMPLES)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float) -> str:
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"the example runs did not finish in {timeout} s")
-    assert proc.returncode == 0, log[-4000:]
-    return log
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +52,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, s
         ("imagenet_selfclassifier_jax", [*SC_TINY, "--epochs", "1", "--out", str(d["sc_2dev"])]),
     ]
     logs = [base / f"{i}.txt" for i in range(len(one) + len(two))]
-    procs = [_start([(n, a, log) for (n, a), log in zip(one, logs)], 1),
-             _start([(n, a, log) for (n, a), log in zip(two, logs[len(one):])], 2)]
+    procs = [start_jax_runs([(n, a, log) for (n, a), log in zip(one, logs)], 1),
+             start_jax_runs([(n, a, log) for (n, a), log in zip(two, logs[len(one):])], 2)]
     for proc in procs:
-        _finish(proc, 300)
+        finish(proc, 300)
     text = [log.read_text() for log in logs]
     return {"odc": (d["odc"], text[0]), "odc_stopped": (d["odc_resumed"], text[1]),
             "odc_resumed": (d["odc_resumed"], text[2]), "sc": (d["sc"], text[3]),
