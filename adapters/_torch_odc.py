@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from clusterlearn import _backend as B
-from clusterlearn._validation import check_features, check_labels
+from clusterlearn import backend as B
+from clusterlearn.validation import check_features, check_labels
 from clusterlearn.odc import OnlineDeepClustering as _CoreODC
 from clusterlearn.odc_state import ODCState
 from clusterlearn.sample_memory import l2_normalize

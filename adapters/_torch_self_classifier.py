@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from clusterlearn._backend import namespace
+from clusterlearn.backend import namespace
 from clusterlearn.self_classifier import (
     Gather,
     _as_float,

@@ -62,8 +62,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clusterlearn import odc_state
-from clusterlearn._backend import accumulator_dtype, convert, index_dtype
-from clusterlearn._validation import check_int
+from clusterlearn.backend import accumulator_dtype, convert, index_dtype
+from clusterlearn.validation import check_int
 from clusterlearn.centroid_memory import CentroidMemory
 from clusterlearn.odc import OnlineDeepClustering
 from clusterlearn.odc_state import DEFAULT_FLOAT32_RESYNC, ODCConfig, ODCState  # noqa: F401 (re-exported)

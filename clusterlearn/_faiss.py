@@ -23,7 +23,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ._validation import check_int
+from .validation import check_int
 
 __all__ = ["faiss_available", "faiss_gpu_available", "faiss_kmeans"]
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import array_api_compat as aac
 
-from . import _backend as B
+from . import backend as B
 
 Array = Any
 Metric = Literal["l2", "dot"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import array_api_compat as aac
 
-from . import _backend as B
+from . import backend as B
 from .assignment import Metric, nearest_centroid
 
 Array = Any

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _backend as B
+from . import backend as B
 from . import metrics
-from ._validation import check_features, check_int
+from .validation import check_features, check_int
 from .assignment import nearest_centroid
 from .kmeans import BACKENDS, Backend, Init, kmeans
 from .pca import PCAWhitening

@@ -19,9 +19,9 @@ from typing import Any
 import array_api_compat as aac
 import numpy as np
 
-from . import _backend as B
+from . import backend as B
 from . import metrics
-from ._validation import check_features, check_int, check_real
+from .validation import check_features, check_int, check_real
 from .kmeans import BACKENDS, Backend, Init, kmeans
 from .odc import NotInitializedError, OnlineDeepClustering
 from .sample_memory import l2_normalize

@@ -33,9 +33,9 @@ from typing import Any, Literal
 import array_api_compat as aac
 import numpy as np
 
-from . import _backend as B
+from . import backend as B
 from ._faiss import faiss_available, faiss_gpu_available, faiss_kmeans
-from ._validation import check_features, check_int
+from .validation import check_features, check_int
 from .assignment import nearest_centroid
 
 Array = Any

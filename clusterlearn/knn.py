@@ -27,8 +27,8 @@ from typing import Any
 import array_api_compat as aac
 import numpy as np
 
-from . import _backend as B
-from ._validation import check_features, check_int, check_labels, check_real, check_same_device
+from . import backend as B
+from .validation import check_features, check_int, check_labels, check_real, check_same_device
 from .sample_memory import l2_normalize
 
 Array = Any

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _backend as B
-from ._validation import check_features, check_int, check_labels, check_real
+from . import backend as B
+from .validation import check_features, check_int, check_labels, check_real
 
 Array = Any
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import namespace, to_numpy
+from .backend import namespace, to_numpy
 
 Array = Any
 

@@ -28,8 +28,8 @@ from typing import Any
 import array_api_compat as aac
 import numpy as np
 
-from . import _backend as B
-from ._validation import check_features, check_int, check_labels
+from . import backend as B
+from .validation import check_features, check_int, check_labels
 from .assignment import Metric
 from .centroid_memory import CentroidMemory
 from .kmeans import kmeans

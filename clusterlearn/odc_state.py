@@ -3,7 +3,7 @@
 :class:`ODCState` holds the memories, :class:`ODCConfig` the static settings, and
 :func:`step` is one memory iteration: ``step(state, indices, features, config) -> (state,
 stats)``. Written against the array API with static shapes and no data-dependent Python
-control flow (the two periodic updates go through :func:`clusterlearn._backend.cond`), so
+control flow (the two periodic updates go through :func:`clusterlearn.backend.cond`), so
 the same function runs eagerly on every backend and traces under ``jax.jit``.
 
 :class:`~clusterlearn.OnlineDeepClustering` is the checked, stateful shell around it (input
@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 
 import array_api_compat as aac
 
-from . import _backend as B
-from ._validation import check_int, check_real
+from . import backend as B
+from .validation import check_int, check_real
 from .assignment import METRICS, Metric, nearest_centroid
 from .centroid_memory import centroids_from_sums
 from .reweighting import _check_power, size_weights

@@ -35,8 +35,8 @@ from typing import Any
 
 import array_api_compat as aac
 
-from ._backend import accumulator_dtype, namespace, power_of_two_exponent, times_power_of_two
-from ._validation import check_features, check_int, check_real
+from .backend import accumulator_dtype, namespace, power_of_two_exponent, times_power_of_two
+from .validation import check_features, check_int, check_real
 
 Array = Any
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import _backend as B
-from ._validation import check_real
+from . import backend as B
+from .validation import check_real
 
 Array = Any
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import array_api_compat as aac
 
-from . import _backend as B
-from ._validation import all_finite, check_features, check_int, check_labels, check_real
+from . import backend as B
+from .validation import all_finite, check_features, check_int, check_labels, check_real
 
 Array = Any
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import namespace, rng, to_numpy
-from ._validation import check_int
+from .backend import namespace, rng, to_numpy
+from .validation import check_int
 
 Array = Any
 

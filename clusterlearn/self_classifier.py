@@ -116,8 +116,8 @@ from typing import Any
 
 import array_api_compat as aac
 
-from ._backend import namespace, unsupported_torch_dtype
-from ._validation import all_finite, check_same_device
+from .backend import namespace, unsupported_torch_dtype
+from .validation import all_finite, check_same_device
 
 Array = Any
 Gather = Callable[[Array], "tuple[Array, slice]"]

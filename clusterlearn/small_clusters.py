@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _backend as B
-from ._validation import check_int
+from . import backend as B
+from .validation import check_int
 from .assignment import METRICS, Metric
 from .centroid_memory import CentroidMemory
 from .kmeans import kmeans

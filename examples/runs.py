@@ -37,7 +37,7 @@ from PIL import Image
 
 import clusterlearn as cl
 from clusterlearn import metrics
-from clusterlearn._backend import to_numpy
+from clusterlearn.backend import to_numpy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -67,7 +67,7 @@ class Backend:
         return self.xp.asarray(a, dtype=dtype)
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        from clusterlearn._backend import to_numpy
+        from clusterlearn.backend import to_numpy
 
         return np.asarray(to_numpy(x))
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusterlearn import _backend as B
+from clusterlearn import backend as B
 
 from bounds import gamma
 

@@ -43,7 +43,7 @@ def _bits(odc: cl.OnlineDeepClustering) -> dict[str, bytes]:
         "features": s.features, "labels": s.labels, "centroids": c.centroids, "sizes": c.sizes,
         "sums": c.sums, "half_sq_norms": c._half_sq_norms,
     }
-    out = {k: np.ascontiguousarray(cl._backend.to_numpy(v)).tobytes() for k, v in arrays.items()}
+    out = {k: np.ascontiguousarray(cl.backend.to_numpy(v)).tobytes() for k, v in arrays.items()}
     out["iteration"] = str(odc.iteration).encode()
     out["initialized"] = str(s.initialized).encode()
     return out

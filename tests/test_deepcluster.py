@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusterlearn import _backend as B
+from clusterlearn import backend as B
 from clusterlearn import metrics
 from clusterlearn._faiss import faiss_available
 from clusterlearn.deepcluster import DeepClusterLabeler

@@ -20,7 +20,7 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
 import clusterlearn as cl  # noqa: E402
-from clusterlearn import _backend as B  # noqa: E402
+from clusterlearn import backend as B  # noqa: E402
 from clusterlearn.adapters import _native  # noqa: E402
 from clusterlearn.adapters import jax as clj  # noqa: E402
 

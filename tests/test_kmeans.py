@@ -49,7 +49,7 @@ def test_kmeans_invariants(backend, seed, k, dup, init):
 
 
 def B_namespace_of(x):
-    from clusterlearn._backend import namespace
+    from clusterlearn.backend import namespace
 
     return namespace(x=x)
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import clusterlearn as cl
-from clusterlearn import _backend as B
+from clusterlearn import backend as B
 
 from bounds import gamma, momentum_feature_atol, reweight_rtol, running_sum_atol, unit_norm_atol, unit_roundoff
 

@@ -128,7 +128,7 @@ def test_checkpoint_of_the_previous_code_loads_and_continues_alike():
 def test_argmax_rows_takes_the_lowest_of_tied_positions(backend):
     """The labelling's argmax (lax.top_k on JAX CPU) keeps argmax's rule: among equal
     scores the lowest cluster id, also with -inf (excluded clusters) and under jax.jit."""
-    from clusterlearn import _backend as B
+    from clusterlearn import backend as B
 
     x = np.array([[1, 3, 3, 0], [-np.inf, -np.inf, 2, 2], [5, 5, 5, 5], [0, -1, -2, 7]], dtype=np.float32)
     want = [1, 2, 0, 3]

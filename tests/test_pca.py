@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clusterlearn import _backend as B
+from clusterlearn import backend as B
 from clusterlearn.pca import PCAWhitening, pca_whiten_l2
 
 from bounds import unit_norm_atol, whitening_bounds

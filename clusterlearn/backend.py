@@ -8,6 +8,9 @@ only uses the standard.
 Mutation contract: ``scatter_add`` and ``set_rows`` may update their first argument in place
 (NumPy, PyTorch, CuPy) or return a new array (JAX, fallback). Always use the returned array and
 treat the argument as consumed.
+
+This module is public: the adapters, the examples and users who write their own memories call
+these primitives rather than re-deriving them for one library.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, value or
 range) with a message that names the argument and says what was expected. Objects run all of
 their checks before touching their state, so a rejected call leaves nothing half-updated.
+
+This module is public so that the adapters (and users' own wrappers) reject bad input with the
+same messages as the core.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import array_api_compat as aac
 
-from . import _backend as B
+from . import backend as B
 
 Array = Any
 
