@@ -22,7 +22,7 @@ import pytest
 
 from clusterlearn.adapters import _native
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPILER = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler")
 
@@ -360,10 +360,10 @@ def test_kernel_built_for_baseline_isa(tmp_path):
         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_max_isa={xla_isa}" if xla_isa else os.environ.get("XLA_FLAGS", ""),
     }
     selection = [
-        "tests/test_fused_self_classifier.py::test_fused_equals_array_closed_form",
-        "tests/test_fused_self_classifier.py::test_fused_peaked_logits_and_denormal_mode",
-        "tests/test_fast_self_classifier.py::test_torch_extreme_logits_match_float64",
-        "tests/test_fast_self_classifier.py::test_jax_extreme_logits_match_float64",
+        "tests/self_classifier/test_fused_kernel.py::test_fused_equals_array_closed_form",
+        "tests/self_classifier/test_fused_kernel.py::test_fused_peaked_logits_and_denormal_mode",
+        "tests/self_classifier/test_closed_form.py::test_torch_extreme_logits_match_float64",
+        "tests/self_classifier/test_closed_form.py::test_jax_extreme_logits_match_float64",
         "-k", "not large and not 8v and not tiny and not 2-",
     ]
     result = subprocess.run(

@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 TINY = ["--subset", "16", "--resolution", "16", "--batch-size", "8", "--no-progress"]
 ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]

@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 ODC_TINY = ["--subset", "16", "--resolution", "16", "--batch-size", "8", "--no-progress", "--clusters", "2",
             "--min-cluster-size", "4"]

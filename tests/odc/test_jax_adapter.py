@@ -1,6 +1,6 @@
 """JAX adapter: the jitted ODC step against the core, small clusters, conversions, 2 devices.
 
-Streams drag features towards two attractors (as in test_odc.py), so labels really change,
+Streams drag features towards two attractors (tests/streams.py), so labels really change,
 clusters shrink below the threshold and get re-seeded; batches repeat indices (DDP padding).
 Momenta are 0.2 and 0.8 so that a swap of m and 1 - m is caught. The 2-device checks run in
 a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=2``, set before JAX starts).
@@ -25,22 +25,8 @@ from clusterlearn.adapters import _native  # noqa: E402
 from clusterlearn.adapters import jax as clj  # noqa: E402
 
 from bounds import linear_head_bounds, momentum_feature_atol, reweight_rtol, rounding_bounds, running_sum_atol, unit_roundoff  # noqa: E402
-
-N, C, D, BATCH = 240, 6, 8, 32
-
-
-def make_stream(seed: int, steps: int, batch: int = BATCH):
-    """Initial features and (indices, features) batches drifting to two attractors."""
-    rng = np.random.default_rng(seed)
-    x0 = rng.normal(size=(N, D)).astype(np.float32)
-    attract = rng.normal(size=(2, D)) * 2
-    batches = []
-    for _ in range(steps):
-        idx = rng.choice(N, size=batch, replace=False)
-        idx[-3:] = idx[:3]  # DDP padding: the tail repeats the head
-        f = attract[idx % 2] + 0.5 * rng.normal(size=(batch, D))
-        batches.append((idx.astype(np.int64), f.astype(np.float32)))
-    return x0, batches
+from streams import BATCH, C, D, N  # noqa: E402
+from streams import drifting_stream as make_stream  # noqa: E402
 
 
 def core(like=None, **kw):
@@ -438,7 +424,9 @@ def two_device_worker() -> dict:
 
 
 def test_two_devices_sharded_step_and_global_loss():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bounds.py, streams.py
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

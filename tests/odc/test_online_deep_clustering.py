@@ -16,8 +16,9 @@ import clusterlearn as cl
 from clusterlearn import backend as B
 
 from bounds import gamma, momentum_feature_atol, reweight_rtol, running_sum_atol, unit_norm_atol, unit_roundoff
+from streams import BATCH, C, D, N
+from streams import drifting_stream as make_stream
 
-N, C, D, BATCH = 240, 6, 8, 32
 MAX_EXAMPLES = {"jax": 2, "array_api_strict": 5}  # eager JAX compiles every new shape
 
 
@@ -27,21 +28,6 @@ def run_property(backend, strategy, check):
     n = settings.default.max_examples // 2
     n = min(n, MAX_EXAMPLES[backend.name] * (n // 12)) if backend.name in MAX_EXAMPLES else n
     settings(max_examples=n, deadline=None)(given(strategy)(check))()
-
-
-def make_stream(seed: int, steps: int, batch: int = BATCH, duplicates: bool = True):
-    """Initial features and a list of (indices, features) batches drifting to two attractors."""
-    rng = np.random.default_rng(seed)
-    x0 = rng.normal(size=(N, D)).astype(np.float32)
-    attract = rng.normal(size=(2, D)) * 2
-    batches = []
-    for _ in range(steps):
-        idx = rng.choice(N, size=batch, replace=False)
-        if duplicates:  # DDP padding: the tail repeats the head
-            idx[-3:] = idx[:3]
-        f = attract[idx % 2] + 0.5 * rng.normal(size=(batch, D))
-        batches.append((idx.astype(np.int64), f.astype(np.float32)))
-    return x0, batches
 
 
 def exact_means(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

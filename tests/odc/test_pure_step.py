@@ -19,19 +19,11 @@ import pytest
 import clusterlearn as cl
 from clusterlearn import odc_state
 
-N, C, D, BATCH = 240, 6, 8, 32
+from streams import BATCH, C, D, N
+from streams import drifting_stream as make_stream
+
 EPS32 = float(np.finfo(np.float32).eps)
-DATA = os.path.join(os.path.dirname(__file__), "data", "odc_stream_v0.npz")
-
-
-def make_stream(seed: int, steps: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-    """Initial features and batches drifting to two attractors; each batch repeats 3 indices."""
-    rng = np.random.default_rng(seed)
-    x0 = rng.normal(size=(N, D)).astype(np.float32)
-    attract = rng.normal(size=(2, D)) * 2
-    idx = [rng.choice(N, size=BATCH, replace=False) for _ in range(steps)]
-    idx = [np.concatenate([i[:-3], i[:3]]).astype(np.int64) for i in idx]  # DDP padding repeats the head
-    return x0, [(i, (attract[i % 2] + 0.5 * rng.normal(size=(BATCH, D))).astype(np.float32)) for i in idx]
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "odc_stream_v0.npz")
 
 
 def test_config_is_the_constructors_check():

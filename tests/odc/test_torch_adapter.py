@@ -1,6 +1,6 @@
 """The PyTorch adapter in one process: memories, modules, sampler, feature extraction.
 
-The multi-process behaviour is in tests/test_torch_ddp.py.
+The multi-process behaviour is in tests/odc/test_torch_ddp.py.
 """
 
 from __future__ import annotations
@@ -16,19 +16,9 @@ import clusterlearn as cl  # noqa: E402
 from clusterlearn.adapters import torch as clt  # noqa: E402
 
 from bounds import gamma, rounding_bounds, unit_norm_atol, unit_roundoff  # noqa: E402
+from streams import drifting_stream  # noqa: E402
 
 N, C, D = 120, 5, 8
-
-
-def stream(steps: int = 6, b: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
-    gen = np.random.default_rng(1)
-    pull = gen.normal(size=(2, D)) * 3
-    out = []
-    for s in range(steps):
-        idx = gen.integers(0, N, size=b)  # duplicates happen
-        f = gen.normal(size=(b, D)) + pull[idx % 2] * (s + 1) / steps
-        out.append((idx, f.astype(np.float32)))
-    return out
 
 
 @pytest.fixture
@@ -46,7 +36,7 @@ def test_single_process_equals_core(feats: np.ndarray) -> None:
     odc.initialize(torch.from_numpy(feats))
     core.initialize(torch.from_numpy(feats))
     changed = 0.0
-    for idx, f in stream():
+    for idx, f in drifting_stream(1, 6, num_samples=N, batch=10)[1]:
         a = odc.step(torch.from_numpy(idx), torch.from_numpy(f))
         b = core.step(torch.from_numpy(idx), torch.from_numpy(f))
         assert a == b
@@ -62,7 +52,7 @@ def test_fingerprint_tracks_every_change(feats: np.ndarray) -> None:
     odc = make()
     odc.initialize(torch.from_numpy(feats))
     seen = {odc.fingerprint()}
-    for idx, f in stream(3):
+    for idx, f in drifting_stream(1, 3, num_samples=N, batch=10)[1]:
         odc.step(torch.from_numpy(idx), torch.from_numpy(f))
         seen.add(odc.fingerprint())
     assert len(seen) == 4
