@@ -128,6 +128,7 @@ def plant(cache: Path, name: str, data: bytes, mode: int) -> None:
         path.chmod(mode)
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_planted_library_in_shared_cache_is_not_loaded(built, tmp_path):
     """A cache directory others can write to is refused (with a warning), whatever it holds, and
@@ -181,6 +182,7 @@ print(json.dumps(dict(loaded=lib is not None and hasattr(lib, "sc_stats_size"),
 """
 
 
+@pytest.mark.slow
 @needs_compiler
 @pytest.mark.parametrize("no_proc", [False, True], ids=["proc", "no-proc"])
 def test_the_library_loaded_is_the_one_verified(built, tmp_path, no_proc):
@@ -197,6 +199,7 @@ def test_the_library_loaded_is_the_one_verified(built, tmp_path, no_proc):
     assert out["loaded"] and not out["warnings"], out
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_an_unusable_cache_builds_privately(built, tmp_path):
     """A cache directory that cannot be created (here its parent is a file; also e.g.
@@ -210,6 +213,7 @@ def test_an_unusable_cache_builds_privately(built, tmp_path):
     assert len(out["warnings"]) == 1 and "cannot use the kernel cache" in out["warnings"][0], out["warnings"]
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_truncated_library_is_rebuilt(built, tmp_path):
     """A truncated library (an interrupted copy, a full disk) fails its digest and is rebuilt;
@@ -227,6 +231,7 @@ def test_truncated_library_is_rebuilt(built, tmp_path):
     assert lib.read_bytes() == whole
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_concurrent_builders_build_once(built, tmp_path):
     """Two processes (DDP ranks) that need the kernel at the same moment: one builds (1 s here),
@@ -262,6 +267,7 @@ def test_concurrent_builders_build_once(built, tmp_path):
     assert links(log) == 1
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_umask_000_gives_private_modes(built):
     """Under umask 000 (the fixture's build) the cache's missing directories are created 0o700
@@ -343,6 +349,7 @@ def baseline_isa() -> tuple[str, str | None] | None:
     return "x86-64", None
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_kernel_built_for_baseline_isa(tmp_path):
     """The kernel built for an ISA below this CPU's (AVX2 on an AVX-512 machine, SSE4.2 on an

@@ -95,6 +95,7 @@ def test_resnet_has_torchvision_parameter_count(arch: str, want: int) -> None:
 
 
 # ---------------------------------------------------------------------------- training runs
+@pytest.mark.slow
 def test_odc_smoke_writes_metrics_plot_and_checkpoint(trained: dict) -> None:
     out, text = trained["odc"]
     rows = records(out)
@@ -118,6 +119,7 @@ def test_odc_smoke_writes_metrics_plot_and_checkpoint(trained: dict) -> None:
     assert int(state["odc/iteration"]) == 2 * (16 // 8)
 
 
+@pytest.mark.slow
 def test_odc_resume_is_exact(trained: dict) -> None:
     straight, _ = trained["odc"]
     resumed, _ = trained["odc_resumed"]
@@ -137,6 +139,7 @@ def test_odc_resume_is_exact(trained: dict) -> None:
     assert "baselines read from" in trained["odc_resumed"][1] and "baselines read from" not in trained["odc_stopped"][1]
 
 
+@pytest.mark.slow
 def test_odc_eval_only_reproduces_the_final_evaluation(trained: dict) -> None:
     out, text = trained["odc_eval_only"]
     (evaluated,) = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("evaluation {")]
@@ -147,6 +150,7 @@ def test_odc_eval_only_reproduces_the_final_evaluation(trained: dict) -> None:
     assert "baselines read from" in text and final_line(text).startswith("final ODC")
 
 
+@pytest.mark.slow
 def test_selfclassifier_smoke(trained: dict) -> None:
     out, text = trained["sc"]
     (row,) = records(out)
@@ -162,6 +166,7 @@ def test_selfclassifier_smoke(trained: dict) -> None:
     check_evaluation(out, text, labels, 4)
 
 
+@pytest.mark.slow
 def test_two_devices_keep_identical_memories(trained: dict) -> None:
     out, text = trained["odc_2dev"]
     assert "2 device(s)" in text
@@ -216,6 +221,7 @@ def test_bad_input_is_a_one_line_error(name: str, argv: list[str], message: str,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, _ = trained["odc"]
     argv = [*ODC_TINY, "--clusters", "3", "--epochs", "3", "--resume", str(out / "checkpoint.npz"), "--out", str(tmp_path / "run")]
@@ -260,6 +266,7 @@ BAD_CHECKPOINTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("change", "argv", "message"), [c[1:] for c in BAD_CHECKPOINTS], ids=[c[0] for c in BAD_CHECKPOINTS])
 def test_a_bad_checkpoint_is_a_one_line_error(trained: dict, change, argv: list[str], message: str, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:

@@ -176,6 +176,7 @@ def test_selfclassifier_smoke(tmp_path: Path) -> None:
     check_evaluation(tmp_path, text, labels, 4)
 
 
+@pytest.mark.slow
 def test_odc_two_gloo_processes_keep_identical_memories(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(EXAMPLES / "imagenet_odc_torch.py"), *ODC_TINY, "--epochs", "1", "--out", str(tmp_path)]

@@ -255,7 +255,7 @@ DATA_ARGS = ["--resolution", "16", "--batch-size", "8", "--arch", "resnet18", "-
              "--min-cluster-size", "4", "--epochs", "1", "--no-progress"]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # 1: a DataLoader process
 @pytest.mark.parametrize("bad", ["not an image", "truncated"])
 def test_an_unreadable_image_is_named_in_one_line(bad: str, workers: int, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:

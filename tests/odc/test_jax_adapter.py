@@ -423,6 +423,7 @@ def two_device_worker() -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_two_devices_sharded_step_and_global_loss():
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bounds.py, streams.py
     path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)

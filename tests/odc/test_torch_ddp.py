@@ -21,6 +21,8 @@ if not torch.distributed.is_available():
 
 import ddp_checks  # noqa: E402  (tests/ is on sys.path: tests/conftest.py)
 
+pytestmark = pytest.mark.slow  # every test reads the ranks of one 2-process run
+
 WORLD = 2
 
 

@@ -307,6 +307,7 @@ def _ddp_worker(rank: int, world: int, port: int, views: list[np.ndarray], out: 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_torch_two_ranks_equal_one_process(tmp_path):
     """gather="auto" under a real 2-rank gloo group: mean loss and DDP-averaged gradients equal
     one process on the whole batch."""

@@ -222,6 +222,7 @@ def test_fused_rows_devices_and_grad_mode(fused, monkeypatch):
     assert asked == [False, False, True]
 
 
+@pytest.mark.slow
 def test_fused_threading_paths(fused):
     """Both ways the kernel runs in parallel give the same loss and gradient: PyTorch's OpenMP
     pool (also when it grants fewer threads than asked: OMP_THREAD_LIMIT=1, run in a child
