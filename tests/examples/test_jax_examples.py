@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from example_runs import npz_checkpoint as checkpoint
-from example_runs import finish, records, script, start_jax_runs
+from example_runs import final_line, finish, records, script, snapshot, start_jax_runs
 
 pytest.importorskip("flax")
 pytest.importorskip("optax")
@@ -60,10 +60,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, s
     return {"odc": (d["odc"], text[0]), "odc_stopped": (d["odc_resumed"], text[1]),
             "odc_resumed": (d["odc_resumed"], text[2]), "sc": (d["sc"], text[3]),
             "odc_eval_only": (d["odc"], text[4]), "odc_2dev": (d["odc_2dev"], text[5]), "sc_2dev": (d["sc_2dev"], text[6])}
-
-
-def final_line(text: str) -> str:
-    return text.strip().splitlines()[-1]
 
 
 def check_evaluation(out: Path, text: str, labels: np.ndarray, num_clusters: int) -> None:
@@ -244,11 +240,6 @@ def _label_out_of_range(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     labels = a["odc/labels"].copy()
     labels[0] = 7  # the run has 2 clusters
     return {**a, "odc/labels": labels}
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory`` (relative name: bytes)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 BAD_CHECKPOINTS = [

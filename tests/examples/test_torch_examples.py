@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from example_runs import records, run_main, script
+from example_runs import final_line, records, run_main, script
+from example_runs import torch_checkpoint as load
 
 import clusterlearn as cl
 
@@ -33,14 +34,6 @@ ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]
 
 
 
-
-
-def final_line(text: str) -> str:
-    return text.strip().splitlines()[-1]
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_evaluation(out: Path, text: str, labels: np.ndarray, num_clusters: int) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from example_runs import records, run_main, script
+from example_runs import records, run_main, script, snapshot
+from example_runs import torch_checkpoint as load
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
@@ -42,10 +43,6 @@ GUARD = 240  # a hang guard only: well above start-up + TIMEOUT on a busy 2-core
 
 
 
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _free_port() -> int:
@@ -188,11 +185,6 @@ BAD_CHECKPOINTS = [
     ("model does not fit", _set("model", {"x": torch.zeros(1)}), [], "model state does not fit"),
     ("odc does not fit", lambda s: {**s, "odc": {**s["odc"], "labels": s["odc"]["labels"][:3]}}, [], "odc state does not fit"),
 ]
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory`` (relative name: bytes)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize(("change", "argv", "message"), [c[1:] for c in BAD_CHECKPOINTS], ids=[c[0] for c in BAD_CHECKPOINTS])
