@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clusterlearn import odc_shard
-from clusterlearn.odc_shard import ShardLayout
+from clusterlearn.shards import ShardLayout
 from clusterlearn.odc_state import ODCConfig, ODCState
 
 __all__ = ["shard_memory", "gather_memory", "make_memory_sharded_step"]

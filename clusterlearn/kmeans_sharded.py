@@ -22,7 +22,6 @@ backend has it, so the centroids agree with a one-shard run to rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import array_api_compat as aac
@@ -31,23 +30,12 @@ import numpy as np
 from . import backend as B
 from .assignment import nearest_centroid
 from .kmeans import KMeansResult, kmeans
+from .shards import Psum, gather_rows
 from .validation import check_features, check_int
 
 Array = Any
-Psum = Callable[[Array], Array]
 
 __all__ = ["kmeans_sharded"]
-
-
-def _gather_rows(x: Array, offset: int, rows: np.ndarray, psum: Psum) -> Array:
-    """(len(rows), D) the global ``rows`` (sorted) on every shard: one exact ``psum``."""
-    xp = aac.array_namespace(x)
-    dev = aac.device(x)
-    mine = (rows >= offset) & (rows < offset + x.shape[0])
-    local = xp.asarray(np.where(mine, rows - offset, 0), device=dev)
-    taken = xp.take(x, local, axis=0)
-    taken = xp.where(xp.asarray(mine, device=dev)[:, None], taken, xp.zeros_like(taken))
-    return B.from_bits(psum(B.to_bits(taken)), x.dtype)
 
 
 def _fill_empty(
@@ -90,9 +78,7 @@ def _fill_empty(
             break
         want *= 2
     picked_rows = np.asarray(picked, dtype=np.int64)
-    sorted_rows = np.sort(picked_rows)
-    points = _gather_rows(x, offset, sorted_rows, psum)
-    points = xp.take(points, xp.asarray(np.searchsorted(sorted_rows, picked_rows), device=dev), axis=0)
+    points = gather_rows(x, picked_rows, offset, psum)
     seeded = empty[: len(picked)]
     centroids = B.set_rows(centroids, xp.asarray(seeded, device=dev), points)
     own = (picked_rows >= offset) & (picked_rows < offset + x.shape[0])
@@ -155,7 +141,7 @@ def kmeans_sharded(
     acc = B.accumulator_dtype(xp, dev)
     m = min(num_samples, sample_per_centroid * k)
     rows = np.sort(B.rng(seed, 0x5A3D).choice(num_samples, size=m, replace=False))
-    sample = _gather_rows(x, offset, rows, psum)
+    sample = gather_rows(x, rows, offset, psum)
     centroids = kmeans(sample, k, seed=seed, backend="array").centroids
     history: list[float] = []
     fixed = 0

@@ -1,7 +1,7 @@
 """ODC with the sample memory sharded over S processes or devices: pure functions.
 
 Each shard keeps the features of one contiguous block of the N samples
-(:class:`ShardLayout`); the labels (4 bytes per sample, so that ``labels_of`` and the
+(:class:`~clusterlearn.shards.ShardLayout`); the labels (4 bytes per sample, so that ``labels_of`` and the
 small-cluster handling need no lookup), centroids, sizes and sums stay replicated. A sharded
 state is an :class:`~clusterlearn.odc_state.ODCState` whose ``features`` holds only the
 shard's rows.
@@ -22,8 +22,6 @@ in a different order than one pass over N rows (float64 sums never resync by def
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import array_api_compat as aac
@@ -31,54 +29,11 @@ import array_api_compat as aac
 from . import backend as B
 from .centroid_memory import centroids_from_sums
 from .odc_state import Batch, ODCConfig, ODCState, apply_batch, prepare_batch
-from .validation import check_int
+from .shards import Psum, ShardLayout
 
 Array = Any
-Psum = Callable[[Array], Array]
 
-__all__ = ["ShardLayout", "init", "step", "resync", "shard_rows"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardLayout:
-    """How the N samples are cut into ``num_shards`` blocks (static, hashable).
-
-    Shard ``s`` owns the rows ``[s * block, min((s + 1) * block, N))`` with
-    ``block = ceil(N / S)``, and holds ``block`` rows: the last shard's rows past N are zero
-    padding that no index reaches. Equal blocks are what ``jax.sharding.NamedSharding``
-    needs along N, and a checkpoint is re-cut for another number of shards by global row.
-    """
-
-    num_samples: int
-    num_shards: int
-
-    def __post_init__(self) -> None:
-        check_int(self.num_shards, "num_shards", minimum=1)
-        check_int(self.num_samples, "num_samples", minimum=1)
-
-    @property
-    def block(self) -> int:
-        """Rows each shard holds."""
-        return -(-self.num_samples // self.num_shards)
-
-    def start(self, shard: int) -> int:
-        """First global row of ``shard``."""
-        shard = check_int(shard, "shard", minimum=0)
-        if shard >= self.num_shards:
-            raise ValueError(f"shard must be in [0, num_shards={self.num_shards}), got {shard}")
-        return shard * self.block
-
-
-def shard_rows(x: Array, layout: ShardLayout, shard: int) -> Array:
-    """The ``layout.block`` rows of ``x`` (N, ...) that ``shard`` holds, zero-padded past N."""
-    xp = aac.array_namespace(x)
-    start = layout.start(shard)
-    rows = x[start : min(start + layout.block, layout.num_samples), ...]
-    missing = layout.block - rows.shape[0]
-    if missing == 0:
-        return rows
-    pad = xp.zeros((missing, *rows.shape[1:]), dtype=x.dtype, device=aac.device(x))
-    return xp.concat([rows, pad], axis=0)
+__all__ = ["init", "step", "resync"]
 
 
 def _positions(layout: ShardLayout, shard: Any, like: Array) -> tuple[Array, Array]:

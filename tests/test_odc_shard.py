@@ -22,7 +22,7 @@ import pytest
 
 import clusterlearn as cl
 from clusterlearn import odc_shard, odc_state
-from clusterlearn.odc_shard import ShardLayout
+from clusterlearn.shards import ShardLayout, shard_rows
 
 N, C, D, BATCH = 241, 6, 8, 32
 
@@ -99,7 +99,7 @@ def test_sharded_step_equals_replicated(backend, shards):
 
     clone = lambda x: backend.xp.asarray(x, copy=True)  # noqa: E731
     states = [full._replace(**{n: clone(getattr(full, n)) for n in full._fields}) for _ in range(shards)]
-    states = [s._replace(features=clone(odc_shard.shard_rows(s.features, layout, r))) for r, s in enumerate(states)]
+    states = [s._replace(features=clone(shard_rows(s.features, layout, r))) for r, s in enumerate(states)]
     changed = refused = 0
     for idx, f in batches:
         i, x = backend.asarray(idx), backend.asarray(f)
@@ -128,7 +128,7 @@ def test_sharded_resync_of_float32_sums_matches_within_rounding():
     full = full._replace(sums=full.sums.astype(np.float32))
     group = ThreadGroup(2)
     layout = ShardLayout(N, 2)
-    states = [full._replace(features=odc_shard.shard_rows(full.features.copy(), layout, r)) for r in range(2)]
+    states = [full._replace(features=shard_rows(full.features.copy(), layout, r)) for r in range(2)]
     for idx, f in batches:
         full, _ = odc_state.step(full, idx, f, odc.config)
         states = [s for s, _ in group.run(lambda r: odc_shard.step(states[r], idx, f, odc.config, layout, r, group.psum(r)))]
@@ -151,7 +151,7 @@ def test_sharded_init_equals_replicated(backend, shards):
     want = odc_state.init(unit, labels, C)
     group = ThreadGroup(shards)
     layout = ShardLayout(N, shards)
-    states = group.run(lambda r: odc_shard.init(odc_shard.shard_rows(unit, layout, r), labels, C, layout, r, group.psum(r)))
+    states = group.run(lambda r: odc_shard.init(shard_rows(unit, layout, r), labels, C, layout, r, group.psum(r)))
     exact = cl.backend.is_float64(want.sums.dtype)
     for s in states:
         np.testing.assert_array_equal(backend.to_numpy(s.sizes), backend.to_numpy(want.sizes))
@@ -169,7 +169,7 @@ def test_layout_covers_every_row_once():
         held = [np.arange(layout.start(k), layout.start(k) + layout.block) for k in range(s)]
         assert np.array_equal(np.concatenate(held)[:n], np.arange(n))
         x = np.arange(n, dtype=np.float32)[:, None] + 1
-        blocks = [odc_shard.shard_rows(x, layout, k) for k in range(s)]
+        blocks = [shard_rows(x, layout, k) for k in range(s)]
         assert all(b.shape == (layout.block, 1) for b in blocks)
         assert np.array_equal(np.concatenate(blocks)[:n], x) and not np.concatenate(blocks)[n:].any()
     with pytest.raises(ValueError, match="shard must be"):
