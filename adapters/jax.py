@@ -71,6 +71,7 @@ from clusterlearn.sample_memory import SampleMemory
 from clusterlearn.small_clusters import SmallClusterHandler, SmallClusterStats
 
 from ._jax_self_classifier import SelfClassifierLoss, self_classifier_loss
+from ._jax_sharded_memory import gather_memory, make_memory_sharded_step, shard_memory
 
 __all__ = [
     "ODCConfig",
@@ -83,6 +84,9 @@ __all__ = [
     "resync",
     "handle_small_clusters",
     "make_sharded_step",
+    "shard_memory",
+    "gather_memory",
+    "make_memory_sharded_step",
     "make_gather",
     "SelfClassifierLoss",
     "self_classifier_loss",

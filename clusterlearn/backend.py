@@ -34,6 +34,9 @@ __all__ = [
     "scatter_add",
     "bincount",
     "set_rows",
+    "set_rows_where",
+    "to_bits",
+    "from_bits",
     "cond",
     "argmax_rows",
     "is_float64",
@@ -394,3 +397,76 @@ def top_k_indices(s: Array, k: int) -> Array | None:
 
         return cupy.argpartition(s, s.shape[1] - k, axis=1)[:, s.shape[1] - k :]
     return None
+
+
+def set_rows_where(x: Array, index: Array, values: Array, where: Array) -> Array:
+    """``x[index[where]] = values[where]`` along axis 0, with static shapes; may write in place.
+
+    Rows whose ``where`` is False are not written (their ``index`` may be any value in
+    [0, M)); under ``jax.jit`` they are sent out of bounds and dropped.
+
+    Parameters
+    ----------
+    x : (M,) or (M, D) array
+    index : (B,) integer array in [0, M); repeated written positions need equal rows
+    values : (B,) or (B, D) array, cast to ``x.dtype``
+    where : (B,) bool
+    """
+    xp = aac.array_namespace(x)
+    if aac.is_jax_array(x):
+        out = xp.where(where, index, xp.full_like(index, x.shape[0]))
+        return x.at[out].set(xp.astype(values, x.dtype), mode="drop")
+    if isinstance(x, np.ndarray) or aac.is_torch_array(x) or aac.is_cupy_array(x):
+        x[index[where]] = xp.astype(values, x.dtype, copy=False)[where]
+        return x
+    return set_rows(x, index, xp.where(where if values.ndim == 1 else where[:, None], values, xp.take(x, index, axis=0)))
+
+
+_BITS = {2: "int16", 4: "int32", 8: "int64"}
+
+
+def to_bits(x: Array) -> Array:
+    """The bit patterns of floating ``x`` as signed integers (int32 for 16- and 32-bit floats,
+    int64 for float64), so that summing them where every position has at most one non-zero
+    term reproduces that term's float bit for bit (a collective that moves floats exactly).
+
+    ``TypeError`` for a namespace without bit views (array-api-strict).
+    """
+    xp = aac.array_namespace(x)
+    size = _itemsize(x)
+    if isinstance(x, np.ndarray) or aac.is_cupy_array(x):
+        bits = x.view(getattr(np, _BITS[size]) if isinstance(x, np.ndarray) else _BITS[size])
+    elif aac.is_torch_array(x):
+        import torch
+
+        bits = x.view(getattr(torch, _BITS[size]))
+    elif aac.is_jax_array(x):
+        import jax
+
+        bits = jax.lax.bitcast_convert_type(x, getattr(xp, _BITS[size]))
+    else:
+        raise TypeError(f"{xp.__name__} arrays have no bit views; use NumPy, PyTorch, JAX or CuPy")
+    return xp.astype(bits, xp.int32) if size == 2 else bits
+
+
+def from_bits(bits: Array, dtype: Any) -> Array:
+    """Inverse of :func:`to_bits`: the floats of ``dtype`` whose patterns ``bits`` holds."""
+    xp = aac.array_namespace(bits)
+    probe = xp.zeros((), dtype=dtype)
+    size = _itemsize(probe)
+    if size == 2:
+        bits = xp.astype(bits, xp.int16)
+    if isinstance(bits, np.ndarray) or aac.is_cupy_array(bits):
+        return bits.view(dtype)
+    if aac.is_torch_array(bits):
+        return bits.view(dtype)
+    import jax
+
+    return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _itemsize(x: Array) -> int:
+    """Bytes per element of ``x``."""
+    if aac.is_torch_array(x):
+        return x.element_size()
+    return np.dtype(x.dtype).itemsize if not aac.is_jax_array(x) else x.dtype.itemsize

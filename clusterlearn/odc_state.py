@@ -31,7 +31,19 @@ from .sample_memory import l2_normalize, merge_sorted_duplicates, momentum_updat
 
 Array = Any
 
-__all__ = ["ODCConfig", "ODCState", "DEFAULT_FLOAT32_RESYNC", "init", "step", "refresh", "resync", "loss_weights"]
+__all__ = [
+    "ODCConfig",
+    "ODCState",
+    "Batch",
+    "DEFAULT_FLOAT32_RESYNC",
+    "init",
+    "step",
+    "prepare_batch",
+    "apply_batch",
+    "refresh",
+    "resync",
+    "loss_weights",
+]
 
 #: Resync interval of sums that are not float64 when :attr:`ODCConfig.resync_interval` is None.
 DEFAULT_FLOAT32_RESYNC = 1000
@@ -177,6 +189,102 @@ def _merged_rows(unit: Array, sorted_indices: Array, acc_dtype: Any) -> Array:
     return B.cond(distinct, lambda u, s: u, merge, unit, sorted_indices)
 
 
+class Batch(NamedTuple):
+    """A batch prepared for :func:`apply_batch` (replicated: every shard computes the same).
+
+    Attributes
+    ----------
+    applied : () bool, the batch passed :func:`step`'s checks
+    idx : (B,) dataset indices sorted (stable), dtype of the labels; zeros when refused
+    lead : (B,) position in ``idx`` of each row's first copy
+    first : (B,) bool, the row is its index's first copy
+    merged : (B, D) dtype of the memory, the unit-norm (merged) fresh feature of each row
+    """
+
+    applied: Array
+    idx: Array
+    lead: Array
+    first: Array
+    merged: Array
+
+
+def prepare_batch(state: ODCState, indices: Array, features: Array, config: ODCConfig) -> Batch:
+    """Steps 1 of :func:`step`: check, sort by index, normalise and merge repeated indices.
+
+    Reads only ``state``'s dtypes, so a sharded state gives the same :class:`Batch`.
+    """
+    xp = aac.array_namespace(state.labels, indices, features)
+    index = state.labels.dtype
+    features = xp.astype(features, state.features.dtype)
+    applied = _batch_is_valid(indices, features, config.num_samples)
+    # A refused batch reads and rewrites row 0 and adds zeros: no index can leave [0, N).
+    indices = xp.where(applied, xp.astype(indices, index), xp.zeros_like(indices, dtype=index))
+    order = xp.argsort(indices, stable=True)
+    idx = xp.take(indices, order)
+    unit = xp.take(l2_normalize(features), order, axis=0)
+    lead = xp.searchsorted(idx, idx, side="left")  # position of each row's first copy
+    first = lead == xp.arange(idx.shape[0], dtype=lead.dtype, device=aac.device(lead))
+    return Batch(applied, idx, lead, first, _merged_rows(unit, idx, state.sums.dtype))
+
+
+def apply_batch(
+    state: ODCState,
+    batch: Batch,
+    old: Array,
+    config: ODCConfig,
+    *,
+    write: Any = None,
+    exact_sums: Any = None,
+) -> tuple[ODCState, dict[str, Array]]:
+    """Steps 2-5 of :func:`step`, given ``old`` (B, D), the memory rows of ``batch.idx``.
+
+    ``write(features, batch, new) -> features`` stores the updated rows (default: every row
+    of ``batch.idx``) and ``exact_sums(features, labels, sums) -> (sums, sizes)`` recomputes
+    the sums (default: from all rows of ``features``); a sharded memory passes its own.
+    """
+    xp = aac.array_namespace(state.labels, old)
+    index = state.labels.dtype
+    write = write or (lambda f, b, new: B.set_rows(f, b.idx, new))
+    exact_sums = exact_sums or _exact_sums
+    applied, idx = batch.applied, batch.idx
+    old_labels = xp.take(state.labels, idx)
+    new = xp.where(applied, momentum_update(old, batch.merged, config.momentum), old)
+    assigned = xp.take(xp.astype(nearest_centroid(new, state.centroids, metric=config.assign), index), batch.lead)
+    new_labels = xp.where(applied, assigned, old_labels)
+    counted = batch.first & applied  # repeats count once; nothing counts in a refused batch
+    moved_labels = xp.concat([old_labels, new_labels])
+    ones = xp.astype(counted, state.sizes.dtype)
+    acc = state.sums.dtype
+    count = xp.astype(counted, acc)[:, None]
+    moved = xp.concat([-xp.astype(old, acc) * count, xp.astype(new, acc) * count])
+    state = ODCState(
+        features=write(state.features, batch, new),
+        labels=B.set_rows(state.labels, idx, new_labels),
+        centroids=state.centroids,
+        sizes=B.scatter_add(state.sizes, moved_labels, xp.concat([-ones, ones])),
+        sums=B.scatter_add(state.sums, moved_labels, moved),
+        iteration=state.iteration + xp.astype(applied, state.iteration.dtype),
+    )
+    every = config.resync_every(acc)
+    if every:  # only the small arrays pass through the conditional: no copy of the (N, D) memory
+        due = applied & (state.iteration % every == 0)
+        exact = lambda f, y, s, n: exact_sums(f, y, s)  # noqa: E731
+        sums, sizes = B.cond(due, exact, lambda f, y, s, n: (s, n), state.features, state.labels, state.sums, state.sizes)
+        state = state._replace(sums=sums, sizes=sizes)
+    refreshed = applied & (state.iteration % config.centroid_update_interval == 0)
+    centroids = B.cond(refreshed, centroids_from_sums, lambda c, n, s: c, state.centroids, state.sizes, state.sums)
+    changed = xp.sum(xp.astype(batch.first & (old_labels != new_labels), index))
+    distinct = xp.sum(xp.astype(batch.first, index))
+    stats = {
+        "change_ratio": xp.astype(changed, xp.float32) / xp.astype(distinct, xp.float32),
+        "num_changed": changed,
+        "num_distinct": distinct,
+        "centroids_refreshed": refreshed,
+        "applied": applied,
+    }
+    return state._replace(centroids=centroids), stats
+
+
 def step(state: ODCState, indices: Array, features: Array, config: ODCConfig) -> tuple[ODCState, dict[str, Array]]:
     """One ODC memory iteration; pure, static shapes, traceable by ``jax.jit`` (``config`` static).
 
@@ -210,52 +318,6 @@ def step(state: ODCState, indices: Array, features: Array, config: ODCConfig) ->
         samples whose label changed), ``num_changed`` and ``num_distinct`` (the counts behind
         it, dtype of the labels), ``centroids_refreshed`` and ``applied`` (bool)
     """
-    xp = aac.array_namespace(state.features, indices, features)
-    index = state.labels.dtype
-    features = xp.astype(features, state.features.dtype)
-    applied = _batch_is_valid(indices, features, config.num_samples)
-    # A refused batch reads and rewrites row 0 and adds zeros: no index can leave [0, N).
-    indices = xp.where(applied, xp.astype(indices, index), xp.zeros_like(indices, dtype=index))
-    order = xp.argsort(indices, stable=True)
-    idx = xp.take(indices, order)
-    unit = xp.take(l2_normalize(features), order, axis=0)
-    lead = xp.searchsorted(idx, idx, side="left")  # position of each row's first copy
-    first = lead == xp.arange(idx.shape[0], dtype=lead.dtype, device=aac.device(lead))
-    merged = _merged_rows(unit, idx, state.sums.dtype)
-    old = xp.take(state.features, idx, axis=0)
-    old_labels = xp.take(state.labels, idx)
-    new = xp.where(applied, momentum_update(old, merged, config.momentum), old)
-    assigned = xp.take(xp.astype(nearest_centroid(new, state.centroids, metric=config.assign), index), lead)
-    new_labels = xp.where(applied, assigned, old_labels)
-    counted = first & applied  # repeats count once; nothing counts in a refused batch
-    moved_labels = xp.concat([old_labels, new_labels])
-    ones = xp.astype(counted, state.sizes.dtype)
-    acc = state.sums.dtype
-    count = xp.astype(counted, acc)[:, None]
-    moved = xp.concat([-xp.astype(old, acc) * count, xp.astype(new, acc) * count])
-    state = ODCState(
-        features=B.set_rows(state.features, idx, new),
-        labels=B.set_rows(state.labels, idx, new_labels),
-        centroids=state.centroids,
-        sizes=B.scatter_add(state.sizes, moved_labels, xp.concat([-ones, ones])),
-        sums=B.scatter_add(state.sums, moved_labels, moved),
-        iteration=state.iteration + xp.astype(applied, state.iteration.dtype),
-    )
-    every = config.resync_every(acc)
-    if every:  # only the small arrays pass through the conditional: no copy of the (N, D) memory
-        due = applied & (state.iteration % every == 0)
-        exact = lambda f, y, s, n: _exact_sums(f, y, s)  # noqa: E731
-        sums, sizes = B.cond(due, exact, lambda f, y, s, n: (s, n), state.features, state.labels, state.sums, state.sizes)
-        state = state._replace(sums=sums, sizes=sizes)
-    refreshed = applied & (state.iteration % config.centroid_update_interval == 0)
-    centroids = B.cond(refreshed, centroids_from_sums, lambda c, n, s: c, state.centroids, state.sizes, state.sums)
-    changed = xp.sum(xp.astype(first & (old_labels != new_labels), index))
-    distinct = xp.sum(xp.astype(first, index))
-    stats = {
-        "change_ratio": xp.astype(changed, xp.float32) / xp.astype(distinct, xp.float32),
-        "num_changed": changed,
-        "num_distinct": distinct,
-        "centroids_refreshed": refreshed,
-        "applied": applied,
-    }
-    return state._replace(centroids=centroids), stats
+    batch = prepare_batch(state, indices, features, config)
+    xp = aac.array_namespace(state.features)
+    return apply_batch(state, batch, xp.take(state.features, batch.idx, axis=0), config)

@@ -257,6 +257,14 @@ class SampleMemory:
         self.features = B.set_rows(self.features, indices, new)
         return indices, first, old, new, lead
 
+    def rows(self, indices: Array) -> Array:
+        """(R, D) the features of the samples ``indices`` (R,) (memory namespace, not checked).
+
+        How the small-cluster handler reads features, so that a memory holding only some rows
+        (a shard) can fetch the others.
+        """
+        return self.xp.take(self.features, indices, axis=0)
+
     def set_labels(self, indices: Array, labels: Array) -> None:
         """``labels[indices] = labels`` (repeated indices must carry equal labels)."""
         self.labels = B.set_rows(self.labels, indices, labels)

@@ -100,7 +100,7 @@ class SmallClusterHandler:
         members = xp.nonzero(xp.take(small, samples.labels))[0]
         if members.shape[0] == 0:
             return 0, np.zeros(0, dtype=np.int64)
-        feats = xp.take(samples.features, members, axis=0)
+        feats = samples.rows(members)
         old = xp.take(samples.labels, members)
         new = xp.astype(centroids.assign(feats, metric=self.metric, exclude=small), old.dtype)
         samples.set_labels(members, new)
@@ -118,10 +118,10 @@ class SmallClusterHandler:
         for e in empties.tolist():
             c = int(np.argmax(sizes))  # first maximum: ties go to the lowest id
             idx = members[c]
-            halves = self._two_halves(B.to_numpy(xp.take(samples.features, idx, axis=0)), key, e)
+            halves = self._two_halves(B.to_numpy(samples.rows(idx)), key, e)
             keep, give = (xp.asarray(h, device=samples.device) for h in halves)
             moving = xp.take(idx, give)
-            feats = xp.take(samples.features, moving, axis=0)
+            feats = samples.rows(moving)
             old = xp.full(moving.shape, c, dtype=samples.labels.dtype, device=samples.device)
             new = xp.full(moving.shape, e, dtype=samples.labels.dtype, device=samples.device)
             samples.set_labels(moving, new)
@@ -135,7 +135,7 @@ class SmallClusterHandler:
         """Top up clusters still below the threshold from clusters with spare members."""
         xp, m = samples.xp, self.min_cluster_size
         labels = B.to_numpy(samples.labels).astype(np.int64)
-        feats = B.to_numpy(samples.features)
+        feats = B.to_numpy(samples.rows(xp.arange(samples.num_samples, device=samples.device)))
         sizes = np.bincount(labels, minlength=centroids.num_clusters)
         touched: list[int] = []
         for e in np.flatnonzero(sizes < m).tolist():
@@ -154,7 +154,7 @@ class SmallClusterHandler:
             np.add.at(sizes, old, -1)
             sizes[e] += len(take)
             moving = xp.asarray(take, device=samples.device)
-            rows = xp.take(samples.features, moving, axis=0)
+            rows = samples.rows(moving)
             old_x = xp.asarray(old, dtype=samples.labels.dtype, device=samples.device)
             new_x = xp.full(moving.shape, e, dtype=samples.labels.dtype, device=samples.device)
             samples.set_labels(moving, new_x)

@@ -1,0 +1,116 @@
+"""One rank of the sharded-memory checks (run by tests/test_torch_sharded.py under gloo).
+
+Usage: sharded_checks.py RANK WORLD INIT_FILE OUT_DIR MODE CKPT
+MODE "run": steps 0..STEPS from the start, checkpoint (torch.distributed.checkpoint) to CKPT
+after SAVE_AT steps; "resume": load CKPT (written under another world size), steps
+SAVE_AT..STEPS. After every step each rank compares its memory with a replicated reference
+(the core's OnlineDeepClustering on the concatenated batches, computed in this process):
+labels, sizes, sums, centroids and iteration bit for bit, its features row for row. It writes
+OUT_DIR/rank{RANK}.json with what it saw.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import clusterlearn as cl
+from clusterlearn.adapters.torch import ShardedOnlineDeepClustering
+
+N, C, D, PER_RANK = 241, 6, 8, 12
+STEPS, SAVE_AT = 16, 7
+SETTINGS = dict(momentum=0.3, min_cluster_size=36, centroid_update_interval=3, seed=5)
+
+
+def global_batches() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Global batches of 12 rows (divisible by 1, 2, 3 ranks) pulled toward rotating
+    attractors (labels change, clusters shrink below 36 and are split), with repeats."""
+    rng = np.random.default_rng(0)
+    attract = rng.normal(size=(3, D)) * 2
+    out = []
+    for k in range(STEPS):
+        i = rng.choice(N, size=PER_RANK, replace=False)
+        i[-2:] = i[:2]  # DDP padding repeats
+        f = attract[(k // 4) % 3] + 0.4 * rng.normal(size=(PER_RANK, D))
+        out.append((i.astype(np.int64), f.astype(np.float32)))
+    return out
+
+
+def reference() -> tuple[cl.OnlineDeepClustering, list[tuple[np.ndarray, np.ndarray]]]:
+    x0 = np.random.default_rng(1).normal(size=(N, D)).astype(np.float32)
+    odc = cl.OnlineDeepClustering(N, C, D, like=torch.empty(0), **SETTINGS)
+    odc.initialize(torch.from_numpy(x0))
+    return odc, x0
+
+
+def compare(sharded: ShardedOnlineDeepClustering, ref: cl.OnlineDeepClustering, where: str) -> None:
+    s, r = sharded.state, ref.state
+    for name in ("labels", "sizes", "sums", "centroids", "iteration"):
+        if not torch.equal(getattr(s, name), getattr(r, name)):
+            raise AssertionError(f"{where}: {name} differs from the replicated reference")
+    rows = sharded.shard_indices()
+    if not torch.equal(sharded.local_features(), r.features[rows]):
+        raise AssertionError(f"{where}: features of rows {int(rows[0])}.. differ")
+
+
+def main(rank: int, world: int, init_file: str, out_dir: str, mode: str, ckpt: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    faulthandler.dump_traceback_later(240, exit=True)
+    torch.set_num_threads(1)
+    seen: dict = {"changed": 0, "splits": 0, "errors": []}
+    try:
+        ref, x0 = reference()
+        odc = ShardedOnlineDeepClustering(N, C, D, **SETTINGS)
+        batches = global_batches()
+        b = PER_RANK // world
+        if mode == "run":
+            odc.initialize(torch.from_numpy(x0[odc.shard_indices().numpy()]), labels=ref.labels)
+            # labels given: start from the reference's k-means (sharded k-means has its own tests)
+            odc.state = odc.state._replace(**{k: getattr(ref.state, k).clone() for k in ("labels", "centroids", "sizes", "sums")})
+            odc.state = odc.state._replace(features=odc.state.features.clone())
+            odc.state.features[: len(odc.shard_indices())] = ref.state.features[odc.shard_indices()]
+            first = 0
+        else:
+            odc.load(ckpt)
+            for i, f in batches[:SAVE_AT]:
+                ref.step(torch.from_numpy(i), torch.from_numpy(f))
+            first = SAVE_AT
+        compare(odc, ref, "start")
+        for k in range(first, STEPS):
+            i, f = batches[k]
+            mine = slice(rank * b, (rank + 1) * b)
+            if k == 3:  # bad input on the last rank only: every rank raises, nothing changes
+                bad = torch.from_numpy(f[mine]).clone()
+                if rank == world - 1:
+                    bad[0, 0] = float("nan")
+                try:
+                    odc.step(torch.from_numpy(i[mine]), bad)
+                except (ValueError, TypeError) as err:
+                    seen["errors"].append(type(err).__name__)
+                compare(odc, ref, "after a refused batch")
+            got = odc.step(torch.from_numpy(i[mine]), torch.from_numpy(f[mine]))
+            want = ref.step(torch.from_numpy(i), torch.from_numpy(f))
+            if got != want:
+                raise AssertionError(f"step {k}: stats {got} != {want}")
+            seen["changed"] += round(got["change_ratio"] * 10)
+            seen["splits"] += got["num_splits"]
+            compare(odc, ref, f"step {k}")
+            if mode == "run" and k + 1 == SAVE_AT:
+                odc.save(ckpt)
+        seen["ok"] = True
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(seen, fh)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6])
