@@ -1,4 +1,4 @@
-"""One rank of the sharded-memory checks (run by tests/test_torch_sharded.py under gloo).
+"""One rank of the sharded-memory checks (run by tests/odc/test_torch_sharded.py under gloo).
 
 Usage: sharded_checks.py RANK WORLD INIT_FILE OUT_DIR MODE CKPT
 MODE "run": steps 0..STEPS from the start, checkpoint (torch.distributed.checkpoint) to CKPT

@@ -67,3 +67,13 @@ def drifting_stream(
         f = attract[idx % 2] + noise * rng.normal(size=(batch, dim))
         batches.append((idx.astype(np.int64), f.astype(np.float32)))
     return x0, batches
+
+
+def shard_stream(seed: int, steps: int, *, num_samples: int = 241) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`drifting_stream` for the sharded-memory tests: ``num_samples`` defaults to 241, no
+    multiple of 2, 3 or 4 (the last shard is padded), and batch 5 (when there is one) holds a
+    NaN, so a refused batch passes through every shard."""
+    x0, batches = drifting_stream(seed, steps, num_samples=num_samples)
+    if steps > 5:
+        batches[5][1][2, 1] = np.nan
+    return x0, batches

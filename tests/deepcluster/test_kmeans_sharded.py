@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from clusterlearn.kmeans_sharded import kmeans_sharded
-from test_odc_shard import ThreadGroup
+from shard_threads import ThreadGroup
 
 
 def run_sharded(backend, x: np.ndarray, k: int, shards: int, **kwargs):

@@ -13,9 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pytest
@@ -23,66 +20,10 @@ import pytest
 import clusterlearn as cl
 from clusterlearn import odc_shard, odc_state
 from clusterlearn.shards import ShardLayout, shard_rows
+from shard_threads import ThreadGroup
+from streams import shard_stream as churning_stream
 
-N, C, D, BATCH = 241, 6, 8, 32
-
-
-class ThreadGroup:
-    """``psum`` over S threads: each deposits its array, all wait, each reads the shard-order sum."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.barrier = threading.Barrier(size)
-        self.slots: list[Any] = [None] * size
-
-    def psum(self, rank: int) -> Callable[[Any], Any]:
-        def reduce(x: Any) -> Any:
-            self.slots[rank] = x
-            self.barrier.wait()
-            total = self.slots[0]
-            for other in self.slots[1:]:
-                total = total + other
-            self.barrier.wait()  # nobody overwrites a slot before everyone has read
-            return total
-
-        return reduce
-
-    def run(self, fn: Callable[[int], Any]) -> list[Any]:
-        results: list[Any] = [None] * self.size
-        errors: list[BaseException] = []
-
-        def target(rank: int) -> None:
-            try:
-                results[rank] = fn(rank)
-            except BaseException as e:  # noqa: BLE001 (re-raised below)
-                errors.append(e)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.size)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return results
-
-
-def churning_stream(seed: int, steps: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-    """Initial features and batches pulled toward alternating attractors, so labels change;
-    every batch repeats its first 3 indices (DDP padding) and batch 5 holds a NaN (refused)."""
-    rng = np.random.default_rng(seed)
-    x0 = rng.normal(size=(N, D)).astype(np.float32)
-    attract = rng.normal(size=(3, D)) * 2
-    batches = []
-    for k in range(steps):
-        i = rng.choice(N, size=BATCH, replace=False)
-        i = np.concatenate([i[:-3], i[:3]]).astype(np.int64)
-        f = (attract[(i + k) % 3] + 0.5 * rng.normal(size=(BATCH, D))).astype(np.float32)
-        if k == 5:
-            f[2, 1] = np.nan
-        batches.append((i, f))
-    return x0, batches
+N, C, D = 241, 6, 8  # N is no multiple of the shard counts: the last shard is padded
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3])
@@ -115,7 +56,7 @@ def test_sharded_step_equals_replicated(backend, shards):
         np.testing.assert_array_equal(joined, backend.to_numpy(full.features))
         changed += int(backend.to_numpy(want["num_changed"]))
         refused += not bool(backend.to_numpy(want["applied"]))
-    assert changed > BATCH and refused == 1  # the stream really moved labels and refused one batch
+    assert changed > 32 and refused == 1  # the stream really moved labels and refused one batch
 
 
 def test_sharded_resync_of_float32_sums_matches_within_rounding():
@@ -189,7 +130,8 @@ import clusterlearn as cl
 from clusterlearn import odc_state
 from clusterlearn.adapters import jax as clj
 sys.path.insert(0, sys.argv[1])
-from test_odc_shard import churning_stream, N, C, D
+from streams import shard_stream as churning_stream
+N, C, D = 241, 6, 8
 devices = jax.devices()
 assert len(devices) == int(sys.argv[2]), devices
 x0, batches = churning_stream(4, 14)
@@ -232,7 +174,7 @@ def test_jax_memory_sharded_over_a_mesh(devices, tmp_path):
     script = tmp_path / "check.py"
     script.write_text(JAX_SCRIPT)
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, str(script), os.path.dirname(__file__), str(devices)],
+    done = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), str(devices)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith(f"ok {devices}")

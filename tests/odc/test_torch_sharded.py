@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-SCRIPT = Path(__file__).with_name("sharded_checks.py")
+SCRIPT = Path(__file__).parents[1] / "sharded_checks.py"
 
 
 def launch(world: int, mode: str, ckpt: Path, out: Path) -> list[dict]:
