@@ -124,7 +124,7 @@ def kmeans_sharded(
     ``centroids`` (k, D), the global ``inertia`` and its ``history``, ``n_iter`` the rounds
     run, ``n_empty_fixed`` the empty clusters seeded over all rounds.
     """
-    check_features(x, "x")
+    check_features(x, "x", allow_empty=True)
     k = check_int(k, "k", minimum=1)
     num_samples = check_int(num_samples, "num_samples", minimum=k)
     offset = check_int(offset, "offset", minimum=0)

@@ -1,8 +1,11 @@
 """ODC with the sample memory sharded over S processes or devices: pure functions.
 
 Each shard keeps the features of one contiguous block of the N samples
-(:class:`~clusterlearn.shards.ShardLayout`); the labels (4 bytes per sample, so that ``labels_of`` and the
-small-cluster handling need no lookup), centroids, sizes and sums stay replicated. A sharded
+(:class:`~clusterlearn.shards.ShardLayout`); the labels, centroids, sizes and sums stay
+replicated. Replicated labels cost one index integer per sample on every shard (8 bytes on
+NumPy and PyTorch, 4 on JAX without x64: 8 GB at N = 10^9), and buy ``labels_of`` and the
+small-cluster handling without a lookup collective; the features (4·D bytes per sample) are
+what sharding must split. A sharded
 state is an :class:`~clusterlearn.odc_state.ODCState` whose ``features`` holds only the
 shard's rows.
 
