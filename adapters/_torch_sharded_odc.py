@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from clusterlearn import kmeans_sharded, odc_shard
 from clusterlearn.centroid_memory import CentroidMemory
@@ -109,6 +108,7 @@ class ShardedOnlineDeepClustering:
         c = self.config
         self.handler = SmallClusterHandler(c.min_cluster_size, metric=c.assign, seed=c.seed)
         self.state: ODCState | None = None
+        self._psum = D.psum(group)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -121,12 +121,6 @@ class ShardedOnlineDeepClustering:
         stop = min(self.offset + self.layout.block, self.config.num_samples)
         return torch.arange(self.offset, stop, dtype=torch.int64)
 
-    def _psum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return x
-        y = x.to(D.comm_device(self.group)).contiguous().clone()
-        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
-        return y.to(x.device)
 
     def _agree(self, what: str, check: Any, header: list[Any], names: list[str]) -> None:
         """Run ``check`` here, then raise on every rank if any rank failed or ``header`` differs."""

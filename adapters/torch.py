@@ -18,6 +18,8 @@ What a PyTorch user imports::
 - :func:`extract_features`: the whole data set's features in dataset order on every rank
   (DeepCluster's per-epoch clustering, ODC's initialisation).
 - :func:`all_gather_with_grad`: the gather with the correct gradient, for your own losses.
+- :func:`psum`: the sum over ranks as a function, for the core's sharded functions
+  (DeepCluster over shards: :class:`clusterlearn.deepcluster_shard.ShardedDeepClusterLabeler`).
 
 Nothing here changes results with the world size at equal global batch. Under
 ``torch.distributed`` every collective here first exchanges a small fixed-size header (each
@@ -28,7 +30,7 @@ by the process group's ``timeout``.
 """
 
 from ._torch_data import UniformClusterSampler, extract_features
-from ._torch_distributed import all_gather_with_grad
+from ._torch_distributed import all_gather_with_grad, psum
 from ._torch_modules import ODCHead, ODCNeck, SelfClassifierHead
 from ._torch_odc import OnlineDeepClustering
 from ._torch_self_classifier import SelfClassifierLoss
@@ -44,4 +46,5 @@ __all__ = [
     "UniformClusterSampler",
     "extract_features",
     "all_gather_with_grad",
+    "psum",
 ]

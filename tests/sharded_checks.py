@@ -2,8 +2,10 @@
 
 Usage: sharded_checks.py RANK WORLD INIT_FILE OUT_DIR MODE CKPT
 MODE "run": steps 0..STEPS from the start, checkpoint (torch.distributed.checkpoint) to CKPT
-after SAVE_AT steps; "resume": load CKPT (written under another world size), steps
-SAVE_AT..STEPS. After every step each rank compares its memory with a replicated reference
+after SAVE_AT steps; "crash": the same, but the last rank dies (``os._exit``) two steps after
+the checkpoint; "resume": load CKPT (written under another world size), steps
+SAVE_AT..STEPS; "deepcluster": two epochs of the sharded DeepCluster labeler over the ranks
+(``clusterlearn.adapters.torch.psum``), each rank's labels, NMI and sampler draws written out. After every step each rank compares its memory with a replicated reference
 (the core's OnlineDeepClustering on the concatenated batches, computed in this process):
 labels, sizes, sums, centroids and iteration bit for bit, its features row for row. It writes
 OUT_DIR/rank{RANK}.json with what it saw.
@@ -22,7 +24,9 @@ import torch
 import torch.distributed as dist
 
 import clusterlearn as cl
-from clusterlearn.adapters.torch import ShardedOnlineDeepClustering
+from clusterlearn.adapters.torch import ShardedOnlineDeepClustering, psum
+from clusterlearn.deepcluster_shard import ShardedDeepClusterLabeler
+from clusterlearn.shards import ShardLayout
 
 N, C, D, PER_RANK = 241, 6, 8, 12
 STEPS, SAVE_AT = 16, 7
@@ -60,6 +64,22 @@ def compare(sharded: ShardedOnlineDeepClustering, ref: cl.OnlineDeepClustering, 
         raise AssertionError(f"{where}: features of rows {int(rows[0])}.. differ")
 
 
+def deepcluster(rank: int, world: int) -> dict:
+    """Two epochs of the sharded labeler on planted clusters (the second on noisier features)."""
+    rng = np.random.default_rng(2)
+    truth = rng.integers(4, size=N)
+    x = (rng.normal(size=(4, D)) * 8)[truth] + rng.normal(size=(N, D))
+    layout = ShardLayout(N, world)
+    start, stop = layout.start(rank), min(layout.start(rank) + layout.block, N)
+    labeler = ShardedDeepClusterLabeler(4, offset=start, num_samples=N, shard=rank, num_shards=world, psum=psum(),
+                                        pca_dim=6, n_iter=10, sample_per_centroid=30)
+    first = labeler(torch.from_numpy(x[start:stop].astype(np.float32)))
+    second = labeler(torch.from_numpy((x[start:stop] + rng.normal(size=(stop - start, D)) * 5).astype(np.float32)))
+    draws = labeler.sampler(second.labels, num_samples=60, seed=3).epoch_indices(0)
+    return {"first": first.labels.tolist(), "second": second.labels.tolist(), "nmi": second.nmi_previous,
+            "truth": truth[start:stop].tolist(), "draws": draws.tolist(), "rows": [start, stop]}
+
+
 def main(rank: int, world: int, init_file: str, out_dir: str, mode: str, ckpt: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -67,11 +87,14 @@ def main(rank: int, world: int, init_file: str, out_dir: str, mode: str, ckpt: s
     torch.set_num_threads(1)
     seen: dict = {"changed": 0, "splits": 0, "errors": []}
     try:
+        if mode == "deepcluster":
+            seen.update(deepcluster(rank, world), ok=True)
+            return
         ref, x0 = reference()
         odc = ShardedOnlineDeepClustering(N, C, D, **SETTINGS)
         batches = global_batches()
         b = PER_RANK // world
-        if mode == "run":
+        if mode in ("run", "crash"):
             odc.initialize(torch.from_numpy(x0[odc.shard_indices().numpy()]), labels=ref.labels)
             # labels given: start from the reference's k-means (sharded k-means has its own tests)
             odc.state = odc.state._replace(**{k: getattr(ref.state, k).clone() for k in ("labels", "centroids", "sizes", "sums")})
@@ -103,8 +126,10 @@ def main(rank: int, world: int, init_file: str, out_dir: str, mode: str, ckpt: s
             seen["changed"] += round(got["change_ratio"] * 10)
             seen["splits"] += got["num_splits"]
             compare(odc, ref, f"step {k}")
-            if mode == "run" and k + 1 == SAVE_AT:
+            if mode in ("run", "crash") and k + 1 == SAVE_AT:
                 odc.save(ckpt)
+            if mode == "crash" and k == SAVE_AT + 1 and rank == world - 1:
+                os._exit(3)  # killed mid-run: the others fail in their next collective
         seen["ok"] = True
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
