@@ -15,7 +15,9 @@ rank:
 Labels are given (each feature's generating centre), so no k-means runs; features are unit
 vectors scattered around C random centres, generated in fixed chunks of rows so that a rank
 makes only the rows it holds. Each rank's batch is ``--batch`` rows (DDP: the global batch is
-S times that). With more ranks than cores the ranks share cores (each runs one thread), so the
+S times that). A world size whose ranks would not fit in the available memory (estimated
+from the peak of one rank: S times for replicated ranks) is reported, not run: the peak
+includes the synthetic data set and the initialisation's temporaries. With more ranks than cores the ranks share cores (each runs one thread), so the
 step times at S > cores measure contention, not scaling.
 
 A second table is a model, not a measurement: per-rank memory and bytes per step at N = 10^8
@@ -61,8 +63,8 @@ def rows(start: int, stop: int, labels: np.ndarray, cen: np.ndarray, seed: int) 
         noise = np.random.default_rng([seed, 2, k]).standard_normal((hi - lo, cen.shape[1]), dtype=np.float32)
         block = cen[labels[lo:hi]] + 0.5 * noise
         a, b = max(lo, start), min(hi, stop)
-        out[a - start : b - start] = block[a - lo : b - lo]
-    out /= np.linalg.norm(out, axis=1, keepdims=True)
+        block = block[a - lo : b - lo]
+        out[a - start : b - start] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
 
 
@@ -173,6 +175,16 @@ def model_rows(d: int, batch: int, flops: float) -> list[str]:
     return lines
 
 
+def available_memory() -> float:
+    """Bytes the kernel can still give processes (``MemAvailable``; infinite where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            line = next(line for line in f if line.startswith("MemAvailable:"))
+        return float(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return float("inf")
+
+
 def gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
@@ -200,12 +212,24 @@ def main() -> None:
     print(f"# N={a.n} C={a.c} D={a.d}, {a.batch} rows per rank per step, {a.iters} timed steps, one thread per rank\n")
     print("| ranks S | memory | held / rank | peak RSS / rank | sent to collectives / step / rank | step | sharded / replicated |")
     print("|---:|---|---:|---:|---:|---:|---:|")
+    peak_at_one: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for world in (int(w) for w in a.worlds.split(",")):
-            seen = {mode: launch(world, mode, a, Path(tmp)) for mode in ("replicated", "sharded")}
-            for mode, ranks in seen.items():
+            seen: dict[str, list[dict] | None] = {}
+            for mode in ("replicated", "sharded"):
+                # a replicated rank needs what one process needed; a sharded one about 1/S of it
+                need = peak_at_one.get(mode, 0.0) * (world if mode == "replicated" else 1.5)
+                if need > available_memory():
+                    seen[mode] = None
+                    print(f"| {world} | {mode} | not run: {world} ranks need about {gib(need)}, "
+                          f"{gib(available_memory())} available | | | | |", flush=True)
+                    continue
+                ranks = seen[mode] = launch(world, mode, a, Path(tmp))
+                if world == 1:
+                    peak_at_one[mode] = ranks[0]["peak_rss"]
                 step = max(r["step_s"] for r in ranks)
-                ratio = f"{step / max(r['step_s'] for r in seen['replicated']):.2f}" if mode == "sharded" else ""
+                base = seen.get("replicated")
+                ratio = f"{step / max(r['step_s'] for r in base):.2f}" if mode == "sharded" and base else ""
                 print(f"| {world} | {mode} | {gib(max(r['state_bytes'] for r in ranks))} | {gib(max(r['peak_rss'] for r in ranks))} "
                       f"| {max(r['bytes_per_step'] for r in ranks) / 1024:.0f} KiB | {step * 1e3:.1f} ms | {ratio} |", flush=True)
     flops = a.flops or matmul_flops(a.d, a.c)

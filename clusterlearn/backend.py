@@ -32,6 +32,7 @@ __all__ = [
     "to_numpy",
     "convert",
     "scatter_add",
+    "scatter_add_rows",
     "bincount",
     "set_rows",
     "set_rows_where",
@@ -256,6 +257,26 @@ def scatter_add(x: Array, index: Array, values: Array) -> Array:
     if x.ndim == 1:
         return x + xp.sum(onehot * values[:, None], axis=0)
     return x + xp.matmul(xp.matrix_transpose(onehot), values)
+
+
+#: Elements of ``values`` cast at a time by :func:`scatter_add_rows` (32 MiB in float64).
+_ROWS_BLOCK_ELEMENTS = 1 << 22
+
+
+def scatter_add_rows(x: Array, index: Array, values: Array) -> Array:
+    """:func:`scatter_add` of many (N, D) ``values``, a block of rows at a time.
+
+    The same sums as one :func:`scatter_add` up to the order of additions, but the cast of
+    ``values`` to ``x.dtype`` (float32 features into float64 sums) never holds more than
+    about 2**22 elements: summing a data set's features needs O(D) extra memory per block,
+    not a float64 copy of all N rows. Block bounds are static, so it traces under ``jax.jit``.
+    """
+    step = max(1, _ROWS_BLOCK_ELEMENTS // max(1, math.prod(values.shape[1:])))
+    n = values.shape[0]
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        x = scatter_add(x, index[start:stop], values[start:stop, ...])
+    return x
 
 
 _NUMPY_CHUNK = 1 << 16

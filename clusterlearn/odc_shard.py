@@ -54,8 +54,11 @@ def _local_sums(
     xp = aac.array_namespace(features, labels, sums)
     rows, real = _positions(layout, shard, labels)
     zeros = xp.zeros(sums.shape, dtype=sums.dtype, device=aac.device(sums))
-    held = xp.where(real[:, None], features, xp.zeros_like(features))
-    local = B.scatter_add(zeros, xp.take(labels, rows), held)
+    # padding rows (past N) count for nothing: labelled C, one past the last cluster, into a
+    # row of the accumulator that is dropped
+    target = xp.where(real, xp.take(labels, rows), xp.full_like(rows, sums.shape[0]))
+    extended = xp.concat([zeros, xp.zeros((1, sums.shape[1]), dtype=sums.dtype, device=aac.device(sums))])
+    local = B.scatter_add_rows(extended, target, features)[: sums.shape[0], :]
     return psum(local), xp.astype(B.bincount(labels, sums.shape[0]), labels.dtype)
 
 

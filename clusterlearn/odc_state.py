@@ -130,7 +130,7 @@ def _exact_sums(features: Array, labels: Array, sums: Array) -> tuple[Array, Arr
     """(C, D) sums (dtype of ``sums``) and (C,) sizes recomputed from all N samples, O(N D)."""
     xp = aac.array_namespace(features, labels, sums)
     zeros = xp.zeros(sums.shape, dtype=sums.dtype, device=aac.device(sums))
-    return B.scatter_add(zeros, labels, features), xp.astype(B.bincount(labels, sums.shape[0]), labels.dtype)
+    return B.scatter_add_rows(zeros, labels, features), xp.astype(B.bincount(labels, sums.shape[0]), labels.dtype)
 
 
 def init(features: Array, labels: Array, num_clusters: int) -> ODCState:
