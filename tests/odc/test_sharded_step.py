@@ -178,3 +178,71 @@ def test_jax_memory_sharded_over_a_mesh(devices, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith(f"ok {devices}")
+
+
+JAX_PROCESS_SCRIPT = """
+import sys
+pid, nproc, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, sys.argv[4])
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+import numpy as np, jax.numpy as jnp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+import clusterlearn as cl
+from clusterlearn import odc_state
+from clusterlearn.adapters import jax as clj
+from streams import shard_stream
+N, C, D = 241, 6, 8
+assert jax.device_count() == nproc and jax.local_device_count() == 1
+x0, batches = shard_stream(4, 14)
+odc = cl.OnlineDeepClustering(N, C, D, momentum=0.3, min_cluster_size=0, centroid_update_interval=3)
+odc.initialize(jnp.asarray(x0))
+full = odc_state.ODCState(*(jnp.asarray(a) for a in odc.state))
+mesh = Mesh(np.array(jax.devices()), ("data",))
+state = clj.shard_memory(full, mesh, odc.config)
+assert state.features.addressable_shards[0].data.shape[0] == -(-N // nproc)  # this process holds one block
+step = clj.make_memory_sharded_step(mesh, odc.config)
+replicated_step = jax.jit(odc_state.step, static_argnums=3)
+eps = float(np.finfo(np.float32).eps)
+changed = 0
+for i, f in batches:
+    if not np.isfinite(f).all():
+        continue
+    i, f = i[: len(i) - len(i) % nproc], f[: len(i) - len(i) % nproc]
+    full, want = replicated_step(full, jnp.asarray(i), jnp.asarray(f), odc.config)
+    state, got = step(state, i, f)
+    gathered = {k: np.asarray(multihost_utils.process_allgather(getattr(state, k), tiled=True))
+                for k in ("features", "labels", "sizes", "centroids")}
+    for k in ("labels", "sizes"):
+        np.testing.assert_array_equal(gathered[k], np.asarray(getattr(full, k)), err_msg=k)
+    np.testing.assert_allclose(gathered["features"][:N], np.asarray(full.features), rtol=0, atol=8 * eps * 8)
+    np.testing.assert_allclose(gathered["centroids"], np.asarray(full.centroids), rtol=0, atol=8 * eps * 8)
+    changed += int(want["num_changed"])
+assert changed > 32
+print("ok", pid)
+"""
+
+
+@pytest.mark.slow
+def test_jax_memory_sharded_over_two_processes(tmp_path):
+    """Two JAX processes (jax.distributed, gloo CPU collectives), one device each: the
+    memory's features split between them, the jitted sharded step follows the replicated one
+    (labels and sizes exactly, floats within the rounding of two differently fused programs)."""
+    pytest.importorskip("jax")
+    import socket
+
+    script = tmp_path / "process.py"
+    script.write_text(JAX_PROCESS_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, str(script), str(p), "2", str(port), tests], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    assert [log.strip().splitlines()[-1] for log in logs] == ["ok 0", "ok 1"]
