@@ -8,6 +8,9 @@ equal blocks), labels, centroids, sizes and sums are replicated, and the collect
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from collections.abc import Callable
 
 import jax
@@ -21,7 +24,7 @@ from clusterlearn import odc_shard
 from clusterlearn.shards import ShardLayout
 from clusterlearn.odc_state import ODCConfig, ODCState
 
-__all__ = ["shard_memory", "gather_memory", "make_memory_sharded_step"]
+__all__ = ["shard_memory", "gather_memory", "make_memory_sharded_step", "save_memory", "load_memory"]
 
 
 def _specs(axis_name: str) -> ODCState:
@@ -86,3 +89,70 @@ def make_memory_sharded_step(
         return jitted(state, *(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs[1:])))
 
     return step
+
+
+def _settings(config: ODCConfig) -> np.ndarray:
+    """The settings as the UTF-8 bytes of their JSON (an array leaf a checkpoint can hold)."""
+    return np.frombuffer(json.dumps(dataclasses.asdict(config), sort_keys=True).encode(), dtype=np.uint8).copy()
+
+
+def _column_sharding(mesh: Mesh, axis_name: str, feat_dim: int) -> NamedSharding:
+    n = mesh.shape[axis_name]
+    if feat_dim % n:
+        raise ValueError(
+            f"saving or loading a sharded memory needs feat_dim ({feat_dim}) divisible by the {n} devices of {axis_name!r}"
+        )
+    return NamedSharding(mesh, P(None, axis_name))
+
+
+def save_memory(path: str | os.PathLike, state: ODCState, mesh: Mesh, config: ODCConfig, axis_name: str = "data") -> None:
+    """Write a memory sharded by :func:`shard_memory` to the directory ``path`` with orbax.
+
+    The features are saved as one (N, D) array without the padding, so that
+    :func:`load_memory` can read them onto a mesh of any size. orbax needs shards of equal
+    size and N rarely divides by the device count, so the checkpoint holds them cut along D
+    (``feat_dim`` must divide by the number of devices, at saving and at loading): the
+    re-cut from rows to columns is an all-to-all placed by XLA; no device ever holds more
+    than its (N / S, D) share. Labels, centroids, sizes, sums and the iteration are saved
+    once; the settings are saved too and checked at loading. orbax writes the directory
+    atomically (a temporary name, renamed when complete). A collective in multi-process JAX.
+    """
+    import orbax.checkpoint as ocp
+
+    _check(mesh, axis_name, config)
+    columns = _column_sharding(mesh, axis_name, config.feat_dim)
+    features = jax.jit(lambda f: f[: config.num_samples], out_shardings=columns)(state.features)
+    tree = {"features": features, **{k: getattr(state, k) for k in ODCState._fields[1:]}, "settings": _settings(config)}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(path), tree)
+    checkpointer.wait_until_finished()
+
+
+def load_memory(path: str | os.PathLike, mesh: Mesh, config: ODCConfig, axis_name: str = "data") -> ODCState:
+    """Read a memory written by :func:`save_memory` (on any mesh size) onto ``mesh``.
+
+    Returns the state as :func:`shard_memory` lays it out for this mesh (features in equal
+    zero-padded row blocks, the rest replicated). ``ValueError`` if the checkpoint was written
+    with other settings than ``config``. A collective in multi-process JAX.
+    """
+    import orbax.checkpoint as ocp
+
+    layout = _check(mesh, axis_name, config)
+    columns = _column_sharding(mesh, axis_name, config.feat_dim)
+    path = os.path.abspath(path)
+    checkpointer = ocp.StandardCheckpointer()
+    saved = checkpointer.metadata(path)
+    tree = saved.item_metadata.tree if hasattr(saved, "item_metadata") else saved
+    want = _settings(config)
+    if tuple(tree["settings"].shape) != want.shape:
+        raise ValueError(f"the checkpoint at {path!r} was written with other settings than {config}")
+    replicated = NamedSharding(mesh, P())
+    target = {k: jax.ShapeDtypeStruct(tree[k].shape, tree[k].dtype, sharding=replicated) for k in tree}
+    target["features"] = jax.ShapeDtypeStruct(tree["features"].shape, tree["features"].dtype, sharding=columns)
+    restored = checkpointer.restore(path, target)
+    if not np.array_equal(np.asarray(restored["settings"]), want):
+        raise ValueError(f"the checkpoint at {path!r} was written with other settings than {config}")
+    pad = layout.block * layout.num_shards - config.num_samples
+    rows = NamedSharding(mesh, P(axis_name, None))
+    features = jax.jit(lambda f: jnp.concatenate([f, jnp.zeros((pad, f.shape[1]), f.dtype)]), out_shardings=rows)(restored["features"])
+    return ODCState(features, *(restored[k] for k in ODCState._fields[1:]))

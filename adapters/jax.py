@@ -71,7 +71,7 @@ from clusterlearn.sample_memory import SampleMemory
 from clusterlearn.small_clusters import SmallClusterHandler, SmallClusterStats
 
 from ._jax_self_classifier import SelfClassifierLoss, self_classifier_loss
-from ._jax_sharded_memory import gather_memory, make_memory_sharded_step, shard_memory
+from ._jax_sharded_memory import gather_memory, load_memory, make_memory_sharded_step, save_memory, shard_memory
 
 __all__ = [
     "ODCConfig",
@@ -85,6 +85,8 @@ __all__ = [
     "handle_small_clusters",
     "make_sharded_step",
     "shard_memory",
+    "save_memory",
+    "load_memory",
     "gather_memory",
     "make_memory_sharded_step",
     "make_gather",

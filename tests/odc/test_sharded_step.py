@@ -246,3 +246,71 @@ def test_jax_memory_sharded_over_two_processes(tmp_path):
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     assert [log.strip().splitlines()[-1] for log in logs] == ["ok 0", "ok 1"]
+
+
+ORBAX_SCRIPT = """import sys, os
+mode, path, ndev = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+sys.path.insert(0, sys.argv[4])
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh
+import clusterlearn as cl
+from clusterlearn import odc_state
+from clusterlearn.adapters import jax as clj
+from streams import shard_stream
+N, C, D = 241, 6, 8
+x0, batches = shard_stream(4, 14)
+batches = [(i[:24], f[:24]) for i, f in batches if np.isfinite(f).all()]
+odc = cl.OnlineDeepClustering(N, C, D, momentum=0.3, min_cluster_size=0, centroid_update_interval=3)
+odc.initialize(jnp.asarray(x0))
+mesh = Mesh(np.array(jax.devices()), ("data",))
+step = clj.make_memory_sharded_step(mesh, odc.config)
+if mode == "save":
+    state = clj.shard_memory(odc_state.ODCState(*(jnp.asarray(a) for a in odc.state)), mesh, odc.config)
+    for i, f in batches[:6]:
+        state, _ = step(state, i, f)
+    clj.save_memory(path, state, mesh, odc.config)
+    for i, f in batches[6:]:
+        state, _ = step(state, i, f)
+else:
+    other = cl.OnlineDeepClustering(N, C, D, momentum=0.4, min_cluster_size=0, centroid_update_interval=3).config
+    try:
+        clj.load_memory(path, mesh, other)
+        raise AssertionError("a checkpoint of other settings loaded")
+    except ValueError as err:
+        assert "other settings" in str(err)
+    state = clj.load_memory(path, mesh, odc.config)
+    for i, f in batches[6:]:
+        state, _ = step(state, i, f)
+g = clj.gather_memory(state, odc.config)
+np.savez(path + f"-{mode}.npz", **g._asdict())
+print("done", mode, ndev)
+"""
+
+
+@pytest.mark.slow
+def test_orbax_checkpoint_of_two_devices_resumes_on_four_and_one(tmp_path):
+    """Saved by a 2-device mesh after 6 steps, loaded on 4 devices and on 1, the run continues
+    as the uninterrupted one: labels, sizes, iteration exactly, floats within the rounding of
+    differently compiled programs; a checkpoint of other settings is refused (ValueError)."""
+    pytest.importorskip("orbax.checkpoint")
+    script = tmp_path / "resume.py"
+    script.write_text(ORBAX_SCRIPT)
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    ckpt = str(tmp_path / "ckpt")
+    for mode, devices in (("save", 2), ("load", 4), ("load", 1)):
+        out = ckpt + f"-{mode}" + ("" if mode == "save" else str(devices))
+        done = subprocess.run([sys.executable, str(script), mode, ckpt, str(devices), tests], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        os.replace(ckpt + f"-{mode}.npz", out + ".npz")
+    whole = np.load(ckpt + "-save.npz")
+    bound = 8 * float(np.finfo(np.float32).eps) * 8
+    for devices in (4, 1):
+        resumed = np.load(ckpt + f"-load{devices}.npz")
+        for name in ("labels", "sizes", "iteration"):
+            np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
+        for name in ("features", "centroids"):
+            np.testing.assert_allclose(resumed[name], whole[name], rtol=0, atol=bound, err_msg=name)
+        np.testing.assert_allclose(resumed["sums"], whole["sums"], rtol=0, atol=bound * 241)
