@@ -79,7 +79,7 @@ class ShardedOnlineDeepClustering:
     --------
     >>> odc = ShardedOnlineDeepClustering(len(dataset), 10_000, 256)      # doctest: +SKIP
     >>> rows = odc.shard_indices()             # the samples this rank extracts  # doctest: +SKIP
-    >>> odc.initialize(extract_features(model, Subset(dataset, rows)))      # doctest: +SKIP
+    >>> odc.initialize(extract_features(model, DataLoader(Subset(dataset, rows), batch_size=256), local=True))  # doctest: +SKIP
     >>> for idx, x in loader:                                               # doctest: +SKIP
     ...     f = model(x); loss = cross_entropy(head(f), odc.labels_of(idx), weight=odc.loss_weights(f))
     ...     loss.backward(); opt.step(); opt.zero_grad()

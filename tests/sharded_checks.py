@@ -95,7 +95,14 @@ def main(rank: int, world: int, init_file: str, out_dir: str, mode: str, ckpt: s
         batches = global_batches()
         b = PER_RANK // world
         if mode in ("run", "crash"):
-            odc.initialize(torch.from_numpy(x0[odc.shard_indices().numpy()]), labels=ref.labels)
+            # each rank extracts its own rows only (extract_features(local=True), nothing gathered)
+            from clusterlearn.adapters.torch import extract_features
+
+            subset = torch.utils.data.Subset(torch.utils.data.TensorDataset(torch.from_numpy(x0)), odc.shard_indices().tolist())
+            mine = extract_features(torch.nn.Identity(), torch.utils.data.DataLoader(subset, batch_size=5), progress=False, local=True)
+            if not torch.equal(mine, torch.from_numpy(x0[odc.shard_indices().numpy()])):
+                raise AssertionError("extract_features(local=True) did not return this rank's rows in order")
+            odc.initialize(mine, labels=ref.labels)
             # labels given: start from the reference's k-means (sharded k-means has its own tests)
             odc.state = odc.state._replace(**{k: getattr(ref.state, k).clone() for k in ("labels", "centroids", "sizes", "sums")})
             odc.state = odc.state._replace(features=odc.state.features.clone())
