@@ -38,7 +38,7 @@ def _ready(**kwargs) -> cl.OnlineDeepClustering:
 
 def _bits(odc: cl.OnlineDeepClustering) -> dict[str, bytes]:
     """Every array of the state as raw bytes (exact comparison, NaN- and sign-of-zero-aware)."""
-    s, c = odc.samples, odc.centroids
+    s, c = odc.samples, odc.centroid_memory
     arrays = {
         "features": s.features, "labels": s.labels, "centroids": c.centroids, "sizes": c.sizes,
         "sums": c.sums, "half_sq_norms": c._half_sq_norms,
@@ -211,7 +211,7 @@ def test_antipodal_update_keeps_the_stored_row():
     assert np.all(np.abs(after) == 1)
     sums = np.zeros((2, 1))
     np.add.at(sums, np.asarray(odc.labels), after.astype(np.float64))
-    np.testing.assert_array_equal(np.asarray(odc.centroids.sums), sums)  # +-1 sums are exact
+    np.testing.assert_array_equal(np.asarray(odc.centroid_memory.sums), sums)  # +-1 sums are exact
 
 
 def test_momentum_update_never_returns_a_zero_row():
@@ -353,13 +353,13 @@ def test_load_state_dict_reports_how_far_the_sums_are_off():
 
 
 def test_load_state_dict_accepts_numpy_scalars_of_settings_and_float32_sums():
-    """np.savez returns 0-d arrays and NumPy scalars (np.str_ for ``assign``); JAX without x64
+    """np.savez returns 0-d arrays and NumPy scalars (np.str_ for ``metric``); JAX without x64
     keeps float32 sums, which differ from exact float64 sums by rounding only."""
     odc = _ready()
     odc.step(np.arange(BATCH), _features(3, BATCH))
     state = odc.state_dict()
     state = {k: (np.asarray(v) if not isinstance(v, np.ndarray) else v) for k, v in state.items()}
-    state["assign"] = np.str_(odc.assign)
+    state["metric"] = np.str_(odc.metric)
     state["sums"] = state["sums"].astype(np.float32)
     other = _ready()
     other.load_state_dict(state)
@@ -468,8 +468,8 @@ def test_pca_of_float64_data_near_its_maximum_is_finite():
     np.testing.assert_allclose(z, cl.PCAWhitening(2).fit_transform(x / 1e300), rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [({"kmeans_iters": -1}, "kmeans_iters"), ({"kmeans_iters": 1.5}, "kmeans_iters"),
-                                              ({"kmeans_init": "x"}, "kmeans_init")])
+@pytest.mark.parametrize(("kwargs", "name"), [({"n_iter": -1}, "n_iter"), ({"n_iter": 1.5}, "n_iter"),
+                                              ({"init": "x"}, "init")])
 def test_initialize_names_its_own_kmeans_arguments(kwargs, name):
     odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5)
     with pytest.raises((ValueError, TypeError), match=name):
