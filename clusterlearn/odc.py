@@ -34,7 +34,7 @@ from .validation import check_features, check_int, check_labels
 from .assignment import Metric
 from .centroid_memory import CentroidMemory
 from .kmeans import kmeans
-from .odc_state import ODCConfig, ODCState, check_state, small_clusters_due
+from .odc_state import STATE_KINDS, ODCConfig, ODCState, check_state, small_clusters_due, state_shapes
 from .odc_state import init as init_state
 from .odc_state import step as odc_step
 from .reweighting import loss_weights
@@ -439,23 +439,23 @@ class OnlineDeepClustering:
                     "construct it with the checkpoint's settings"
                 )
         B.eager_namespace(**{f"state[{key!r}]": state[key] for key in _STATE_ARRAYS})
-        check_features(state["features"], "state['features']", dim=d, rows=n)
-        check_features(state["centroids"], "state['centroids']", dim=d, rows=k)
-        check_features(state["sums"], "state['sums']", dim=d, rows=k)
-        check_labels(state["labels"], "state['labels']", upper=k, length=n)
-        check_labels(state["sizes"], "state['sizes']", upper=n + 1, length=k)
+        # every memory array, in ODCState field order: floating ones are finite matrices, integral
+        # ones label arrays whose values are bounded by UPPER (cluster ids, cluster sizes)
+        upper = {"labels": k, "sizes": n + 1}
+        for key, shape, kind in zip(_STATE_ARRAYS, state_shapes(self.config), STATE_KINDS):
+            if kind == "integral":
+                check_labels(state[key], f"state[{key!r}]", upper=upper[key], length=shape[0])
+            else:
+                check_features(state[key], f"state[{key!r}]", dim=d, rows=shape[0])
         iteration = check_int(_scalar(state["iteration"], "state['iteration']"), "state['iteration']", minimum=0)
-        s, c = self.samples, self.centroid_memory
-        xp = s.xp
-        features = xp.astype(self._copy(state["features"]), s.dtype)
-        labels = xp.astype(self._copy(state["labels"]), s.labels.dtype)
-        sizes = xp.astype(self._copy(state["sizes"]), c.sizes.dtype)
-        sums_tol = float(xp.finfo(self._copy(state["sums"]).dtype).eps) ** 0.5
-        sums = xp.astype(self._copy(state["sums"]), c.acc_dtype)
-        centroids = xp.astype(self._copy(state["centroids"]), s.dtype)
-        _verify_state(features, labels, sizes, sums, centroids, s.dtype, sums_tol, c.acc_dtype)
-        iteration = xp.asarray(iteration, dtype=labels.dtype, device=s.device)
-        self._set_state(ODCState(features, labels, centroids, sizes, sums, iteration))
+        xp = self.samples.xp
+        copies = [self._copy(state[key]) for key in _STATE_ARRAYS]
+        sums_tol = float(xp.finfo(copies[ODCState._fields.index("sums")].dtype).eps) ** 0.5
+        arrays = [xp.astype(x, dtype) for x, dtype in zip(copies, self.state_dtypes)]
+        iteration = xp.asarray(iteration, dtype=self.state_dtypes.iteration, device=self.samples.device)
+        new = ODCState(*arrays, iteration)
+        _verify_state(new, self.samples.dtype, sums_tol, self.centroid_memory.acc_dtype)
+        self._set_state(new)
 
     def _copy(self, x: Array) -> Array:
         """A private copy of ``x`` in the memory's namespace (the memory writes in place)."""
@@ -480,15 +480,14 @@ def _check_kmeans_args(n_iter: int, init: str) -> tuple[int, str]:
     return n_iter, init
 
 
-def _verify_state(
-    features: Array, labels: Array, sizes: Array, sums: Array, centroids: Array, dtype: Any, sums_tol: float, acc: Any
-) -> None:
-    """Check a checkpoint's memory-namespace arrays against the invariants of the memories.
+def _verify_state(state: ODCState, dtype: Any, sums_tol: float, acc: Any) -> None:
+    """Check a checkpoint's state (memory namespace and dtypes) against the invariants of the memories.
 
     ``sums_tol``: allowed deviation of ``sums`` per unit of cluster size (``sqrt(eps)`` of the
     dtype the sums were saved in: float32 sums that ran 1000 steps between resyncs drift by a
     few 1e-6 of the cluster size, a wrong or stale array by far more).
     """
+    features, labels, centroids, sizes, sums, _ = state
     xp = aac.array_namespace(features)
     k = sizes.shape[0]
     tol = _unit_norm_tolerance(xp, dtype)

@@ -42,6 +42,7 @@ __all__ = [
     "ODCState",
     "DEFAULT_FLOAT32_RESYNC",
     "state_shapes",
+    "STATE_KINDS",
     "check_state",
     "init",
     "step",
