@@ -20,14 +20,14 @@ __all__ = ["loss_weights", "check_power", "LossReweighter", "reweight", "size_we
 _POWER_CAP = 1e30
 
 
-def check_power(power: float) -> float:
+def check_power(power: float, name: str = "reweight_power") -> float:
     """``power`` as a finite float >= 0 (an infinite power has no weights to normalise).
 
-    Raises ``TypeError``/``ValueError`` naming ``reweight_power`` otherwise.
+    Raises ``TypeError``/``ValueError`` naming it ``name`` otherwise.
     """
-    power = check_real(power, "reweight_power", low=0.0)
+    power = check_real(power, name, low=0.0)
     if not math.isfinite(power):
-        raise ValueError(f"reweight_power must be finite, got {power}")
+        raise ValueError(f"{name} must be finite, got {power}")
     return power
 
 
@@ -60,7 +60,7 @@ def loss_weights(sizes: Array, power: float = 0.5, *, check: bool = True) -> Arr
     if not check:
         return _weights(sizes, power)
     xp = B.eager_namespace(sizes=sizes)
-    power = check_power(power)
+    power = check_power(power, "power")
     if not xp.isdtype(sizes.dtype, "integral") or B.unsupported_torch_dtype(sizes):
         raise TypeError(f"sizes must have an integer dtype, got {sizes.dtype}")
     if sizes.ndim != 1:
@@ -109,7 +109,7 @@ class LossReweighter:
 
     def __init__(self, power: float = 0.5) -> None:
         _deprecated("clusterlearn.LossReweighter", "functools.partial(clusterlearn.loss_weights, power=p)")
-        self.power = check_power(power)
+        self.power = check_power(power, "power")
 
     def __call__(self, sizes: Array) -> Array:
         """(C,) weights from (C,) sizes; see :func:`loss_weights`."""

@@ -156,13 +156,13 @@ def test_loss_weights_formula(backend):
     assert isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16
 
 
-def test_reweight_zero_for_empty_and_validates():
-    w = cl.reweight(np.array([4, 0, 1]), 0.5)
+def test_loss_weights_zero_for_empty_and_validates():
+    w = cl.loss_weights(np.array([4, 0, 1]), 0.5)
     np.testing.assert_allclose(w, np.array([0.5, 0, 1]) / 1.5, rtol=reweight_rtol(3, 0.5, 4, w.dtype), atol=0)
     with pytest.raises(ValueError, match="at least one positive"):
-        cl.reweight(np.array([0, 0]))
-    with pytest.raises(ValueError, match="reweight_power"):
-        cl.LossReweighter(-1.0)
+        cl.loss_weights(np.array([0, 0]))
+    with pytest.raises(ValueError, match="^power must be in"):
+        cl.loss_weights(np.array([1, 2]), -1.0)
 
 
 def test_duplicates_are_averaged_order_free_and_counted_once(backend):
