@@ -23,6 +23,7 @@ Train on ``labels_of(idx)`` read *before* ``step`` with class weights ``loss_wei
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -398,20 +399,9 @@ class OnlineDeepClustering:
         return {**{k: self._copy(v) for k, v in arrays.items()}, "iteration": self.iteration, **self._settings()}
 
     def _settings(self) -> dict[str, int | float | str]:
-        """The constructor settings a resumed run must share to continue identically."""
-        return {
-            "num_samples": self.num_samples,
-            "num_clusters": self.num_clusters,
-            "feat_dim": self.feat_dim,
-            "momentum": self.momentum,
-            "min_cluster_size": self.min_cluster_size,
-            "centroid_update_interval": self.centroid_update_interval,
-            "small_cluster_interval": self.small_cluster_interval,
-            "reweight_power": self.reweight_power,
-            "metric": self.metric,
-            "seed": self.seed,
-            "resync_interval": self.resync_interval,
-        }
+        """The constructor settings a resumed run must share to continue identically: the
+        :class:`~clusterlearn.odc_state.ODCConfig` fields, ``resync_interval`` resolved."""
+        return {**dataclasses.asdict(self.config), "resync_interval": self.resync_interval}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (arrays of any supported namespace), after checking it.
