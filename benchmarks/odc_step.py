@@ -12,7 +12,8 @@ backend (numpy, torch CPU, jax):
   (for jax: ``jnp`` ``f @ cen.T`` under ``jax.jit``);
 - ``OnlineDeepClustering.step`` and its ratio to that matmul (target <= 1.3); for jax the
   adapter's jitted ``clusterlearn.adapters.jax.step`` plus ``loss_weights`` and the host-side
-  ``handle_small_clusters`` check that a loop runs every step (compiled once before timing);
+  ``small_cluster_step`` (small-cluster handling on the core's schedule) that a loop runs
+  every step (compiled once before timing);
 - for numpy, a straightforward re-statement of the reference implementation: all centroids
   recomputed every 10 steps by sorting the N labels and gathering each cluster's members, an
   O(N) bincount per step for the small-cluster check and another for the loss weights, and a
@@ -193,7 +194,7 @@ def bench_jax(feats: np.ndarray, labels: np.ndarray, args: argparse.Namespace, b
     def iteration(state: Any, idx: Any, f: Any) -> tuple[Any, int]:
         state, _ = clj.step(state, idx, f, config)
         clj.loss_weights(state, config).block_until_ready()
-        state, handled = clj.handle_small_clusters(state, config)  # reads sizes: synchronises
+        state, handled = clj.small_cluster_step(state, config)  # reads the iteration and sizes: synchronises
         return state, handled.num_small_clusters
 
     state, _ = iteration(state, *batches[0])  # compiles

@@ -80,9 +80,7 @@ def run_both(odc, state, config, batches, conv=np.asarray):
         assert int(stats["num_changed"]) / int(stats["num_distinct"]) == want["change_ratio"]
         assert float(stats["change_ratio"]) == pytest.approx(want["change_ratio"], rel=unit_roundoff(np.float32), abs=0)  # one float32 division
         assert bool(stats["centroids_refreshed"]) == want["centroids_refreshed"]
-        handled = cl.SmallClusterStats(0, 0, 0)
-        if int(state.iteration) % config.small_cluster_interval == 0:
-            state, handled = clj.handle_small_clusters(state, config)
+        state, handled = clj.small_cluster_step(state, config)  # the core's schedule
         assert (handled.num_small_clusters, handled.num_splits) == (want["num_small_clusters"], want["num_splits"])
         assert_state_matches_core(state, odc)
         rtol = 2 * reweight_rtol(C, odc.reweight_power, N, np.float32)  # two float32 computations
