@@ -22,6 +22,8 @@ ranks resumes on any other number of ranks.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,8 @@ import torch
 from clusterlearn import kmeans_sharded, odc_shard
 from clusterlearn.centroid_memory import CentroidMemory
 from clusterlearn.odc_state import ODCConfig, ODCState
-from clusterlearn.reweighting import size_weights
+from clusterlearn.assignment import METRICS
+from clusterlearn.reweighting import loss_weights
 from clusterlearn.sample_memory import SampleMemory, l2_normalize
 from clusterlearn.shards import ShardLayout, gather_rows
 from clusterlearn.small_clusters import SmallClusterHandler, SmallClusterStats
@@ -68,7 +71,7 @@ class ShardedOnlineDeepClustering:
     group : the ``torch.distributed`` process group (default: the world; one process works too)
     **settings : the :class:`~clusterlearn.odc_state.ODCConfig` settings (``momentum``,
         ``min_cluster_size``, ``centroid_update_interval``, ``small_cluster_interval``,
-        ``reweight_power``, ``assign``, ``seed``, ``resync_interval``)
+        ``reweight_power``, ``metric``, ``seed``, ``resync_interval``)
 
     Every method but :meth:`labels_of`, :meth:`loss_weights` and the properties is a
     collective: every rank calls it, with batches of equal size. A bad argument on one rank
@@ -106,7 +109,7 @@ class ShardedOnlineDeepClustering:
         self.device = D.comm_device(group) if device is None else torch.device(device)
         self.dtype = dtype
         c = self.config
-        self.handler = SmallClusterHandler(c.min_cluster_size, metric=c.assign, seed=c.seed)
+        self.handler = SmallClusterHandler(c.min_cluster_size, metric=c.metric, seed=c.seed)
         self.state: ODCState | None = None
         self._psum = D.psum(group)
 
@@ -227,9 +230,9 @@ class ShardedOnlineDeepClustering:
         return self.state.labels[indices.to(self.device)].to(indices.device)
 
     def loss_weights(self, like: torch.Tensor | None = None) -> torch.Tensor:
-        """(C,) class weights ``w_c ∝ n_c ** -p`` (see :func:`clusterlearn.reweight`), on ``like``'s device/dtype."""
+        """(C,) class weights ``w_c ∝ n_c ** -p`` (see :func:`clusterlearn.reweighting.loss_weights`), on ``like``'s device/dtype."""
         self._require_initialized()
-        w = size_weights(self.state.sizes, self.config.reweight_power)
+        w = loss_weights(self.state.sizes, self.config.reweight_power)
         return w if like is None else w.to(like.device, like.dtype if like.is_floating_point() else w.dtype)
 
     @property
@@ -324,8 +327,10 @@ def _local(x: Any) -> torch.Tensor:
 
 
 def _settings_tensor(config: ODCConfig) -> torch.Tensor:
-    """The settings as float64 numbers (``assign`` by its index), for a checkpoint and its check."""
-    values = [config.num_samples, config.num_clusters, config.feat_dim, config.momentum, config.min_cluster_size,
-              config.centroid_update_interval, config.small_cluster_interval, config.reweight_power,
-              ("l2", "dot").index(config.assign), config.seed, -1 if config.resync_interval is None else config.resync_interval]
-    return torch.tensor(values, dtype=torch.float64)
+    """The settings, field by field, as float64 numbers (the metric by its index in
+    :data:`~clusterlearn.assignment.METRICS`, None as -1), for a checkpoint and its check:
+    a tensor of fixed size, as ``torch.distributed.checkpoint`` loads into a given shape."""
+    def number(value: Any) -> float:
+        return -1.0 if value is None else float(METRICS.index(value)) if isinstance(value, str) else float(value)
+
+    return torch.tensor([number(getattr(config, f.name)) for f in dataclasses.fields(config)], dtype=torch.float64)

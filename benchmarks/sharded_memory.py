@@ -109,7 +109,7 @@ def worker(rank: int, world: int, mode: str, init_file: str, out: str, a: argpar
         feats = torch.from_numpy(rows(0, a.n, labels, cen, a.seed))
         odc.initialize(feats, torch.from_numpy(labels))
         del feats
-        held = (odc.samples.features, odc.samples.labels, odc.centroids.centroids, odc.centroids.sizes, odc.centroids.sums)
+        held = (odc.samples.features, odc.samples.labels, odc.centroid_memory.centroids, odc.centroid_memory.sizes, odc.centroid_memory.sums)
     init_s = time.perf_counter() - t0
     state_bytes = sum(x.numel() * x.element_size() for x in held)
     rng = np.random.default_rng([a.seed, 3, rank])

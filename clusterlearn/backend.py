@@ -16,6 +16,7 @@ these primitives rather than re-deriving them for one library.
 from __future__ import annotations
 
 import math
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -137,6 +138,32 @@ def to_numpy(x: Array) -> np.ndarray:
         return np.from_dlpack(x)
     except (TypeError, RuntimeError, BufferError):
         return np.asarray(x)
+
+
+def exact_bytes(x: Array) -> tuple[str, tuple[int, ...], bytes]:
+    """``(dtype name, shape, bytes)`` of any supported array, the same on every backend.
+
+    The dtype name is NumPy's (``"float32"``, ``"bfloat16"``, ``"int64"``, ``"bool"``); the
+    bytes are the elements in C order, each little-endian, copied to the host. Unlike
+    :func:`to_numpy`, 2-byte torch floats are not widened: their own bits are kept.
+    """
+    if aac.is_torch_array(x):
+        x = x.detach().cpu().contiguous()
+        name = str(x.dtype).removeprefix("torch.")
+        if x.dtype.is_floating_point and x.element_size() == 2:
+            torch = sys.modules["torch"]  # loaded: x is one of its tensors (the core imports no torch)
+            return name, tuple(x.shape), _little_endian(x.view(torch.int16).numpy())
+        a = x.numpy()
+        return name, tuple(a.shape), _little_endian(a)
+    a = np.asarray(to_numpy(x))
+    return a.dtype.name, tuple(a.shape), _little_endian(a)
+
+
+def _little_endian(a: np.ndarray) -> bytes:
+    """The bytes of ``a``'s elements in C order, each little-endian."""
+    a = np.ascontiguousarray(a)
+    unsigned = a.view(f"=u{a.itemsize}") if a.itemsize in (1, 2, 4, 8) else a
+    return unsigned.astype(unsigned.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def convert(x: Array, xp: ModuleType, device: Any = None) -> Array:

@@ -132,3 +132,154 @@ def test_argmax_rows_takes_the_lowest_of_tied_positions(backend):
         import jax
 
         np.testing.assert_array_equal(np.asarray(jax.jit(B.argmax_rows)(backend.asarray(x))), want)
+
+
+def test_checkpoints_with_the_old_setting_names_load():
+    """Checkpoints written before the glossary (docs/glossary.md) name the metric ``assign``
+    (tests/data/odc_stream_v0.npz does): they load, and the old value is checked against
+    ``metric``, not ignored."""
+    with np.load(DATA) as z:
+        before = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("before/")}
+    assert "assign" in before and "metric" not in before
+    settings = ("momentum", "min_cluster_size", "centroid_update_interval", "small_cluster_interval", "seed", "resync_interval")
+    kw = {k: before[k].item() for k in settings}
+    odc = cl.OnlineDeepClustering(N, C, D, **kw)
+    odc.load_state_dict(before)
+    np.testing.assert_array_equal(odc.state_dict()["labels"], before["labels"])
+    assert odc.state_dict()["metric"] == "l2" and "assign" not in odc.state_dict()
+    with pytest.raises(ValueError, match=r"state\['metric'\] is 'l2', this object has 'dot'"):
+        cl.OnlineDeepClustering(N, C, D, **kw, metric="dot").load_state_dict(before)
+    old = {**odc.state_dict(), "assign": "dot"}  # the current format under the old key
+    del old["metric"]
+    dot = cl.OnlineDeepClustering(N, C, D, **kw, metric="dot")
+    dot.load_state_dict(old)
+    assert dot.iteration == odc.iteration
+
+
+def test_fingerprint_is_the_same_on_every_backend():
+    """One digest of a state's exact bytes: NumPy, torch and JAX arrays of the same state
+    (same dtypes) give the same fingerprint, the torch and JAX adapters' included; any
+    changed bit, dtype or setting changes it."""
+    torch = pytest.importorskip("torch")
+    jnp = pytest.importorskip("jax.numpy")
+    from clusterlearn.adapters import jax as clj
+    from clusterlearn.adapters import torch as clt
+
+    x0, batches = make_stream(3, steps=3)
+    odc = clt.OnlineDeepClustering(N, C, D, device="cpu", min_cluster_size=0)
+    odc.initialize(torch.from_numpy(x0))
+    for idx, f in batches:
+        odc.step(torch.from_numpy(idx), torch.from_numpy(f))
+    # 32-bit everywhere: JAX without x64 holds no int64 or float64
+    as32 = odc_state.ODCState(*(np.asarray(x).astype(np.int32 if np.asarray(x).dtype.kind == "i" else np.float32)
+                                 for x in odc.state))
+    on_torch = odc_state.ODCState(*(torch.from_numpy(np.array(x)) for x in as32))
+    on_jax = odc_state.ODCState(*(jnp.asarray(x) for x in as32))
+    digest = odc_state.fingerprint(as32, odc.config)
+    assert odc_state.fingerprint(on_torch, odc.config) == digest
+    assert clj.fingerprint(on_jax, odc.config) == digest
+    core = clt.OnlineDeepClustering(N, C, D, device="cpu", min_cluster_size=0)
+    core.load_state_dict({**odc.state_dict()})
+    assert core.fingerprint() == odc.fingerprint() == odc_state.fingerprint(odc.state, odc.config)
+    flipped = as32.features.copy()
+    flipped.view(np.uint32)[0, 0] ^= 1
+    assert odc_state.fingerprint(as32._replace(features=flipped), odc.config) != digest
+    assert odc_state.fingerprint(as32._replace(labels=as32.labels.astype(np.int64)), odc.config) != digest
+    other = odc_state.ODCConfig(N, C, D, min_cluster_size=0, seed=1)
+    assert odc_state.fingerprint(as32, other) != digest
+    bf16 = torch.from_numpy(as32.features).to(torch.bfloat16)  # 2-byte floats keep their own bits
+    assert odc_state.fingerprint(on_torch._replace(features=bf16), odc.config) == clj.fingerprint(
+        on_jax._replace(features=jnp.asarray(bf16.float().numpy()).astype(jnp.bfloat16)), odc.config)
+
+
+def test_check_replicas_names_what_differs():
+    x0, _ = make_stream(3, steps=1)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=0)
+    odc.initialize(x0)
+    parts = odc_state.fingerprint_parts(odc.state, odc.config)
+    odc_state.check_replicas({"a": parts, "b": dict(parts)})
+    changed = {**parts, "iteration": "int64 [] 3"}
+    with pytest.raises(RuntimeError, match=r"ODC memories of b differ from a's \(b in iteration; iteration: int64 \[\] 3 on b .*; fix"):
+        odc_state.check_replicas({"a": parts, "b": changed, "c": parts}, "fix")
+
+
+def test_deprecated_names_warn_and_still_work():
+    """The old names of the glossary (docs/glossary.md) keep working for one release, each
+    with a DeprecationWarning naming the new one."""
+    x0, batches = make_stream(3, steps=1)
+    with pytest.warns(DeprecationWarning, match="metric"):
+        odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=0, assign="dot")
+    assert odc.metric == "dot" and odc.config.metric == "dot"
+    with pytest.warns(DeprecationWarning, match="metric"):
+        assert odc.assign == "dot"
+    with pytest.warns(DeprecationWarning, match="metric"):
+        config = odc_state.ODCConfig(N, C, D, min_cluster_size=0, assign="dot")
+    assert config == odc.config
+    with pytest.warns(DeprecationWarning, match="ODCConfig.metric"):
+        assert config.assign == "dot"
+    with pytest.warns(DeprecationWarning, match="n_iter"):
+        odc.initialize(x0, kmeans_iters=3)
+    with pytest.warns(DeprecationWarning, match="init="):
+        cl.OnlineDeepClustering(N, C, D, min_cluster_size=0).initialize(x0, kmeans_init="random")
+    with pytest.warns(DeprecationWarning, match="centroid_memory"):
+        assert odc.centroids is odc.centroid_memory
+    sizes = np.array([4, 0, 1])
+    with pytest.warns(DeprecationWarning, match="loss_weights"):
+        np.testing.assert_array_equal(cl.reweight(sizes, 0.5), cl.loss_weights(sizes, 0.5))
+    with pytest.warns(DeprecationWarning, match="loss_weights"):
+        np.testing.assert_array_equal(cl.LossReweighter(0.5)(sizes), cl.loss_weights(sizes, 0.5))
+    from clusterlearn.reweighting import size_weights
+
+    with pytest.warns(DeprecationWarning, match="loss_weights"):
+        np.testing.assert_array_equal(size_weights(sizes, 0.5), cl.loss_weights(sizes, 0.5))
+    with pytest.warns(DeprecationWarning, match="n_iter"):
+        handler = cl.SmallClusterHandler(5, split_iters=3)
+    assert handler.n_iter == 3
+    with pytest.warns(DeprecationWarning, match="n_iter"):
+        assert handler.split_iters == 3
+
+
+def test_state_setter_checks_shapes_and_holds_the_state():
+    x0, batches = make_stream(3, steps=1)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=0)
+    odc.initialize(x0)
+    new, _ = odc_state.step(odc_state.ODCState(*(np.array(x) for x in odc.state)), *batches[0], odc.config)
+    odc.state = new
+    assert odc.iteration == 1 and odc_state.fingerprint(odc.state, odc.config) == odc_state.fingerprint(new, odc.config)
+    with pytest.raises(ValueError, match=r"state.centroids must have shape \(6, 8\)"):
+        odc.state = new._replace(centroids=new.centroids[:2])
+    with pytest.raises(TypeError, match="state.labels must have a integral dtype"):
+        odc.state = new._replace(labels=new.labels.astype(np.float32))
+    assert odc.iteration == 1
+
+
+def test_memory_update_is_a_named_tuple_without_optional_members():
+    mem = cl.SampleMemory(10, 3)
+    mem.initialize(np.eye(10, 3, dtype=np.float32) + 0.1, np.zeros(10, dtype=np.int64))
+    for idx in (np.array([3, 1]), np.array([3, 1, 3])):
+        up = mem.update(idx, np.ones((idx.shape[0], 3), dtype=np.float32))
+        assert isinstance(up, cl.MemoryUpdate) and up.lead is not None
+        np.testing.assert_array_equal(up.indices, np.sort(idx))
+        np.testing.assert_array_equal(up.lead, [0, 1] if idx.shape[0] == 2 else [0, 1, 1])
+
+
+def test_small_cluster_step_follows_the_cores_schedule():
+    """The JAX loop's host-side call makes the core's decisions: handling on every
+    ``small_cluster_interval``-th iteration only, with the same result as the core."""
+    pytest.importorskip("jax")
+    from clusterlearn.adapters import jax as clj
+
+    x0, batches = make_stream(3, steps=16)  # the stream of odc_stream_v0.npz: 7 handlings
+    odc = cl.OnlineDeepClustering(N, C, D, momentum=0.2, min_cluster_size=35, centroid_update_interval=3,
+                                  small_cluster_interval=2, seed=5, resync_interval=4)
+    odc.initialize(x0)
+    config, state = clj.config_from_core(odc), clj.state_from_core(odc)
+    ran = []
+    for idx, f in batches:
+        core = odc.step(idx, f)
+        state, _ = clj.step(state, idx, f, config)
+        state, handled = clj.small_cluster_step(state, config)
+        ran.append(handled.num_small_clusters)
+        assert handled.num_small_clusters == core["num_small_clusters"]
+        np.testing.assert_array_equal(np.asarray(state.labels), odc.labels)
+    assert sum(ran[0::2]) == 0 and sum(ran) > 0  # odd iterations never handle

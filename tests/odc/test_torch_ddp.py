@@ -228,7 +228,7 @@ def test_any_error_on_one_rank_is_raised_on_every_rank(ranks: list[_Rank], case:
 
 def test_replicas_with_different_step_counters_fail_the_check_and_sync_repairs_them(ranks: list[_Rank]) -> None:
     checks = [r["faults"]["replicas"]["check, counters differ"] for r in ranks]
-    assert all(m.startswith("RuntimeError") and "rank(s) [1] differ" in m and "iteration" in m for m in checks), checks
+    assert all(m.startswith("RuntimeError") and "memories of rank 1 differ from rank 0's" in m and "iteration" in m for m in checks), checks
     steps = [r["faults"]["replicas"]["step, counters differ"] for r in ranks]
     assert all(m.startswith("ValueError") and "iteration differs across ranks" in m for m in steps), steps
     # After sync_from_rank0 (also onto a rank that had no memories) the replicas are equal.
