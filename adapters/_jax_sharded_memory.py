@@ -31,7 +31,8 @@ def _specs(axis_name: str) -> ODCState:
     return ODCState(P(axis_name, None), P(), P(), P(), P(), P())
 
 
-def _check(mesh: Mesh, axis_name: str, config: ODCConfig) -> ShardLayout:
+def check_mesh(mesh: Mesh, axis_name: str, config: ODCConfig) -> ShardLayout:
+    """Check the arguments of a step over ``mesh``; return the layout of N rows over ``axis_name``."""
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if axis_name not in mesh.axis_names:
@@ -44,7 +45,7 @@ def _check(mesh: Mesh, axis_name: str, config: ODCConfig) -> ShardLayout:
 def shard_memory(state: ODCState, mesh: Mesh, config: ODCConfig, axis_name: str = "data") -> ODCState:
     """Place a full (replicated-layout) state on ``mesh``: features (N, D) cut along N into
     equal zero-padded blocks, one per device of ``axis_name``; every other array replicated."""
-    layout = _check(mesh, axis_name, config)
+    layout = check_mesh(mesh, axis_name, config)
     features = jnp.asarray(state.features)
     if features.shape[0] != config.num_samples:
         raise ValueError(f"state.features must have num_samples={config.num_samples} rows, got {features.shape[0]}")
@@ -70,7 +71,7 @@ def make_memory_sharded_step(
     :func:`clusterlearn.odc_state.step` on the concatenated batch (labels, sizes, sums bit for
     bit, features row for row). Jit-compiled, ``state`` donated.
     """
-    layout = _check(mesh, axis_name, config)
+    layout = check_mesh(mesh, axis_name, config)
 
     def shard_step(state: ODCState, indices: jax.Array, features: jax.Array) -> tuple[ODCState, dict[str, jax.Array]]:
         indices = lax.all_gather(indices, axis_name, tiled=True, to="invarying")
@@ -119,7 +120,7 @@ def save_memory(path: str | os.PathLike, state: ODCState, mesh: Mesh, config: OD
     """
     import orbax.checkpoint as ocp
 
-    _check(mesh, axis_name, config)
+    check_mesh(mesh, axis_name, config)
     columns = _column_sharding(mesh, axis_name, config.feat_dim)
     features = jax.jit(lambda f: f[: config.num_samples], out_shardings=columns)(state.features)
     tree = {"features": features, **{k: getattr(state, k) for k in ODCState._fields[1:]}, "settings": _settings(config)}
@@ -137,7 +138,7 @@ def load_memory(path: str | os.PathLike, mesh: Mesh, config: ODCConfig, axis_nam
     """
     import orbax.checkpoint as ocp
 
-    layout = _check(mesh, axis_name, config)
+    layout = check_mesh(mesh, axis_name, config)
     columns = _column_sharding(mesh, axis_name, config.feat_dim)
     path = os.path.abspath(path)
     checkpointer = ocp.StandardCheckpointer()

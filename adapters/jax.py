@@ -73,7 +73,7 @@ from clusterlearn.odc_state import DEFAULT_FLOAT32_RESYNC, ODCConfig, ODCState, 
 from clusterlearn.small_clusters import SmallClusterStats
 
 from ._jax_self_classifier import SelfClassifierLoss, self_classifier_loss
-from ._jax_sharded_memory import gather_memory, load_memory, make_memory_sharded_step, save_memory, shard_memory
+from ._jax_sharded_memory import check_mesh, gather_memory, load_memory, make_memory_sharded_step, save_memory, shard_memory
 
 __all__ = [
     "ODCConfig",
@@ -352,12 +352,7 @@ def make_sharded_step(mesh: Mesh, config: ODCConfig, axis_name: str = "data") ->
     and equal a single-device :func:`step` on the concatenated batch. The state comes back
     replicated over the mesh.
     """
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if axis_name not in mesh.axis_names:
-        raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
-    if not isinstance(config, ODCConfig):
-        raise TypeError(f"config must be an ODCConfig, got {type(config).__name__}")
+    check_mesh(mesh, axis_name, config)
 
     def replica_step(state: ODCState, indices: jax.Array, features: jax.Array) -> tuple[ODCState, dict[str, jax.Array]]:
         indices = lax.all_gather(indices, axis_name, tiled=True, to="invarying")
