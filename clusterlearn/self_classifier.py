@@ -50,17 +50,15 @@ two ways, equal to rounding:
 
   with the row maximum subtracted before exponentiating, so unclaimed rows do not underflow;
 - in linear space for the clamped loss when ``eps`` resolves (``eps = 1e-12``: always in
-  float64, in float32 while ``N/C < 78,000``): ``target = p / max(Σ_y p, eps)`` and ``log((N/C)·q / max(Σ_n q, eps) + eps)``
-  with max-shifted softmaxes ``p``, ``q``, i.e. the reference implementation's arithmetic. The
-  log's argument is at least ``eps``, and entries of ``p`` or ``q`` that underflow change it
-  by less than ``eps · (dtype eps) / 16`` (the guards in the code check this from ``N``, ``C``,
-  ``eps`` and the dtype), so it equals the log-space value to rounding with 2 instead of 5
-  full-size ``exp`` per view.
+  float64, in float32 while ``N/C < 78,000``): ``target = p / max(Σ_y p, eps)`` and
+  ``log((N/C)·q / max(Σ_n q, eps) + eps)`` with max-shifted softmaxes ``p``, ``q``, i.e. the
+  reference implementation's arithmetic, with 2 instead of 5 full-size ``exp`` per view.
 
-``exp`` results are floored at 8 × the dtype's smallest normal number (negligible next to the
-sums or ``eps`` they enter): underflowing and denormal ``exp`` is 10-30 times slower on CPUs.
-On PyTorch CPU, denormal numbers in the backward pass still cost time;
-``torch.set_flush_denormal(True)`` avoids that.
+Which form each side takes, and the floors of ``exp`` (it never underflows to slow denormal
+numbers), are the guards of :mod:`clusterlearn.self_classifier_guards`, their only home: the
+closed-form gradient (:mod:`clusterlearn.self_classifier_closed_form`), the adapters and the
+fused kernel read them from there. On PyTorch CPU, denormal numbers in the backward pass of
+this module's autograd still cost time; ``torch.set_flush_denormal(True)`` avoids that.
 
 Nothing is detached: gradients flow through the targets as well as the predictions. (The
 maximum subtracted inside a log-sum-exp cancels exactly and has no gradient; on PyTorch it is
@@ -109,18 +107,38 @@ not an approximation of its value or of its gradient.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from numbers import Real
+import warnings
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import array_api_compat as aac
 
-from .backend import namespace, unsupported_torch_dtype
-from .validation import all_finite, check_same_device
+from .backend import namespace
+from .self_classifier_guards import (
+    floored_exp,
+    full_like,
+    linear_predictions,
+    linear_targets,
+    log_plus_eps,
+    log_softmax,
+    logsumexp,
+    scaled,
+    shift,
+    tiny,
+)
+from .self_classifier_inputs import (
+    Gather,
+    call_argument,
+    check_gather,
+    check_logits,
+    check_positive,
+    compute_dtype,
+    parse_logits,
+    prepare_heads,
+)
 
 Array = Any
-Gather = Callable[[Array], "tuple[Array, slice]"]
 
 __all__ = [
     "SelfClassifierLoss",
@@ -134,142 +152,6 @@ __all__ = [
 
 #: Views ``0 .. NUM_GLOBAL_VIEWS - 1`` are global crops; pairs of two later (local) views are skipped.
 NUM_GLOBAL_VIEWS = 2
-
-
-# --------------------------------------------------------------------------------------------
-# Stable primitives the array API standard lacks (max-shifted, plain standard functions only).
-# --------------------------------------------------------------------------------------------
-
-
-def _shift(x: Array, axis: int, xp: ModuleType) -> Array:
-    """``max(x, axis, keepdims=True)``, the stabilising shift of a log-sum-exp.
-
-    The shift cancels exactly, so its gradient is zero; where the array type can drop autograd
-    history (PyTorch's ``.detach()``, found by duck typing, no import) it is dropped so that
-    the backward pass does not spend full passes over ``x`` on the max's zero contribution, as
-    ``torch.logsumexp`` does internally. Other arrays (JAX: traced through, zero contribution)
-    are returned as is.
-    """
-    m = xp.max(x, axis=axis, keepdims=True)
-    detach = getattr(m, "detach", None)
-    return detach() if callable(detach) else m
-
-
-def _scaled(logits: Array, axis: int, temperature: float, xp: ModuleType) -> Array:
-    """``(s − max(s, axis)) / τ``, the max-shifted argument of a softmax along ``axis``.
-
-    Shifted before dividing, because ``s / τ`` overflows where ``s − max`` does not (float32
-    logits of 1e38), and floored at ``−(dtype max) / 4 · min(τ, 1)`` before dividing, so that
-    no entry becomes −inf: a log-softmax over a line of −inf is NaN. An entry that low has
-    ``exp = 0`` either way, so the floor changes no result.
-    """
-    d = logits - _shift(logits, axis, xp)
-    low = -float(xp.finfo(d.dtype).max) / 4 * min(temperature, 1.0)
-    return xp.maximum(d, _full_like(d, low, xp)) / temperature
-
-
-def _tiny(dtype: Any, xp: ModuleType) -> float:
-    """``8 ×`` the smallest normal number of ``dtype``: the floor of :func:`_exp`."""
-    return 8.0 * float(xp.finfo(dtype).smallest_normal)
-
-
-def _exp(x: Array, xp: ModuleType) -> Array:
-    """``exp(x)`` with results below :func:`_tiny` (8 × the smallest normal number) raised to it.
-
-    Every use adds the result to a max-shifted sum of at least 1 or to ``eps``, or scales it
-    by a factor whose guard makes such values negligible, so this changes no result beyond
-    rounding. It keeps ``exp`` away from underflowing and denormal results, which are 10-30
-    times slower on CPUs, and peaked logits at τ = 0.05 produce many of them.
-    """
-    low = math.log(_tiny(x.dtype, xp))
-    return xp.exp(xp.maximum(x, _full_like(x, low, xp)))
-
-
-def _logsumexp(x: Array, axis: int, xp: ModuleType) -> Array:
-    """``log(sum(exp(x), axis))`` with ``keepdims=True``, shifted by the maximum (finite ``x``)."""
-    m = _shift(x, axis, xp)
-    return m + xp.log(xp.sum(_exp(x - m, xp), axis=axis, keepdims=True))
-
-
-def _log_softmax(x: Array, axis: int, xp: ModuleType) -> Array:
-    """``log(softmax(x, axis))`` as ``(x − m) − log(sum(exp(x − m)))`` with ``m = max(x, axis)``.
-
-    Subtracting ``m`` first (rather than ``x − logsumexp(x)``) keeps the result accurate when
-    ``|x|`` is large (e.g. constant logits of magnitude 1e4 / τ).
-    """
-    d = x - _shift(x, axis, xp)
-    return d - xp.log(xp.sum(_exp(d, xp), axis=axis, keepdims=True))
-
-
-def _logaddexp(a: Array, b: Array, xp: ModuleType) -> Array:
-    """Element-wise ``log(exp(a) + exp(b))`` as ``max(a, b) + log1p(exp(−|a − b|))``."""
-    return xp.maximum(a, b) + xp.log1p(_exp(-xp.abs(a - b), xp))
-
-
-def _logaddexp_eps(a: Array, a_max: float, eps: float, xp: ModuleType) -> Array:
-    """``logaddexp(a, log eps)`` for ``a <= a_max`` (a Python bound known in advance).
-
-    When ``exp(a_max)`` cannot overflow and ``eps >= 16 · _tiny / (dtype eps)``,
-    ``log(exp(a) + eps)`` is exact to rounding: ``exp(a)`` stays finite, and where it is
-    floored at ``_tiny`` that is below ``eps``'s resolution. That takes 4 passes instead of 8.
-    Otherwise the max-shifted form is used.
-    """
-    info = xp.finfo(a.dtype)
-    if a_max < math.log(float(info.max)) - 1.0 and eps >= 16 * _tiny(a.dtype, xp) / float(info.eps):
-        return xp.log(_exp(a, xp) + eps)
-    return _logaddexp(a, _full_like(a, math.log(eps), xp), xp)
-
-
-# --------------------------------------------------------------------------------------------
-# Validation helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def _check_logits(name: str, x: Array, xp: ModuleType, *, min_rows: int = 2) -> None:
-    """Shape and dtype checks (static: safe under ``jax.jit``)."""
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N samples, C classes) array, got shape {tuple(x.shape)}")
-    if not xp.isdtype(x.dtype, "real floating") or unsupported_torch_dtype(x):
-        raise TypeError(f"{name} must have a real floating dtype (float16 or wider), got {x.dtype}")
-    n, c = x.shape
-    if n is None or c is None:
-        raise ValueError(f"{name} must have a known shape, got {tuple(x.shape)}")
-    if n < min_rows:
-        raise ValueError(
-            f"{name} must have at least {min_rows} rows (samples), got N={n}: the column softmax "
-            "over the samples needs a batch"
-        )
-    if c < 2:
-        raise ValueError(f"{name} must have at least 2 columns (classes), got C={c}")
-
-
-def _check_finite(name: str, x: Array, xp: ModuleType) -> None:
-    """Raise ValueError on NaN/inf; skipped for traced JAX arrays (inside ``jit``), whose values
-    are unknown at trace time."""
-    try:
-        ok = all_finite(x, xp)
-    except TypeError:  # jax.errors.ConcretizationTypeError is a TypeError
-        if aac.is_jax_array(x):
-            return
-        raise
-    if not ok:
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-
-
-def _as_float(x: Array, xp: ModuleType) -> Array:
-    """Half-precision logits are computed in float32 (``s / τ`` overflows float16)."""
-    if xp.finfo(x.dtype).bits < 32:
-        return xp.astype(x, xp.float32)
-    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,45 +227,39 @@ def self_classifier_targets(
         selected rows.
     """
     xp = namespace(logits=logits)
-    _check_logits("logits", logits, xp)
-    tau = _check_positive("col_temperature", col_temperature)
-    floor = None if sum_floor is None else _check_positive("sum_floor", sum_floor)
-    return _targets(_as_float(logits, xp), tau, floor, rows, xp)
+    check_logits("logits", logits, xp)
+    tau = check_positive("col_temperature", col_temperature)
+    floor = None if sum_floor is None else check_positive("sum_floor", sum_floor)
+    return _targets(compute_dtype(logits, xp), tau, floor, rows, xp)
 
 
 def _targets(
     logits: Array, col_temperature: float, sum_floor: float | None, rows: slice | None, xp: ModuleType
 ) -> Array:
-    z = _scaled(logits, 0, col_temperature, xp)
-    resolution = float(xp.finfo(z.dtype).eps) / 1024
-    if sum_floor is not None and z.shape[1] * _tiny(z.dtype, xp) / sum_floor <= resolution:
-        # p / max(sum(p), floor) directly: an entry of p below _tiny changes the target by
-        # less than _tiny / floor, and a whole row by less than (dtype eps)/1024, so this
-        # equals the log-space value to rounding (1 exp, not 2).
-        e = _exp(z, xp)
+    z = scaled(logits, 0, col_temperature, xp)
+    floor = tiny(xp.finfo(z.dtype))
+    if linear_targets(xp.finfo(z.dtype), z.shape[1], sum_floor):
+        # p / max(sum(p), floor) directly (1 exp, not 2): equal to the log-space value to
+        # rounding by the guard (see clusterlearn.self_classifier_guards).
+        e = floored_exp(z, floor, xp)
         p = e / xp.sum(e, axis=0, keepdims=True)  # column softmax p(x | y) over all N samples
         if rows is not None:
             p = p[rows, :]
         total = xp.sum(p, axis=1, keepdims=True)
-        return p / xp.maximum(total, _full_like(total, sum_floor, xp))
-    log_p = _log_softmax(z, 0, xp)  # log p(x | y): column log-softmax over the samples
+        return p / xp.maximum(total, full_like(total, sum_floor, xp))
+    log_p = log_softmax(z, 0, xp)  # log p(x | y): column log-softmax over the samples
     if rows is not None:
         log_p = log_p[rows, :]
     # Row L1 normalisation of exp(log_p), shifted by the row maximum m so no row underflows:
     # p / sum(p) = e / sum(e) with e = exp(log_p - m).
-    m = _shift(log_p, 1, xp)  # cancels below in both branches
-    e = _exp(log_p - m, xp)
+    m = shift(log_p, 1, xp)  # cancels below in both branches
+    e = floored_exp(log_p - m, floor, xp)
     total = xp.sum(e, axis=1, keepdims=True)
     if sum_floor is None:
         return e / total
     # p / max(sum(p), floor) = e * exp(m - max(m + log sum(e), log floor)); the exponent is <= 0.
-    log_floor = _full_like(m, math.log(sum_floor), xp)
+    log_floor = full_like(m, math.log(sum_floor), xp)
     return e * xp.exp(m - xp.maximum(m + xp.log(total), log_floor))
-
-
-def _full_like(x: Array, value: float, xp: ModuleType) -> Array:
-    """0-d array holding ``value`` with ``x``'s dtype and device."""
-    return xp.asarray(value, dtype=x.dtype, device=aac.device(x))
 
 
 def self_classifier_log_predictions(
@@ -420,11 +296,11 @@ def self_classifier_log_predictions(
         ``logsumexp`` floored at ``log(sum_floor)`` if given).
     """
     xp = namespace(logits=logits)
-    _check_logits("logits", logits, xp)
-    tau = _check_positive("row_temperature", row_temperature)
-    eps = _check_positive("eps", eps)
-    floor = None if sum_floor is None else _check_positive("sum_floor", sum_floor)
-    return _log_predictions(_as_float(logits, xp), tau, eps, floor, rows, xp)
+    check_logits("logits", logits, xp)
+    tau = check_positive("row_temperature", row_temperature)
+    eps = check_positive("eps", eps)
+    floor = None if sum_floor is None else check_positive("sum_floor", sum_floor)
+    return _log_predictions(compute_dtype(logits, xp), tau, eps, floor, rows, xp)
 
 
 def _log_predictions(
@@ -436,38 +312,31 @@ def _log_predictions(
     xp: ModuleType,
 ) -> Array:
     n_global, n_classes = logits.shape
-    z = _scaled(logits, 1, row_temperature, xp)
-    tiny, resolution = _tiny(z.dtype, xp), float(xp.finfo(z.dtype).eps) / 16
-    if (
-        sum_floor is not None
-        and (n_global / n_classes) * tiny / sum_floor / eps <= resolution
-        and n_global * tiny / sum_floor <= resolution
-    ):
+    z = scaled(logits, 1, row_temperature, xp)
+    if linear_predictions(xp.finfo(z.dtype), n_global, n_classes, eps, sum_floor):
         # Clamped and eps well above the dtype's resolution: log((N/C)·q/max(Q, floor) + eps)
-        # directly. Entries of q below _tiny change the log's argument by less than
-        # eps·(dtype eps)/16 and the column sums Q by less than floor·(dtype eps)/16, so this
-        # equals the log-space value to rounding, and it is finite for any finite logits (the
-        # log's argument is >= eps). 1 exp + 1 log instead of 3 exp + 3 log.
-        e = _exp(z, xp)
+        # directly (1 exp + 1 log instead of 3 exp + 3 log), equal to the log-space value to
+        # rounding by the guard, and finite for any finite logits (the log's argument is >= eps).
+        e = floored_exp(z, tiny(xp.finfo(z.dtype)), xp)
         q = e / xp.sum(e, axis=1, keepdims=True)  # p(y | x)
         scale = (n_global / n_classes) / xp.maximum(
-            xp.sum(q, axis=0, keepdims=True), _full_like(q, sum_floor, xp)
+            xp.sum(q, axis=0, keepdims=True), full_like(q, sum_floor, xp)
         )
         if rows is not None:
             q = q[rows, :]
         return xp.log(q * scale + eps)
-    log_q = _log_softmax(z, 1, xp)  # log p(y | x)
+    log_q = log_softmax(z, 1, xp)  # log p(y | x)
     if sum_floor is None:
-        log_pred = _log_softmax(log_q, 0, xp)  # log_q − logsumexp over the samples (dim 0)
+        log_pred = log_softmax(log_q, 0, xp)  # log_q − logsumexp over the samples (dim 0)
     else:
-        log_norm = _logsumexp(log_q, 0, xp)  # log of the column sums over the samples
-        log_norm = xp.maximum(log_norm, _full_like(log_norm, math.log(sum_floor), xp))
+        log_norm = logsumexp(log_q, 0, xp)  # log of the column sums over the samples
+        log_norm = xp.maximum(log_norm, full_like(log_norm, math.log(sum_floor), xp))
         log_pred = log_q - log_norm
     if rows is not None:
         log_pred = log_pred[rows, :]
     # log pred <= 0, so a = log(N/C) + log pred <= log(N/C).
     log_ratio = math.log(n_global / n_classes)
-    return _logaddexp_eps(log_pred + log_ratio, log_ratio, eps, xp)
+    return log_plus_eps(log_pred + log_ratio, log_ratio, eps, xp)
 
 
 def _pair_term(target: Array, log_pred: Array, xp: ModuleType) -> Array:
@@ -499,79 +368,15 @@ def self_classifier_pair_loss(
         ``−(1/N) Σ_n Σ_y target[n, y] · log((N/C) pred[n, y] + eps)``; the symmetric two-view
         loss is ``(pair(s2, s1) + pair(s1, s2)) / 2``.
     """
-    row_temperature = _check_positive("row_temperature", row_temperature)
-    col_temperature = _check_positive("col_temperature", col_temperature)
-    eps = _check_positive("eps", eps)
+    row_temperature = check_positive("row_temperature", row_temperature)
+    col_temperature = check_positive("col_temperature", col_temperature)
+    eps = check_positive("eps", eps)
     heads, names = [[target_logits, pred_logits]], [["target_logits", "pred_logits"]]
     for x, name in zip(heads[0], names[0]):
         if not aac.is_array_api_obj(x):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     floor = eps if clamp_sums else None
     return _loss(heads, names, ((0, 1),), row_temperature, col_temperature, eps, floor, None, True)
-
-
-def _is_seq(x: Any) -> bool:
-    return isinstance(x, (list, tuple))
-
-
-def _parse(logits: Any) -> tuple[list[list[Array]], list[list[str]]]:
-    """Normalise a sequence of views or a sequence of heads to ``heads[h][v]`` plus names."""
-    if aac.is_array_api_obj(logits):
-        raise ValueError("need at least 2 views, got a single logits array")
-    if not _is_seq(logits):
-        raise TypeError(f"logits must be a list/tuple of views or of heads, got {type(logits).__name__}")
-    items = list(logits)
-    if not items:
-        raise ValueError("logits is empty: pass at least two views")
-    if all(_is_seq(h) for h in items):
-        heads = [list(h) for h in items]
-        names = [[f"logits[{h}][{v}]" for v in range(len(views))] for h, views in enumerate(heads)]
-    elif not any(_is_seq(h) for h in items):
-        heads = [items]
-        names = [[f"logits[{v}]" for v in range(len(items))]]
-    else:
-        raise TypeError(
-            "logits mixes arrays and lists: pass either a list of views (arrays) for one head, "
-            "or a list of heads, each a list of views"
-        )
-    for h, views in enumerate(heads):
-        for v, x in enumerate(views):
-            if not aac.is_array_api_obj(x):
-                raise TypeError(f"{names[h][v]} must be an array, got {type(x).__name__}")
-        if len(views) < 2:
-            where = "" if len(heads) == 1 else f" (head {h})"
-            raise ValueError(f"need at least 2 views per head{where}, got {len(views)}")
-    counts = {len(views) for views in heads}
-    if len(counts) > 1:
-        raise ValueError(
-            f"every head must have the same number of views, got {[len(v) for v in heads]}"
-        )
-    return heads, names
-
-
-def _gathered(
-    name: str, x: Array, gather: Gather, xp: ModuleType
-) -> tuple[Array, slice]:
-    out = gather(x)
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError(
-            f"gather must return a tuple (global_logits, rows), got {type(out).__name__} for {name}"
-        )
-    g, rows = out
-    if not aac.is_array_api_obj(g) or aac.array_namespace(g) is not xp:
-        raise TypeError(f"gather must return an array of the logits' namespace for {name}, got {type(g).__name__}")
-    if not isinstance(rows, slice):
-        raise TypeError(f"gather must return a slice of this process's rows for {name}, got {type(rows).__name__}")
-    _check_logits(f"gather({name})", g, xp)
-    if g.shape[1] != x.shape[1]:
-        raise ValueError(f"gather({name}) has {g.shape[1]} columns, {name} has {x.shape[1]}")
-    if len(range(*rows.indices(g.shape[0]))) != x.shape[0]:
-        raise ValueError(
-            f"gather({name}) returned rows={rows} selecting "
-            f"{len(range(*rows.indices(g.shape[0])))} of {g.shape[0]} rows, expected {x.shape[0]} "
-            f"(the rows of {name})"
-        )
-    return g, rows
 
 
 def self_classifier_loss(
@@ -628,99 +433,16 @@ def self_classifier_loss(
         ``N < 2``, ``C < 2``, non-2-D logits, fewer than 2 views, non-finite logits,
         temperatures or ``eps`` not > 0.
     """
-    row_temperature = _check_positive("row_temperature", row_temperature)
-    col_temperature = _check_positive("col_temperature", col_temperature)
-    eps = _check_positive("eps", eps)
-    if gather is not None and not callable(gather):
-        raise TypeError(f"gather must be callable or None, got {type(gather).__name__}")
-    heads, names = _parse(logits)
+    row_temperature = check_positive("row_temperature", row_temperature)
+    col_temperature = check_positive("col_temperature", col_temperature)
+    eps = check_positive("eps", eps)
+    check_gather(gather)
+    heads, names = parse_logits(logits)
     floor = eps if clamp_sums else None
     return _loss(
         heads, names, view_pairs(len(heads[0])), row_temperature, col_temperature, eps, floor,
         gather, check_finite,
     )
-
-
-def _check_head(views: Sequence[Array], rows: slice | None) -> ModuleType:
-    """Check the K views of one head for the adapters' per-head losses; return their namespace.
-
-    ``rows`` not None (a gathered global batch) allows a single row per process.
-    """
-    named = {f"logits[{v}]": x for v, x in enumerate(views)}
-    xp = namespace(**named)
-    check_same_device(**named)
-    if len(views) < 2:
-        raise ValueError(f"need at least 2 views, got {len(views)}")
-    for v, x in enumerate(views):
-        _check_logits(f"logits[{v}]", x, xp, min_rows=1 if rows is not None else 2)
-        if tuple(x.shape) != tuple(views[0].shape):
-            raise ValueError(
-                f"views of one head must have the same shape, got {tuple(views[0].shape)} and {tuple(x.shape)}"
-            )
-    if rows is not None:
-        n = views[0].shape[0]
-        if not isinstance(rows, slice):
-            raise TypeError(f"rows must be a slice, got {type(rows).__name__}")
-        if len(range(*rows.indices(n))) == 0:
-            raise ValueError(f"rows must select at least one of the {n} rows, got {rows}")
-    return xp
-
-
-def _prepare(
-    heads: list[list[Array]],
-    names: list[list[str]],
-    gather: Gather | None,
-    check_finite: bool,
-) -> tuple[ModuleType, list[tuple[list[Array], slice | None]]]:
-    """Check every head's views, gather them, and return ``(xp, [(views, rows), ...])``.
-
-    ``views`` are the (gathered, finiteness-checked) logits of one head, in their own dtype;
-    ``rows`` is the slice of this process's rows in them (None: all rows). Shared by the core
-    and the adapters' fast losses, so that all raise the same errors.
-    """
-    named = {names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)}
-    xp = namespace(**named)
-    check_same_device(**named)
-
-    min_rows = 1 if gather is not None else 2
-    for views, labels in zip(heads, names):
-        for x, name in zip(views, labels):
-            _check_logits(name, x, xp, min_rows=min_rows)
-        shape = tuple(views[0].shape)
-        for x, name in zip(views[1:], labels[1:]):
-            if tuple(x.shape) != shape:
-                raise ValueError(
-                    f"views of one head must have the same shape: {labels[0]} has {shape}, "
-                    f"{name} has {tuple(x.shape)}"
-                )
-
-    prepared = []
-    for views, labels in zip(heads, names):
-        rows: slice | None = None
-        full: list[Array] = []
-        for x, name in zip(views, labels):
-            if gather is not None:
-                g, r = _gathered(name, x, gather, xp)
-                n_g = g.shape[0]
-                if rows is not None and rows.indices(n_g) != r.indices(n_g):
-                    raise ValueError(
-                        f"gather returned different rows for the views of one head: {rows} and "
-                        f"{r} (for {name})"
-                    )
-                if full and tuple(g.shape) != tuple(full[0].shape):
-                    raise ValueError(
-                        f"gather returned different shapes for the views of one head: "
-                        f"{tuple(full[0].shape)} and {tuple(g.shape)} (for {name})"
-                    )
-                rows = r
-                x, name = g, f"gather({name})"
-            if check_finite:
-                _check_finite(name, x, xp)
-            full.append(x)
-        if rows is not None and rows.indices(full[0].shape[0]) == slice(None).indices(full[0].shape[0]):
-            rows = None  # whole batch: skip the no-op slice
-        prepared.append((full, rows))
-    return xp, prepared
 
 
 def _loss(
@@ -735,10 +457,10 @@ def _loss(
     check_finite: bool,
 ) -> Array:
     """Validated parameters; checks the arrays, then averages the pair terms over heads."""
-    xp, prepared = _prepare(heads, names, gather, check_finite)
+    xp, prepared = prepare_heads(heads, names, gather, check_finite)
     total = None
     for views, rows in prepared:
-        full = [_as_float(x, xp) for x in views]
+        full = [compute_dtype(x, xp) for x in views]
         used_t = sorted({i for i, _ in pairs})
         used_p = sorted({j for _, j in pairs})
         targets = {i: _targets(full[i], col_temperature, sum_floor, rows, xp) for i in used_t}
@@ -754,23 +476,6 @@ def _loss(
     return out
 
 
-def _call_argument(logits: tuple[Any, ...]) -> Any:
-    """The ``logits`` argument from a loss object's positional arguments.
-
-    ``criterion(v0, v1, ...)`` (two or more arrays) or ``criterion(views_or_heads)`` (one list).
-    """
-    if len(logits) == 1:
-        return logits[0]
-    if len(logits) >= 2:
-        if not all(aac.is_array_api_obj(x) for x in logits):
-            raise TypeError(
-                "pass either two or more view arrays as positional arguments, or a single "
-                "list of views / list of heads"
-            )
-        return list(logits)
-    raise ValueError("need at least 2 views, got none")
-
-
 class SelfClassifierLoss:
     """Self-Classifier loss: a callable over two or more views and one or more heads.
 
@@ -783,7 +488,7 @@ class SelfClassifierLoss:
     eps : float, default 1e-12
         ``eps > 0`` inside ``log((N/C)·pred + eps)``, as in the reference's training; part of
         the objective, it bounds the loss by ``−log(eps)``.
-    gather : callable, optional
+    gather : callable, optional, keyword-only
         ``gather(local_logits) -> (global_logits, rows)``: returns the global batch of
         ``local_logits`` (shape ``(N_global, C)``) and the ``slice`` of this process's rows in
         it; applied to every logits array. Its backward must all-reduce (sum) the gradient and
@@ -823,32 +528,44 @@ class SelfClassifierLoss:
     True
     """
 
+    #: The constructor's parameters, in the order :meth:`__repr__` shows them.
+    parameters: tuple[str, ...] = ("row_temperature", "col_temperature", "eps", "gather", "check_finite", "clamp_sums")
+
     def __init__(
         self,
         row_temperature: float = 0.1,
         col_temperature: float = 0.05,
         eps: float = 1e-12,
+        *args: Gather | None,
         gather: Gather | None = None,
-        *,
         check_finite: bool = True,
         clamp_sums: bool = True,
     ) -> None:
-        self.row_temperature = _check_positive("row_temperature", row_temperature)
-        self.col_temperature = _check_positive("col_temperature", col_temperature)
-        self.eps = _check_positive("eps", eps)
-        if gather is not None and not callable(gather):
-            raise TypeError(f"gather must be callable or None, got {type(gather).__name__}")
-        self.gather = gather
+        if args:  # the form before 0.2: gather as the fourth positional argument
+            if len(args) > 1 or gather is not None:
+                raise TypeError("SelfClassifierLoss takes gather once, as a keyword argument")
+            warnings.warn(
+                "passing gather as the fourth positional argument of SelfClassifierLoss is deprecated "
+                "and will be removed in the next release; pass gather=... instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            gather = args[0]
+        self.row_temperature = check_positive("row_temperature", row_temperature)
+        self.col_temperature = check_positive("col_temperature", col_temperature)
+        self.eps = check_positive("eps", eps)
+        self.gather = check_gather(gather)
         self.check_finite = bool(check_finite)
         self.clamp_sums = bool(clamp_sums)
 
-    #: The function computing the loss (an adapter's subclass swaps in its fast one).
-    _loss_function = staticmethod(self_classifier_loss)
-
     def __call__(self, *logits: Any) -> Array:
         """Loss of ``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
-        return self._loss_function(
-            _call_argument(logits),
+        return self.forward(*logits)
+
+    def forward(self, *logits: Any) -> Array:
+        """The loss of a call's arguments; the adapters' subclasses compute it with their executors."""
+        return self_classifier_loss(
+            call_argument(logits),
             row_temperature=self.row_temperature,
             col_temperature=self.col_temperature,
             eps=self.eps,
@@ -858,9 +575,10 @@ class SelfClassifierLoss:
         )
 
     def __repr__(self) -> str:
-        gather = "None" if self.gather is None else getattr(self.gather, "__name__", repr(self.gather))
-        return (
-            f"{type(self).__name__}(row_temperature={self.row_temperature}, "
-            f"col_temperature={self.col_temperature}, eps={self.eps}, gather={gather}, "
-            f"check_finite={self.check_finite}, clamp_sums={self.clamp_sums})"
-        )
+        def show(name: str) -> str:
+            value = getattr(self, name)
+            if name == "gather" and callable(value):
+                return getattr(value, "__name__", repr(value))
+            return repr(value)
+
+        return f"{type(self).__name__}({', '.join(f'{name}={show(name)}' for name in self.parameters)})"
