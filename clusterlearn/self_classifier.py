@@ -106,7 +106,6 @@ not an approximation of its value or of its gradient.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
@@ -115,18 +114,8 @@ from typing import Any
 import array_api_compat as aac
 
 from .backend import namespace
-from .self_classifier_guards import (
-    floored_exp,
-    full_like,
-    linear_predictions,
-    linear_targets,
-    log_plus_eps,
-    log_softmax,
-    logsumexp,
-    scaled,
-    shift,
-    tiny,
-)
+from . import self_classifier_closed_form as closed_form
+from .self_classifier_guards import GuardPlan, guard_plan
 from .self_classifier_inputs import (
     Gather,
     call_argument,
@@ -230,36 +219,8 @@ def self_classifier_targets(
     check_logits("logits", logits, xp)
     tau = check_positive("col_temperature", col_temperature)
     floor = None if sum_floor is None else check_positive("sum_floor", sum_floor)
-    return _targets(compute_dtype(logits, xp), tau, floor, rows, xp)
-
-
-def _targets(
-    logits: Array, col_temperature: float, sum_floor: float | None, rows: slice | None, xp: ModuleType
-) -> Array:
-    z = scaled(logits, 0, col_temperature, xp)
-    floor = tiny(xp.finfo(z.dtype))
-    if linear_targets(xp.finfo(z.dtype), z.shape[1], sum_floor):
-        # p / max(sum(p), floor) directly (1 exp, not 2): equal to the log-space value to
-        # rounding by the guard (see clusterlearn.self_classifier_guards).
-        e = floored_exp(z, floor, xp)
-        p = e / xp.sum(e, axis=0, keepdims=True)  # column softmax p(x | y) over all N samples
-        if rows is not None:
-            p = p[rows, :]
-        total = xp.sum(p, axis=1, keepdims=True)
-        return p / xp.maximum(total, full_like(total, sum_floor, xp))
-    log_p = log_softmax(z, 0, xp)  # log p(x | y): column log-softmax over the samples
-    if rows is not None:
-        log_p = log_p[rows, :]
-    # Row L1 normalisation of exp(log_p), shifted by the row maximum m so no row underflows:
-    # p / sum(p) = e / sum(e) with e = exp(log_p - m).
-    m = shift(log_p, 1, xp)  # cancels below in both branches
-    e = floored_exp(log_p - m, floor, xp)
-    total = xp.sum(e, axis=1, keepdims=True)
-    if sum_floor is None:
-        return e / total
-    # p / max(sum(p), floor) = e * exp(m - max(m + log sum(e), log floor)); the exponent is <= 0.
-    log_floor = full_like(m, math.log(sum_floor), xp)
-    return e * xp.exp(m - xp.maximum(m + xp.log(total), log_floor))
+    plan = _one_view_plan(logits, xp, col_temperature=tau, eps=floor or 1.0, sum_floor=floor, rows=rows)
+    return closed_form.targets(plan, compute_dtype(logits, xp)[None, ...])[0][0, ...]
 
 
 def self_classifier_log_predictions(
@@ -300,48 +261,17 @@ def self_classifier_log_predictions(
     tau = check_positive("row_temperature", row_temperature)
     eps = check_positive("eps", eps)
     floor = None if sum_floor is None else check_positive("sum_floor", sum_floor)
-    return _log_predictions(compute_dtype(logits, xp), tau, eps, floor, rows, xp)
+    plan = _one_view_plan(logits, xp, row_temperature=tau, eps=eps, sum_floor=floor, rows=rows)
+    return closed_form.predictions(plan, compute_dtype(logits, xp)[None, ...])[0][0, ...]
 
 
-def _log_predictions(
-    logits: Array,
-    row_temperature: float,
-    eps: float,
-    sum_floor: float | None,
-    rows: slice | None,
-    xp: ModuleType,
-) -> Array:
-    n_global, n_classes = logits.shape
-    z = scaled(logits, 1, row_temperature, xp)
-    if linear_predictions(xp.finfo(z.dtype), n_global, n_classes, eps, sum_floor):
-        # Clamped and eps well above the dtype's resolution: log((N/C)·q/max(Q, floor) + eps)
-        # directly (1 exp + 1 log instead of 3 exp + 3 log), equal to the log-space value to
-        # rounding by the guard, and finite for any finite logits (the log's argument is >= eps).
-        e = floored_exp(z, tiny(xp.finfo(z.dtype)), xp)
-        q = e / xp.sum(e, axis=1, keepdims=True)  # p(y | x)
-        scale = (n_global / n_classes) / xp.maximum(
-            xp.sum(q, axis=0, keepdims=True), full_like(q, sum_floor, xp)
-        )
-        if rows is not None:
-            q = q[rows, :]
-        return xp.log(q * scale + eps)
-    log_q = log_softmax(z, 1, xp)  # log p(y | x)
-    if sum_floor is None:
-        log_pred = log_softmax(log_q, 0, xp)  # log_q − logsumexp over the samples (dim 0)
-    else:
-        log_norm = logsumexp(log_q, 0, xp)  # log of the column sums over the samples
-        log_norm = xp.maximum(log_norm, full_like(log_norm, math.log(sum_floor), xp))
-        log_pred = log_q - log_norm
-    if rows is not None:
-        log_pred = log_pred[rows, :]
-    # log pred <= 0, so a = log(N/C) + log pred <= log(N/C).
-    log_ratio = math.log(n_global / n_classes)
-    return log_plus_eps(log_pred + log_ratio, log_ratio, eps, xp)
-
-
-def _pair_term(target: Array, log_pred: Array, xp: ModuleType) -> Array:
-    """``−(1/n) Σ_n Σ_y target · log_pred`` for (n, C) arrays."""
-    return -xp.sum(target * log_pred) / target.shape[0]
+def _one_view_plan(logits: Array, xp: ModuleType, *, sum_floor: float | None, **kwargs: Any) -> GuardPlan:
+    """The plan of one view's targets or predictions (the other side's temperature unused)."""
+    kwargs = {"row_temperature": 1.0, "col_temperature": 1.0, **kwargs}
+    dtype = compute_dtype(logits, xp).dtype
+    return guard_plan(
+        xp.finfo(dtype), *logits.shape, clamp_sums=sum_floor is not None, sum_floor=sum_floor, pairs=(), **kwargs
+    )
 
 
 def self_classifier_pair_loss(
@@ -460,17 +390,15 @@ def _loss(
     xp, prepared = prepare_heads(heads, names, gather, check_finite)
     total = None
     for views, rows in prepared:
-        full = [compute_dtype(x, xp) for x in views]
-        used_t = sorted({i for i, _ in pairs})
-        used_p = sorted({j for _, j in pairs})
-        targets = {i: _targets(full[i], col_temperature, sum_floor, rows, xp) for i in used_t}
-        log_preds = {
-            j: _log_predictions(full[j], row_temperature, eps, sum_floor, rows, xp) for j in used_p
-        }
-        for i, j in pairs:
-            term = _pair_term(targets[i], log_preds[j], xp)
-            total = term if total is None else total + term
-    out = total / (len(pairs) * len(heads))
+        full = [compute_dtype(v, xp) for v in views]
+        x = xp.stack([xp.astype(v, xp.result_type(*full), copy=False) for v in full])  # the promoted dtype
+        plan = guard_plan(
+            xp.finfo(x.dtype), *x.shape[1:], row_temperature=row_temperature, col_temperature=col_temperature,
+            eps=eps, clamp_sums=sum_floor is not None, pairs=tuple(pairs), rows=rows,
+        )
+        term = closed_form.forward(plan, x)[0]  # recorded by the framework's autograd
+        total = term if total is None else total + term
+    out = total / len(heads)
     if aac.is_numpy_array(out):  # NumPy reductions return scalars: return a 0-d array
         out = xp.asarray(out)
     return out

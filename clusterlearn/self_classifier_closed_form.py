@@ -62,7 +62,9 @@ from .self_classifier_guards import (
 
 Array = Any
 
-__all__ = ["Statistics", "backward", "forward", "partners", "streamed_backward", "streamed_forward"]
+__all__ = [
+    "Statistics", "backward", "forward", "partners", "predictions", "streamed_backward", "streamed_forward", "targets",
+]
 
 
 def partners(plan: GuardPlan, k: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -73,9 +75,12 @@ def partners(plan: GuardPlan, k: int) -> tuple[list[list[int]], list[list[int]]]
     return to_pred, to_target
 
 
-def _combine(x: Sequence[Array], sources: Sequence[Sequence[int]]) -> list[Array]:
-    """``out[i] = Σ_{j ∈ sources[i]} x[j]``."""
-    return [functools.reduce(operator.add, [x[j] for j in js]) for js in sources]
+def _combine(x: Sequence[Array] | Array, sources: Sequence[Sequence[int]]) -> list[Array]:
+    """``out[i] = Σ_{j ∈ sources[i]} x[j]`` (``x`` a list of views or stacked views; zeros if
+    ``sources[i]`` is empty: a view in no pair on that side)."""
+    views = [x[j, ...] for j in range(x.shape[0])] if hasattr(x, "ndim") else x
+    zeros = aac.array_namespace(views[0]).zeros_like(views[0])
+    return [functools.reduce(operator.add, [views[j] for j in js], zeros) for js in sources]
 
 
 def _pad_rows(x: Array, plan: GuardPlan, axis: int, xp: ModuleType) -> Array:
@@ -96,12 +101,62 @@ def _pad_rows(x: Array, plan: GuardPlan, axis: int, xp: ModuleType) -> Array:
 
 def _softmax(x: Array, axis: int, temperature: float, floor: float, xp: ModuleType) -> Array:
     """Softmax of ``x / temperature`` along ``axis`` with ``exp`` floored at ``floor``."""
-    e = floored_exp((x - shift(x, axis, xp)) / temperature, floor, xp)
+    e = floored_exp(scaled(x, axis, temperature, xp), floor, xp)
     return e / xp.sum(e, axis=axis, keepdims=True)
+
+
+def targets(plan: GuardPlan, x: Array) -> tuple[Array, Array, Array]:
+    """Targets of stacked views ``x`` (K, N, C): ``T`` (K, n, C) on the loss rows, the column
+    softmax ``p`` (K, N, C) and the clamp's active rows ``a`` (K, n, 1) (or a 0-d one)."""
+    xp = aac.array_namespace(x)
+    rows, floor = plan.loss_rows, plan.sum_floor
+    if plan.linear_targets:
+        p = _softmax(x, 1, plan.col_temperature, plan.floor_targets, xp)
+        row_sum = xp.sum(p[:, rows, :], axis=2, keepdims=True)
+        target = p[:, rows, :] / xp.maximum(row_sum, full_like(row_sum, floor, xp))
+        return target, p, xp.astype(row_sum > floor, x.dtype)
+    log_p = log_softmax(scaled(x, 1, plan.col_temperature, xp), 1, xp)
+    log_p_rows = log_p[:, rows, :]
+    m = shift(log_p_rows, 2, xp)  # p / Σ p = e / Σ e with e = exp(log p − m): no row underflows
+    e = floored_exp(log_p_rows - m, plan.floor_targets, xp)
+    total = xp.sum(e, axis=2, keepdims=True)
+    target, active = e / total, full_like(x, 1.0, xp)
+    if floor is not None:  # p / max(S, floor) = e / Σ e · exp(min(log S − log floor, 0))
+        excess = m + xp.log(total) - math.log(floor)
+        target = target * xp.exp(xp.minimum(excess, full_like(excess, 0.0, xp)))
+        active = xp.astype(excess > 0, x.dtype)
+    return target, xp.exp(log_p), active
+
+
+def predictions(plan: GuardPlan, x: Array) -> tuple[Array, ...]:
+    """Predictions of stacked views ``x`` (K, N, C): ``LP = log((N/C)·q/Q + eps)`` (K, n, C) on
+    the loss rows, ``π = w / (w + eps)`` (K, n, C), the row softmax ``q`` (K, N, C) and
+    ``q / Q = ρ · ρ_scale`` (``[Σ_n q > floor]`` folded into ``ρ_scale``)."""
+    xp = aac.array_namespace(x)
+    rows, eps, floor = plan.loss_rows, plan.eps, plan.sum_floor
+    ratio = plan.n / plan.c
+    if plan.linear_predictions:
+        q = _softmax(x, 2, plan.row_temperature, plan.floor_predictions, xp)
+        col_sum = xp.sum(q, axis=1, keepdims=True)
+        inv_norm = 1.0 / xp.maximum(col_sum, full_like(col_sum, floor, xp))
+        w = q[:, rows, :] * (inv_norm * ratio)
+        w_eps = w + eps
+        return xp.log(w_eps), w / w_eps, q, q, inv_norm * xp.astype(col_sum > floor, x.dtype)
+    log_q = log_softmax(scaled(x, 2, plan.row_temperature, xp), 2, xp)
+    log_norm = logsumexp(log_q, 1, xp)
+    rho_scale = full_like(x, 1.0, xp)
+    if floor is not None:
+        rho_scale = xp.astype(log_norm > math.log(floor), x.dtype)
+        log_norm = xp.maximum(log_norm, full_like(log_norm, math.log(floor), xp))
+    log_w = log_q[:, rows, :] - log_norm + math.log(ratio)
+    log_pred = log_plus_eps(log_w, math.log(ratio), eps, xp)  # log w <= log(N/C)
+    return log_pred, xp.exp(log_w - log_pred), xp.exp(log_q), xp.exp(log_q - log_norm), rho_scale
 
 
 def forward(plan: GuardPlan, x: Array) -> tuple[Array, tuple[Array, ...]]:
     """Loss of one head from its stacked views, and the residuals :func:`backward` needs.
+
+    Differentiable as it stands (the core's loss records it for the framework's autograd).
 
     Parameters
     ----------
@@ -118,55 +173,9 @@ def forward(plan: GuardPlan, x: Array) -> tuple[Array, tuple[Array, ...]]:
         Six arrays of up to ``K·N·C`` values and three small ones.
     """
     xp = aac.array_namespace(x)
-    rows = plan.loss_rows
-    eps, log_eps = plan.eps, math.log(plan.eps)
-    to_pred, _ = partners(plan, x.shape[0])
-    dtype = x.dtype
-
-    # Targets T (loss rows), the column softmax p (all rows) and the clamp's active rows a.
-    if plan.linear_targets:
-        p = _softmax(x, 1, plan.col_temperature, plan.floor_targets, xp)
-        row_sum = xp.sum(p[:, rows, :], axis=2, keepdims=True)
-        target = p[:, rows, :] / xp.maximum(row_sum, full_like(row_sum, eps, xp))
-        active_t = xp.astype(row_sum > eps, dtype)
-    else:
-        log_p = log_softmax(scaled(x, 1, plan.col_temperature, xp), 1, xp)
-        log_p_rows = log_p[:, rows, :]
-        m = shift(log_p_rows, 2, xp)  # p / Σ p = e / Σ e with e = exp(log p − m): no row underflows
-        e = floored_exp(log_p_rows - m, plan.floor_targets, xp)
-        total = xp.sum(e, axis=2, keepdims=True)
-        target = e / total
-        active_t = full_like(x, 1.0, xp)
-        if plan.clamp_sums:  # p / max(S, eps) = e / Σ e · exp(min(log S − log eps, 0))
-            excess = m + xp.log(total) - log_eps
-            target = target * xp.exp(xp.minimum(excess, full_like(excess, 0.0, xp)))
-            active_t = xp.astype(excess > 0, dtype)
-        p = xp.exp(log_p)
-
-    # Predictions LP (loss rows), π = w / (w + eps), the row softmax q and q / Q = rho · rho_scale.
-    ratio = plan.n / plan.c
-    if plan.linear_predictions:
-        q = _softmax(x, 2, plan.row_temperature, plan.floor_predictions, xp)
-        col_sum = xp.sum(q, axis=1, keepdims=True)
-        inv_norm = 1.0 / xp.maximum(col_sum, full_like(col_sum, eps, xp))
-        w = q[:, rows, :] * (inv_norm * ratio)
-        w_eps = w + eps
-        log_pred = xp.log(w_eps)
-        pi = w / w_eps
-        rho, rho_scale = q, inv_norm * xp.astype(col_sum > eps, dtype)
-    else:
-        log_q = log_softmax(scaled(x, 2, plan.row_temperature, xp), 2, xp)
-        log_norm = logsumexp(log_q, 1, xp)
-        rho_scale = full_like(x, 1.0, xp)
-        if plan.clamp_sums:
-            rho_scale = xp.astype(log_norm > log_eps, dtype)
-            log_norm = xp.maximum(log_norm, full_like(log_norm, log_eps, xp))
-        rho = xp.exp(log_q - log_norm)
-        log_w = log_q[:, rows, :] - log_norm + math.log(ratio)
-        log_pred = log_plus_eps(log_w, math.log(ratio), eps, xp)
-        pi = xp.exp(log_w - log_pred)
-        q = xp.exp(log_q)
-    acc = xp.stack(_combine(log_pred, to_pred))  # A_v = Σ_j LP_j
+    target, p, active_t = targets(plan, x)
+    log_pred, pi, q, rho, rho_scale = predictions(plan, x)
+    acc = xp.stack(_combine(log_pred, partners(plan, x.shape[0])[0]))  # A_v = Σ_j LP_j
     dots = xp.sum(target * acc, axis=2, keepdims=True)  # Σ_y T_v A_v: the loss, and the backward's r
     loss = -xp.sum(dots) / (len(plan.pairs) * plan.num_loss_rows)
     return loss, (p, target, active_t, q, rho, rho_scale, pi, acc, dots)

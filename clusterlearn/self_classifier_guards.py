@@ -90,8 +90,8 @@ class GuardPlan(NamedTuple):
 
     row_temperature: float
     col_temperature: float
-    eps: float
-    clamp_sums: bool
+    eps: float  #: added inside the log of the predictions
+    sum_floor: float | None  #: the L1 normalisations divide by ``max(sum, sum_floor)``; None: exact sums
     n: int  #: rows of the (global) batch
     c: int  #: classes
     rows: tuple[int, int, int]  #: loss rows ``range(*rows)`` within the batch (``slice.indices``)
@@ -102,9 +102,15 @@ class GuardPlan(NamedTuple):
     floor_predictions: float  #: ``exp`` floor of the row softmax
 
     @property
+    def clamp_sums(self) -> bool:
+        """The sums are clamped (at :attr:`sum_floor`)."""
+        return self.sum_floor is not None
+
+    @property
     def linear(self) -> bool:
-        """Both sides in linear space (the fused kernel's and the streamed form's case)."""
-        return self.linear_targets and self.linear_predictions
+        """Both sides in linear space with the sums clamped at ``eps`` (the fused kernel's and
+        the streamed form's case)."""
+        return self.linear_targets and self.linear_predictions and self.sum_floor == self.eps
 
     @property
     def whole(self) -> bool:
@@ -133,15 +139,17 @@ def guard_plan(
     clamp_sums: bool,
     pairs: tuple[tuple[int, int], ...],
     rows: slice | None = None,
+    sum_floor: float | None = None,
 ) -> GuardPlan:
     """The :class:`GuardPlan` of one head: ``(n, c)`` logits of the dtype whose ``finfo`` is given,
-    validated parameters, loss rows ``rows`` (all by default)."""
-    floor = eps if clamp_sums else None
+    validated parameters, loss rows ``rows`` (all by default); with ``clamp_sums`` the sums are
+    clamped at ``sum_floor`` (``eps`` by default)."""
+    floor = (eps if sum_floor is None else float(sum_floor)) if clamp_sums else None
     lin_t = linear_targets(finfo, c, floor)
     lin_p = linear_predictions(finfo, n, c, eps, floor)
     floor_t, floor_p = exp_floors(finfo, n, c, eps)
     return GuardPlan(
-        float(row_temperature), float(col_temperature), float(eps), bool(clamp_sums), int(n), int(c),
+        float(row_temperature), float(col_temperature), float(eps), floor, int(n), int(c),
         (rows or slice(None)).indices(int(n)), tuple(pairs),
         lin_t, lin_p, floor_t if lin_t else tiny(finfo), floor_p if lin_p else tiny(finfo),
     )
