@@ -33,15 +33,13 @@ import numpy as np
 
 from clusterlearn import self_classifier_closed_form as closed_form
 from clusterlearn.self_classifier import SelfClassifierLoss as CoreSelfClassifierLoss
-from clusterlearn.self_classifier import view_pairs
-from clusterlearn.self_classifier_guards import GuardPlan, guard_plan
+from clusterlearn.self_classifier import head_plan
+from clusterlearn.self_classifier_guards import GuardPlan
 from clusterlearn.self_classifier_inputs import (
     Gather,
     call_argument,
     check_gather,
-    check_head,
     check_positive,
-    compute_dtype,
     parse_logits,
     prepare_heads,
 )
@@ -216,17 +214,11 @@ def self_classifier_head_loss(
     0-d array
         Mean over the ``4K − 6`` pairs of :func:`clusterlearn.self_classifier.view_pairs`.
     """
-    views = list(logits)
-    xp = check_head(views, rows)
-    dtype = functools.reduce(jnp.promote_types, [x.dtype for x in views])
-    views = _vary([compute_dtype(x.astype(dtype), xp) for x in views], _varying_axes(views))
-    plan = guard_plan(
-        jnp.finfo(views[0].dtype), *views[0].shape,
-        row_temperature=check_positive("row_temperature", row_temperature),
-        col_temperature=check_positive("col_temperature", col_temperature),
-        eps=check_positive("eps", eps),
-        clamp_sums=clamp_sums, pairs=view_pairs(len(views)), rows=rows,
+    views, plan = head_plan(
+        list(logits), rows, row_temperature=row_temperature, col_temperature=col_temperature, eps=eps,
+        clamp_sums=clamp_sums,
     )
+    views = _vary(views, _varying_axes(views))
     if _native.use_fused(kernel, lambda: _fused_unavailable(views, plan)):
         return _fused_head(plan, tuple(views))
     if plan.linear:
@@ -302,31 +294,10 @@ class SelfClassifierLoss(CoreSelfClassifierLoss):
 
     parameters = (*CoreSelfClassifierLoss.parameters, "kernel")
 
-    def __init__(
-        self,
-        row_temperature: float = 0.1,
-        col_temperature: float = 0.05,
-        eps: float = 1e-12,
-        *args: Gather | None,
-        gather: Gather | None = None,
-        check_finite: bool = True,
-        clamp_sums: bool = True,
-        kernel: str = "auto",
-    ) -> None:
-        super().__init__(
-            row_temperature, col_temperature, eps, *args, gather=gather, check_finite=check_finite, clamp_sums=clamp_sums
-        )
+    def __init__(self, *args: Any, kernel: str = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.kernel = _native.check_kernel(kernel)
 
     def forward(self, *logits: Any) -> jax.Array:
         """The loss of a call's arguments, by :func:`self_classifier_loss`."""
-        return self_classifier_loss(
-            call_argument(logits),
-            row_temperature=self.row_temperature,
-            col_temperature=self.col_temperature,
-            eps=self.eps,
-            gather=self.gather,
-            check_finite=self.check_finite,
-            clamp_sums=self.clamp_sums,
-            kernel=self.kernel,
-        )
+        return self_classifier_loss(call_argument(logits), **self.settings())

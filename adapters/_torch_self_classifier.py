@@ -14,7 +14,6 @@ same :class:`~clusterlearn.self_classifier_guards.GuardPlan`:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -23,16 +22,14 @@ import torch
 
 from clusterlearn import self_classifier_closed_form as closed_form
 from clusterlearn.self_classifier import SelfClassifierLoss as CoreSelfClassifierLoss
-from clusterlearn.self_classifier import view_pairs
-from clusterlearn.self_classifier_guards import GuardPlan, guard_plan
+from clusterlearn.self_classifier import head_plan
+from clusterlearn.self_classifier_guards import GuardPlan
 from clusterlearn.self_classifier_inputs import (
     Gather,
     call_argument,
     check_finite_logits,
     check_gather,
     check_head,
-    check_positive,
-    compute_dtype,
     parse_logits,
     prepare_heads,
 )
@@ -198,22 +195,15 @@ def self_classifier_head_loss(
         Mean over the ``4K − 6`` pairs of :func:`clusterlearn.self_classifier.view_pairs`;
         equal to the core's loss of this head.
     """
-    views = list(logits.unbind(0) if isinstance(logits, torch.Tensor) and logits.ndim == 3 else logits)
-    xp = check_head(views, rows)
-    dtype = functools.reduce(torch.promote_types, [x.dtype for x in views])
-    views = [compute_dtype(x.to(dtype), xp) for x in views]
-    plan = guard_plan(
-        torch.finfo(views[0].dtype), *views[0].shape,
-        row_temperature=check_positive("row_temperature", row_temperature),
-        col_temperature=check_positive("col_temperature", col_temperature),
-        eps=check_positive("eps", eps),
-        clamp_sums=clamp_sums, pairs=view_pairs(len(views)), rows=rows,
+    views, plan = head_plan(
+        list(logits.unbind(0) if isinstance(logits, torch.Tensor) and logits.ndim == 3 else logits), rows,
+        row_temperature=row_temperature, col_temperature=col_temperature, eps=eps, clamp_sums=clamp_sums,
     )
     if _native.use_fused(kernel, lambda: _fused_unavailable(views, plan)):
         gradient = torch.is_grad_enabled() and any(x.requires_grad for x in views)
         return FusedSelfClassifierFunction.apply(plan, finite_names, gradient, *views)
     for name, x in zip(finite_names or (), views):
-        check_finite_logits(name, x, xp)
+        check_finite_logits(name, x, namespace(logits=x))
     return SelfClassifierFunction.apply(plan, *views)
 
 

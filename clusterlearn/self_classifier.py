@@ -120,6 +120,7 @@ from .self_classifier_inputs import (
     Gather,
     call_argument,
     check_gather,
+    check_head,
     check_logits,
     check_positive,
     compute_dtype,
@@ -136,6 +137,7 @@ __all__ = [
     "self_classifier_targets",
     "self_classifier_log_predictions",
     "view_pairs",
+    "head_plan",
     "NUM_GLOBAL_VIEWS",
 ]
 
@@ -375,6 +377,51 @@ def self_classifier_loss(
     )
 
 
+def head_plan(
+    views: Sequence[Array],
+    rows: slice | None = None,
+    *,
+    row_temperature: float = 0.1,
+    col_temperature: float = 0.05,
+    eps: float = 1e-12,
+    clamp_sums: bool = True,
+    pairs: Sequence[tuple[int, int]] | None = None,
+) -> tuple[list[Array], GuardPlan]:
+    """The first step of every executor of one head's loss (the core's, the adapters' closed
+    form and fused kernel): check the head, bring it to one dtype, build its guard plan.
+
+    Parameters
+    ----------
+    views : sequence of K arrays of shape (N, C), real floating
+        The head's (gathered) views; checked with :func:`~clusterlearn.self_classifier_inputs.check_head`.
+    rows : slice, optional
+        This process's rows of a gathered global batch (all rows by default).
+    row_temperature, col_temperature, eps, clamp_sums
+        As in :class:`SelfClassifierLoss` (checked).
+    pairs : sequence of (int, int), optional
+        The ordered (target, prediction) view pairs; :func:`view_pairs` ``(K)`` by default.
+
+    Returns
+    -------
+    views : list of K arrays of shape (N, C)
+        In the dtype the loss computes in: the views' promoted dtype, float32 for half precision.
+    plan : GuardPlan
+        The head's :class:`~clusterlearn.self_classifier_guards.GuardPlan`.
+    """
+    xp = check_head(views, rows)
+    full = [compute_dtype(x, xp) for x in views]
+    dtype = xp.result_type(*full)
+    full = [xp.astype(x, dtype, copy=False) for x in full]
+    plan = guard_plan(
+        xp.finfo(dtype), *full[0].shape,
+        row_temperature=check_positive("row_temperature", row_temperature),
+        col_temperature=check_positive("col_temperature", col_temperature),
+        eps=check_positive("eps", eps), clamp_sums=bool(clamp_sums),
+        pairs=tuple(view_pairs(len(full)) if pairs is None else pairs), rows=rows,
+    )
+    return full, plan
+
+
 def _loss(
     heads: list[list[Array]],
     names: list[list[str]],
@@ -390,13 +437,11 @@ def _loss(
     xp, prepared = prepare_heads(heads, names, gather, check_finite)
     total = None
     for views, rows in prepared:
-        full = [compute_dtype(v, xp) for v in views]
-        x = xp.stack([xp.astype(v, xp.result_type(*full), copy=False) for v in full])  # the promoted dtype
-        plan = guard_plan(
-            xp.finfo(x.dtype), *x.shape[1:], row_temperature=row_temperature, col_temperature=col_temperature,
-            eps=eps, clamp_sums=sum_floor is not None, pairs=tuple(pairs), rows=rows,
+        full, plan = head_plan(
+            views, rows, row_temperature=row_temperature, col_temperature=col_temperature, eps=eps,
+            clamp_sums=sum_floor is not None, pairs=pairs,
         )
-        term = closed_form.forward(plan, x)[0]  # recorded by the framework's autograd
+        term = closed_form.forward(plan, xp.stack(full))[0]  # recorded by the framework's autograd
         total = term if total is None else total + term
     out = total / len(heads)
     if aac.is_numpy_array(out):  # NumPy reductions return scalars: return a 0-d array
@@ -490,17 +535,15 @@ class SelfClassifierLoss:
         """Loss of ``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
         return self.forward(*logits)
 
+    def settings(self) -> dict[str, Any]:
+        """The constructor's parameters (:attr:`parameters`) and their values: the keyword
+        arguments of the loss function this object calls."""
+        return {name: getattr(self, name) for name in self.parameters}
+
     def forward(self, *logits: Any) -> Array:
-        """The loss of a call's arguments; the adapters' subclasses compute it with their executors."""
-        return self_classifier_loss(
-            call_argument(logits),
-            row_temperature=self.row_temperature,
-            col_temperature=self.col_temperature,
-            eps=self.eps,
-            gather=self.gather,
-            check_finite=self.check_finite,
-            clamp_sums=self.clamp_sums,
-        )
+        """The loss of a call's arguments, by :func:`self_classifier_loss` (the adapters' losses
+        call their own executors with the same :meth:`settings`)."""
+        return self_classifier_loss(call_argument(logits), **self.settings())
 
     def __repr__(self) -> str:
         def show(name: str) -> str:
