@@ -212,20 +212,12 @@ class SelfClassifierLoss(torch.nn.Module, CoreSelfClassifierLoss):
 
     Parameters
     ----------
-    row_temperature : float, default 0.1
-        ``τ_row > 0`` of the row softmax ``p(y|x)`` (predictions).
-    col_temperature : float, default 0.05
-        ``τ_col > 0`` of the column softmax ``p(x|y)`` (targets).
-    eps : float, default 1e-12
-        ``eps > 0`` inside ``log((N/C)·pred + eps)`` and (``clamp_sums``) the sums' floor.
-    clamp_sums : bool, default True
-        Divide the L1 normalisations by ``max(sum, eps)`` (the reference) or the exact sums.
-    check_finite : bool, default True
-        Raise ValueError on NaN/inf in the (gathered) logits (one pass and a device sync).
+    row_temperature, col_temperature, eps, check_finite, clamp_sums
+        As in the core's :class:`~clusterlearn.SelfClassifierLoss` (same defaults).
     gather : "auto", None or callable, default "auto"
         ``None``: the local batch only. A callable with the core's contract
         ``gather(local (n, C)) -> (global (N, C), rows slice)`` whose backward sums the
-        gradient over processes. ``"auto"``: :func:`clusterlearn.adapters._torch_distributed.all_gather_with_grad`
+        gradient over processes. ``"auto"``: :func:`clusterlearn.adapters.torch.all_gather_with_grad`
         when ``torch.distributed`` is initialised with more than one process (decided at each
         call), else none. The loss is computed on the global logits, averaged over this
         process's rows, and its gradient flows back through the gather to the local logits.

@@ -32,32 +32,24 @@ Numerics
 --------
 Logits of any finite magnitude give a finite loss and finite gradients: every softmax is
 max-shifted (before dividing by τ, which can overflow) and no log is taken of a quantity that
-can underflow to 0. The log-space form below subtracts log-probabilities of magnitude up to
+can underflow to 0. The log-space form subtracts log-probabilities of magnitude up to
 |s|/τ, so its error grows with |s|/τ · (dtype eps): float32 logits agree with float64 within
 8 · u · max|s| · ‖∇_s L‖₁ to first order (u the dtype's unit roundoff; about 1 % of the loss
 for logits of 1e4 at τ = 0.05: the bound the tests check), logits of 1e30 give a finite loss
-up to 1 % off. The linear-space form is unaffected. The quantity above is computed in one of
-two ways, equal to rounding:
+up to 1 % off. The linear-space form is unaffected. The two forms agree to rounding:
 
-- in log space (``clamp_sums=False``, or an ``eps`` too small for the dtype to resolve what
-  underflows below it: in float32 roughly ``eps < 4e-15 · sqrt(N/C)``)::
-
-      log_q                 = log_softmax(s/τ_row, dim 1)                          # log p(y|x)
-      log pred              = log_q − logsumexp_dim0(log_q)        (clamped: − max(logsumexp_dim0(log_q), log eps))
-      log((N/C)·pred + eps) = logaddexp(log(N/C) + log pred, log eps)
-      log p(x|y)            = log_softmax(s/τ_col, dim 0)
-      target                = exp(log p(x|y) − logsumexp_dim1(log p(x|y)))   (clamped: − max(..., log eps))
-
-  with the row maximum subtracted before exponentiating, so unclaimed rows do not underflow;
-- in linear space for the clamped loss when ``eps`` resolves (``eps = 1e-12``: always in
-  float64, in float32 while ``N/C < 78,000``): ``target = p / max(Σ_y p, eps)`` and
-  ``log((N/C)·q / max(Σ_n q, eps) + eps)`` with max-shifted softmaxes ``p``, ``q``, i.e. the
-  reference implementation's arithmetic, with 2 instead of 5 full-size ``exp`` per view.
+- linear space, the reference implementation's arithmetic (max-shifted softmaxes ``p``, ``q``,
+  ``target = p / max(Σ_y p, eps)``, ``log((N/C)·q / max(Σ_n q, eps) + eps)``), where the dtype
+  resolves what the ``exp`` floors drop (``eps = 1e-12``: always in float64, in float32 while
+  ``N/C < 78,000``);
+- log space (log-softmaxes and log-sum-exps, each row's maximum subtracted before
+  exponentiating so that unclaimed rows do not underflow): ``clamp_sums=False`` or a tiny ``eps``.
 
 Which form each side takes, and the floors of ``exp`` (it never underflows to slow denormal
-numbers), are the guards of :mod:`clusterlearn.self_classifier_guards`, their only home: the
-closed-form gradient (:mod:`clusterlearn.self_classifier_closed_form`), the adapters and the
-fused kernel read them from there. On PyTorch CPU, denormal numbers in the backward pass of
+numbers), are the :class:`~clusterlearn.self_classifier_guards.GuardPlan`, their only home. The
+arithmetic itself is :func:`clusterlearn.self_classifier_closed_form.forward`, which this
+module's loss records for the framework's autograd and whose gradient is written out there for
+the adapters. On PyTorch CPU, denormal numbers in the backward pass of
 this module's autograd still cost time; ``torch.set_flush_denormal(True)`` avoids that.
 
 Nothing is detached: gradients flow through the targets as well as the predictions. (The

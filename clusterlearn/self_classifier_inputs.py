@@ -87,7 +87,6 @@ def compute_dtype(x: Array, xp: ModuleType) -> Array:
     return x
 
 
-
 def _is_seq(x: Any) -> bool:
     return isinstance(x, (list, tuple))
 
@@ -152,6 +151,16 @@ def _gathered(
     return g, rows
 
 
+def _check_views(views: Sequence[Array], labels: Sequence[str], xp: ModuleType, min_rows: int) -> None:
+    """The checks of one head's views: each a valid logits array, all of one shape."""
+    for x, name in zip(views, labels):
+        check_logits(name, x, xp, min_rows=min_rows)
+        if tuple(x.shape) != tuple(views[0].shape):
+            raise ValueError(
+                f"views of one head must have the same shape: {labels[0]} has {tuple(views[0].shape)}, "
+                f"{name} has {tuple(x.shape)}"
+            )
+
 
 def check_head(views: Sequence[Array], rows: slice | None) -> ModuleType:
     """Check the K views of one head (a per-head loss's input); return their namespace.
@@ -163,12 +172,7 @@ def check_head(views: Sequence[Array], rows: slice | None) -> ModuleType:
     check_same_device(**named)
     if len(views) < 2:
         raise ValueError(f"need at least 2 views, got {len(views)}")
-    for v, x in enumerate(views):
-        check_logits(f"logits[{v}]", x, xp, min_rows=1 if rows is not None else 2)
-        if tuple(x.shape) != tuple(views[0].shape):
-            raise ValueError(
-                f"views of one head must have the same shape, got {tuple(views[0].shape)} and {tuple(x.shape)}"
-            )
+    _check_views(views, list(named), xp, 1 if rows is not None else 2)
     if rows is not None:
         n = views[0].shape[0]
         if not isinstance(rows, slice):
@@ -194,17 +198,8 @@ def prepare_heads(
     xp = namespace(**named)
     check_same_device(**named)
 
-    min_rows = 1 if gather is not None else 2
     for views, labels in zip(heads, names):
-        for x, name in zip(views, labels):
-            check_logits(name, x, xp, min_rows=min_rows)
-        shape = tuple(views[0].shape)
-        for x, name in zip(views[1:], labels[1:]):
-            if tuple(x.shape) != shape:
-                raise ValueError(
-                    f"views of one head must have the same shape: {labels[0]} has {shape}, "
-                    f"{name} has {tuple(x.shape)}"
-                )
+        _check_views(views, labels, xp, 1 if gather is not None else 2)
 
     prepared = []
     for views, labels in zip(heads, names):
@@ -233,7 +228,6 @@ def prepare_heads(
             rows = None  # whole batch: skip the no-op slice
         prepared.append((full, rows))
     return xp, prepared
-
 
 
 def call_argument(logits: tuple[Any, ...]) -> Any:
