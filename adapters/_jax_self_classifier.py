@@ -165,22 +165,6 @@ def _fused_bwd(plan: GuardPlan, res: tuple, grad: jax.Array) -> tuple[tuple[jax.
 _fused_head.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _fused_unavailable(views: Sequence[jax.Array], plan: GuardPlan) -> str | None:
-    """Why the fused kernel cannot compute this head (``None``: it can)."""
-    dtype = views[0].dtype
-    if jax.default_backend() != "cpu":
-        return f"JAX computes on {jax.default_backend()}, the kernel runs on the CPU"
-    if plan.rows[2] != 1:
-        return f"the kernel takes contiguous loss rows, got rows={plan.loss_rows}"
-    if dtype not in (jnp.float32, jnp.float64):
-        return f"the kernel computes in float32 or float64, the logits are {dtype}"
-    if not plan.linear:
-        return _native.LOG_SPACE
-    if _native.xla_targets() is None:
-        return _native.NOT_BUILT
-    return None
-
-
 def self_classifier_head_loss(
     logits: jax.Array | Sequence[jax.Array],
     *,
@@ -219,7 +203,9 @@ def self_classifier_head_loss(
         clamp_sums=clamp_sums,
     )
     views = _vary(views, _varying_axes(views))
-    if _native.use_fused(kernel, lambda: _fused_unavailable(views, plan)):
+    backend = jax.default_backend()
+    elsewhere = None if backend == "cpu" else f"JAX computes on {backend}"
+    if _native.use_fused(kernel, lambda: _native.unavailable(plan, elsewhere, views[0].dtype, _native.xla_targets)):
         return _fused_head(plan, tuple(views))
     if plan.linear:
         return _streamed_head(plan, tuple(views))

@@ -40,6 +40,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from clusterlearn.self_classifier_guards import GuardPlan
 
@@ -50,7 +51,7 @@ except ImportError:  # not POSIX: the kernel is not built (see _load)
 
 __all__ = [
     "CACHE_BYTES", "KERNELS", "LOG_SPACE", "NOT_BUILT", "XLA_TARGETS", "Params", "cache_size", "check_kernel",
-    "gradient_scale", "kernel", "march", "params", "pointers", "use_fused", "xla_targets",
+    "gradient_scale", "kernel", "march", "params", "pointers", "unavailable", "use_fused", "xla_targets",
 ]
 
 #: The adapters' ``kernel=`` choices: the fused kernel where it applies, always, or never.
@@ -76,6 +77,21 @@ def use_fused(kernel: str, why_not: Callable[[], str | None]) -> bool:
     if why is not None and kernel == "fused":
         raise ValueError(f"kernel='fused' cannot compute this loss: {why}")
     return why is None
+
+
+def unavailable(plan: GuardPlan, elsewhere: str | None, dtype: Any, built: Callable[[], Any]) -> str | None:
+    """Why the fused kernel cannot compute a head under ``plan`` (``None``: it can): ``elsewhere``
+    says where the logits are if not on the CPU, ``dtype`` is theirs, ``built()`` loads the kernel."""
+    if elsewhere is not None:
+        return f"{elsewhere}, the kernel runs on the CPU"
+    if plan.rows[2] != 1:
+        return f"the kernel takes contiguous loss rows, got rows={plan.loss_rows}"
+    if str(dtype).rpartition(".")[2] not in ("float32", "float64"):
+        return f"the kernel computes in float32 or float64, the logits are {dtype}"
+    if not plan.linear:
+        return LOG_SPACE
+    return NOT_BUILT if built() is None else None
+
 
 _SOURCE = Path(__file__).with_name("_self_classifier_kernel.cpp")
 _XLA_SOURCE = Path(__file__).with_name("_self_classifier_xla.cpp")

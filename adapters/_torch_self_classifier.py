@@ -140,22 +140,6 @@ class FusedSelfClassifierFunction(torch.autograd.Function):
         return (None, None, None, *g0.unbind(0))
 
 
-def _fused_unavailable(views: Sequence[torch.Tensor], plan: GuardPlan) -> str | None:
-    """Why the fused kernel cannot compute this head (``None``: it can)."""
-    dtype = views[0].dtype
-    if views[0].device.type != "cpu":
-        return f"the logits are on {views[0].device}, the kernel runs on the CPU"
-    if plan.rows[2] != 1:
-        return f"the kernel takes contiguous loss rows, got rows={plan.loss_rows}"
-    if dtype not in (torch.float32, torch.float64):
-        return f"the kernel computes in float32 or float64, the logits are {dtype}"
-    if not plan.linear:
-        return _native.LOG_SPACE
-    if _native.kernel() is None:
-        return _native.NOT_BUILT
-    return None
-
-
 def self_classifier_head_loss(
     logits: torch.Tensor | Sequence[torch.Tensor],
     *,
@@ -199,7 +183,9 @@ def self_classifier_head_loss(
         list(logits.unbind(0) if isinstance(logits, torch.Tensor) and logits.ndim == 3 else logits), rows,
         row_temperature=row_temperature, col_temperature=col_temperature, eps=eps, clamp_sums=clamp_sums,
     )
-    if _native.use_fused(kernel, lambda: _fused_unavailable(views, plan)):
+    device = views[0].device
+    elsewhere = None if device.type == "cpu" else f"the logits are on {device}"
+    if _native.use_fused(kernel, lambda: _native.unavailable(plan, elsewhere, views[0].dtype, _native.kernel)):
         gradient = torch.is_grad_enabled() and any(x.requires_grad for x in views)
         return FusedSelfClassifierFunction.apply(plan, finite_names, gradient, *views)
     for name, x in zip(finite_names or (), views):
