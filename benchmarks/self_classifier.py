@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from collections.abc import Callable
 
@@ -43,6 +42,7 @@ import numpy as np
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from clusterlearn.self_classifier import SelfClassifierLoss  # noqa: E402
+from machine import cpu_description  # noqa: E402  (benchmarks/, the script's folder)
 
 #: Row label and column order of the timed steps (``ce`` is the baseline).
 STEPS = {
@@ -75,24 +75,6 @@ def best_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str
             steps[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: min(t) for name, t in times.items()}
-
-
-def cpu_description() -> str:
-    """The CPU's model name and widest x86 vector extension, e.g. ``AMD EPYC, AVX2``.
-
-    The ratios depend on both: cross-entropy and the fused kernel gain differently from wider
-    vectors (the kernel is built with ``-march=native`` unless ``CLUSTERLEARN_MARCH`` names
-    another instruction set).
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in f)}
-    except OSError:
-        info = {}
-    model = info.get("model name") or platform.processor() or platform.machine()
-    flags = set((info.get("flags") or info.get("Features") or "").split())
-    simd = next((name.upper().replace("512F", "-512") for name in ("avx512f", "avx2", "avx") if name in flags), "")
-    return f"{model}, {simd}" if simd else model
 
 
 def repeats_for(n: int, c: int) -> int:
