@@ -48,19 +48,16 @@ TOP = "top"  # the top layer's name in the parameter and optimiser-state trees
 TOP_STD = 0.01  # the reference initialises the top layer's weights with N(0, 0.01²), its bias with 0
 PRESETS = {
     "imagenet": {"epochs": 500, "batch_size": 256, "arch": "resnet50", "width": 64, "resolution": 224, "workers": 8,
-                 "flip": True, "clusters": 10_000, "pca_dim": 256, "lr": 0.05, "min_scale": 0.08},
+                 "flip": True, "colour": True, "clusters": 10_000, "pca_dim": 256, "lr": 0.05, "min_scale": 0.08},
     "demo": {"epochs": 40, "batch_size": 64, "arch": "resnet18", "width": 16, "resolution": 16, "workers": 0,
-             "flip": False, "clusters": 10, "pca_dim": 32, "lr": 0.05, "min_scale": 0.5},
+             "flip": False, "colour": False, "clusters": 10, "pca_dim": 32, "lr": 0.05, "min_scale": 0.5},
 }
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """The command line, with the ImageNet or demo preset filled in."""
     parser = runs.PresetParser(PRESETS, description=__doc__)
-    runs.add_common_arguments(parser, jc.ARCHS, workers_help=jc.WORKERS_HELP)
-    parser.add_preset("--width", type=runs.positive_int, help="channels of the ResNet's first stage")
-    parser.add_preset("--flip", action=argparse.BooleanOptionalAction,
-                      help="random horizontal flips (off for digits: a flip changes what they show)")
+    jc.add_arguments(parser)
     parser.add_preset("--clusters", type=runs.positive_int, help="k of k-means")
     parser.add_preset("--pca-dim", type=runs.positive_int, help="PCA-whitened dimension before k-means")
     parser.add_preset("--lr", type=runs.positive_float, help="SGD learning rate (momentum 0.9)")

@@ -42,9 +42,11 @@ from clusterlearn.deepcluster import DeepClusterLabeler
 METHOD = "deepcluster"
 PRESETS = {
     "imagenet": {"epochs": 500, "batch_size": 256, "arch": "resnet50", "resolution": 224, "workers": 8,
-                 "width": 64, "flip": True, "colour": True, "clusters": 10_000, "pca_dim": 256, "lr": 0.05, "min_scale": 0.08},
+                 "width": 64, "flip": True, "colour": True, "clusters": 10_000, "pca_dim": 256, "lr": 0.05, "min_scale": 0.08,
+                 "sobel": False},
     "demo": {"epochs": 15, "batch_size": 64, "arch": "resnet18", "resolution": 16, "workers": 0,
-             "width": 32, "flip": False, "colour": False, "clusters": 10, "pca_dim": 32, "lr": 0.05, "min_scale": 0.5},
+             "width": 32, "flip": False, "colour": False, "clusters": 10, "pca_dim": 32, "lr": 0.05, "min_scale": 0.5,
+             "sobel": False},
 }
 
 
@@ -60,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
                         help="k-means implementation (auto: faiss when installed; default: auto)")
     parser.add_argument("--kmeans-iters", type=common.positive_int, default=20, help="(default: 20)")
     parser.add_preset("--min-scale", type=common.unit_float, help="smallest area fraction of a random resized crop")
+    parser.add_preset("--sobel", action=argparse.BooleanOptionalAction,
+                      help="a fixed Sobel filter in front of the network (the paper's; removes colour and brightness)")
     return parser, parser.parse_args(argv)
 
 
@@ -69,12 +73,38 @@ def augmentation(resolution: int, min_scale: float, flip: bool = True) -> T.Comp
                       *([T.RandomHorizontalFlip()] if flip else []), common.normalize()])
 
 
-class DeepClusterNet(nn.Module):
-    """Backbone (pooled features, what k-means clusters) and the k-way top layer."""
+class Sobel(nn.Module):
+    """The paper's fixed input filter: grey level (the mean of the channels), then its horizontal and
+    vertical Sobel derivatives, (B, 3, H, W) -> (B, 2, H, W). It removes colour and uniform
+    brightness, which k-means of a fresh network's features would otherwise cluster on."""
 
-    def __init__(self, arch: str, num_clusters: int, small_input: bool = False, base_width: int = 64) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.backbone, width = common.backbone(arch, small_input, base_width)
+        dx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+        self.register_buffer("weight", torch.stack([dx, dx.T])[:, None].repeat(1, 3, 1, 1) / 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight.to(x.dtype), padding=1)
+
+
+def sobel_backbone(arch: str, small_input: bool, width: int) -> tuple[nn.Module, int]:
+    """:func:`common.backbone` behind :class:`Sobel`, its first convolution taking the 2 derivatives."""
+    net, features = common.backbone(arch, small_input, width)
+    first = net.conv1
+    net.conv1 = nn.Conv2d(2, first.out_channels, first.kernel_size, first.stride, first.padding, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(Sobel(), net), features
+
+
+class DeepClusterNet(nn.Module):
+    """Backbone (pooled features, what k-means clusters; behind a fixed Sobel filter with ``sobel``)
+    and the k-way top layer."""
+
+    def __init__(self, arch: str, num_clusters: int, small_input: bool = False, base_width: int = 64,
+                 sobel: bool = False) -> None:
+        super().__init__()
+        build = sobel_backbone if sobel else common.backbone
+        self.backbone, width = build(arch, small_input, base_width)
         self.top = nn.Linear(width, num_clusters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +172,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     sampler = clt.UniformClusterSampler(torch.zeros(n, dtype=torch.int64), n, seed=args.seed,
                                         num_replicas=ctx.world_size, rank=ctx.rank)  # labels set each epoch
     train_loader, eval_loader = common.loaders(parser, args, data, augmentation(args.resolution, args.min_scale, args.flip), ctx, sampler)
-    net = DeepClusterNet(args.arch, args.clusters, common.small_input(args.resolution), args.width).to(ctx.device)
+    net = DeepClusterNet(args.arch, args.clusters, common.small_input(args.resolution), args.width, args.sobel).to(ctx.device)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     labeler = DeepClusterLabeler(args.clusters, pca_dim=args.pca_dim, n_iter=args.kmeans_iters, seed=args.seed,
                                  backend=args.kmeans_backend)
