@@ -47,6 +47,9 @@ PRESETS = {
     "demo": {"epochs": 15, "batch_size": 64, "arch": "resnet18", "resolution": 16, "workers": 0,
              "width": 32, "flip": False, "colour": False, "clusters": 10, "pca_dim": 32, "lr": 0.05, "min_scale": 0.5,
              "sobel": False},
+    # the demo's values (with runs.SMALL_DATA) behind the paper's Sobel filter, without which k-means of a
+    # fresh network's features groups grey levels and strokes, not shapes (see the README's DeepCluster notes)
+    "small": {"sobel": True},
 }
 
 
