@@ -2,7 +2,7 @@
 
 ImageNet (the paper's settings are the defaults: k = 10,000, PCA-whitening to 256 + L2,
 SGD lr 0.05, momentum 0.9, weight decay 1e-5, batch 256, 500 epochs; ResNet-50 here instead of
-the paper's AlexNet, and no Sobel filter)::
+the paper's AlexNet, and no Sobel filter unless ``--sobel``)::
 
     python examples/imagenet_deepcluster_jax.py --data /path/to/imagenet/train
 
@@ -11,6 +11,13 @@ ResNet-18 (width 16, 3×3 stem), no flips and crops of area [0.5, 1] (as the tor
 PCA to 32 dimensions, 10 clusters, 40 epochs of batch 64 on the CPU (a few minutes)::
 
     python examples/imagenet_deepcluster_jax.py
+
+A small ImageFolder tree (at most 20,000 images: ``--preset small``, chosen by default) gets the
+demo's settings behind the paper's fixed Sobel filter (``--sobel``: grey level, then its two
+derivatives), 15 epochs; without the filter, k-means of the network's features groups images by
+their grey levels (the background's brightness) rather than their shapes, and training reinforces that::
+
+    python examples/imagenet_deepcluster_jax.py --data DIR --arch resnet18 --resolution 28 --width 32 --clusters 10 --workers 0 --flip --no-colour
 
 Each epoch: features of the whole data set (the backbone's pooled features of centre crops,
 BatchNorm in inference mode, sharded over the mesh), ``clusterlearn.DeepClusterLabeler``

@@ -2,7 +2,7 @@
 
 ImageNet (the paper's settings are the defaults: k = 10,000, PCA-whitening to 256 + L2,
 SGD lr 0.05, momentum 0.9, weight decay 1e-5, batch 256, 500 epochs; ResNet-50 here instead of
-the paper's AlexNet, and no Sobel filter)::
+the paper's AlexNet, and no Sobel filter unless ``--sobel``)::
 
     torchrun --nproc_per_node=8 examples/imagenet_deepcluster_torch.py --data /path/to/imagenet/train
 
@@ -11,6 +11,13 @@ The demo (no --data): scikit-learn's 1797 digits upscaled to 16×16 RGB, a half-
 epochs on the CPU::
 
     python examples/imagenet_deepcluster_torch.py
+
+A small ImageFolder tree (at most 20,000 images: ``--preset small``, chosen by default) gets the
+demo's settings behind the paper's fixed Sobel filter (``--sobel``: grey level, then its two
+derivatives), 15 epochs; without the filter, k-means of the network's features groups images by
+their grey levels (the background's brightness) rather than their shapes, and training reinforces that::
+
+    python examples/imagenet_deepcluster_torch.py --data DIR --arch resnet18 --resolution 28 --width 32 --clusters 10 --workers 0 --flip --no-colour
 
 Each epoch: features of the whole data set (no augmentation, eval mode, every rank extracts
 its shard and gathers), PCA-whitening + L2 + k-means on rank 0 (broadcast), a re-initialised
@@ -48,7 +55,7 @@ PRESETS = {
              "width": 32, "flip": False, "colour": False, "clusters": 10, "pca_dim": 32, "lr": 0.05, "min_scale": 0.5,
              "sobel": False},
     # the demo's values (with runs.SMALL_DATA) behind the paper's Sobel filter, without which k-means of a
-    # fresh network's features groups grey levels and strokes, not shapes (see the README's DeepCluster notes)
+    # fresh network's features groups grey levels, not shapes (see the README's DeepCluster notes)
     "small": {"sobel": True},
 }
 
