@@ -48,17 +48,16 @@ METHOD = "odc"
 FEAT_DIM = 256
 PRESETS = {
     "imagenet": {"epochs": 400, "batch_size": 512, "arch": "resnet50", "width": 64, "resolution": 224, "workers": 8,
-                 "clusters": 10_000, "lr": 0.03, "lr_steps": [360], "min_scale": 0.08},
+                 "flip": True, "colour": True, "clusters": 10_000, "lr": 0.03, "lr_steps": [360], "min_scale": 0.08},
     "demo": {"epochs": 40, "batch_size": 64, "arch": "resnet18", "width": 16, "resolution": 16, "workers": 0,
-             "clusters": 10, "lr": 0.03, "lr_steps": [34], "min_scale": 0.5},
+             "flip": True, "colour": True, "clusters": 10, "lr": 0.03, "lr_steps": [34], "min_scale": 0.5},
 }
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """The command line, with the ImageNet or demo preset filled in."""
     parser = runs.PresetParser(PRESETS, description=__doc__)
-    runs.add_common_arguments(parser, jc.ARCHS, workers_help=jc.WORKERS_HELP)
-    parser.add_preset("--width", type=runs.positive_int, help="channels of the ResNet's first stage")
+    jc.add_arguments(parser)
     parser.add_preset("--clusters", type=runs.positive_int, help="number of clusters C")
     parser.add_preset("--lr", type=runs.positive_float, help="SGD learning rate (momentum 0.9)")
     parser.add_preset("--lr-steps", type=runs.positive_int_list, help="epochs after which the lr drops ×0.1")
@@ -170,7 +169,7 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
     show = args.progress
     steps = len(data) // args.batch_size
     opt = Optimizer(args.lr, tuple(sorted(args.lr_steps)), args.weight_decay, steps)
-    spec = view(args.resolution, args.min_scale)
+    spec = jc.with_options(view(args.resolution, args.min_scale), flip=args.flip, colour=args.colour)
     key = jax.random.key(args.seed) if ckpt is None else jc.key_from_data(ckpt["rng/key"])
     init_key, train_key = jax.random.split(key)
     train_def, eval_def, params, stats = jc.init_model(ODCNet, (args.arch, args.width, args.resolution, args.clusters), init_key)
