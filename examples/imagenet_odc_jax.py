@@ -10,6 +10,12 @@ ResNet-18 (width 16, 3×3 stem), 10 clusters, 40 epochs on the CPU (about 4 minu
 
     python examples/imagenet_odc_jax.py
 
+Training starts from k-means of the random network's features (eval mode). For
+``--label-warmup`` epochs (default 1) the labels stay fixed while the memory collects the
+training-mode features of augmented views; then the centroids are recomputed from them and
+re-labelling begins (``--label-warmup 0``: the reference's schedule, whose first epoch
+re-labels against centroids of features the training never produces).
+
 Each iteration is one jitted step over a mesh of all local devices (batch sharded along
 "data", parameters replicated): augmentation on the devices, features ``f = neck(backbone(x))``
 (neck width → width → 256 with BatchNorm/ReLU), cross-entropy of ``head(f)`` against the
