@@ -54,7 +54,7 @@ print(json.dumps(dict(
     loaded=lib is not None, close=abs(float(got) - float(want)) <= bound,
     warnings=[str(w.message) for w in caught if "clusterlearn" in str(w.message)], modes=modes,
 )))
-""".replace("TESTS", repr(str(Path(__file__).parent)))
+""".replace("TESTS", repr(str(Path(__file__).parents[1])))  # tests/, where bounds.py is
 
 
 def run_child(code: str, cache: Path, **env: str) -> dict:

@@ -268,7 +268,7 @@ def test_odc_checkpoint_in_the_previous_state_dict_format_loads() -> None:
     tests/data/odc_stream_v0.npz) loads with ``torch.load(weights_only=True)``, the old key is
     checked, not ignored, and the run continues with the recorded statistics up to the first
     small-cluster handling (see tests/test_odc_state.py)."""
-    with np.load(os.path.join(os.path.dirname(__file__), "data", "odc_stream_v0.npz")) as z:
+    with np.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "odc_stream_v0.npz")) as z:
         data = {k: z[k] for k in z.files}
     old = {k.split("/", 1)[1]: (torch.from_numpy(v) if v.ndim else v.item()) for k, v in data.items() if k.startswith("before/")}
     assert old["assign"] == "l2" and "metric" not in old
