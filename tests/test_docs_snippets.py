@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -67,6 +68,23 @@ N = 256
 features = jnp.asarray(rng.standard_normal((N, 16), dtype=np.float32))  # a network's (N, D) features
 batches = [(jnp.asarray(rng.permutation(N)[:32]), jnp.asarray(rng.standard_normal((32, 16), dtype=np.float32)))
            for _ in range(3)]                                      # (indices, features) per step
+""",
+    # frozen features of 5 classes, for the evaluation page
+    "frozen": """
+import numpy as np
+rng = np.random.default_rng(0)
+num_classes = 5
+labels = np.repeat(np.arange(num_classes), 60)
+feats = (rng.standard_normal((num_classes, 32)) * 3)[labels] + rng.standard_normal((300, 32))
+feats = feats.astype(np.float32)
+""",
+    # what torchrun puts in the environment, for a group of one
+    "torchrun-env": """
+import datetime, os, socket, torch
+with socket.socket() as _s:
+    _s.bind(("127.0.0.1", 0))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_s.getsockname()[1]), RANK="0", WORLD_SIZE="1")
+backend = "gloo"
 """,
     # a process group of one (gloo on the loopback): the collectives' code paths, in one process
     "gloo": """
@@ -149,11 +167,14 @@ def source_of(block: Block) -> str:
 def run_block(block: Block) -> dict:
     namespace = {"__name__": "__snippet__"}
     code = compile(source_of(block), block.id, "exec")
+    environ = dict(os.environ)
     try:
         exec(code, namespace)  # noqa: S102  (the project's own documentation)
-    finally:
+    finally:  # leave no process group and no torchrun variables to later tests
         if "torch" in sys.modules and sys.modules["torch"].distributed.is_initialized():
-            sys.modules["torch"].distributed.destroy_process_group()  # leave no group to later tests
+            sys.modules["torch"].distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
     return namespace
 
 
@@ -165,7 +186,6 @@ def test_docs_have_code_blocks():
 @pytest.mark.parametrize("block", PYTHON, ids=lambda b: b.id)
 def test_python_snippet_runs(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CLUSTERLEARN_CACHE", str(tmp_path / "cache"))
     run_block(block)
 
 
@@ -244,6 +264,25 @@ def test_shell_check_can_fail(tmp_path):
         "no make target 'dmeo'",
         "examples/imagenet_odc_torch.py defines no option --epoch",
         "no extra 'jaxx'",
+    ]
+
+
+# ------------------------------------------------------------------------- links
+def broken_links(path: Path, text: str) -> list[str]:
+    """Relative Markdown links whose file does not exist (Sphinx checks the anchors of docs/)."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+    return [t for t in local if t and not (path.parent / t).exists()]
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_exist(path):
+    assert broken_links(path, path.read_text()) == []
+
+
+def test_link_check_can_fail():
+    assert broken_links(ROOT / "README.md", "[a](docs/index.md) [b](docs/nope.md#x) [c](https://x.org)") == [
+        "docs/nope.md"
     ]
 
 
