@@ -126,8 +126,9 @@ def extract_features(
     out_device: torch.device | str = "cpu",
     inputs_of: Callable[[Any], torch.Tensor] = _first,
     progress: bool = True,
+    local: bool = False,
 ) -> torch.Tensor:
-    """Features of the whole data set, in dataset order, on every rank.
+    """Features of the whole data set, in dataset order, on every rank (or of this rank's part).
 
     Parameters
     ----------
@@ -139,11 +140,15 @@ def extract_features(
     out_device : where the returned tensor lives
     inputs_of : picks the input tensor from a batch (default: the batch or its first entry)
     progress : a tqdm bar on rank 0 when tqdm is installed
+    local : nothing is gathered: the features of this rank's ``loader.dataset`` only, every
+        sample of it visited, in its order (for a sharded memory: a sequential loader over
+        ``Subset(dataset, odc.shard_indices())``). A failure on one rank still raises on every
+        rank under ``torch.distributed``.
 
     Returns
     -------
     (N, D) float32 tensor, N = ``len(loader.dataset)``; row i is sample i's feature, identical on
-    every rank.
+    every rank (with ``local``: this rank's dataset's features).
 
     Raises
     ------
@@ -154,8 +159,15 @@ def extract_features(
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     n = len(loader.dataset)
-    local, err = D.first_error(lambda: _extract(model, loader, device, inputs_of, progress))
-    feats, idx = _gather_padded(local, err)
+    mine, err = D.first_error(lambda: _extract(model, loader, device, inputs_of, progress))
+    if local:
+        if D.world_size() > 1:
+            D.agree([], err, what="extract_features", names=[])
+        elif err is not None:
+            raise err
+        feats, idx = mine
+    else:
+        feats, idx = _gather_padded(mine, err)
     seen = torch.zeros(n, dtype=torch.bool)
     seen[idx] = True
     if not bool(seen.all()):

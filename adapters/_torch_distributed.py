@@ -25,6 +25,7 @@ __all__ = [
     "agree",
     "describe",
     "all_gather_cat",
+    "psum",
     "all_gather_with_grad",
     "gather_agreed",
     "broadcast_",
@@ -189,6 +190,28 @@ def describe(name: str, x: torch.Tensor) -> tuple[list[Any], list[str]]:
         [list(x.shape), str(x.dtype), x.device.type],
         [f"{name} shape", f"{name} dtype", f"{name} device type"],
     )
+
+
+def psum(group: Any = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The element-wise sum over the ranks of ``group`` as a function, the ``psum`` that the
+    core's sharded functions take (:mod:`clusterlearn.odc_shard`,
+    :func:`clusterlearn.kmeans_sharded.kmeans_sharded`,
+    :class:`clusterlearn.deepcluster_shard.ShardedDeepClusterLabeler`).
+
+    The returned function all-reduces a copy of its tensor on the group's communication
+    device and returns it on the tensor's device; it is a collective (every rank calls it, in
+    the same order, with tensors of one shape and dtype). Outside ``torch.distributed`` it
+    returns its argument.
+    """
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        if not _active(group):
+            return x
+        y = x.to(comm_device(group)).contiguous().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y.to(x.device)
+
+    return reduce
 
 
 def all_gather_cat(x: torch.Tensor, group: Any = None) -> torch.Tensor:

@@ -9,18 +9,15 @@ broadcast.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
+import warnings
 from typing import Any
 
-import numpy as np
 import torch
 
-from clusterlearn import backend as B
 from clusterlearn.validation import check_features, check_labels
 from clusterlearn.odc import OnlineDeepClustering as _CoreODC
-from clusterlearn.odc_state import ODCState
-from clusterlearn.sample_memory import l2_normalize
+from clusterlearn.odc_state import ODCState, check_replicas, fingerprint, fingerprint_parts, state_shapes
 
 from . import _torch_distributed as D
 
@@ -108,28 +105,42 @@ class OnlineDeepClustering(_CoreODC):
         _check_torch_input("features", features, integral=False)
 
     def _check_batch(self, indices: Any, features: Any) -> None:
-        self._require_initialized()
+        self.require_initialized()
         self._check_devices(indices, features)
         self.samples.validate_batch(indices, features)
 
     def _replica_header(self) -> tuple[list[Any], list[str]]:
         """The settings, memory dtypes and step counter every replica must share."""
-        settings = {**self._settings(), "memory dtype": str(self.samples.dtype)}
+        settings = {**dataclasses.asdict(self.config), "memory dtype": str(self.samples.dtype)}
         return [*settings.values(), self.iteration], [*settings, "iteration"]
 
     # ------------------------------------------------------------------ collectives
     def initialize(
-        self, features: Any, labels: Any = None, *, kmeans_iters: int = 20, kmeans_init: str = "k-means++"
+        self,
+        features: Any,
+        labels: Any = None,
+        *,
+        n_iter: int = 20,
+        init: str = "k-means++",
+        kmeans_iters: int | None = None,
+        kmeans_init: str | None = None,
     ) -> dict[str, int]:
         """Fill the memories from the (N, D) features of the whole data set (a collective).
 
         Under ``torch.distributed`` rank 0's features are used on every rank and k-means runs on
-        rank 0 only; its labels are broadcast. Pass the same ``labels`` (or None) on every rank.
+        rank 0 only (:meth:`initial_labels`); its labels are broadcast. Pass the same ``labels``
+        (or None) on every rank. ``kmeans_iters``/``kmeans_init``: deprecated names of
+        ``n_iter``/``init``.
         """
+        if kmeans_iters is not None or kmeans_init is not None:
+            warnings.warn("initialize(kmeans_iters=, kmeans_init=) are deprecated, use n_iter=, init= "
+                          "(docs/glossary.md)", DeprecationWarning, stacklevel=2)
+            n_iter = n_iter if kmeans_iters is None else kmeans_iters
+            init = init if kmeans_init is None else kmeans_init
         if self.world_size == 1:
             _check_torch_input("features", features, integral=False)
             _check_torch_input("labels", labels, integral=True)
-            return super().initialize(features, labels, kmeans_iters=kmeans_iters, kmeans_init=kmeans_init)
+            return super().initialize(features, labels, n_iter=n_iter, init=init)
 
         def check() -> None:
             if not isinstance(features, torch.Tensor):
@@ -150,10 +161,8 @@ class OnlineDeepClustering(_CoreODC):
         if labels is None:
             labels, err = None, None
             if D.rank(self.group) == 0:
-                # k-means on the rows as the memory will hold them (cast to its dtype), as the core
-                # clusters them: the initial labels must not depend on the world size
-                unit = l2_normalize(self.samples.to_memory(features)).to(self.samples.dtype)
-                labels, err = D.first_error(lambda: self._kmeans_labels(unit, kmeans_iters, kmeans_init))
+                # the core's own initial labels: they must not depend on the world size
+                labels, err = D.first_error(lambda: self.initial_labels(features, n_iter=n_iter, init=init))
             D.agree([], err, what=what + " (k-means on rank 0)", names=[], group=self.group)
             if labels is None:
                 labels = torch.zeros(self.num_samples, dtype=torch.int64)
@@ -191,22 +200,13 @@ class OnlineDeepClustering(_CoreODC):
         global_feats = D.all_gather_cat(features.to(device=dev, dtype=self.samples.dtype), self.group)
         return super().step(global_idx, global_feats)
 
-    def _fingerprint_parts(self) -> dict[str, Any]:
-        """What :meth:`fingerprint` digests: the settings, the step counter, and per memory
-        array its dtype, shape and a SHA-256 of its bytes."""
-        self._require_initialized()
-        header, names = self._replica_header()
-        parts: dict[str, Any] = dict(zip(names, header))
-        for name, x in zip(_ARRAY_NAMES, self.state):
-            data = np.ascontiguousarray(B.to_numpy(x))
-            parts[name] = f"{x.dtype} {list(x.shape)} {hashlib.sha256(data.tobytes()).hexdigest()}"
-        return parts
-
     def fingerprint(self) -> str:
-        """A SHA-256 digest of the replica: the memories' exact bytes (features, labels,
-        centroids, sizes, sums) with their dtypes and shapes, the step counter ``iteration``
-        and the settings that determine later steps."""
-        return hashlib.sha256(json.dumps(self._fingerprint_parts()).encode()).hexdigest()
+        """:func:`clusterlearn.odc_state.fingerprint` of this replica's state and config.
+
+        A SHA-256 digest of every state array's exact bytes with its dtype and shape, the
+        step counter and the settings; equal to the JAX adapter's digest of an equal state.
+        """
+        return fingerprint(self.state, self.config)
 
     def check_consistency(self) -> None:
         """Raise ``RuntimeError`` if any rank's replica differs from rank 0's (a collective).
@@ -219,22 +219,10 @@ class OnlineDeepClustering(_CoreODC):
         """
         if self.world_size == 1:
             return
-        parts, err = D.first_error(self._fingerprint_parts)
+        parts, err = D.first_error(lambda: fingerprint_parts(self.state, self.config))
         header = [] if parts is None else [[k, v] for k, v in parts.items()]
         rows = D.agree(header, err, what="OnlineDeepClustering.check_consistency", names=[], group=self.group)
-        differ = [r for r in range(self.world_size) if rows[r] != rows[0]]
-        if differ:
-            first = differ[0]
-            what = [k for (k, v), (_, v0) in zip(rows[first], rows[0]) if v != v0]
-            detail = "; ".join(
-                f"{k}: {v} on rank {first} but {v0} on rank 0"
-                for (k, v), (_, v0) in zip(rows[first], rows[0])
-                if v != v0 and k not in _ARRAY_NAMES
-            )
-            raise RuntimeError(
-                f"ODC memories of rank(s) {differ} differ from rank 0's (rank {first} in {', '.join(what)}"
-                + (f"; {detail}" if detail else "") + "); sync_from_rank0() makes them equal again"
-            )
+        check_replicas({f"rank {r}": dict(row) for r, row in enumerate(rows)}, "sync_from_rank0() makes them equal again")
 
     def sync_from_rank0(self) -> None:
         """Overwrite every rank's replica with rank 0's: memories and step counter (a collective).
@@ -248,18 +236,17 @@ class OnlineDeepClustering(_CoreODC):
             return
         err = None
         if D.rank(self.group) == 0:
-            _, err = D.first_error(self._require_initialized)
+            _, err = D.first_error(self.require_initialized)
         header, names = self._replica_header()
         D.agree(header[:-1], err, what="OnlineDeepClustering.sync_from_rank0", names=names[:-1], group=self.group)
-        s, c = self.samples, self.centroids
-        arrays = (s.features, s.labels, c.centroids, c.sizes, c.sums)  # allocated on every rank
-        arrays = [D.broadcast_(x, group=self.group) for x in arrays]
-        iteration = D.broadcast_(torch.tensor([self.iteration], dtype=s.labels.dtype), group=self.group)[0]
-        self._set_state(ODCState(*arrays, iteration))
+        if D.rank(self.group) == 0:
+            current = self.state
+        else:  # buffers to receive into
+            device = self.samples.device
+            current = ODCState(*(torch.empty(shape, dtype=dtype, device=device)
+                                 for shape, dtype in zip(state_shapes(self.config), self.state_dtypes)))
+        self.state = ODCState(*(D.broadcast_(x, group=self.group) for x in current))
 
-
-#: Names of the memory arrays among :meth:`OnlineDeepClustering._fingerprint_parts`.
-_ARRAY_NAMES = ODCState._fields[:-1]
 
 #: Unsigned index dtypes torch cannot reduce on the CPU (``min``/``max`` raise NotImplementedError).
 _UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))

@@ -13,8 +13,13 @@ the same memories with JAX idioms:
   :func:`clusterlearn.odc_state.step` (the function
   :meth:`~clusterlearn.OnlineDeepClustering.step` calls before its small-cluster handling),
   compiled once per config and batch size; :func:`loss_weights`; :func:`resync`;
-- :func:`handle_small_clusters`, host-side (data-dependent shapes), delegating to the core's
-  :class:`~clusterlearn.SmallClusterHandler`;
+- :func:`small_cluster_step`, the host-side part of a core step that follows the jitted one
+  (small-cluster handling on the core's schedule), and :func:`handle_small_clusters`, that
+  handling unconditionally; both delegate to the core's
+  :func:`~clusterlearn.small_clusters.handle_small_clusters`;
+- :func:`fingerprint`, :func:`replica_fingerprints` and :func:`check_consistency`: the core's
+  :func:`~clusterlearn.odc_state.fingerprint` (equal to the torch adapter's for an equal state)
+  and a check that the replicas of a state on a mesh's devices are identical;
 - :func:`make_sharded_step` (data parallelism with ``jax.shard_map``: every device applies
   the step to the all-gathered global batch, so all replicas stay identical) and
   :func:`make_gather`, the ``gather`` of :class:`~clusterlearn.SelfClassifierLoss` under
@@ -37,8 +42,7 @@ A training loop (one device)::
         state, stats = clj.step(state, indices, features, config)
         if not bool(stats["applied"]):
             raise FloatingPointError("non-finite features: batch refused, state unchanged")
-        if int(state.iteration) % config.small_cluster_interval == 0:
-            state, handled = clj.handle_small_clusters(state, config)
+        state, handled = clj.small_cluster_step(state, config)
     clj.load_into_core(odc, state, config)              # then odc.state_dict() to save
 
 This sequence makes the same decisions as ``odc.step`` on every batch. :func:`step` donates
@@ -61,16 +65,15 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clusterlearn import odc_state
+from clusterlearn import odc_state, small_clusters
 from clusterlearn.backend import accumulator_dtype, convert, index_dtype
 from clusterlearn.validation import check_int
-from clusterlearn.centroid_memory import CentroidMemory
 from clusterlearn.odc import OnlineDeepClustering
-from clusterlearn.odc_state import DEFAULT_FLOAT32_RESYNC, ODCConfig, ODCState  # noqa: F401 (re-exported)
-from clusterlearn.sample_memory import SampleMemory
-from clusterlearn.small_clusters import SmallClusterHandler, SmallClusterStats
+from clusterlearn.odc_state import DEFAULT_FLOAT32_RESYNC, ODCConfig, ODCState, check_state  # noqa: F401 (re-exported)
+from clusterlearn.small_clusters import SmallClusterStats
 
 from ._jax_self_classifier import SelfClassifierLoss, self_classifier_loss
+from ._jax_sharded_memory import check_mesh, gather_memory, load_memory, make_memory_sharded_step, save_memory, shard_memory
 
 __all__ = [
     "ODCConfig",
@@ -82,7 +85,16 @@ __all__ = [
     "loss_weights",
     "resync",
     "handle_small_clusters",
+    "small_cluster_step",
+    "fingerprint",
+    "replica_fingerprints",
+    "check_consistency",
     "make_sharded_step",
+    "shard_memory",
+    "save_memory",
+    "load_memory",
+    "gather_memory",
+    "make_memory_sharded_step",
     "make_gather",
     "SelfClassifierLoss",
     "self_classifier_loss",
@@ -113,10 +125,10 @@ def state_from_core(odc: OnlineDeepClustering) -> ODCState:
     """
     _check_core(odc)
     index, acc = index_dtype(jnp), accumulator_dtype(jnp)
-    dtypes = {"labels": index, "sizes": index, "sums": acc}
-    copies = odc.state_dict()  # copies: the returned state is donated to the step
-    arrays = {k: jnp.asarray(convert(copies[k], jnp), dtype=dtypes.get(k)) for k in ODCState._fields[:-1]}
-    return ODCState(**arrays, iteration=jnp.asarray(copies["iteration"], dtype=index))
+    core = odc.state
+    dtypes = core._replace(features=None, labels=index, centroids=None, sizes=index, sums=acc, iteration=index)
+    # copies (jnp.array): the returned state is donated to the step
+    return ODCState(*(jnp.array(convert(x, jnp), dtype=dtype) for x, dtype in zip(core, dtypes)))
 
 
 def load_into_core(odc: OnlineDeepClustering, state: ODCState, config: ODCConfig) -> None:
@@ -126,26 +138,9 @@ def load_into_core(odc: OnlineDeepClustering, state: ODCState, config: ODCConfig
     any), so that ``odc.step`` continues the run exactly.
     """
     _check_core(odc)
-    _check_state(state, config)
+    check_state(state, config)
     settings = {k: v for k, v in vars(config).items() if v is not None}
     odc.load_state_dict({**state._asdict(), **settings, "iteration": int(state.iteration)})
-
-
-def _check_state(state: Any, config: Any) -> None:
-    """Static checks (types, shapes, dtypes) of a state against a config; safe under ``jit``."""
-    if not isinstance(config, ODCConfig):
-        raise TypeError(f"config must be an ODCConfig, got {type(config).__name__}")
-    if not isinstance(state, ODCState):
-        raise TypeError(f"state must be an ODCState, got {type(state).__name__}")
-    n, c, d = config.num_samples, config.num_clusters, config.feat_dim
-    want = {"features": (n, d), "labels": (n,), "centroids": (c, d), "sizes": (c,), "sums": (c, d), "iteration": ()}
-    for name, shape in want.items():
-        x = getattr(state, name)
-        if tuple(jnp.shape(x)) != shape:
-            raise ValueError(f"state.{name} must have shape {shape} for this config, got {tuple(jnp.shape(x))}")
-        kind = "real floating" if name in ("features", "centroids", "sums") else "integral"
-        if not jnp.isdtype(jnp.result_type(x), kind):
-            raise TypeError(f"state.{name} must have a {kind} dtype, got {jnp.result_type(x)}")
 
 
 def _check_batch(indices: Any, features: Any, config: ODCConfig) -> None:
@@ -174,7 +169,7 @@ resync = jax.jit(odc_state.resync)  # the core's docstring; jitted
 def _step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCConfig) -> tuple[ODCState, dict[str, jax.Array]]:
     """:func:`step` without ``jit``: the core's pure step after the static checks (traced
     inside :func:`step` and :func:`make_sharded_step`)."""
-    _check_state(state, config)
+    check_state(state, config)
     _check_batch(indices, features, config)
     return odc_state.step(state, jnp.asarray(indices), jnp.asarray(features), config)
 
@@ -186,9 +181,9 @@ def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCCo
     """One ODC memory iteration, jit-compiled (``config`` static, ``state`` donated).
 
     Equal to :meth:`clusterlearn.OnlineDeepClustering.step` without its small-cluster
-    handling (call :func:`handle_small_clusters` after it for that): repeated indices merged
+    handling (call :func:`small_cluster_step` after it for that): repeated indices merged
     as :func:`clusterlearn.merge_duplicates` does, ``F[idx] <- normalize(m normalize(f) + (1 -
-    m) F[idx])``, re-labelling to the nearest centroid (``config.assign``), exact incremental
+    m) F[idx])``, re-labelling to the nearest centroid (``config.metric``), exact incremental
     sizes and sums, then every ``resync_every`` steps an exact resync of the sums and every
     ``centroid_update_interval`` steps a refresh of all centroids.
 
@@ -233,34 +228,20 @@ step._cache_size = _jitted_step._cache_size  # compilations so far (one per conf
 def loss_weights(state: ODCState, config: ODCConfig) -> jax.Array:
     """(C,) float32 class weights ``w_c ∝ n_c ** -p`` over non-empty clusters, summing to 1.
 
-    Equal to :meth:`clusterlearn.OnlineDeepClustering.loss_weights` (:func:`clusterlearn.reweight`
+    Equal to :meth:`clusterlearn.OnlineDeepClustering.loss_weights` (:func:`clusterlearn.loss_weights`
     of ``state.sizes`` with ``p = config.reweight_power``), without its host-side checks.
     """
     return odc_state.loss_weights(state, config)
 
 
 # ---------------------------------------------------------------------------- small clusters
-def _host_memories(state: ODCState, config: ODCConfig) -> tuple[SampleMemory, CentroidMemory]:
-    """The core's NumPy memories holding a host copy of ``state`` (features: a read-only view).
-
-    Small-cluster handling reads features but never writes them, so they are not copied on
-    CPU (``np.asarray`` of a CPU ``jax.Array`` is a view); labels, sizes, sums (in float64)
-    and centroids are copied.
-    """
-    labels = np.asarray(state.labels).astype(np.int64)
-    samples = SampleMemory.wrap(np.asarray(state.features), labels, momentum=config.momentum)
-    centroids = CentroidMemory(config.num_clusters, config.feat_dim, xp=samples.xp, device=None, dtype=samples.dtype)
-    sums = np.asarray(state.sums).astype(centroids.acc_dtype)
-    centroids.set_state(np.array(state.centroids), np.asarray(state.sizes).astype(labels.dtype), sums)
-    return samples, centroids
-
-
 def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = None) -> tuple[ODCState, SmallClusterStats]:
-    """Small-cluster handling of the core (:class:`~clusterlearn.SmallClusterHandler`), on the host.
+    """Small-cluster handling of the core (:func:`clusterlearn.small_clusters.handle_small_clusters`), on the host.
 
     Not jit-able (the numbers of members to move are data dependent). Dissolves clusters
     below ``config.min_cluster_size`` and re-seeds them by 2-means splits, exactly as
-    :meth:`clusterlearn.OnlineDeepClustering.step` does after its update.
+    :meth:`clusterlearn.OnlineDeepClustering.step` does after its update. Runs whenever
+    called; :func:`small_cluster_step` applies the core's schedule.
 
     The handler runs on NumPy copies of labels, sizes, sums and centroids and reads the
     features in place on CPU (one device-to-host copy of the (N, D) features on an
@@ -271,7 +252,7 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = 
     Parameters
     ----------
     state : :class:`ODCState` (not modified)
-    config : :class:`ODCConfig` (``min_cluster_size``, ``assign`` and ``seed`` are used)
+    config : :class:`ODCConfig` (``min_cluster_size``, ``metric`` and ``seed`` are used)
     key : varies the split seeds; the core uses the iteration, the default here
         (``int(state.iteration)``)
 
@@ -279,26 +260,84 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = 
     -------
     The new state (``state`` itself when no cluster is small) and what the handler did.
     """
-    _check_state(state, config)
+    check_state(state, config)
     key = int(state.iteration) if key is None else check_int(key, "key", minimum=0)
     if not bool(jnp.any(state.sizes < config.min_cluster_size)):
         return state, SmallClusterStats(0, 0, 0)
-    samples, centroids = _host_memories(state, config)
-    handler = SmallClusterHandler(config.min_cluster_size, metric=config.assign, seed=config.seed)
-    stats = handler(samples, centroids, key=key)
+    host = ODCState(*(np.asarray(x) for x in state))  # views of CPU arrays; the handler copies what it changes
+    handled, stats = small_clusters.handle_small_clusters(host, config, key=key)
 
-    def back(host: np.ndarray, like: jax.Array) -> jax.Array:
-        """``host`` as ``like`` is placed (committed or not: both key the jit cache)."""
-        host = host.astype(like.dtype)
-        return jax.device_put(host, like.sharding) if like.committed else jnp.asarray(host)
+    def back(new: np.ndarray, old: np.ndarray, like: jax.Array) -> jax.Array:
+        """``new`` placed as ``like`` is (committed or not: both key the jit cache); ``like``
+        itself when the handler left the array alone."""
+        if new is old:
+            return like
+        new = new.astype(like.dtype)
+        return jax.device_put(new, like.sharding) if like.committed else jnp.asarray(new)
 
-    new = state._replace(
-        labels=back(samples.labels, state.labels),
-        centroids=back(centroids.centroids, state.centroids),
-        sizes=back(centroids.sizes, state.sizes),
-        sums=back(centroids.sums, state.sums),
-    )
-    return new, stats
+    return ODCState(*(back(*arrays) for arrays in zip(handled, host, state))), stats
+
+
+def small_cluster_step(state: ODCState, config: ODCConfig) -> tuple[ODCState, SmallClusterStats]:
+    """The host-side rest of :meth:`clusterlearn.OnlineDeepClustering.step`: call it after
+    every :func:`step` (or sharded step).
+
+    Runs :func:`handle_small_clusters` when the core's schedule says so
+    (:func:`clusterlearn.odc_state.small_clusters_due`: every
+    ``config.small_cluster_interval``-th iteration), so that :func:`step` followed by this
+    makes the same decisions as the core's ``step``. Returns the state (``state`` itself
+    when nothing ran) and what the handler did (all zero when it did not run). Reads the
+    iteration on the host (a synchronisation).
+    """
+    check_state(state, config)
+    if not odc_state.small_clusters_due(int(state.iteration), config):
+        return state, SmallClusterStats(0, 0, 0)
+    return handle_small_clusters(state, config)
+
+
+# ---------------------------------------------------------------------------- replicas
+def fingerprint(state: ODCState, config: ODCConfig) -> str:
+    """:func:`clusterlearn.odc_state.fingerprint` of ``state`` (copied to the host) and ``config``.
+
+    Equal to the torch adapter's ``OnlineDeepClustering.fingerprint()`` for an equal state
+    (same dtypes, shapes and bytes) and config.
+    """
+    check_state(state, config)
+    return odc_state.fingerprint(state, config)
+
+
+def _replica_states(state: ODCState) -> dict[str, ODCState]:
+    """Per addressable device (``"cpu:0"``, ...), its copy of every state array (replicated
+    arrays: each device holds the whole array)."""
+    per_device: dict[str, list[np.ndarray]] = {}
+    for x in state:
+        for shard in sorted(x.addressable_shards, key=lambda s: s.device.id):
+            if tuple(shard.data.shape) != tuple(x.shape):
+                raise ValueError(f"state must be replicated over its devices, got a shard of shape {tuple(shard.data.shape)}")
+            per_device.setdefault(f"{shard.device.platform}:{shard.device.id}", []).append(np.asarray(shard.data))
+    return {device: ODCState(*arrays) for device, arrays in per_device.items()}
+
+
+def replica_fingerprints(state: ODCState, config: ODCConfig) -> dict[str, str]:
+    """Per device (``"cpu:0"``, ...), the :func:`fingerprint` of its replica of ``state``.
+
+    For a state replicated over a mesh (as :func:`make_sharded_step` returns it); all equal
+    when the replicas are identical, and equal to ``fingerprint(state, config)``.
+    """
+    check_state(state, config)
+    return {device: odc_state.fingerprint(replica, config) for device, replica in _replica_states(state).items()}
+
+
+def check_consistency(state: ODCState, config: ODCConfig) -> None:
+    """Raise ``RuntimeError`` if the devices' replicas of ``state`` differ (bytes, dtypes, shapes).
+
+    The JAX counterpart of the torch adapter's ``OnlineDeepClustering.check_consistency``
+    (the same comparison: :func:`clusterlearn.odc_state.check_replicas`), naming the devices
+    and the fields that differ. Copies every replica to the host.
+    """
+    check_state(state, config)
+    parts = {device: odc_state.fingerprint_parts(replica, config) for device, replica in _replica_states(state).items()}
+    odc_state.check_replicas(parts, "re-replicate the state from one device")
 
 
 # ---------------------------------------------------------------------------- data parallelism
@@ -313,12 +352,7 @@ def make_sharded_step(mesh: Mesh, config: ODCConfig, axis_name: str = "data") ->
     and equal a single-device :func:`step` on the concatenated batch. The state comes back
     replicated over the mesh.
     """
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if axis_name not in mesh.axis_names:
-        raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
-    if not isinstance(config, ODCConfig):
-        raise TypeError(f"config must be an ODCConfig, got {type(config).__name__}")
+    check_mesh(mesh, axis_name, config)
 
     def replica_step(state: ODCState, indices: jax.Array, features: jax.Array) -> tuple[ODCState, dict[str, jax.Array]]:
         indices = lax.all_gather(indices, axis_name, tiled=True, to="invarying")

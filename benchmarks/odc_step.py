@@ -12,7 +12,8 @@ backend (numpy, torch CPU, jax):
   (for jax: ``jnp`` ``f @ cen.T`` under ``jax.jit``);
 - ``OnlineDeepClustering.step`` and its ratio to that matmul (target <= 1.3); for jax the
   adapter's jitted ``clusterlearn.adapters.jax.step`` plus ``loss_weights`` and the host-side
-  ``handle_small_clusters`` check that a loop runs every step (compiled once before timing);
+  ``small_cluster_step`` (small-cluster handling on the core's schedule) that a loop runs
+  every step (compiled once before timing);
 - for numpy, a straightforward re-statement of the reference implementation: all centroids
   recomputed every 10 steps by sorting the N labels and gathering each cluster's members, an
   O(N) bincount per step for the small-cluster check and another for the loss weights, and a
@@ -24,6 +25,7 @@ Usage: ``python benchmarks/odc_step.py [--n N --c C --d D --b B --iters K --back
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import subprocess
@@ -34,6 +36,8 @@ from typing import Any, Callable
 import numpy as np
 
 import clusterlearn as cl
+from clusterlearn import odc_state
+from clusterlearn.small_clusters import handle_small_clusters
 
 
 def synthetic(n: int, c: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -123,12 +127,13 @@ def plant_small_clusters(labels: np.ndarray, c: int, count: int, keep: int, seed
 def bench_small_clusters(conv: Callable[[np.ndarray], Any], feats: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> float:
     """Seconds for one small-cluster handling call with ``--small`` planted small clusters."""
     planted = plant_small_clusters(labels, args.c, args.small, keep=5)
-    odc = cl.OnlineDeepClustering(args.n, args.c, args.d, like=conv(np.zeros(1, dtype=np.float32)), seed=0)
-    odc.handler.min_cluster_size = 0  # initialise without handling, so the planted clusters stay
+    # initialised without handling (min_cluster_size=0), so the planted clusters stay
+    odc = cl.OnlineDeepClustering(args.n, args.c, args.d, like=conv(np.zeros(1, dtype=np.float32)), seed=0, min_cluster_size=0)
     odc.initialize(conv(feats), conv(planted))
-    odc.handler.min_cluster_size = 20
+    config = dataclasses.replace(odc.config, min_cluster_size=20)
+    state = odc.state
     start = time.perf_counter()
-    stats = odc.handler(odc.samples, odc.centroids, key=1)
+    _, stats = handle_small_clusters(state, config, key=1)
     seconds = time.perf_counter() - start
     assert stats.num_small_clusters == args.small, stats
     return seconds
@@ -151,7 +156,7 @@ def bench_backend(name: str, feats: np.ndarray, labels: np.ndarray, args: argpar
     for idx, f in batches[1 : args.iters + 1]:
         # The floor, timed right before each step on the same batch and centroids, so both
         # see the same machine state; the step includes loss_weights() as a loop calls it.
-        cen = odc.centroids.centroids
+        cen = odc.state.centroids
         t0 = time.perf_counter()
         f @ cen.T
         t1 = time.perf_counter()
@@ -160,7 +165,7 @@ def bench_backend(name: str, feats: np.ndarray, labels: np.ndarray, args: argpar
         t2 = time.perf_counter()
         matmul, step = matmul + t1 - t0, step + t2 - t1
     start = time.perf_counter()
-    odc.centroids.resync(odc.features, odc.labels)
+    odc_state.resync(odc.state)
     resync = time.perf_counter() - start
     n = args.iters
     handling = bench_small_clusters(conv, feats, labels, args)
@@ -169,8 +174,6 @@ def bench_backend(name: str, feats: np.ndarray, labels: np.ndarray, args: argpar
 
 def bench_jax(feats: np.ndarray, labels: np.ndarray, args: argparse.Namespace, batches: list) -> dict:
     """The JAX adapter's jitted step against a jitted ``jnp`` matmul, both timed in this process."""
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
 
@@ -191,7 +194,7 @@ def bench_jax(feats: np.ndarray, labels: np.ndarray, args: argparse.Namespace, b
     def iteration(state: Any, idx: Any, f: Any) -> tuple[Any, int]:
         state, _ = clj.step(state, idx, f, config)
         clj.loss_weights(state, config).block_until_ready()
-        state, handled = clj.handle_small_clusters(state, config)  # reads sizes: synchronises
+        state, handled = clj.small_cluster_step(state, config)  # reads the iteration and sizes: synchronises
         return state, handled.num_small_clusters
 
     state, _ = iteration(state, *batches[0])  # compiles

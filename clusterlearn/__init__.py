@@ -15,8 +15,8 @@ from .knn import knn_accuracy, knn_classify
 from .linear_probe import linear_probe
 from .odc import NotInitializedError, OnlineDeepClustering
 from .pca import PCAWhitening, pca_whiten_l2
-from .reweighting import LossReweighter, reweight
-from .sample_memory import SampleMemory, l2_normalize, merge_duplicates, momentum_update
+from .reweighting import LossReweighter, loss_weights, reweight
+from .sample_memory import MemoryUpdate, SampleMemory, l2_normalize, merge_duplicates, momentum_update
 from .sampler import UniformLabelSampler
 from .self_classifier import SelfClassifierLoss, self_classifier_loss
 from .small_clusters import SmallClusterHandler, SmallClusterStats
@@ -29,6 +29,7 @@ __all__ = [
     "DeepClusterLabeler",
     "KMeansResult",
     "LossReweighter",
+    "MemoryUpdate",
     "NotInitializedError",
     "OnlineDeepClustering",
     "PCAWhitening",
@@ -43,6 +44,7 @@ __all__ = [
     "knn_classify",
     "l2_normalize",
     "linear_probe",
+    "loss_weights",
     "many_to_one_accuracy",
     "merge_duplicates",
     "metrics",

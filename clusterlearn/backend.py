@@ -16,6 +16,7 @@ these primitives rather than re-deriving them for one library.
 from __future__ import annotations
 
 import math
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -32,8 +33,12 @@ __all__ = [
     "to_numpy",
     "convert",
     "scatter_add",
+    "scatter_add_rows",
     "bincount",
     "set_rows",
+    "set_rows_where",
+    "to_bits",
+    "from_bits",
     "cond",
     "argmax_rows",
     "is_float64",
@@ -133,6 +138,32 @@ def to_numpy(x: Array) -> np.ndarray:
         return np.from_dlpack(x)
     except (TypeError, RuntimeError, BufferError):
         return np.asarray(x)
+
+
+def exact_bytes(x: Array) -> tuple[str, tuple[int, ...], bytes]:
+    """``(dtype name, shape, bytes)`` of any supported array, the same on every backend.
+
+    The dtype name is NumPy's (``"float32"``, ``"bfloat16"``, ``"int64"``, ``"bool"``); the
+    bytes are the elements in C order, each little-endian, copied to the host. Unlike
+    :func:`to_numpy`, 2-byte torch floats are not widened: their own bits are kept.
+    """
+    if aac.is_torch_array(x):
+        x = x.detach().cpu().contiguous()
+        name = str(x.dtype).removeprefix("torch.")
+        if x.dtype.is_floating_point and x.element_size() == 2:
+            torch = sys.modules["torch"]  # loaded: x is one of its tensors (the core imports no torch)
+            return name, tuple(x.shape), _little_endian(x.view(torch.int16).numpy())
+        a = x.numpy()
+        return name, tuple(a.shape), _little_endian(a)
+    a = np.asarray(to_numpy(x))
+    return a.dtype.name, tuple(a.shape), _little_endian(a)
+
+
+def _little_endian(a: np.ndarray) -> bytes:
+    """The bytes of ``a``'s elements in C order, each little-endian."""
+    a = np.ascontiguousarray(a)
+    unsigned = a.view(f"=u{a.itemsize}") if a.itemsize in (1, 2, 4, 8) else a
+    return unsigned.astype(unsigned.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def convert(x: Array, xp: ModuleType, device: Any = None) -> Array:
@@ -253,6 +284,26 @@ def scatter_add(x: Array, index: Array, values: Array) -> Array:
     if x.ndim == 1:
         return x + xp.sum(onehot * values[:, None], axis=0)
     return x + xp.matmul(xp.matrix_transpose(onehot), values)
+
+
+#: Elements of ``values`` cast at a time by :func:`scatter_add_rows` (32 MiB in float64).
+_ROWS_BLOCK_ELEMENTS = 1 << 22
+
+
+def scatter_add_rows(x: Array, index: Array, values: Array) -> Array:
+    """:func:`scatter_add` of many (N, D) ``values``, a block of rows at a time.
+
+    The same sums as one :func:`scatter_add` up to the order of additions, but the cast of
+    ``values`` to ``x.dtype`` (float32 features into float64 sums) never holds more than
+    about 2**22 elements: summing a data set's features needs O(D) extra memory per block,
+    not a float64 copy of all N rows. Block bounds are static, so it traces under ``jax.jit``.
+    """
+    step = max(1, _ROWS_BLOCK_ELEMENTS // max(1, math.prod(values.shape[1:])))
+    n = values.shape[0]
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        x = scatter_add(x, index[start:stop], values[start:stop, ...])
+    return x
 
 
 _NUMPY_CHUNK = 1 << 16
@@ -394,3 +445,76 @@ def top_k_indices(s: Array, k: int) -> Array | None:
 
         return cupy.argpartition(s, s.shape[1] - k, axis=1)[:, s.shape[1] - k :]
     return None
+
+
+def set_rows_where(x: Array, index: Array, values: Array, where: Array) -> Array:
+    """``x[index[where]] = values[where]`` along axis 0, with static shapes; may write in place.
+
+    Rows whose ``where`` is False are not written (their ``index`` may be any value in
+    [0, M)); under ``jax.jit`` they are sent out of bounds and dropped.
+
+    Parameters
+    ----------
+    x : (M,) or (M, D) array
+    index : (B,) integer array in [0, M); repeated written positions need equal rows
+    values : (B,) or (B, D) array, cast to ``x.dtype``
+    where : (B,) bool
+    """
+    xp = aac.array_namespace(x)
+    if aac.is_jax_array(x):
+        out = xp.where(where, index, xp.full_like(index, x.shape[0]))
+        return x.at[out].set(xp.astype(values, x.dtype), mode="drop")
+    if isinstance(x, np.ndarray) or aac.is_torch_array(x) or aac.is_cupy_array(x):
+        x[index[where]] = xp.astype(values, x.dtype, copy=False)[where]
+        return x
+    return set_rows(x, index, xp.where(where if values.ndim == 1 else where[:, None], values, xp.take(x, index, axis=0)))
+
+
+_BITS = {2: "int16", 4: "int32", 8: "int64"}
+
+
+def to_bits(x: Array) -> Array:
+    """The bit patterns of floating ``x`` as signed integers (int32 for 16- and 32-bit floats,
+    int64 for float64), so that summing them where every position has at most one non-zero
+    term reproduces that term's float bit for bit (a collective that moves floats exactly).
+
+    ``TypeError`` for a namespace without bit views (array-api-strict).
+    """
+    xp = aac.array_namespace(x)
+    size = _itemsize(x)
+    if isinstance(x, np.ndarray) or aac.is_cupy_array(x):
+        bits = x.view(getattr(np, _BITS[size]) if isinstance(x, np.ndarray) else _BITS[size])
+    elif aac.is_torch_array(x):
+        import torch
+
+        bits = x.view(getattr(torch, _BITS[size]))
+    elif aac.is_jax_array(x):
+        import jax
+
+        bits = jax.lax.bitcast_convert_type(x, getattr(xp, _BITS[size]))
+    else:
+        raise TypeError(f"{xp.__name__} arrays have no bit views; use NumPy, PyTorch, JAX or CuPy")
+    return xp.astype(bits, xp.int32) if size == 2 else bits
+
+
+def from_bits(bits: Array, dtype: Any) -> Array:
+    """Inverse of :func:`to_bits`: the floats of ``dtype`` whose patterns ``bits`` holds."""
+    xp = aac.array_namespace(bits)
+    probe = xp.zeros((), dtype=dtype)
+    size = _itemsize(probe)
+    if size == 2:
+        bits = xp.astype(bits, xp.int16)
+    if isinstance(bits, np.ndarray) or aac.is_cupy_array(bits):
+        return bits.view(dtype)
+    if aac.is_torch_array(bits):
+        return bits.view(dtype)
+    import jax
+
+    return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _itemsize(x: Array) -> int:
+    """Bytes per element of ``x``."""
+    if aac.is_torch_array(x):
+        return x.element_size()
+    return np.dtype(x.dtype).itemsize if not aac.is_jax_array(x) else x.dtype.itemsize

@@ -202,7 +202,7 @@ def odc_assign(odc: OnlineDeepClustering, features: Array) -> Array:
     """Clusters of new features under an ODC model's centroid memory.
 
     The features are L2-normalised (as the sample memory stores them) and assigned to the
-    nearest centroid by the model's own rule (``odc.assign``: ``"l2"`` or ``"dot"``); the
+    nearest centroid by the model's own rule (``odc.metric``: ``"l2"`` or ``"dot"``); the
     model is not changed.
 
     Parameters
@@ -232,5 +232,5 @@ def odc_assign(odc: OnlineDeepClustering, features: Array) -> Array:
         raise NotInitializedError("call odc.initialize(features) before odc_assign")
     memory = odc.samples
     feats = l2_normalize(memory.xp.astype(memory.to_memory(features), memory.dtype))
-    labels = odc.centroids.assign(feats, metric=odc.assign)
+    labels = odc.centroid_memory.assign(feats, metric=odc.metric)
     return B.convert(labels, xp_in, aac.device(features))

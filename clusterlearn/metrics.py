@@ -16,7 +16,7 @@ from .backend import namespace, to_numpy
 
 Array = Any
 
-__all__ = ["nmi", "ami", "ari", "accuracy"]
+__all__ = ["nmi", "nmi_from_contingency", "ami", "ari", "accuracy"]
 
 _INSTALL_HINT = "pip install scikit-learn scipy"
 
@@ -73,6 +73,39 @@ def nmi(labels_true: Array, labels_pred: Array) -> float:
     """
     t, p = _check_labels(labels_true, labels_pred)
     return float(_sklearn_metrics().normalized_mutual_info_score(t, p))
+
+
+def nmi_from_contingency(table: Array) -> float:
+    """:func:`nmi` of two labellings given only their (K1, K2) contingency table.
+
+    ``table[i, j]`` counts the samples labelled ``i`` by one labelling and ``j`` by the other.
+    A table is all that shards need to exchange (one ``psum`` of K1·K2 counts) to score
+    labellings whose samples none of them holds entirely. Rows and columns of zeros (labels
+    that occur nowhere) are ignored, as :func:`nmi` ignores absent labels.
+
+    Raises ``ValueError`` for a table that is not 2-D, has negative or non-integral counts,
+    or counts no sample.
+    """
+    namespace(table=table)
+    t = np.asarray(to_numpy(table), dtype=np.float64)
+    if t.ndim != 2:
+        raise ValueError(f"table must be 2-D, got shape {t.shape}")
+    if not np.all(np.isfinite(t)) or np.any(t < 0) or np.any(t != np.round(t)):
+        raise ValueError("table must hold non-negative integer counts")
+    t = t[t.sum(axis=1) > 0][:, t.sum(axis=0) > 0]
+    if t.size == 0:
+        raise ValueError("table counts no sample")
+    if t.shape[0] == t.shape[1] == 1:
+        return 1.0  # one cluster in each labelling: identical, as scikit-learn scores it
+    mi = float(_sklearn_metrics().mutual_info_score(None, None, contingency=t))
+    if mi == 0.0:
+        return 0.0
+    p = t / t.sum()
+
+    def entropy(marginal: np.ndarray) -> float:
+        return float(-np.sum(marginal * np.log(marginal)))
+
+    return mi / max((entropy(p.sum(axis=1)) + entropy(p.sum(axis=0))) / 2, float(np.finfo(np.float64).eps))
 
 
 def ami(labels_true: Array, labels_pred: Array) -> float:

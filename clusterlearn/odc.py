@@ -3,7 +3,7 @@
 :class:`OnlineDeepClustering` composes the four parts, each usable on its own:
 :class:`~clusterlearn.SampleMemory` (features and labels of all N samples),
 :class:`~clusterlearn.CentroidMemory` (centroids, exact sizes and sums),
-:class:`~clusterlearn.SmallClusterHandler` and :func:`~clusterlearn.reweight`.
+:class:`~clusterlearn.SmallClusterHandler` and :func:`~clusterlearn.loss_weights`.
 
 The memory update itself is the pure function :func:`clusterlearn.odc_state.step` over an
 :class:`~clusterlearn.odc_state.ODCState`; this class is its checked, stateful shell. One
@@ -13,7 +13,7 @@ The memory update itself is the pure function :func:`clusterlearn.odc_state.step
 1. merge repeated indices (mean of their normalised features; see
    :func:`~clusterlearn.sample_memory.merge_duplicates`), then
    ``F[idx] <- normalize(m * normalize(f) + (1 - m) * F[idx])``;
-2. re-label the batch to the nearest centroid of the updated features (``assign``);
+2. re-label the batch to the nearest centroid of the updated features (``metric``);
 3. update cluster sizes and sums incrementally (O(B D));
 4. every ``centroid_update_interval``-th step, set every centroid to ``sums / sizes``;
 5. every ``small_cluster_interval``-th step, handle small clusters.
@@ -23,6 +23,8 @@ Train on ``labels_of(idx)`` read *before* ``step`` with class weights ``loss_wei
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any
 
 import array_api_compat as aac
@@ -33,9 +35,10 @@ from .validation import check_features, check_int, check_labels
 from .assignment import Metric
 from .centroid_memory import CentroidMemory
 from .kmeans import kmeans
-from .odc_state import ODCConfig, ODCState, init
+from .odc_state import STATE_KINDS, ODCConfig, ODCState, check_state, small_clusters_due, state_shapes
+from .odc_state import init as init_state
 from .odc_state import step as odc_step
-from .reweighting import reweight
+from .reweighting import loss_weights
 from .sample_memory import SampleMemory, check_nonzero_rows, l2_normalize
 from .small_clusters import SmallClusterHandler, SmallClusterStats
 
@@ -44,6 +47,13 @@ Array = Any
 __all__ = ["OnlineDeepClustering", "NotInitializedError"]
 
 _STATE_ARRAYS = ODCState._fields[:-1]  # the memory arrays; the iteration is a number
+
+#: Deprecated names of settings and checkpoint keys (docs/glossary.md), kept for one release.
+_RENAMED_SETTINGS = {"assign": "metric"}
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated, use {new} (docs/glossary.md)", DeprecationWarning, stacklevel=3)
 
 
 def _scalar(value: Any, name: str) -> Any:
@@ -89,8 +99,9 @@ class OnlineDeepClustering:
     centroid_update_interval : refresh all centroids every this many steps (10)
     small_cluster_interval : handle small clusters every this many steps (1)
     reweight_power : p in ``w_c ∝ n_c ** -p`` (0.5)
-    assign : ``"l2"`` (nearest centroid in L2, the paper) or ``"dot"`` (largest dot product
-        with un-normalised centroids, the reference code); see :mod:`clusterlearn.assignment`
+    metric : ``"l2"`` (nearest centroid in L2, the paper) or ``"dot"`` (largest dot product
+        with un-normalised centroids, the reference code); see :mod:`clusterlearn.assignment`.
+        ``assign=`` is its deprecated name (``DeprecationWarning``)
     seed : seeds initial k-means and the 2-means splits (results are deterministic)
     like : array whose namespace and device the memory takes, and its dtype if floating
         (float32 otherwise; NumPy float32 when omitted); inputs of other namespaces are converted, outputs returned in the
@@ -122,23 +133,29 @@ class OnlineDeepClustering:
         centroid_update_interval: int = 10,
         small_cluster_interval: int = 1,
         reweight_power: float = 0.5,
-        assign: Metric = "l2",
+        metric: Metric = "l2",
         seed: int = 0,
         like: Array | None = None,
         device: Any = None,
         resync_interval: int | None = None,
+        assign: Metric | None = None,
     ) -> None:
+        if assign is not None:
+            _deprecated("OnlineDeepClustering(assign=...)", "metric=...")
+            metric = assign
         #: the static settings (:class:`~clusterlearn.odc_state.ODCConfig`, which checks them)
         self.config = ODCConfig(
             num_samples, num_clusters, feat_dim, momentum=momentum, min_cluster_size=min_cluster_size,
             centroid_update_interval=centroid_update_interval, small_cluster_interval=small_cluster_interval,
-            reweight_power=reweight_power, assign=assign, seed=seed, resync_interval=resync_interval,
+            reweight_power=reweight_power, metric=metric, seed=seed, resync_interval=resync_interval,
         )
         c = self.config
-        self.handler = SmallClusterHandler(c.min_cluster_size, metric=c.assign, seed=c.seed)
+        self.handler = SmallClusterHandler(c.min_cluster_size, metric=c.metric, seed=c.seed)
+        #: the :class:`~clusterlearn.SampleMemory` (features and labels of all N samples)
         self.samples = SampleMemory(c.num_samples, c.feat_dim, momentum=c.momentum, like=like, device=device)
         s = self.samples
-        self.centroids = CentroidMemory(c.num_clusters, c.feat_dim, xp=s.xp, device=s.device, dtype=s.dtype)
+        #: the :class:`~clusterlearn.CentroidMemory` (centroids, sizes and sums of the C clusters)
+        self.centroid_memory = CentroidMemory(c.num_clusters, c.feat_dim, xp=s.xp, device=s.device, dtype=s.dtype)
         self.iteration = 0
 
     # ------------------------------------------------------------------ properties
@@ -150,11 +167,33 @@ class OnlineDeepClustering:
     centroid_update_interval = property(lambda self: self.config.centroid_update_interval, doc="steps between refreshes")
     small_cluster_interval = property(lambda self: self.config.small_cluster_interval, doc="steps between handlings")
     reweight_power = property(lambda self: self.config.reweight_power, doc="p in w ∝ n^-p")
-    assign = property(lambda self: self.config.assign, doc='"l2" or "dot"')
+    metric = property(lambda self: self.config.metric, doc='"l2" or "dot"')
     seed = property(lambda self: self.config.seed, doc="seed of k-means and the splits")
     resync_interval = property(
-        lambda self: self.config.resync_every(self.centroids.acc_dtype), doc="steps between exact resyncs (0: never)"
+        lambda self: self.config.resync_every(self.centroid_memory.acc_dtype), doc="steps between exact resyncs (0: never)"
     )
+
+    @property
+    def assign(self) -> Metric:
+        """Deprecated name of :attr:`metric`."""
+        _deprecated("OnlineDeepClustering.assign", "OnlineDeepClustering.metric")
+        return self.metric
+
+    @property
+    def centroids(self) -> CentroidMemory:
+        """Deprecated name of :attr:`centroid_memory` (``odc.centroids.centroids`` read badly)."""
+        _deprecated("OnlineDeepClustering.centroids", "OnlineDeepClustering.centroid_memory")
+        return self.centroid_memory
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the memories hold data (:meth:`initialize` or :meth:`load_state_dict` ran)."""
+        return self.samples.initialized
+
+    def require_initialized(self) -> None:
+        """Raise :class:`NotInitializedError` unless :attr:`initialized`."""
+        if not self.initialized:
+            raise NotInitializedError("call initialize(features) before using the memories")
 
     @property
     def state(self) -> ODCState:
@@ -162,16 +201,35 @@ class OnlineDeepClustering:
 
         Do not write to them; :func:`clusterlearn.odc_state.step` consumes its state (NumPy,
         PyTorch and CuPy update it in place), so give it a copy (or :meth:`state_dict`'s arrays).
+
+        Assigning a state (``odc.state = new``, e.g. the result of
+        :func:`clusterlearn.odc_state.step` or a replica's broadcast arrays) holds its arrays
+        without copying. Their shapes and dtype kinds are checked
+        (:func:`~clusterlearn.odc_state.check_state`), their values are not: restore
+        checkpoints with :meth:`load_state_dict`, which checks the invariants.
         """
-        self._require_initialized()
-        s, c = self.samples, self.centroids
+        self.require_initialized()
+        s, c = self.samples, self.centroid_memory
         iteration = s.xp.asarray(self.iteration, dtype=s.labels.dtype, device=s.device)
         return ODCState(s.features, s.labels, c.centroids, c.sizes, c.sums, iteration)
+
+    @state.setter
+    def state(self, state: ODCState) -> None:
+        check_state(state, self.config)
+        B.eager_namespace(**{f"state.{k}": v for k, v in state._asdict().items() if k != "iteration"})
+        xp, to_memory = self.samples.xp, self.samples.to_memory
+        self._set_state(ODCState(*(xp.astype(to_memory(x), dtype) for x, dtype in zip(state, self.state_dtypes))))
+
+    @property
+    def state_dtypes(self) -> ODCState:
+        """The dtype of every :attr:`state` field in this object's namespace, as an ``ODCState``."""
+        s, c = self.samples, self.centroid_memory
+        return ODCState(s.dtype, s.labels.dtype, s.dtype, c.sizes.dtype, c.acc_dtype, s.labels.dtype)
 
     def _set_state(self, state: ODCState) -> None:
         """Hold ``state``'s arrays (memory namespace, checked or produced by the step)."""
         self.samples.set_state(state.features, state.labels)
-        self.centroids.set_state(state.centroids, state.sizes, state.sums)
+        self.centroid_memory.set_state(state.centroids, state.sizes, state.sums)
         self.iteration = int(state.iteration)
 
     @property
@@ -180,7 +238,7 @@ class OnlineDeepClustering:
 
         A copy, so that ``previous = odc.labels`` still holds an epoch's labels later.
         """
-        self._require_initialized()
+        self.require_initialized()
         return self._copy(self.samples.labels)
 
     @property
@@ -190,26 +248,33 @@ class OnlineDeepClustering:
         The live buffer, not a copy (it may be gigabytes): later steps change it in place on
         NumPy, PyTorch and CuPy. Do not write to it.
         """
-        self._require_initialized()
+        self.require_initialized()
         return self.samples.features
 
     @property
     def cluster_sizes(self) -> Array:
         """(C,) copy of the number of samples per cluster, equal to ``bincount(labels, C)``."""
-        self._require_initialized()
-        return self._copy(self.centroids.sizes)
+        self.require_initialized()
+        return self._copy(self.centroid_memory.sizes)
 
     def __repr__(self) -> str:
         return (
             f"OnlineDeepClustering(num_samples={self.num_samples}, num_clusters={self.num_clusters}, "
             f"feat_dim={self.feat_dim}, momentum={self.momentum}, min_cluster_size={self.min_cluster_size}, "
-            f"assign={self.assign!r}, backend={self.samples.xp.__name__}, device={self.samples.device}, "
+            f"metric={self.metric!r}, backend={self.samples.xp.__name__}, device={self.samples.device}, "
             f"iteration={self.iteration}, initialized={self.samples.initialized})"
         )
 
     # ------------------------------------------------------------------ API
     def initialize(
-        self, features: Array, labels: Array | None = None, *, kmeans_iters: int = 20, kmeans_init: str = "k-means++"
+        self,
+        features: Array,
+        labels: Array | None = None,
+        *,
+        n_iter: int = 20,
+        init: str = "k-means++",
+        kmeans_iters: int | None = None,
+        kmeans_init: str | None = None,
     ) -> dict[str, int]:
         """Fill the memories from the features of the whole data set.
 
@@ -218,39 +283,58 @@ class OnlineDeepClustering:
         features : (N, D) real floating array, any supported namespace; L2-normalised here.
             A row that is all zero (after casting to the memory's dtype) has no direction
             and is refused with ``ValueError``, as :meth:`step` refuses it
-        labels : (N,) integer array in [0, C), optional. When omitted, k-means
-            (:func:`clusterlearn.kmeans`, ``kmeans_iters`` iterations, ``kmeans_init``
-            seeding, ``seed``) on the normalised features provides them.
+        labels : (N,) integer array in [0, C), optional. When omitted,
+            :meth:`initial_labels` provides them (k-means with ``n_iter`` iterations and
+            ``init`` seeding)
+        kmeans_iters, kmeans_init : deprecated names of ``n_iter`` and ``init``
 
         Returns
         -------
         dict with ``num_small_clusters`` and ``num_splits`` of the small-cluster handling
         run once after initialisation.
         """
+        n_iter, init = _renamed_kmeans_args(n_iter, init, kmeans_iters, kmeans_init)
         B.eager_namespace(features=features, **({} if labels is None else {"labels": labels}))
         check_features(features, "features", dim=self.feat_dim, rows=self.num_samples)
         if labels is not None:
             check_labels(labels, "labels", upper=self.num_clusters, length=self.num_samples)
-        kmeans_iters = check_int(kmeans_iters, "kmeans_iters", minimum=0)
-        if kmeans_init not in ("k-means++", "random"):
-            raise ValueError(f"kmeans_init must be 'k-means++' or 'random', got {kmeans_init!r}")
-        feats = self.samples.xp.astype(l2_normalize(self.samples.to_memory(features)), self.samples.dtype)
+        n_iter, init = _check_kmeans_args(n_iter, init)
+        feats = self._unit_rows(features)
         check_nonzero_rows(feats, "features")
         if labels is None:
-            labels = self._kmeans_labels(feats, kmeans_iters, kmeans_init)
+            labels = self._kmeans_labels(feats, n_iter, init)
         # normalised again in the memory's dtype: a cast from a narrower input is not unit-norm
-        self._set_state(init(l2_normalize(feats), self.samples.to_memory(labels), self.num_clusters))
-        handled = self.handler(self.samples, self.centroids, key=0)
+        self._set_state(init_state(l2_normalize(feats), self.samples.to_memory(labels), self.num_clusters))
+        handled = self.handler(self.samples, self.centroid_memory, key=0)
         return {"num_small_clusters": handled.num_small_clusters, "num_splits": handled.num_splits}
 
-    def _kmeans_labels(self, unit_features: Array, kmeans_iters: int, kmeans_init: str) -> Array:
+    def initial_labels(self, features: Array, *, n_iter: int = 20, init: str = "k-means++") -> Array:
+        """(N,) the labels :meth:`initialize` computes when given none (memory namespace).
+
+        k-means (:func:`clusterlearn.kmeans`, ``n_iter`` iterations, ``init`` seeding, this
+        object's ``seed``) of the (N, D) ``features`` L2-normalised and cast to the memory's
+        dtype, exactly as :meth:`initialize` clusters them (a distributed shell computes
+        them on one rank and broadcasts them). Does not change the object.
+        """
+        B.eager_namespace(features=features)
+        check_features(features, "features", dim=self.feat_dim, rows=self.num_samples)
+        n_iter, init = _check_kmeans_args(n_iter, init)
+        feats = self._unit_rows(features)
+        check_nonzero_rows(feats, "features")
+        return self._kmeans_labels(feats, n_iter, init)
+
+    def _unit_rows(self, features: Array) -> Array:
+        """``features`` in the memory's namespace, L2-normalised, cast to the memory's dtype."""
+        return self.samples.xp.astype(l2_normalize(self.samples.to_memory(features)), self.samples.dtype)
+
+    def _kmeans_labels(self, unit_features: Array, n_iter: int, init: str) -> Array:
         """(N,) initial labels: k-means of the L2-normalised memory-namespace features."""
-        return kmeans(unit_features, self.num_clusters, n_iter=kmeans_iters, seed=self.seed, init=kmeans_init).labels
+        return kmeans(unit_features, self.num_clusters, n_iter=n_iter, seed=self.seed, init=init).labels
 
     def labels_of(self, indices: Array) -> Array:
         """(B,) pseudo-labels of dataset ``indices`` (B,), in their namespace and on their device."""
         xp_in = B.eager_namespace(indices=indices)
-        self._require_initialized()
+        self.require_initialized()
         idx = self.samples.check_indices(indices)
         return B.convert(self.samples.xp.take(self.samples.labels, idx), xp_in, aac.device(indices))
 
@@ -260,8 +344,8 @@ class OnlineDeepClustering:
         O(C) from the incrementally kept sizes. float32 in the memory's namespace, or in
         ``like``'s namespace, on its device and (if floating, e.g. bfloat16 logits) its dtype.
         """
-        self._require_initialized()
-        w = reweight(self.centroids.sizes, self.reweight_power)
+        self.require_initialized()
+        w = loss_weights(self.centroid_memory.sizes, self.reweight_power)
         if like is None:
             return w
         xp = B.namespace(like=like)
@@ -285,14 +369,14 @@ class OnlineDeepClustering:
             ``num_splits`` clusters split to re-seed them;
             ``centroids_refreshed`` whether all centroids were recomputed this step.
         """
-        self._require_initialized()
+        self.require_initialized()
         idx, feats = self.samples.validate_batch(indices, features)
         # Every check has passed (the step applies the batch): from here on the state changes.
         state, stats = odc_step(self.state, idx, feats, self.config)
         self._set_state(state)
         handled = SmallClusterStats(0, 0, 0)
-        if self.iteration % self.small_cluster_interval == 0:
-            handled = self.handler(self.samples, self.centroids, key=self.iteration)
+        if small_clusters_due(self.iteration, self.config):
+            handled = self.handler(self.samples, self.centroid_memory, key=self.iteration)
         return {
             "change_ratio": int(stats["num_changed"]) / int(stats["num_distinct"]),
             "num_small_clusters": handled.num_small_clusters,
@@ -308,27 +392,16 @@ class OnlineDeepClustering:
         ``sums`` (C, D), ``iteration``, and the settings that determine later steps
         (``num_samples``, ``num_clusters``, ``feat_dim``, ``momentum``, ``min_cluster_size``,
         ``centroid_update_interval``, ``small_cluster_interval``, ``reweight_power``,
-        ``assign``, ``seed``, ``resync_interval``), which :meth:`load_state_dict` checks.
+        ``metric``, ``seed``, ``resync_interval``), which :meth:`load_state_dict` checks.
         """
         arrays = self.state._asdict()
         del arrays["iteration"]
         return {**{k: self._copy(v) for k, v in arrays.items()}, "iteration": self.iteration, **self._settings()}
 
     def _settings(self) -> dict[str, int | float | str]:
-        """The constructor settings a resumed run must share to continue identically."""
-        return {
-            "num_samples": self.num_samples,
-            "num_clusters": self.num_clusters,
-            "feat_dim": self.feat_dim,
-            "momentum": self.momentum,
-            "min_cluster_size": self.min_cluster_size,
-            "centroid_update_interval": self.centroid_update_interval,
-            "small_cluster_interval": self.small_cluster_interval,
-            "reweight_power": self.reweight_power,
-            "assign": self.assign,
-            "seed": self.seed,
-            "resync_interval": self.resync_interval,
-        }
+        """The constructor settings a resumed run must share to continue identically: the
+        :class:`~clusterlearn.odc_state.ODCConfig` fields, ``resync_interval`` resolved."""
+        return {**dataclasses.asdict(self.config), "resync_interval": self.resync_interval}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (arrays of any supported namespace), after checking it.
@@ -343,6 +416,8 @@ class OnlineDeepClustering:
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        # checkpoints written before the glossary (docs/glossary.md) use the old setting names
+        state = {**{new: state[old] for old, new in _RENAMED_SETTINGS.items() if old in state and new not in state}, **state}
         missing = [k for k in ODCState._fields if k not in state]
         if missing:
             raise ValueError(f"state is missing keys {missing}")
@@ -354,42 +429,55 @@ class OnlineDeepClustering:
                     "construct it with the checkpoint's settings"
                 )
         B.eager_namespace(**{f"state[{key!r}]": state[key] for key in _STATE_ARRAYS})
-        check_features(state["features"], "state['features']", dim=d, rows=n)
-        check_features(state["centroids"], "state['centroids']", dim=d, rows=k)
-        check_features(state["sums"], "state['sums']", dim=d, rows=k)
-        check_labels(state["labels"], "state['labels']", upper=k, length=n)
-        check_labels(state["sizes"], "state['sizes']", upper=n + 1, length=k)
+        # every memory array, in ODCState field order: floating ones are finite matrices, integral
+        # ones label arrays whose values are bounded by UPPER (cluster ids, cluster sizes)
+        upper = {"labels": k, "sizes": n + 1}
+        for key, shape, kind in zip(_STATE_ARRAYS, state_shapes(self.config), STATE_KINDS):
+            if kind == "integral":
+                check_labels(state[key], f"state[{key!r}]", upper=upper[key], length=shape[0])
+            else:
+                check_features(state[key], f"state[{key!r}]", dim=d, rows=shape[0])
         iteration = check_int(_scalar(state["iteration"], "state['iteration']"), "state['iteration']", minimum=0)
-        s, c = self.samples, self.centroids
-        xp = s.xp
-        features = xp.astype(self._copy(state["features"]), s.dtype)
-        labels = xp.astype(self._copy(state["labels"]), s.labels.dtype)
-        sizes = xp.astype(self._copy(state["sizes"]), c.sizes.dtype)
-        sums_tol = float(xp.finfo(self._copy(state["sums"]).dtype).eps) ** 0.5
-        sums = xp.astype(self._copy(state["sums"]), c.acc_dtype)
-        centroids = xp.astype(self._copy(state["centroids"]), s.dtype)
-        _verify_state(features, labels, sizes, sums, centroids, s.dtype, sums_tol, c.acc_dtype)
-        iteration = xp.asarray(iteration, dtype=labels.dtype, device=s.device)
-        self._set_state(ODCState(features, labels, centroids, sizes, sums, iteration))
+        xp = self.samples.xp
+        copies = [self._copy(state[key]) for key in _STATE_ARRAYS]
+        sums_tol = float(xp.finfo(copies[ODCState._fields.index("sums")].dtype).eps) ** 0.5
+        arrays = [xp.astype(x, dtype) for x, dtype in zip(copies, self.state_dtypes)]
+        iteration = xp.asarray(iteration, dtype=self.state_dtypes.iteration, device=self.samples.device)
+        new = ODCState(*arrays, iteration)
+        _verify_state(new, self.samples.dtype, sums_tol, self.centroid_memory.acc_dtype)
+        self._set_state(new)
 
     def _copy(self, x: Array) -> Array:
         """A private copy of ``x`` in the memory's namespace (the memory writes in place)."""
         return self.samples.xp.asarray(self.samples.to_memory(x), copy=True)
 
-    def _require_initialized(self) -> None:
-        if not self.samples.initialized:
-            raise NotInitializedError("call initialize(features) before using the memories")
+
+def _renamed_kmeans_args(n_iter: int, init: str, kmeans_iters: int | None, kmeans_init: str | None) -> tuple[int, str]:
+    """``n_iter`` and ``init``, or their deprecated names' values when those are given."""
+    if kmeans_iters is not None:
+        _deprecated("initialize(kmeans_iters=...)", "n_iter=...")
+        n_iter = kmeans_iters
+    if kmeans_init is not None:
+        _deprecated("initialize(kmeans_init=...)", "init=...")
+        init = kmeans_init
+    return n_iter, init
 
 
-def _verify_state(
-    features: Array, labels: Array, sizes: Array, sums: Array, centroids: Array, dtype: Any, sums_tol: float, acc: Any
-) -> None:
-    """Check a checkpoint's memory-namespace arrays against the invariants of the memories.
+def _check_kmeans_args(n_iter: int, init: str) -> tuple[int, str]:
+    n_iter = check_int(n_iter, "n_iter", minimum=0)
+    if init not in ("k-means++", "random"):
+        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+    return n_iter, init
+
+
+def _verify_state(state: ODCState, dtype: Any, sums_tol: float, acc: Any) -> None:
+    """Check a checkpoint's state (memory namespace and dtypes) against the invariants of the memories.
 
     ``sums_tol``: allowed deviation of ``sums`` per unit of cluster size (``sqrt(eps)`` of the
     dtype the sums were saved in: float32 sums that ran 1000 steps between resyncs drift by a
     few 1e-6 of the cluster size, a wrong or stale array by far more).
     """
+    features, labels, centroids, sizes, sums, _ = state
     xp = aac.array_namespace(features)
     k = sizes.shape[0]
     tol = _unit_norm_tolerance(xp, dtype)

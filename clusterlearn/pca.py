@@ -35,7 +35,8 @@ from typing import Any
 
 import array_api_compat as aac
 
-from .backend import accumulator_dtype, namespace, power_of_two_exponent, times_power_of_two
+from .backend import accumulator_dtype, namespace, power_of_two_exponent, times_power_of_two, to_numpy
+from .shards import Psum
 from .validation import check_features, check_int, check_real
 
 Array = Any
@@ -100,15 +101,23 @@ class PCAWhitening:
             raise ValueError(f"eps must be positive and finite, got {self.eps}")
         self.normalize = bool(normalize)
 
-    def fit(self, x: Array) -> PCAWhitening:
-        """Fit the transform on features ``x``.
+    def fit(self, x: Array, *, psum: Psum | None = None, shard: int = 0, num_shards: int = 1) -> PCAWhitening:
+        """Fit the transform on features ``x``, or on the rows of all shards together.
 
         Parameters
         ----------
         x : (N, D) array, real floating dtype, finite, of any magnitude (the fit runs on x
             scaled by a power of two; ``explained_variance_`` is ``inf`` where it exceeds the
             accumulator dtype). Any array-API backend; the fitted state lives in the same
-            namespace and device.
+            namespace and device. With ``psum``: this shard's (n, D) rows (n >= 0).
+        psum : callable, optional
+            Element-wise sum over shards, the result on every shard
+            (``torch.distributed.all_reduce``, ``jax.lax.psum``). Given, the fit is a
+            collective over ``num_shards`` shards: the mean and then the centred (D, D)
+            scatter are all-reduced (O(D^2) bytes, never the rows), and every shard gets the
+            same transform, equal to the fit on all rows to rounding.
+        shard, num_shards : int
+            This shard's number in [0, num_shards) and the number of shards (with ``psum``).
 
         Returns
         -------
@@ -119,28 +128,47 @@ class PCAWhitening:
         TypeError
             ``x`` is not an array or not floating.
         ValueError
-            ``x`` is not 2-D, has no rows, is not finite or has zero variance, or
-            ``dim > min(N, D)``.
+            ``x`` is not 2-D, has no rows (over all shards), is not finite or has zero
+            variance, or ``dim > min(N, D)``; a bad ``shard``/``num_shards``.
         """
-        xp = _check_features(x)
-        n, d = x.shape
+        xp = namespace(x=x)
+        dev = aac.device(x)
+        acc = accumulator_dtype(xp, dev)
+        if psum is None:
+            check_features(x, "x")
+            total = lambda a: a  # noqa: E731
+            peak = x
+        else:
+            check_features(x, "x", allow_empty=True)
+            num_shards = check_int(num_shards, "num_shards", minimum=1)
+            shard = check_int(shard, "shard", minimum=0)
+            if shard >= num_shards:
+                raise ValueError(f"shard must be in [0, num_shards={num_shards}), got {shard}")
+            total = psum
+            # the largest |entry| of every shard, so that all scale by the same power of two
+            local = xp.zeros((num_shards,), dtype=x.dtype, device=dev)
+            if x.shape[0]:
+                local = xp.where(xp.arange(num_shards, device=dev) == shard, xp.max(xp.abs(x)), local)
+            peak = psum(local)
+        n = x.shape[0] if psum is None else int(to_numpy(psum(xp.asarray([x.shape[0]], device=dev)))[0])
+        if n == 0:
+            raise ValueError("x has no rows on any shard")
+        d = x.shape[1]
         if self.dim > min(n, d):
             raise ValueError(
                 f"dim={self.dim} exceeds min(N, D) = min({n}, {d}) of the features x"
             )
-        dev = aac.device(x)
-        acc = accumulator_dtype(xp, dev)
         # The whitened output does not depend on the scale of x (eps is relative): fit on
         # x / 2**e, max entry in [0.5, 1), so the covariance cannot overflow or underflow.
-        e = power_of_two_exponent(x)
+        e = power_of_two_exponent(peak)
         x = times_power_of_two(x, -e)
-        mean = xp.sum(x, axis=0, dtype=acc) / n
+        mean = total(xp.sum(x, axis=0, dtype=acc)) / n
         cov = xp.zeros((d, d), dtype=acc, device=dev)
         step = max(1, _BLOCK_ELEMENTS // d)
-        for start in range(0, n, step):
-            block = xp.astype(x[start : min(start + step, n), :], acc) - mean
+        for start in range(0, x.shape[0], step):
+            block = xp.astype(x[start : min(start + step, x.shape[0]), :], acc) - mean
             cov = cov + xp.matmul(xp.matrix_transpose(block), block)
-        cov = cov / n
+        cov = total(cov) / n
         eigenvalues, eigenvectors = xp.linalg.eigh(cov)  # ascending order
         values = xp.flip(eigenvalues[d - self.dim :], axis=0)
         vectors = xp.flip(eigenvectors[:, d - self.dim :], axis=1)

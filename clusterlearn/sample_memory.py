@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_compat as aac
 
@@ -11,7 +11,7 @@ from .validation import all_finite, check_features, check_int, check_labels, che
 
 Array = Any
 
-__all__ = ["SampleMemory", "l2_normalize", "momentum_update", "merge_duplicates", "merge_sorted_duplicates"]
+__all__ = ["SampleMemory", "MemoryUpdate", "l2_normalize", "momentum_update", "merge_duplicates", "merge_sorted_duplicates"]
 
 
 def l2_normalize(x: Array) -> Array:
@@ -151,6 +151,25 @@ def check_nonzero_rows(x: Array, name: str) -> None:
         raise ValueError(f"{name} has an all-zero row (row {row}, in the memory's dtype), which has no direction to store")
 
 
+class MemoryUpdate(NamedTuple):
+    """What :meth:`SampleMemory.update` wrote, sorted by index (B rows, repeats kept).
+
+    Attributes
+    ----------
+    indices : (B,) the sample indices written, sorted
+    first : (B,) bool, True at one copy of each distinct index
+    old : (B, D) their features before the update
+    new : (B, D) their features after the update
+    lead : (B,) position of each row's first copy (``arange(B)`` without repeats)
+    """
+
+    indices: Array
+    first: Array
+    old: Array
+    new: Array
+    lead: Array
+
+
 class SampleMemory:
     """Features and pseudo-labels of every training sample.
 
@@ -237,25 +256,28 @@ class SampleMemory:
         self.labels = self.xp.astype(self.to_memory(labels), self.labels.dtype)
         self.initialized = True
 
-    def update(self, indices: Array, features: Array) -> tuple[Array, Array, Array, Array, Array | None]:
+    def update(self, indices: Array, features: Array) -> MemoryUpdate:
         """Momentum-update the features of a batch (memory namespace, validated inputs).
 
         Repeated indices are merged first (:func:`merge_duplicates`); all outputs keep the
         batch's length B, sorted by index, copies of a repeated index carrying equal rows.
-
-        Returns
-        -------
-        indices : (B,) the sample indices written, sorted
-        first : (B,) bool, True at one copy of each distinct index
-        old : (B, D) their features before the update
-        new : (B, D) their features after the update
-        lead : (B,) position of each row's first copy, or None without repeats
+        Returns a :class:`MemoryUpdate`.
         """
         indices, merged, first, lead = merge_duplicates(indices, self.xp.astype(features, self.dtype))
         old = self.xp.take(self.features, indices, axis=0)
         new = momentum_update(old, merged, self.momentum)
         self.features = B.set_rows(self.features, indices, new)
-        return indices, first, old, new, lead
+        if lead is None:  # no repeats: every row is its own first copy
+            lead = self.xp.arange(indices.shape[0], dtype=indices.dtype, device=aac.device(indices))
+        return MemoryUpdate(indices, first, old, new, lead)
+
+    def rows(self, indices: Array) -> Array:
+        """(R, D) the features of the samples ``indices`` (R,) (memory namespace, not checked).
+
+        How the small-cluster handler reads features, so that a memory holding only some rows
+        (a shard) can fetch the others.
+        """
+        return self.xp.take(self.features, indices, axis=0)
 
     def set_labels(self, indices: Array, labels: Array) -> None:
         """``labels[indices] = labels`` (repeated indices must carry equal labels)."""

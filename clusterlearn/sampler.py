@@ -17,7 +17,27 @@ from .validation import check_int
 
 Array = Any
 
-__all__ = ["UniformLabelSampler"]
+__all__ = ["UniformLabelSampler", "ShardedUniformLabelSampler", "largest_remainder"]
+
+
+def largest_remainder(share: np.ndarray, total: int, gen: np.random.Generator) -> np.ndarray:
+    """Integers that round the non-negative ``share`` (m,) to sum ``total`` (``sum(share)``
+    up to rounding): each entry gets its floor, and the largest fractional parts one more,
+    ties broken by one random permutation of the m entries (drawn from ``gen``).
+
+    With equal shares this gives every entry ``total // m`` and ``total % m`` entries, the
+    first of the permutation, one more.
+    """
+    m = share.shape[0]
+    base = np.floor(share).astype(np.int64)
+    order = gen.permutation(m)
+    position = np.empty(m, dtype=np.int64)
+    position[order] = np.arange(m)
+    extra = total - int(base.sum())
+    if extra < 0 or extra > m:
+        raise ValueError(f"the shares sum to {share.sum()}, not to total={total}")
+    base[np.lexsort((position, -(share - np.floor(share))))[:extra]] += 1
+    return base
 
 
 class UniformLabelSampler:
@@ -63,7 +83,7 @@ class UniformLabelSampler:
         self.seed = check_int(seed, "seed", minimum=0)
         self.epoch = 0
         # Dense cluster ids 0..m-1 (empty clusters dropped) and the size of each cluster.
-        _, self._cluster, self._sizes = np.unique(host, return_inverse=True, return_counts=True)
+        self._ids, self._cluster, self._sizes = np.unique(host, return_inverse=True, return_counts=True)
         self._starts = np.cumsum(self._sizes) - self._sizes
 
     @property
@@ -91,14 +111,17 @@ class UniformLabelSampler:
         epoch = self.epoch if epoch is None else check_int(epoch, "epoch", minimum=0)
         gen = rng(self.seed, epoch)
         m = self.num_clusters
-        quota = np.full(m, self.num_samples // m, dtype=np.int64)
-        quota[gen.permutation(m)[: self.num_samples % m]] += 1
+        return self._draw(gen, largest_remainder(np.full(m, self.num_samples / m), self.num_samples, gen))
+
+    def _draw(self, gen: np.random.Generator, quota: np.ndarray) -> np.ndarray:
+        """The epoch's shuffled indices: ``quota[c]`` draws of (dense) cluster ``c``."""
+        m, draws = quota.shape[0], int(quota.sum())
         # Sample indices grouped by cluster (cluster c at _starts[c]: _starts[c] + _sizes[c]),
         # in a fresh random order inside each cluster.
         members = np.lexsort((gen.random(self._cluster.shape[0]), self._cluster))
         # Draw j of cluster c takes member j mod size_c of the cluster's permutation.
         draw_cluster = np.repeat(np.arange(m), quota)
-        draw_rank = np.arange(self.num_samples) - np.repeat(np.cumsum(quota) - quota, quota)
+        draw_rank = np.arange(draws) - np.repeat(np.cumsum(quota) - quota, quota)
         picks = self._starts[draw_cluster] + draw_rank % self._sizes[draw_cluster]
         return gen.permutation(members[picks]).astype(np.int64, copy=False)
 
@@ -114,4 +137,64 @@ class UniformLabelSampler:
         return (
             f"UniformLabelSampler(num_samples={self.num_samples}, "
             f"num_clusters={self.num_clusters}, seed={self.seed}, epoch={self.epoch})"
+        )
+
+
+class ShardedUniformLabelSampler(UniformLabelSampler):
+    """One shard's indices of an epoch spread evenly over clusters whose labels are sharded.
+
+    When no process holds all N labels (each holds those of its block of samples, as
+    :class:`~clusterlearn.deepcluster_shard.ShardedDeepClusterLabeler` leaves them), each shard
+    draws its ``num_samples`` indices from its own samples, cluster ``c`` in proportion to the
+    fraction of that cluster it holds, ``count_c / global_sizes[c]`` (largest-remainder
+    rounding), walking the cluster's members as :class:`UniformLabelSampler` does. A cluster
+    thus gets ``num_samples · S / m`` draws over the S shards, exactly when the shards hold
+    the clusters in equal proportions (a shuffled data set cut into blocks) and otherwise up
+    to the differences between the shards' mixes. Only the (C,) global sizes are exchanged.
+    Shard 0 draws exactly what :class:`UniformLabelSampler` draws from the same labels, so
+    one shard is the unsharded sampler.
+
+    Parameters
+    ----------
+    labels : (n,) integer array, any backend: the labels of this shard's samples, rows
+        ``offset .. offset + n - 1`` of the data set
+    global_sizes : (C,) integer array: every cluster's size over all shards (a ``psum`` of
+        the shards' bincounts), positive wherever this shard has a member
+    offset : global index of this shard's first sample
+    num_samples : draws of this shard per epoch (the same on every shard for DDP); default n
+    seed : int, default 0; with the epoch and the shard it determines the draws
+    shard : this shard's number (0 for the first)
+
+    ``epoch_indices`` returns global dataset indices in ``[offset, offset + n)``.
+    """
+
+    def __init__(
+        self, labels: Array, global_sizes: Array, *, offset: int, num_samples: int | None = None, seed: int = 0,
+        shard: int = 0,
+    ) -> None:
+        super().__init__(labels, num_samples, seed)
+        namespace(global_sizes=global_sizes)
+        sizes = np.asarray(to_numpy(global_sizes))
+        if sizes.ndim != 1 or sizes.dtype.kind not in "iu":
+            raise ValueError(f"global_sizes must be a 1-D integer array, got shape {sizes.shape} and dtype {sizes.dtype}")
+        if self._ids[0] < 0 or self._ids[-1] >= sizes.shape[0]:
+            raise ValueError(f"labels must lie in [0, len(global_sizes)={sizes.shape[0]})")
+        whole = sizes[self._ids]
+        if np.any(whole < self._sizes):
+            raise ValueError("global_sizes must count at least this shard's members of every cluster")
+        self.offset = check_int(offset, "offset", minimum=0)
+        self.shard = check_int(shard, "shard", minimum=0)
+        self._fraction = self._sizes / whole
+
+    def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
+        """This shard's (num_samples,) int64 global indices of the epoch (default: `set_epoch`'s)."""
+        epoch = self.epoch if epoch is None else check_int(epoch, "epoch", minimum=0)
+        gen = rng(self.seed, epoch) if self.shard == 0 else rng(self.seed, epoch, self.shard)
+        share = self.num_samples * self._fraction / self._fraction.sum()
+        return self._draw(gen, largest_remainder(share, self.num_samples, gen)) + self.offset
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedUniformLabelSampler(num_samples={self.num_samples}, num_clusters={self.num_clusters}, "
+            f"offset={self.offset}, shard={self.shard}, seed={self.seed}, epoch={self.epoch})"
         )

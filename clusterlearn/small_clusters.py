@@ -29,9 +29,11 @@ impossible to satisfy and rejected by :class:`~clusterlearn.OnlineDeepClustering
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat as aac
 import numpy as np
 
 from . import backend as B
@@ -39,11 +41,12 @@ from .validation import check_int
 from .assignment import METRICS, Metric
 from .centroid_memory import CentroidMemory
 from .kmeans import kmeans
+from .odc_state import ODCConfig, ODCState
 from .sample_memory import SampleMemory
 
 Array = Any
 
-__all__ = ["SmallClusterHandler", "SmallClusterStats"]
+__all__ = ["SmallClusterHandler", "SmallClusterStats", "handle_small_clusters"]
 
 
 @dataclass(frozen=True)
@@ -63,17 +66,31 @@ class SmallClusterHandler:
     min_cluster_size : threshold (20 in ODC); 0 or 1 disables dissolving but still refills
         empty clusters when ``min_cluster_size == 1``
     metric : nearest-centroid rule for the dissolve step, ``"l2"`` or ``"dot"``
-    split_iters : Lloyd iterations of each 2-means split
+    n_iter : Lloyd iterations of each 2-means split (``split_iters=`` is its deprecated name)
     seed : base seed of the splits
     """
 
-    def __init__(self, min_cluster_size: int = 20, *, metric: Metric = "l2", split_iters: int = 10, seed: int = 0):
+    def __init__(
+        self, min_cluster_size: int = 20, *, metric: Metric = "l2", n_iter: int = 10, seed: int = 0,
+        split_iters: int | None = None,
+    ):
+        if split_iters is not None:
+            warnings.warn("SmallClusterHandler(split_iters=...) is deprecated, use n_iter=... (docs/glossary.md)",
+                          DeprecationWarning, stacklevel=2)
+            n_iter = split_iters
         self.min_cluster_size = check_int(min_cluster_size, "min_cluster_size", minimum=0)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         self.metric = metric
-        self.split_iters = check_int(split_iters, "split_iters", minimum=1)
+        self.n_iter = check_int(n_iter, "n_iter", minimum=1)
         self.seed = check_int(seed, "seed")
+
+    @property
+    def split_iters(self) -> int:
+        """Deprecated name of :attr:`n_iter`."""
+        warnings.warn("SmallClusterHandler.split_iters is deprecated, use n_iter (docs/glossary.md)",
+                      DeprecationWarning, stacklevel=2)
+        return self.n_iter
 
     def __call__(self, samples: SampleMemory, centroids: CentroidMemory, *, key: int = 0) -> SmallClusterStats:
         """Handle small clusters of the memories in place; ``key`` varies the split seeds."""
@@ -100,7 +117,7 @@ class SmallClusterHandler:
         members = xp.nonzero(xp.take(small, samples.labels))[0]
         if members.shape[0] == 0:
             return 0, np.zeros(0, dtype=np.int64)
-        feats = xp.take(samples.features, members, axis=0)
+        feats = samples.rows(members)
         old = xp.take(samples.labels, members)
         new = xp.astype(centroids.assign(feats, metric=self.metric, exclude=small), old.dtype)
         samples.set_labels(members, new)
@@ -118,10 +135,10 @@ class SmallClusterHandler:
         for e in empties.tolist():
             c = int(np.argmax(sizes))  # first maximum: ties go to the lowest id
             idx = members[c]
-            halves = self._two_halves(B.to_numpy(xp.take(samples.features, idx, axis=0)), key, e)
+            halves = self._two_halves(B.to_numpy(samples.rows(idx)), key, e)
             keep, give = (xp.asarray(h, device=samples.device) for h in halves)
             moving = xp.take(idx, give)
-            feats = xp.take(samples.features, moving, axis=0)
+            feats = samples.rows(moving)
             old = xp.full(moving.shape, c, dtype=samples.labels.dtype, device=samples.device)
             new = xp.full(moving.shape, e, dtype=samples.labels.dtype, device=samples.device)
             samples.set_labels(moving, new)
@@ -135,7 +152,7 @@ class SmallClusterHandler:
         """Top up clusters still below the threshold from clusters with spare members."""
         xp, m = samples.xp, self.min_cluster_size
         labels = B.to_numpy(samples.labels).astype(np.int64)
-        feats = B.to_numpy(samples.features)
+        feats = B.to_numpy(samples.rows(xp.arange(samples.num_samples, device=samples.device)))
         sizes = np.bincount(labels, minlength=centroids.num_clusters)
         touched: list[int] = []
         for e in np.flatnonzero(sizes < m).tolist():
@@ -154,7 +171,7 @@ class SmallClusterHandler:
             np.add.at(sizes, old, -1)
             sizes[e] += len(take)
             moving = xp.asarray(take, device=samples.device)
-            rows = xp.take(samples.features, moving, axis=0)
+            rows = samples.rows(moving)
             old_x = xp.asarray(old, dtype=samples.labels.dtype, device=samples.device)
             new_x = xp.full(moving.shape, e, dtype=samples.labels.dtype, device=samples.device)
             samples.set_labels(moving, new_x)
@@ -183,7 +200,7 @@ class SmallClusterHandler:
         """
         m = feats.shape[0]
         halves = kmeans(
-            feats, 2, n_iter=self.split_iters, seed=int(B.rng(self.seed, key, e).integers(2**31)), backend="array"
+            feats, 2, n_iter=self.n_iter, seed=int(B.rng(self.seed, key, e).integers(2**31)), backend="array"
         )  # array backend: k-means++ splits, identical whether or not faiss is installed
         second = halves.labels == 1
         target = min(self.min_cluster_size, m // 2)
@@ -200,3 +217,26 @@ def _nearest_outside(feats: np.ndarray, inside: np.ndarray, count: int) -> np.nd
     outside = np.flatnonzero(~inside)
     d2 = ((feats[outside] - feats[inside].mean(axis=0)) ** 2).sum(axis=1)
     return outside[np.argsort(d2, kind="stable")[:count]]
+
+
+def handle_small_clusters(state: ODCState, config: ODCConfig, *, key: int) -> tuple[ODCState, SmallClusterStats]:
+    """:class:`SmallClusterHandler` (``config``'s threshold, metric and seed) on an
+    :class:`~clusterlearn.odc_state.ODCState`, returning the new state.
+
+    Eager (data-dependent shapes): for a state held outside an
+    :class:`~clusterlearn.OnlineDeepClustering`, such as the JAX adapter's host copy. The
+    features are read, never written (the returned state holds the same ``features`` object);
+    labels, centroids, sizes and sums are copied (labels and sizes to the namespace's index
+    dtype, sums to its accumulator dtype) before the handler changes them.
+    """
+    xp = B.namespace(**{f"state.{k}": v for k, v in state._asdict().items()})
+    device = aac.device(state.features)
+    index, acc = B.index_dtype(xp, device), B.accumulator_dtype(xp, device)
+    samples = SampleMemory.wrap(state.features, xp.astype(state.labels, index), momentum=config.momentum)
+    centroids = CentroidMemory(config.num_clusters, config.feat_dim, xp=xp, device=device, dtype=state.features.dtype)
+    centroids.set_state(xp.astype(state.centroids, state.features.dtype, copy=True), xp.astype(state.sizes, index),
+                        xp.astype(state.sums, acc))
+    handler = SmallClusterHandler(config.min_cluster_size, metric=config.metric, seed=config.seed)
+    stats = handler(samples, centroids, key=key)
+    new = state._replace(labels=samples.labels, centroids=centroids.centroids, sizes=centroids.sizes, sums=centroids.sums)
+    return new, stats

@@ -42,8 +42,11 @@ def check_real(value: Any, name: str, *, low: float, high: float = float("inf"))
     return value
 
 
-def check_features(x: Array, name: str, *, dim: int | None = None, rows: int | None = None) -> None:
-    """A finite, real floating (rows, dim) matrix."""
+def check_features(
+    x: Array, name: str, *, dim: int | None = None, rows: int | None = None, allow_empty: bool = False
+) -> None:
+    """A finite, real floating (rows, dim) matrix (with ``allow_empty``, possibly of no rows:
+    a shard that holds none)."""
     xp = aac.array_namespace(x)
     if not xp.isdtype(x.dtype, "real floating") or B.unsupported_torch_dtype(x):
         torch_note = " (torch: float16 or wider)" if aac.is_torch_array(x) else ""
@@ -54,7 +57,7 @@ def check_features(x: Array, name: str, *, dim: int | None = None, rows: int | N
         raise ValueError(f"{name} must have {rows} rows, got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} must have {dim} columns (feat_dim), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     if not all_finite(x, xp):
         raise ValueError(f"{name} contains NaN or Inf")

@@ -159,10 +159,6 @@ def memory_step(mesh: jax.sharding.Mesh, config: clj.ODCConfig) -> Any:
     return clj.make_sharded_step(mesh, config, jc.AXIS)
 
 
-def memory_arrays(state: clj.ODCState) -> list[jax.Array]:
-    return [state.features, state.labels, state.centroids, state.sizes, state.sums]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
     jc.launch(parser, args, args.clusters * max(args.min_cluster_size, 1), run, [f"odc/{k}" for k in clj.ODCState._fields])
@@ -230,9 +226,8 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
                 raise FloatingPointError(
                     f"epoch {epoch + 1}, step {step}: the memory step refused the batch (non-finite or all-zero "
                     "features, or indices outside the data set); the memory is unchanged, stopping")
-            if int(state.iteration) % config.small_cluster_interval == 0:
-                state, handled = clj.handle_small_clusters(state, config)
-                small += handled.num_small_clusters
+            state, handled = clj.small_cluster_step(state, config)
+            small += handled.num_small_clusters
             losses.append(loss)
             changes.append(st["change_ratio"])
         losses, changes = jax.device_get((losses, changes))  # waits for the last step (dispatch is asynchronous)
@@ -240,9 +235,7 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         record |= {"loss": float(np.mean(losses)), "change_ratio": float(np.mean(changes)),
                    "small_clusters_dissolved": small, "images_per_s": len(order) * args.batch_size / seconds,
                    "train_seconds": seconds}
-        replicas = jc.replica_fingerprints(memory_arrays(state))
-        if len(set(replicas.values())) != 1:
-            raise RuntimeError(f"the ODC memory replicas differ across devices: {replicas}")
+        clj.check_consistency(state, config)
         arrays = {**jc.flatten("params", params), **jc.flatten("stats", stats), **jc.flatten("opt", opt_state),
                   **{f"odc/{k}": np.asarray(v) for k, v in state._asdict().items()}, "rng/key": jc.key_data(key)}
         jc.save_checkpoint(out / jc.CHECKPOINT, arrays, args, epoch + 1)
@@ -252,12 +245,12 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         labels = np.asarray(state.labels)
         record |= runs.cluster_scores(data.targets, labels)
         record |= runs.size_stats(labels, args.clusters)[1]
-        record |= {"fingerprint": runs.fingerprint(np.asarray(a) for a in memory_arrays(state)),
+        record |= {"fingerprint": clj.fingerprint(state, config),
                    "seconds": time.perf_counter() - started}
         log.write(record)
         print(runs.epoch_line(record), flush=True)
     images.close()
-    for device, digest in jc.replica_fingerprints(memory_arrays(state)).items():
+    for device, digest in clj.replica_fingerprints(state, config).items():
         print(f"device {device}: ODC memory fingerprint {digest}", flush=True)
     records = log.read()
     plot = runs.plot_run(out, records, np.asarray(state.sizes),

@@ -73,15 +73,6 @@ def shard_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.device_put(x, NamedSharding(mesh, P(AXIS)))
 
 
-def replica_fingerprints(arrays: list[jax.Array]) -> dict[str, str]:
-    """Per device: the fingerprint of its copies of ``arrays`` (replicated arrays agree everywhere)."""
-    per_device: dict[str, list[np.ndarray]] = {}
-    for a in arrays:
-        for shard in sorted(a.addressable_shards, key=lambda s: s.device.id):
-            per_device.setdefault(f"{shard.device.platform}:{shard.device.id}", []).append(np.asarray(shard.data))
-    return {device: runs.fingerprint(parts) for device, parts in per_device.items()}
-
-
 # ---------------------------------------------------------------------------- model
 def backbone(arch: str, width: int, small_input: bool, rngs: nnx.Rngs) -> flax_resnet.ResNet:
     """A randomly initialised ResNet of ``examples/flax_resnet.py`` returning pooled features."""

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import csv
 import datetime
-import hashlib
 import io
 import json
 import math
@@ -516,16 +515,6 @@ def _record(line: bytes) -> dict[str, Any] | None:
     except ValueError:  # JSONDecodeError and UnicodeDecodeError
         return None
     return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
-
-
-def fingerprint(arrays: Iterable[np.ndarray]) -> str:
-    """SHA-256 of the arrays' exact bytes (shapes and dtypes included), in order."""
-    digest = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- evaluation

@@ -60,7 +60,7 @@ def rounding_bounds(views, loss: float, grads, dtype, temperatures: tuple[float,
       (N + C) u, so the entry by 3 (2κ + (N + C) u) times the size of its terms, taken as the
       largest entry of the gradient.
 
-    At |s|/τ = 2e5 in float32 (``test_fast_self_classifier.extreme_views``) the gradient bound reaches the gradient's
+    At |s|/τ = 2e5 in float32 (``self_classifier/test_closed_form.extreme_views``) the gradient bound reaches the gradient's
     own size: float32 promises nothing finer there; the moderate cases check the gradient.
     """
     u = unit_roundoff(dtype)

@@ -3,15 +3,26 @@
 ``backend`` is parametrised over numpy, array_api_strict, torch (CPU) and jax (CPU); cupy is
 included and skipped without a GPU. Tests build their data in NumPy and move it with
 ``backend.asarray`` so that every backend sees identical inputs.
+
+``core_backend`` adds ``jit``: JAX arrays, with the core function under test called through
+``jax.jit`` (``core_backend.call(fn, *arrays, **static)``), so that a pure core function that
+cannot be traced (a Python ``bool``/``float`` of an array value, a shape that depends on
+values) fails there while its eager runs pass.
+
+Helpers shared by the test folders (``bounds``, ``streams``, ``example_runs``, ``ddp_checks``)
+live next to this file and are imported by name: ``--import-mode=importlib`` puts no test
+folder on ``sys.path``, so this file puts ``tests/`` there.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,8 +30,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# --import-mode=importlib puts no test folder on sys.path: make the shared tests/bounds.py
-# importable from every test file.
+# --import-mode=importlib puts no test folder on sys.path: make the shared helpers of tests/
+# (bounds.py, streams.py, example_runs.py, ddp_checks.py) importable from every test folder.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 settings.register_profile(
@@ -47,6 +58,7 @@ class Backend:
     name: str
     xp: ModuleType  # array-API-compatible namespace (array_api_compat wrapper where needed)
     native: ModuleType  # the library itself
+    jit: bool = False  # core functions called through jax.jit (the ``jit`` variant of jax)
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         """Move a NumPy array (or nested list) to this backend, keeping its dtype kind.
@@ -71,6 +83,35 @@ class Backend:
 
         return np.asarray(to_numpy(x))
 
+    def call(self, fn: Callable[..., Any], *arrays: Any, **static: Any) -> Any:
+        """``fn(*arrays, **static)``; on ``jit`` through ``jax.jit`` with ``static`` bound.
+
+        ``arrays`` are traced (arrays or pytrees of arrays: lists, NamedTuples); the keyword
+        arguments are Python settings fixed at trace time (``config``, temperatures, ``rows``).
+        The jitted function is kept per ``(fn, static)`` where ``static`` is hashable, so that
+        a loop of calls compiles once.
+        """
+        if not self.jit:
+            return fn(*arrays, **static)
+        return _jitted(fn, static)(*arrays)
+
+
+_JITTED: dict[Any, Callable[..., Any]] = {}
+
+
+def _jitted(fn: Callable[..., Any], static: dict[str, Any]) -> Callable[..., Any]:
+    """``jax.jit(partial(fn, **static))``, cached when ``static`` is hashable."""
+    import jax
+
+    key = (fn, tuple(sorted(static.items())))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable setting (a slice before Python 3.12): compiled per call
+        return jax.jit(functools.partial(fn, **static))
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(functools.partial(fn, **static))
+    return _JITTED[key]
+
 
 def _load(name: str) -> Backend:
     if name == "numpy":
@@ -91,6 +132,9 @@ def _load(name: str) -> Backend:
         import jax.numpy as jnp
 
         return Backend(name, jnp, jax)
+    if name == "jit":
+        jax = _load("jax")
+        return Backend(name, jax.xp, jax.native, jit=True)
     if name == "cupy":
         cupy = importlib.import_module("cupy")
         if cupy.cuda.runtime.getDeviceCount() < 1:
@@ -111,6 +155,18 @@ def _available(name: str) -> Backend | None:
 @pytest.fixture(params=BACKEND_NAMES)
 def backend(request: pytest.FixtureRequest) -> Backend:
     """Every array backend; unavailable ones (cupy without a GPU) are skipped."""
+    b = _available(request.param)
+    if b is None:
+        pytest.skip(f"{request.param} not available")
+    return b
+
+
+@pytest.fixture(params=[*BACKEND_NAMES, "jit"])
+def core_backend(request: pytest.FixtureRequest) -> Backend:
+    """Every array backend, and ``jit``: JAX with the function under test traced by ``jax.jit``.
+
+    Call the core function as ``core_backend.call(fn, *arrays, **static)``.
+    """
     b = _available(request.param)
     if b is None:
         pytest.skip(f"{request.param} not available")

@@ -1,4 +1,4 @@
-"""Scenarios run inside real 2-process gloo groups by tests/test_torch_ddp.py.
+"""Scenarios run inside real 2-process gloo groups by tests/odc/test_torch_ddp.py.
 
 Each rank runs every scenario and saves what it observed to ``out_dir/rank{r}.pt``; the test
 compares the ranks with each other and with one process working on the concatenated batches
@@ -21,6 +21,7 @@ import clusterlearn as cl
 from clusterlearn.adapters import torch as clt
 
 from bounds import linear_head_bounds
+from streams import drifting_stream
 
 N, C, DIM, MIN = 96, 4, 8, 3
 LOCAL_B = 6
@@ -28,20 +29,13 @@ STEPS = 7
 
 
 def make_stream(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Global batches (world·LOCAL_B rows); features drift to two attractors so labels change.
+    """Global batches (world·LOCAL_B rows) of :func:`streams.drifting_stream`, as tensors.
 
-    The last batch is padded by repeating indices, as DistributedSampler pads an epoch.
+    Features drift to two attractors so labels change; every batch's tail repeats its head
+    (DDP padding), so rank 1's last rows repeat rank 0's first: duplicates across ranks.
     """
-    gen = np.random.default_rng(7)
-    attract = gen.normal(size=(2, DIM)) * 3
-    out = []
-    for s in range(STEPS):
-        idx = gen.permutation(N)[: world * LOCAL_B]
-        if s == STEPS - 1:
-            idx[-3:] = idx[:3]
-        f = gen.normal(size=(idx.shape[0], DIM)) + attract[idx % 2] * (s + 1) / STEPS
-        out.append((torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(f.astype(np.float32))))
-    return out
+    _, batches = drifting_stream(7, STEPS, num_samples=N, dim=DIM, batch=world * LOCAL_B, pull=3.0, noise=1.0)
+    return [(torch.from_numpy(idx), torch.from_numpy(f)) for idx, f in batches]
 
 
 def initial_features() -> torch.Tensor:
@@ -53,7 +47,7 @@ def odc_kwargs() -> dict[str, Any]:
 
 
 def odc_scenario(rank: int, world: int) -> dict[str, Any]:
-    """Several steps with different data per rank, a padded last batch, and k-means init."""
+    """Several steps with different data per rank, padded batches, and k-means init."""
     odc = clt.OnlineDeepClustering(N, C, DIM, **odc_kwargs())
     feats = initial_features()
     if rank == 1:

@@ -25,6 +25,23 @@ def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def final_line(text: str) -> str:
+    """The last line a script printed (its summary)."""
+    return text.strip().splitlines()[-1]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative name: bytes)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def torch_checkpoint(path: Path) -> dict:
+    """A PyTorch example's checkpoint file, loaded as the scripts load it (``weights_only``)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def npz_checkpoint(out: Path) -> dict[str, np.ndarray]:
     """The arrays of a JAX example's ``<out>/checkpoint.npz`` (no pickles)."""
     with np.load(Path(out) / "checkpoint.npz", allow_pickle=False) as z:

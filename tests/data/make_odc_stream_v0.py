@@ -1,7 +1,9 @@
 """Writes odc_stream_v0.npz: an ODC checkpoint and a 16-step stream, run by the code of commit
 d95d341 (before the step became the pure ``clusterlearn.odc_state.step``).
 
-Run from a checkout of that commit: ``PYTHONPATH=$PWD python tests/data/make_odc_stream_v0.py``.
+Run from a checkout of that commit: ``PYTHONPATH=$PWD python tests/data/make_odc_stream_v0.py``
+(with ``tests/streams.py`` copied in: the stream was then ``tests/test_jax_adapter.py``'s
+``make_stream``, the same numbers).
 Keys: ``before/*`` (the state_dict after ``initialize``), ``indices`` (16, 32) and
 ``features`` (16, 32, 8) (the batches; each repeats 3 indices), ``stats`` (16, 4):
 change_ratio, num_small_clusters, num_splits, centroids_refreshed per step, ``after/*``
@@ -16,9 +18,9 @@ import numpy as np
 import clusterlearn as cl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from test_jax_adapter import C, D, N, make_stream  # noqa: E402
+from streams import C, D, N, drifting_stream  # noqa: E402
 
-x0, batches = make_stream(3, steps=16)
+x0, batches = drifting_stream(3, steps=16)
 kw = dict(momentum=0.2, min_cluster_size=35, centroid_update_interval=3, small_cluster_interval=2, seed=5, resync_interval=4)
 odc = cl.OnlineDeepClustering(N, C, D, **kw)
 odc.initialize(x0)

@@ -22,7 +22,7 @@ import pytest
 
 from clusterlearn.adapters import _native
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPILER = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler")
 
@@ -128,6 +128,7 @@ def plant(cache: Path, name: str, data: bytes, mode: int) -> None:
         path.chmod(mode)
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_planted_library_in_shared_cache_is_not_loaded(built, tmp_path):
     """A cache directory others can write to is refused (with a warning), whatever it holds, and
@@ -181,6 +182,7 @@ print(json.dumps(dict(loaded=lib is not None and hasattr(lib, "sc_stats_size"),
 """
 
 
+@pytest.mark.slow
 @needs_compiler
 @pytest.mark.parametrize("no_proc", [False, True], ids=["proc", "no-proc"])
 def test_the_library_loaded_is_the_one_verified(built, tmp_path, no_proc):
@@ -197,6 +199,7 @@ def test_the_library_loaded_is_the_one_verified(built, tmp_path, no_proc):
     assert out["loaded"] and not out["warnings"], out
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_an_unusable_cache_builds_privately(built, tmp_path):
     """A cache directory that cannot be created (here its parent is a file; also e.g.
@@ -210,6 +213,7 @@ def test_an_unusable_cache_builds_privately(built, tmp_path):
     assert len(out["warnings"]) == 1 and "cannot use the kernel cache" in out["warnings"][0], out["warnings"]
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_truncated_library_is_rebuilt(built, tmp_path):
     """A truncated library (an interrupted copy, a full disk) fails its digest and is rebuilt;
@@ -227,6 +231,7 @@ def test_truncated_library_is_rebuilt(built, tmp_path):
     assert lib.read_bytes() == whole
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_concurrent_builders_build_once(built, tmp_path):
     """Two processes (DDP ranks) that need the kernel at the same moment: one builds (1 s here),
@@ -262,6 +267,7 @@ def test_concurrent_builders_build_once(built, tmp_path):
     assert links(log) == 1
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_umask_000_gives_private_modes(built):
     """Under umask 000 (the fixture's build) the cache's missing directories are created 0o700
@@ -343,6 +349,7 @@ def baseline_isa() -> tuple[str, str | None] | None:
     return "x86-64", None
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_kernel_built_for_baseline_isa(tmp_path):
     """The kernel built for an ISA below this CPU's (AVX2 on an AVX-512 machine, SSE4.2 on an
@@ -360,10 +367,10 @@ def test_kernel_built_for_baseline_isa(tmp_path):
         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_max_isa={xla_isa}" if xla_isa else os.environ.get("XLA_FLAGS", ""),
     }
     selection = [
-        "tests/test_fused_self_classifier.py::test_fused_equals_array_closed_form",
-        "tests/test_fused_self_classifier.py::test_fused_peaked_logits_and_denormal_mode",
-        "tests/test_fast_self_classifier.py::test_torch_extreme_logits_match_float64",
-        "tests/test_fast_self_classifier.py::test_jax_extreme_logits_match_float64",
+        "tests/self_classifier/test_fused_kernel.py::test_fused_equals_array_closed_form",
+        "tests/self_classifier/test_fused_kernel.py::test_fused_peaked_logits_and_denormal_mode",
+        "tests/self_classifier/test_closed_form.py::test_torch_extreme_logits_match_float64",
+        "tests/self_classifier/test_closed_form.py::test_jax_extreme_logits_match_float64",
         "-k", "not large and not 8v and not tiny and not 2-",
     ]
     result = subprocess.run(

@@ -4,7 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+pytestmark = pytest.mark.slow  # every test runs a script in a subprocess
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str) -> str:

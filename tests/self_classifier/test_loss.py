@@ -23,6 +23,7 @@ from clusterlearn.self_classifier import (
 )
 
 from bounds import assert_within_rounding, probability_rtol, rounding_bounds, unit_roundoff
+from logits import make_heads, overflowing_views, rank_gather
 
 TAU_ROW, TAU_COL, EPS = 0.1, 0.05, 1e-12
 
@@ -72,15 +73,6 @@ def ref_loss(heads, tr=TAU_ROW, tc=TAU_COL, eps=EPS, clamp=True, dim=None):
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def make_heads(seed: int, n: int, classes: list[int], views: int, scale: float = 1.0):
-    """float32-representable float64 logits: heads[h][v] of shape (n, classes[h])."""
-    rng = np.random.default_rng(seed)
-    return [
-        [(scale * rng.standard_normal((n, c))).astype(np.float32).astype(np.float64) for _ in range(views)]
-        for c in classes
-    ]
 
 
 def float64_loss_and_grads(heads, **loss_kwargs) -> tuple[float, list[np.ndarray]]:
@@ -360,14 +352,6 @@ def test_extreme_logits_finite_loss_and_gradients(lib, clamp):
     assert all(np.isfinite(g).all() for g in grads)
 
 
-def overflowing_views() -> list[np.ndarray]:
-    """Three float32 views of ±1e38 logits (s/τ overflows, s − max(s) does not), the second
-    with a class at −1e38 in every row (a line of −inf once divided, before the fix)."""
-    views = np.sign(np.random.default_rng(5).standard_normal((3, 8, 5))).astype(np.float32) * np.float32(1e38)
-    views[1][:, 0] = np.float32(-1e38)
-    return list(views)
-
-
 @pytest.mark.parametrize("clamp", [False, True])
 def test_logits_whose_scaled_values_overflow(backend, clamp):
     # shifted and floored before scaling: finite, and NumPy warns of no overflow. The clamped
@@ -515,18 +499,6 @@ def test_half_precision_computed_in_float32():
 # ---------------------------------------------------------------------------------------------
 # global batch through `gather`
 # ---------------------------------------------------------------------------------------------
-
-
-def rank_gather(global_views, local_views, rows):
-    """A fake gather for one rank: maps each of its local views to the full batch of that view."""
-
-    def gather(x):
-        for local, full in zip(local_views, global_views):
-            if x is local:
-                return full, rows
-        raise AssertionError("gather called on an unknown array")
-
-    return gather
 
 
 @pytest.mark.parametrize("split", [(6, 6), (3, 3, 6)], ids=["2 ranks", "3 uneven ranks"])

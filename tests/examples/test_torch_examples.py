@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from example_runs import records, run_main, script
+from example_runs import final_line, records, run_main, script
+from example_runs import torch_checkpoint as load
 
 import clusterlearn as cl
 
@@ -25,7 +26,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 TINY = ["--subset", "16", "--resolution", "16", "--batch-size", "8", "--no-progress"]
 ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]
@@ -33,14 +34,6 @@ ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]
 
 
 
-
-
-def final_line(text: str) -> str:
-    return text.strip().splitlines()[-1]
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_evaluation(out: Path, text: str, labels: np.ndarray, num_clusters: int) -> None:
@@ -176,6 +169,7 @@ def test_selfclassifier_smoke(tmp_path: Path) -> None:
     check_evaluation(tmp_path, text, labels, 4)
 
 
+@pytest.mark.slow
 def test_odc_two_gloo_processes_keep_identical_memories(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(EXAMPLES / "imagenet_odc_torch.py"), *ODC_TINY, "--epochs", "1", "--out", str(tmp_path)]

@@ -2,7 +2,7 @@
 
 Through either adapter (torch: ctypes in an ``autograd.Function``; JAX: XLA FFI custom calls
 in a ``custom_vjp``) it must give the value and gradient of the closed form in array ops
-(itself checked against the core and finite differences in ``test_fast_self_classifier.py``)
+(itself checked against the core and finite differences in ``test_closed_form.py``)
 for every view layout, row slice (gathered batch), dtype and thread count; it is chosen only
 where it applies; building it fails softly.
 """
@@ -10,8 +10,6 @@ where it applies; building it fails softly.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +18,7 @@ from hypothesis import strategies as st
 
 from clusterlearn.adapters import _native
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bounds import assert_within_rounding, rounding_bounds  # noqa: E402
+from bounds import assert_within_rounding, rounding_bounds
 
 # (views, N, C, scale, loss rows, row/col temperatures); the kernel starts a second thread
 # from 65,536 elements per thread (K N C in the forward's passes)
@@ -225,6 +222,7 @@ def test_fused_rows_devices_and_grad_mode(fused, monkeypatch):
     assert asked == [False, False, True]
 
 
+@pytest.mark.slow
 def test_fused_threading_paths(fused):
     """Both ways the kernel runs in parallel give the same loss and gradient: PyTorch's OpenMP
     pool (also when it grants fewer threads than asked: OMP_THREAD_LIMIT=1, run in a child
@@ -313,7 +311,7 @@ def test_build_into_fresh_cache_and_failure_warns(tmp_path, monkeypatch):
     """The first use compiles into the cache directory (the library, its SHA-256 and the
     builders' lock file); a compiler that fails gives a warning and ``None`` (the adapters then
     use the torch ops), not an exception. (No compiler and CLUSTERLEARN_NATIVE=0:
-    test_native_cache.py.)"""
+    core/test_native_cache.py.)"""
     build = _native.kernel.__wrapped__
     monkeypatch.setattr(_native, "_warned", set())
     monkeypatch.setenv("CLUSTERLEARN_CACHE", str(tmp_path / "ok"))

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from example_runs import npz_checkpoint as checkpoint
-from example_runs import finish, records, script, start_jax_runs
+from example_runs import final_line, finish, records, script, snapshot, start_jax_runs
 
 pytest.importorskip("flax")
 pytest.importorskip("optax")
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 TINY = ["--subset", "16", "--resolution", "16", "--width", "4", "--batch-size", "8", "--no-progress"]
 ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]
@@ -62,10 +62,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, s
             "odc_eval_only": (d["odc"], text[4]), "odc_2dev": (d["odc_2dev"], text[5]), "sc_2dev": (d["sc_2dev"], text[6])}
 
 
-def final_line(text: str) -> str:
-    return text.strip().splitlines()[-1]
-
-
 def check_evaluation(out: Path, text: str, labels: np.ndarray, num_clusters: int) -> None:
     """Scores in range in the final record, the baselines in the final line, one assignment per image."""
     runs = script("runs")
@@ -95,6 +91,7 @@ def test_resnet_has_torchvision_parameter_count(arch: str, want: int) -> None:
 
 
 # ---------------------------------------------------------------------------- training runs
+@pytest.mark.slow
 def test_odc_smoke_writes_metrics_plot_and_checkpoint(trained: dict) -> None:
     out, text = trained["odc"]
     rows = records(out)
@@ -118,6 +115,7 @@ def test_odc_smoke_writes_metrics_plot_and_checkpoint(trained: dict) -> None:
     assert int(state["odc/iteration"]) == 2 * (16 // 8)
 
 
+@pytest.mark.slow
 def test_odc_resume_is_exact(trained: dict) -> None:
     straight, _ = trained["odc"]
     resumed, _ = trained["odc_resumed"]
@@ -137,6 +135,7 @@ def test_odc_resume_is_exact(trained: dict) -> None:
     assert "baselines read from" in trained["odc_resumed"][1] and "baselines read from" not in trained["odc_stopped"][1]
 
 
+@pytest.mark.slow
 def test_odc_eval_only_reproduces_the_final_evaluation(trained: dict) -> None:
     out, text = trained["odc_eval_only"]
     (evaluated,) = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("evaluation {")]
@@ -147,6 +146,7 @@ def test_odc_eval_only_reproduces_the_final_evaluation(trained: dict) -> None:
     assert "baselines read from" in text and final_line(text).startswith("final ODC")
 
 
+@pytest.mark.slow
 def test_selfclassifier_smoke(trained: dict) -> None:
     out, text = trained["sc"]
     (row,) = records(out)
@@ -162,6 +162,7 @@ def test_selfclassifier_smoke(trained: dict) -> None:
     check_evaluation(out, text, labels, 4)
 
 
+@pytest.mark.slow
 def test_two_devices_keep_identical_memories(trained: dict) -> None:
     out, text = trained["odc_2dev"]
     assert "2 device(s)" in text
@@ -216,6 +217,7 @@ def test_bad_input_is_a_one_line_error(name: str, argv: list[str], message: str,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, _ = trained["odc"]
     argv = [*ODC_TINY, "--clusters", "3", "--epochs", "3", "--resume", str(out / "checkpoint.npz"), "--out", str(tmp_path / "run")]
@@ -240,11 +242,6 @@ def _label_out_of_range(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**a, "odc/labels": labels}
 
 
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory`` (relative name: bytes)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 BAD_CHECKPOINTS = [
     ("empty file", None, [], "cannot load"),
     ("no args", _without("args"), [], "no args entry"),
@@ -260,6 +257,7 @@ BAD_CHECKPOINTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("change", "argv", "message"), [c[1:] for c in BAD_CHECKPOINTS], ids=[c[0] for c in BAD_CHECKPOINTS])
 def test_a_bad_checkpoint_is_a_one_line_error(trained: dict, change, argv: list[str], message: str, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:

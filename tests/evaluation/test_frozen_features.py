@@ -451,7 +451,7 @@ def test_deepcluster_assign(backend):
 @pytest.mark.parametrize("metric", ["l2", "dot"])
 def test_odc_assign(backend, metric):
     x, y = _directions(5, 30, c=4, d=12)
-    odc = cl.OnlineDeepClustering(x.shape[0], 4, 12, min_cluster_size=5, assign=metric, like=backend.asarray(x))
+    odc = cl.OnlineDeepClustering(x.shape[0], 4, 12, min_cluster_size=5, metric=metric, like=backend.asarray(x))
     fresh, fresh_y = _directions(6, 10, c=4, d=12)
     with pytest.raises(cl.NotInitializedError):
         cl.odc_assign(odc, backend.asarray(fresh))

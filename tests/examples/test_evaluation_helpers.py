@@ -1,29 +1,25 @@
 """The framework-free evaluation helpers of the examples (``examples/runs.py``): the epochs
 evaluated, the scores of frozen features on the fixed split, the baselines file and the
 training set's cluster assignments. The training scripts' use of them is tested in
-``test_examples.py`` and ``test_jax_examples.py``."""
+``test_torch_examples.py`` and ``test_jax_examples.py``."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from example_runs import script
 
 import clusterlearn as cl
 
 pytest.importorskip("sklearn")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
 
 def runs() -> ModuleType:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module("runs")
+    """``examples/runs.py``, imported as the scripts import it."""
+    return script("runs")
 
 
 def test_the_end_of_a_run_and_every_nth_epoch_are_evaluated() -> None:

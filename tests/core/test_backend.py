@@ -79,6 +79,24 @@ def test_accumulator_dtype_is_widest_available(backend):
     assert dtype == (backend.xp.float32 if backend.name == "jax" else backend.xp.float64)
 
 
+def test_scatter_add_rows_sums_a_block_of_rows_at_a_time(backend, monkeypatch):
+    """Blocks of 7 rows (a bound of 28 elements at D = 4), repeated indices across blocks:
+    the sums of one scatter_add, and no block casts more than the bound."""
+    monkeypatch.setattr(B, "_ROWS_BLOCK_ELEMENTS", 28)
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, 5, size=40)
+    vals = rng.normal(size=(40, 4)).astype(np.float32)
+    expected = np.zeros((5, 4))
+    np.add.at(expected, idx, vals.astype(np.float64))
+    seen = []
+    real = B.scatter_add
+    monkeypatch.setattr(B, "scatter_add", lambda x, i, v: seen.append(v.shape[0]) or real(x, i, v))
+    acc = backend.xp.zeros((5, 4), dtype=B.accumulator_dtype(backend.xp))
+    out = B.scatter_add_rows(acc, backend.asarray(idx), backend.asarray(vals))
+    assert seen == [7] * 5 + [5]
+    assert_sums_close(backend.to_numpy(out), expected, idx, vals)
+
+
 def test_scatter_add_many_repeats_uses_chunked_path_exactly(backend):
     """Many repeats over several NumPy chunks (a full resync): same sums as np.add.at."""
     rng = np.random.default_rng(0)

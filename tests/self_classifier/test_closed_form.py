@@ -18,17 +18,9 @@ import pytest
 from clusterlearn.self_classifier import SelfClassifierLoss as CoreLoss
 
 from bounds import assert_within_rounding, rounding_bounds, unit_roundoff
+from logits import make_heads, overflowing_views, rank_gather
 
 EPS = 1e-12
-
-def make_heads(seed: int, n: int, classes: list[int], views: int, scale: float = 1.0) -> list[list[np.ndarray]]:
-    """float32-representable float64 logits ``heads[h][v]`` of shape ``(n, classes[h])``."""
-    rng = np.random.default_rng(seed)
-    return [
-        [(scale * rng.standard_normal((n, c))).astype(np.float32).astype(np.float64) for _ in range(views)]
-        for c in classes
-    ]
-
 
 def collapsed(n: int = 64, c: int = 8) -> np.ndarray:
     """Every sample confident in class 0 (logits ±3): dead classes and unclaimed samples, so
@@ -151,13 +143,6 @@ def assert_matches_float64_core(loss: float, grads: list[np.ndarray], vs: list[n
     assert_within_rounding(loss, grads, want, want_grads, vs, np.float32, computations=1)
 
 
-def overflowing_views() -> list[np.ndarray]:
-    """float32 views of ±1e38 (s/τ overflows), one with a class at −1e38 in every row."""
-    views = np.sign(np.random.default_rng(5).standard_normal((3, 8, 5))).astype(np.float32) * np.float32(1e38)
-    views[1][:, 0] = np.float32(-1e38)
-    return list(views)
-
-
 @pytest.mark.parametrize("lib", ["torch", "jax"])
 @pytest.mark.parametrize("kernel", ["auto", "array"])
 @pytest.mark.parametrize("clamp", [True, False], ids=["clamped", "exact"])
@@ -256,18 +241,6 @@ def test_torch_retain_graph_backward_twice():
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def rank_gather(global_views, local_views, rows):
-    """A fake gather for one rank: maps each of its local views to the full batch of that view."""
-
-    def gather(x):
-        for local, full in zip(local_views, global_views):
-            if x is local:
-                return full, rows
-        raise AssertionError("gather called on an unknown array")
-
-    return gather
-
-
 def test_torch_fake_gather_gradients():
     """Per-rank losses on gathered logits; summing their gradients over ranks (the gather's
     backward) and DDP's mean give the full-batch gradient."""
@@ -307,6 +280,7 @@ def _ddp_worker(rank: int, world: int, port: int, views: list[np.ndarray], out: 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_torch_two_ranks_equal_one_process(tmp_path):
     """gather="auto" under a real 2-rank gloo group: mean loss and DDP-averaged gradients equal
     one process on the whole batch."""

@@ -1,11 +1,12 @@
 """The PyTorch adapter in one process: memories, modules, sampler, feature extraction.
 
-The multi-process behaviour is in tests/test_torch_ddp.py.
+The multi-process behaviour is in tests/odc/test_torch_ddp.py.
 """
 
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -16,19 +17,9 @@ import clusterlearn as cl  # noqa: E402
 from clusterlearn.adapters import torch as clt  # noqa: E402
 
 from bounds import gamma, rounding_bounds, unit_norm_atol, unit_roundoff  # noqa: E402
+from streams import drifting_stream  # noqa: E402
 
 N, C, D = 120, 5, 8
-
-
-def stream(steps: int = 6, b: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
-    gen = np.random.default_rng(1)
-    pull = gen.normal(size=(2, D)) * 3
-    out = []
-    for s in range(steps):
-        idx = gen.integers(0, N, size=b)  # duplicates happen
-        f = gen.normal(size=(b, D)) + pull[idx % 2] * (s + 1) / steps
-        out.append((idx, f.astype(np.float32)))
-    return out
 
 
 @pytest.fixture
@@ -46,7 +37,7 @@ def test_single_process_equals_core(feats: np.ndarray) -> None:
     odc.initialize(torch.from_numpy(feats))
     core.initialize(torch.from_numpy(feats))
     changed = 0.0
-    for idx, f in stream():
+    for idx, f in drifting_stream(1, 6, num_samples=N, batch=10)[1]:
         a = odc.step(torch.from_numpy(idx), torch.from_numpy(f))
         b = core.step(torch.from_numpy(idx), torch.from_numpy(f))
         assert a == b
@@ -62,7 +53,7 @@ def test_fingerprint_tracks_every_change(feats: np.ndarray) -> None:
     odc = make()
     odc.initialize(torch.from_numpy(feats))
     seen = {odc.fingerprint()}
-    for idx, f in stream(3):
+    for idx, f in drifting_stream(1, 3, num_samples=N, batch=10)[1]:
         odc.step(torch.from_numpy(idx), torch.from_numpy(f))
         seen.add(odc.fingerprint())
     assert len(seen) == 4
@@ -252,6 +243,53 @@ def test_odc_initialize_from_extracted_features() -> None:
     core.initialize(feats.numpy())
     np.testing.assert_array_equal(odc.labels.numpy(), core.labels)
     assert cl.metrics.nmi(truth, core.labels) > 0.8
+
+
+def test_odc_deprecated_names_warn_and_still_work() -> None:
+    """The torch adapter keeps the old names of docs/glossary.md for one release: each warns
+    (DeprecationWarning naming the new one) and does what the new name does."""
+    gen = np.random.default_rng(6)
+    feats = torch.from_numpy(gen.normal(size=(N, D)).astype(np.float32))
+    new = make(metric="dot")
+    new.initialize(feats, n_iter=3, init="random")
+    with pytest.warns(DeprecationWarning, match="metric"):
+        old = make(assign="dot")
+    with pytest.warns(DeprecationWarning, match="n_iter"):
+        old.initialize(feats, kmeans_iters=3, kmeans_init="random")
+    assert old.metric == new.metric == "dot"
+    assert old.fingerprint() == new.fingerprint()
+    with pytest.warns(DeprecationWarning, match="centroid_memory"):
+        assert old.centroids is old.centroid_memory
+
+
+def test_odc_checkpoint_in_the_previous_state_dict_format_loads() -> None:
+    """A torch checkpoint as the previous code wrote it (``torch.save`` of ``state_dict()``:
+    tensors and Python numbers, the metric under its old key ``"assign"``; the state of
+    tests/data/odc_stream_v0.npz) loads with ``torch.load(weights_only=True)``, the old key is
+    checked, not ignored, and the run continues with the recorded statistics up to the first
+    small-cluster handling (see tests/test_odc_state.py)."""
+    with np.load(os.path.join(os.path.dirname(__file__), "data", "odc_stream_v0.npz")) as z:
+        data = {k: z[k] for k in z.files}
+    old = {k.split("/", 1)[1]: (torch.from_numpy(v) if v.ndim else v.item()) for k, v in data.items() if k.startswith("before/")}
+    assert old["assign"] == "l2" and "metric" not in old
+    buf = io.BytesIO()
+    torch.save(old, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    settings = ("momentum", "min_cluster_size", "centroid_update_interval", "small_cluster_interval", "seed", "resync_interval")
+    n, c, d = (old[k] for k in ("num_samples", "num_clusters", "feat_dim"))
+    with pytest.raises(ValueError, match=r"state\['metric'\] is 'l2', this object has 'dot'"):
+        clt.OnlineDeepClustering(n, c, d, device="cpu", metric="dot", **{k: old[k] for k in settings}).load_state_dict(saved)
+    odc = clt.OnlineDeepClustering(n, c, d, device="cpu", **{k: old[k] for k in settings})
+    odc.load_state_dict(saved)
+    assert odc.iteration == old["iteration"] and odc.state_dict()["metric"] == "l2"
+    for idx, f, want in zip(data["indices"], data["features"], data["stats"]):
+        s = odc.step(torch.from_numpy(idx), torch.from_numpy(f))
+        assert [s["change_ratio"], s["num_small_clusters"], s["num_splits"], s["centroids_refreshed"]] == list(want)
+        if want[1]:
+            break
+    else:
+        raise AssertionError("the stream has no small-cluster handling")
 
 
 def test_extract_features_follows_a_batch_sampler() -> None:

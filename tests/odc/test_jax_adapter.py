@@ -1,6 +1,6 @@
 """JAX adapter: the jitted ODC step against the core, small clusters, conversions, 2 devices.
 
-Streams drag features towards two attractors (as in test_odc.py), so labels really change,
+Streams drag features towards two attractors (tests/streams.py), so labels really change,
 clusters shrink below the threshold and get re-seeded; batches repeat indices (DDP padding).
 Momenta are 0.2 and 0.8 so that a swap of m and 1 - m is caught. The 2-device checks run in
 a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=2``, set before JAX starts).
@@ -25,22 +25,8 @@ from clusterlearn.adapters import _native  # noqa: E402
 from clusterlearn.adapters import jax as clj  # noqa: E402
 
 from bounds import linear_head_bounds, momentum_feature_atol, reweight_rtol, rounding_bounds, running_sum_atol, unit_roundoff  # noqa: E402
-
-N, C, D, BATCH = 240, 6, 8, 32
-
-
-def make_stream(seed: int, steps: int, batch: int = BATCH):
-    """Initial features and (indices, features) batches drifting to two attractors."""
-    rng = np.random.default_rng(seed)
-    x0 = rng.normal(size=(N, D)).astype(np.float32)
-    attract = rng.normal(size=(2, D)) * 2
-    batches = []
-    for _ in range(steps):
-        idx = rng.choice(N, size=batch, replace=False)
-        idx[-3:] = idx[:3]  # DDP padding: the tail repeats the head
-        f = attract[idx % 2] + 0.5 * rng.normal(size=(batch, D))
-        batches.append((idx.astype(np.int64), f.astype(np.float32)))
-    return x0, batches
+from streams import BATCH, C, D, N  # noqa: E402
+from streams import drifting_stream as make_stream  # noqa: E402
 
 
 def core(like=None, **kw):
@@ -66,8 +52,8 @@ def assert_state_matches_core(state: clj.ODCState, odc: cl.OnlineDeepClustering)
     np.testing.assert_array_equal(np.asarray(state.sizes), B.to_numpy(odc.cluster_sizes))
     atol = odc_atols(state, odc.momentum)
     np.testing.assert_allclose(np.asarray(state.features), B.to_numpy(odc.features), rtol=0, atol=atol["features"])
-    np.testing.assert_allclose(np.asarray(state.centroids), B.to_numpy(odc.centroids.centroids), rtol=0, atol=atol["centroids"])
-    np.testing.assert_allclose(np.asarray(state.sums), B.to_numpy(odc.centroids.sums), rtol=0, atol=atol["sums"])
+    np.testing.assert_allclose(np.asarray(state.centroids), B.to_numpy(odc.centroid_memory.centroids), rtol=0, atol=atol["centroids"])
+    np.testing.assert_allclose(np.asarray(state.sums), B.to_numpy(odc.centroid_memory.sums), rtol=0, atol=atol["sums"])
     assert int(state.iteration) == odc.iteration
 
 
@@ -80,9 +66,7 @@ def run_both(odc, state, config, batches, conv=np.asarray):
         assert int(stats["num_changed"]) / int(stats["num_distinct"]) == want["change_ratio"]
         assert float(stats["change_ratio"]) == pytest.approx(want["change_ratio"], rel=unit_roundoff(np.float32), abs=0)  # one float32 division
         assert bool(stats["centroids_refreshed"]) == want["centroids_refreshed"]
-        handled = cl.SmallClusterStats(0, 0, 0)
-        if int(state.iteration) % config.small_cluster_interval == 0:
-            state, handled = clj.handle_small_clusters(state, config)
+        state, handled = clj.small_cluster_step(state, config)  # the core's schedule
         assert (handled.num_small_clusters, handled.num_splits) == (want["num_small_clusters"], want["num_splits"])
         assert_state_matches_core(state, odc)
         rtol = 2 * reweight_rtol(C, odc.reweight_power, N, np.float32)  # two float32 computations
@@ -94,17 +78,17 @@ def run_both(odc, state, config, batches, conv=np.asarray):
 
 
 @pytest.mark.parametrize(
-    ("momentum", "assign", "resync", "min_size"),
+    ("momentum", "metric", "resync", "min_size"),
     [(0.2, "l2", 3, N // (2 * C)), (0.8, "dot", None, N // (2 * C)), (0.8, "l2", None, N // C)],
 )
-def test_jitted_step_equals_numpy_core(momentum, assign, resync, min_size):
+def test_jitted_step_equals_numpy_core(momentum, metric, resync, min_size):
     """Labels, sizes exactly; features, centroids, sums closely; stats equal; every step."""
-    x0, batches = make_stream(int(momentum * 10) + len(assign), steps=36)  # long enough for small clusters to form
-    odc = core(momentum=momentum, assign=assign, resync_interval=resync, min_cluster_size=min_size,
+    x0, batches = make_stream(int(momentum * 10) + len(metric), steps=36)  # long enough for small clusters to form
+    odc = core(momentum=momentum, metric=metric, resync_interval=resync, min_cluster_size=min_size,
                centroid_update_interval=3, small_cluster_interval=2, seed=5)
     odc.initialize(x0)
     config, state = clj.config_from_core(odc), clj.state_from_core(odc)
-    assert config.momentum == momentum and config.assign == assign and config.resync_interval == resync
+    assert config.momentum == momentum and config.metric == metric and config.resync_interval == resync
     _, seen = run_both(odc, state, config, batches)
     assert seen["changed"] > 0 and seen["refreshed"] == 12, seen  # labels really changed
     assert seen["small"] > 0, seen  # the handler really ran
@@ -136,7 +120,7 @@ def test_default_resync_follows_the_sums_dtype():
         idx, f = make_stream(0, 1)[1][0]
         state, _ = clj.step(state, jnp.asarray(idx), jnp.asarray(f), config)
         odc.step(idx, f)
-        np.testing.assert_allclose(np.asarray(state.sums), odc.centroids.sums, rtol=0, atol=odc_atols(state, odc.momentum)["sums"])
+        np.testing.assert_allclose(np.asarray(state.sums), odc.centroid_memory.sums, rtol=0, atol=odc_atols(state, odc.momentum)["sums"])
 
 
 def test_duplicates_merged_as_the_core_and_counted_once():
@@ -191,7 +175,7 @@ def test_resync_recomputes_exact_sums():
     fixed = clj.resync(broken)
     np.testing.assert_array_equal(np.asarray(fixed.sizes), np.bincount(np.asarray(state.labels), minlength=C))
     # N float32 unit vectors summed in float32 against float64: γ_N · (largest cluster)
-    np.testing.assert_allclose(np.asarray(fixed.sums), odc.centroids.sums, rtol=0, atol=running_sum_atol(N, N, np.float32))
+    np.testing.assert_allclose(np.asarray(fixed.sums), odc.centroid_memory.sums, rtol=0, atol=running_sum_atol(N, N, np.float32))
 
 
 def test_handle_small_clusters_leaves_a_healthy_state_alone():
@@ -302,7 +286,7 @@ def test_bad_state_config_and_core_rejected(ready):
     ("kwargs", "err", "match"),
     [
         (dict(momentum=1.5), ValueError, "momentum must be in"),
-        (dict(assign="cosine"), ValueError, "assign must be one of"),
+        (dict(metric="cosine"), ValueError, "metric must be one of"),
         (dict(num_clusters=2.0), TypeError, "num_clusters must be an integer"),
         (dict(centroid_update_interval=0), ValueError, "centroid_update_interval must be >= 1"),
         (dict(resync_interval=0), ValueError, "resync_interval must be >= 1"),
@@ -437,8 +421,11 @@ def two_device_worker() -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_two_devices_sharded_step_and_global_loss():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bounds.py, streams.py
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

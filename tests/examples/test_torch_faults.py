@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from example_runs import records, run_main, script
+from example_runs import records, run_main, script, snapshot
+from example_runs import torch_checkpoint as load
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 ODC_TINY = ["--subset", "16", "--resolution", "16", "--batch-size", "8", "--no-progress", "--clusters", "2",
             "--min-cluster-size", "4"]
@@ -42,10 +43,6 @@ GUARD = 240  # a hang guard only: well above start-up + TIMEOUT on a busy 2-core
 
 
 
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _free_port() -> int:
@@ -190,11 +187,6 @@ BAD_CHECKPOINTS = [
 ]
 
 
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory`` (relative name: bytes)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize(("change", "argv", "message"), [c[1:] for c in BAD_CHECKPOINTS], ids=[c[0] for c in BAD_CHECKPOINTS])
 def test_a_bad_checkpoint_is_a_one_line_error(odc_run: Path, change, argv: list[str], message: str, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
@@ -255,7 +247,7 @@ DATA_ARGS = ["--resolution", "16", "--batch-size", "8", "--arch", "resnet18", "-
              "--min-cluster-size", "4", "--epochs", "1", "--no-progress"]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # 1: a DataLoader process
 @pytest.mark.parametrize("bad", ["not an image", "truncated"])
 def test_an_unreadable_image_is_named_in_one_line(bad: str, workers: int, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:

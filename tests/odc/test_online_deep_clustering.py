@@ -16,8 +16,9 @@ import clusterlearn as cl
 from clusterlearn import backend as B
 
 from bounds import gamma, momentum_feature_atol, reweight_rtol, running_sum_atol, unit_norm_atol, unit_roundoff
+from streams import BATCH, C, D, N
+from streams import drifting_stream as make_stream
 
-N, C, D, BATCH = 240, 6, 8, 32
 MAX_EXAMPLES = {"jax": 2, "array_api_strict": 5}  # eager JAX compiles every new shape
 
 
@@ -27,21 +28,6 @@ def run_property(backend, strategy, check):
     n = settings.default.max_examples // 2
     n = min(n, MAX_EXAMPLES[backend.name] * (n // 12)) if backend.name in MAX_EXAMPLES else n
     settings(max_examples=n, deadline=None)(given(strategy)(check))()
-
-
-def make_stream(seed: int, steps: int, batch: int = BATCH, duplicates: bool = True):
-    """Initial features and a list of (indices, features) batches drifting to two attractors."""
-    rng = np.random.default_rng(seed)
-    x0 = rng.normal(size=(N, D)).astype(np.float32)
-    attract = rng.normal(size=(2, D)) * 2
-    batches = []
-    for _ in range(steps):
-        idx = rng.choice(N, size=batch, replace=False)
-        if duplicates:  # DDP padding: the tail repeats the head
-            idx[-3:] = idx[:3]
-        f = attract[idx % 2] + 0.5 * rng.normal(size=(batch, D))
-        batches.append((idx.astype(np.int64), f.astype(np.float32)))
-    return x0, batches
 
 
 def exact_means(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -58,7 +44,7 @@ def sums_atol(odc, steps: int) -> float:
     """Drift of the incremental cluster sums after ``steps`` steps: the initial sum of n unit
     vectors, then per step each sample moved (−old, +new) by the step and again by the
     small-cluster handling, 4 n additions per entry at most; partial sums ≤ the largest size."""
-    n, acc = B.to_numpy(odc.labels).shape[0], B.to_numpy(odc.centroids.sums).dtype
+    n, acc = B.to_numpy(odc.labels).shape[0], B.to_numpy(odc.centroid_memory.sums).dtype
     return running_sum_atol(n + 4 * n * steps, int(B.to_numpy(odc.cluster_sizes).max()) + 1, acc)
 
 
@@ -70,7 +56,7 @@ def check_invariants(odc, min_size: int, steps: int = 0) -> None:
     assert sizes.min() >= max(min_size, 1), sizes
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=0, atol=unit_norm_atol(feats.shape[1], feats.dtype))
     want = exact_means(feats, labels, odc.num_clusters) * sizes[:, None]
-    np.testing.assert_allclose(B.to_numpy(odc.centroids.sums), want, rtol=0, atol=sums_atol(odc, steps))
+    np.testing.assert_allclose(B.to_numpy(odc.centroid_memory.sums), want, rtol=0, atol=sums_atol(odc, steps))
 
 
 params = st.fixed_dictionaries(
@@ -79,7 +65,7 @@ params = st.fixed_dictionaries(
         "momentum": st.sampled_from([0.2, 0.35, 0.8, 0.95]),
         "min_size": st.integers(1, N // C),  # up to C * min == N (splits + fill)
         "refresh": st.integers(1, 4),
-        "assign": st.sampled_from(["l2", "dot"]),
+        "metric": st.sampled_from(["l2", "dot"]),
         "resync": st.sampled_from([1, 3, 1000]),  # exact recompute of the sums vs incremental
     }
 )
@@ -92,13 +78,13 @@ def test_stream_invariants(backend):
         x0, batches = make_stream(p["seed"], steps=10)
         odc = cl.OnlineDeepClustering(
             N, C, D, momentum=p["momentum"], min_cluster_size=p["min_size"], centroid_update_interval=p["refresh"],
-            assign=p["assign"], seed=p["seed"], resync_interval=p["resync"], like=backend.asarray(np.zeros(1)),
+            metric=p["metric"], seed=p["seed"], resync_interval=p["resync"], like=backend.asarray(np.zeros(1)),
         )
         odc.initialize(backend.asarray(x0))
         check_invariants(odc, p["min_size"])
         changed = 0.0
         for step, (idx, f) in enumerate(batches, 1):
-            cen_before = B.to_numpy(odc.centroids.centroids).copy()
+            cen_before = B.to_numpy(odc.centroid_memory.centroids).copy()
             feat_before = B.to_numpy(odc.features).copy()
             stats = odc.step(backend.asarray(idx), backend.asarray(f))
             changed += stats["change_ratio"]
@@ -115,7 +101,7 @@ def test_stream_invariants(backend):
             np.testing.assert_allclose(feats[head], mix / np.linalg.norm(mix, axis=1, keepdims=True), rtol=0, atol=atol)
             if stats["num_small_clusters"] == 0:  # labels = nearest centroid before the step
                 scores = feats[idx] @ cen_before.T
-                if p["assign"] == "l2":
+                if p["metric"] == "l2":
                     scores = 2 * scores - (cen_before**2).sum(1)
                 best = scores.max(axis=1)
                 chosen = scores[np.arange(len(idx)), labels[idx]]
@@ -125,9 +111,9 @@ def test_stream_invariants(backend):
             if stats["centroids_refreshed"]:
                 # sums / sizes: the sums' drift (≥ its share per member) and one float32 rounding of a mean ≤ 1
                 atol = sums_atol(odc, step) + unit_roundoff(np.float32)
-                np.testing.assert_allclose(B.to_numpy(odc.centroids.centroids), exact_means(feats, labels, C), rtol=0, atol=atol)
+                np.testing.assert_allclose(B.to_numpy(odc.centroid_memory.centroids), exact_means(feats, labels, C), rtol=0, atol=atol)
             elif stats["num_small_clusters"] == 0:  # nothing may move the centroids in between
-                np.testing.assert_array_equal(B.to_numpy(odc.centroids.centroids), cen_before)
+                np.testing.assert_array_equal(B.to_numpy(odc.centroid_memory.centroids), cen_before)
         assert changed > 0, "the stream never changed a label: the test would prove nothing"
 
     run_property(backend, params, check)
@@ -156,13 +142,13 @@ def test_loss_weights_formula(backend):
     assert isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16
 
 
-def test_reweight_zero_for_empty_and_validates():
-    w = cl.reweight(np.array([4, 0, 1]), 0.5)
+def test_loss_weights_zero_for_empty_and_validates():
+    w = cl.loss_weights(np.array([4, 0, 1]), 0.5)
     np.testing.assert_allclose(w, np.array([0.5, 0, 1]) / 1.5, rtol=reweight_rtol(3, 0.5, 4, w.dtype), atol=0)
     with pytest.raises(ValueError, match="at least one positive"):
-        cl.reweight(np.array([0, 0]))
-    with pytest.raises(ValueError, match="reweight_power"):
-        cl.LossReweighter(-1.0)
+        cl.loss_weights(np.array([0, 0]))
+    with pytest.raises(ValueError, match="^power must be in"):
+        cl.loss_weights(np.array([1, 2]), -1.0)
 
 
 def test_duplicates_are_averaged_order_free_and_counted_once(backend):
@@ -329,7 +315,7 @@ def test_use_before_initialize():
         (dict(num_clusters=C, min_cluster_size=N // C + 1), ValueError, "exceeds num_samples"),
         (dict(num_clusters=N + 1, min_cluster_size=0), ValueError, "must not exceed num_samples"),
         (dict(num_clusters=C, momentum=1.5), ValueError, "momentum must be in"),
-        (dict(num_clusters=C, assign="cosine"), ValueError, "assign must be one of"),
+        (dict(num_clusters=C, metric="cosine"), ValueError, "metric must be one of"),
         (dict(num_clusters=2.0), TypeError, "num_clusters must be an integer"),
         (dict(num_clusters=C, centroid_update_interval=0), ValueError, "centroid_update_interval must be >= 1"),
     ],
@@ -405,7 +391,7 @@ def test_weak_regime_still_keeps_every_cluster_at_the_threshold():
         sizes = odc.cluster_sizes
         assert sizes.min() >= m, sizes
         np.testing.assert_array_equal(sizes, np.bincount(odc.labels, minlength=c))
-        np.testing.assert_allclose(odc.centroids.sums, exact_means(odc.features, odc.labels, c) * sizes[:, None], rtol=0, atol=sums_atol(odc, step))
+        np.testing.assert_allclose(odc.centroid_memory.sums, exact_means(odc.features, odc.labels, c) * sizes[:, None], rtol=0, atol=sums_atol(odc, step))
 
 
 def test_labels_property_is_a_snapshot(backend):
@@ -422,7 +408,7 @@ def test_state_dict_carries_settings_and_refuses_mismatch():
     odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, seed=5, momentum=0.8)
     odc.initialize(x0)
     state = odc.state_dict()
-    assert state["seed"] == 5 and state["momentum"] == 0.8 and state["assign"] == "l2"
+    assert state["seed"] == 5 and state["momentum"] == 0.8 and state["metric"] == "l2"
     with pytest.raises(ValueError, match="state\\['seed'\\] is 5, this object has 0"):
         cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, momentum=0.8).load_state_dict(state)
 
@@ -437,7 +423,7 @@ def test_extreme_and_half_precision_features_stay_unit_norm():
     odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, like=torch.zeros(1, dtype=torch.float16))
     odc.initialize(torch.from_numpy(x0).half())
     odc.step(torch.arange(8), (torch.randn(8, D) * 300).half())  # squares overflow float16
-    assert torch.isfinite(odc.features).all() and torch.isfinite(odc.centroids.sums).all()
+    assert torch.isfinite(odc.features).all() and torch.isfinite(odc.centroid_memory.sums).all()
 
 
 def test_torch_bf16_features_and_small_int_indices_into_numpy_memory():

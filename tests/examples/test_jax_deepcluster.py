@@ -24,7 +24,7 @@ pytest.importorskip("flax")
 pytest.importorskip("optax")
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 NAME = "imagenet_deepcluster_jax"
 TINY = ["--subset", "16", "--resolution", "16", "--width", "4", "--batch-size", "8", "--clusters", "2",
