@@ -9,7 +9,7 @@ linked from the others.
 
 :func:`missing_docstrings` lists every public name (and every public method or property of a
 public class) without a docstring; ``conf.py`` turns each into a build warning, which ``make
-docs`` (``sphinx -W``) makes an error, and ``tests/test_docs_snippets.py`` runs it as a test.
+docs`` (``sphinx -W``) makes an error, and ``tests/docs/test_snippets.py`` runs it as a test.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import inspect
 import pkgutil
 import re
 import types
+import typing
 from pathlib import Path
 
 #: Adapter modules documented alongside the core (``clusterlearn.adapters.*``).
@@ -52,10 +53,13 @@ def public_names(module: types.ModuleType) -> list[str]:
 
 
 def _kind(obj: object) -> str:
+    """``module``, ``class``, ``exception``, ``function`` or ``data`` (constants, type aliases)."""
     if inspect.ismodule(obj):
         return "module"
     if inspect.isclass(obj):
         return "exception" if issubclass(obj, BaseException) else "class"
+    if typing.get_origin(obj) is not None:  # a type alias (Callable[[Array], Array]): its #: comment
+        return "data"
     if callable(obj):
         return "function"
     return "data"

@@ -21,12 +21,13 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
 # Sizes the setups use: large enough for ODC's floor (C * min_cluster_size <= N), small enough
@@ -164,12 +165,18 @@ def source_of(block: Block) -> str:
     return "\n".join([*(SETUPS[s] for s in block.setup), body])
 
 
+#: clusterlearn's deprecation messages ("X is deprecated, use Y"): a page still showing an old name fails
+DEPRECATED = re.compile(r"(is|are) deprecated, use ")
+
+
 def run_block(block: Block) -> dict:
     namespace = {"__name__": "__snippet__"}
     code = compile(source_of(block), block.id, "exec")
     environ = dict(os.environ)
     try:
-        exec(code, namespace)  # noqa: S102  (the project's own documentation)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*" + DEPRECATED.pattern, category=DeprecationWarning)
+            exec(code, namespace)  # noqa: S102  (the project's own documentation)
     finally:  # leave no process group and no torchrun variables to later tests
         if "torch" in sys.modules and sys.modules["torch"].distributed.is_initialized():
             sys.modules["torch"].distributed.destroy_process_group()
@@ -190,7 +197,7 @@ def test_python_snippet_runs(block, tmp_path, monkeypatch):
 
 
 def test_a_snippet_off_the_api_fails(tmp_path, monkeypatch):
-    """The check can fail: a snippet calling a renamed argument raises, a stale replace is caught."""
+    """The check can fail: a snippet calling a removed or deprecated argument raises, a stale replace is caught."""
     monkeypatch.chdir(tmp_path)
     page = tmp_path / "page.md"
     stale = (
@@ -199,6 +206,10 @@ def test_a_snippet_off_the_api_fails(tmp_path, monkeypatch):
     )
     (block,) = parse(page, stale)
     with pytest.raises(TypeError, match="num_clusters"):
+        run_block(block)
+    renamed = "<!-- snippet\nsetup: arrays\n-->\n```python\nimport clusterlearn as cl\ncl.SmallClusterHandler(2, split_iters=3)\n```\n"
+    (block,) = parse(page, renamed)
+    with pytest.raises(DeprecationWarning, match="split_iters"):
         run_block(block)
     moved = "<!-- snippet\nreplace: 10_000 => 4\n-->\n```python\nk = 4096\n```\n"
     (block,) = parse(page, moved)
