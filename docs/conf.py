@@ -20,7 +20,7 @@ release = version = clusterlearn.__version__
 
 extensions = [
     "sphinx.ext.autodoc",
-        "sphinx.ext.mathjax",
+    "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "numpydoc",
     "myst_parser",
@@ -63,6 +63,8 @@ def _check_docstrings(app):
     logger = logging.getLogger("clusterlearn.apigen")
     for name in apigen.missing_docstrings():
         logger.warning("public name without a docstring: %s", name)
+    for entry in apigen.prose_in_entries():
+        logger.warning("a paragraph read as a parameter (put it under a Notes header): %s", entry)
 
 
 def _resolve_relative(app, env, node, contnode):

@@ -8,7 +8,8 @@ another public module (``clusterlearn.odc.OnlineDeepClustering`` is the object
 linked from the others.
 
 :func:`missing_docstrings` lists every public name (and every public method or property of a
-public class) without a docstring; ``conf.py`` turns each into a build warning, which ``make
+public class) without a docstring, :func:`prose_in_entries` every paragraph that numpydoc
+would render as a parameter; ``conf.py`` turns each into a build warning, which ``make
 docs`` (``sphinx -W``) makes an error, and ``tests/docs/test_snippets.py`` runs it as a test.
 """
 
@@ -136,6 +137,61 @@ def missing_docstrings() -> list[str]:
                     if member in public and not _own_doc(value) and not _overrides_framework(obj, member):
                         missing.append(f"{modname}.{name}.{member}")
     return missing
+
+
+_ENTRY = re.compile(r"\*{0,2}[A-Za-z_][A-Za-z0-9_]*")
+_LISTS = ("Parameters", "Other Parameters", "Attributes")
+
+
+def swallowed_paragraph(doc: str) -> str | None:
+    """The first line of a paragraph that numpydoc would read as a parameter, or ``None``.
+
+    numpydoc reads every unindented line of a ``Parameters`` (``Other Parameters``,
+    ``Attributes``) section, up to the next section header, as an entry ``name : type``; a
+    paragraph written after the entries without a ``Notes`` header renders as a bogus
+    parameter named after its first line. Parsed here without numpydoc so that the test
+    suite can run the check.
+    """
+    lines = doc.splitlines()
+    section = None
+    for i, line in enumerate(lines):
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if line.strip() and re.fullmatch(r"-{3,}", nxt.strip()) and not line.startswith(" "):
+            section = line.strip()
+            continue
+        if section not in _LISTS or not line.strip() or line.startswith(" ") or re.fullmatch(r"-{3,}", line.strip()):
+            continue
+        names = [n.strip() for n in line.split(" : ")[0].split(",") if n.strip()]
+        if not all(_ENTRY.fullmatch(n) for n in names):
+            return line.strip()
+    return None
+
+
+def prose_in_entries() -> list[str]:
+    """``"name: first line"`` for every public name or member whose docstring has a
+    :func:`swallowed_paragraph`."""
+    found, seen = [], set()
+
+    def check(name: str, obj: object) -> None:
+        doc = inspect.getdoc(obj.fget if isinstance(obj, property) else obj)
+        if not doc or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        line = swallowed_paragraph(doc)
+        if line is not None:
+            found.append(f"{name}: {line[:60]}")
+
+    for modname in public_modules():
+        module = importlib.import_module(modname)
+        for name in public_names(module):
+            obj = getattr(module, name)
+            if inspect.ismodule(obj) or _kind(obj) == "data":
+                continue
+            check(f"{modname}.{name}", obj)
+            if inspect.isclass(obj):
+                for member, value in _public_members(obj):
+                    check(f"{modname}.{name}.{member}", value)
+    return found
 
 
 def _title(text: str, char: str = "=") -> str:

@@ -333,11 +333,23 @@ def test_troubleshooting_messages_are_the_codes():
 
 
 # ------------------------------------------------------------------------- docstrings
-def test_every_public_name_has_a_docstring():
-
+def _apigen():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("clusterlearn_docs_apigen", DOCS / "_ext" / "apigen.py")
     apigen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(apigen)
-    assert apigen.missing_docstrings() == []
+    return apigen
+
+
+def test_every_public_name_has_a_docstring():
+    assert _apigen().missing_docstrings() == []
+
+
+def test_no_paragraph_is_read_as_a_parameter():
+    """numpydoc renders a paragraph after the parameters, without a Notes header, as a parameter."""
+    apigen = _apigen()
+    assert apigen.prose_in_entries() == []
+    doc = "Doc.\n\nParameters\n----------\nx, y : int\n    the values\n**kw : settings\n\n{}Every call is a collective.\n"
+    assert apigen.swallowed_paragraph(doc.format("")) == "Every call is a collective."
+    assert apigen.swallowed_paragraph(doc.format("Notes\n-----\n")) is None
