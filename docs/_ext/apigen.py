@@ -1,7 +1,7 @@
 """Write the API reference pages from the modules' ``__all__`` and check every public docstring.
 
 Run by ``docs/conf.py`` before Sphinx reads the sources: one page per public module of
-``clusterlearn`` and ``clusterlearn.adapters`` (``torch``, ``jax``) and one page per public
+``clusterlearn`` and of ``clusterlearn.adapters`` (both found on disk) and one page per public
 name, so the reference follows the code without a hand-kept list. A name re-exported from
 another public module (``clusterlearn.odc.OnlineDeepClustering`` is the object
 ``clusterlearn.OnlineDeepClustering``) is documented once, under its first public home, and
@@ -23,20 +23,23 @@ import types
 import typing
 from pathlib import Path
 
-#: Adapter modules documented alongside the core (``clusterlearn.adapters.*``).
-ADAPTERS = ("clusterlearn.adapters.torch", "clusterlearn.adapters.jax")
+def _public_submodules(package: types.ModuleType) -> list[str]:
+    """The package's submodules whose names do not start with ``_``, sorted."""
+    return sorted(
+        f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")
+    )
 
 
 def public_modules() -> list[str]:
-    """The public modules, in reference order: the package, its public submodules, the adapters."""
-    import clusterlearn
+    """The public modules, in reference order: the package, its public submodules, the adapters.
 
-    subs = sorted(
-        f"clusterlearn.{m.name}"
-        for m in pkgutil.iter_modules(clusterlearn.__path__)
-        if not m.name.startswith("_") and m.name != "adapters"
-    )
-    return ["clusterlearn", *subs, *ADAPTERS]
+    Found on disk, not listed by hand: a new public module (or adapter) gets its pages.
+    """
+    import clusterlearn
+    import clusterlearn.adapters
+
+    core = [m for m in _public_submodules(clusterlearn) if m != "clusterlearn.adapters"]
+    return ["clusterlearn", *core, *_public_submodules(clusterlearn.adapters)]
 
 
 def public_names(module: types.ModuleType) -> list[str]:
