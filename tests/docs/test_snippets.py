@@ -297,6 +297,26 @@ def test_link_check_can_fail():
     ]
 
 
+PATH_IN_CODE = re.compile(r"`((?:tests|examples|benchmarks|clusterlearn|adapters|docs)/[\w./-]+)`")
+
+
+def missing_paths(text: str) -> list[str]:
+    """Repository paths named in inline code (`tests/odc/test_torch_ddp.py`) that do not exist."""
+    return [p for p in PATH_IN_CODE.findall(text) if not (ROOT / p.rstrip("/")).exists()]
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_paths_exist(path):
+    """A guide that names a test or a script the repository moved is stale."""
+    assert missing_paths(path.read_text()) == []
+
+
+def test_path_check_can_fail():
+    assert missing_paths("checked in `tests/test_torch_ddp.py` and `tests/odc/test_torch_ddp.py`") == [
+        "tests/test_torch_ddp.py"
+    ]
+
+
 # ------------------------------------------------------------------------- troubleshooting
 def _message_source() -> str:
     """The library's and examples' source with adjacent string literals joined, as Python does."""
