@@ -317,6 +317,48 @@ def test_path_check_can_fail():
     ]
 
 
+ALIASES = {"clt": "clusterlearn.adapters.torch", "clj": "clusterlearn.adapters.jax", "cl": "clusterlearn"}
+DOTTED = re.compile(r"\b((?:clusterlearn|clt|clj|cl)(?:\.[A-Za-z_]\w*)+)")
+
+
+def _names(dotted: str) -> bool:
+    """Whether ``clusterlearn.x.y`` (or ``clt.X``, ``clj.X``, ``cl.X``) names an existing object."""
+    import importlib
+
+    parts = dotted.split(".")
+    parts = [*ALIASES[parts[0]].split("."), *parts[1:]] if parts[0] in ALIASES else parts
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def missing_names(text: str) -> list[str]:
+    """Dotted clusterlearn names in the prose's inline code that name nothing (code blocks run anyway)."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    spans = re.findall(r"`([^`\n]+)`", prose)
+    return [name for span in spans for name in DOTTED.findall(span) if not _names(name)]
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_objects_exist(path):
+    """A guide that names a renamed or removed function in its prose is stale."""
+    assert missing_names(path.read_text()) == []
+
+
+def test_name_check_can_fail():
+    assert missing_names("use `clj.shard_memory(state, mesh)` or `clusterlearn.odc_state.stepp`") == [
+        "clusterlearn.odc_state.stepp"
+    ]
+
+
 # ------------------------------------------------------------------------- troubleshooting
 def _message_source() -> str:
     """The library's and examples' source with adjacent string literals joined, as Python does."""
