@@ -28,6 +28,7 @@ import ctypes
 import functools
 import hashlib
 import hmac
+import math
 import os
 import platform
 import re
@@ -41,6 +42,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from clusterlearn.self_classifier_guards import GuardPlan
+
 try:
     import fcntl
 except ImportError:  # not POSIX: the kernel is not built (see _load)
@@ -48,7 +51,7 @@ except ImportError:  # not POSIX: the kernel is not built (see _load)
 
 __all__ = [
     "CACHE_BYTES", "KERNELS", "LOG_SPACE", "NOT_BUILT", "XLA_TARGETS", "Params", "cache_size", "check_kernel",
-    "exp_floors", "kernel", "march", "params", "pointers", "use_fused", "xla_targets",
+    "gradient_scale", "kernel", "march", "params", "pointers", "unavailable", "use_fused", "xla_targets",
 ]
 
 #: The adapters' ``kernel=`` choices: the fused kernel where it applies, always, or never.
@@ -74,6 +77,21 @@ def use_fused(kernel: str, why_not: Callable[[], str | None]) -> bool:
     if why is not None and kernel == "fused":
         raise ValueError(f"kernel='fused' cannot compute this loss: {why}")
     return why is None
+
+
+def unavailable(plan: GuardPlan, elsewhere: str | None, dtype: Any, built: Callable[[], Any]) -> str | None:
+    """Why the fused kernel cannot compute a head under ``plan`` (``None``: it can): ``elsewhere``
+    says where the logits are if not on the CPU, ``dtype`` is theirs, ``built()`` loads the kernel."""
+    if elsewhere is not None:
+        return f"{elsewhere}, the kernel runs on the CPU"
+    if plan.rows[2] != 1:
+        return f"the kernel takes contiguous loss rows, got rows={plan.loss_rows}"
+    if str(dtype).rpartition(".")[2] not in ("float32", "float64"):
+        return f"the kernel computes in float32 or float64, the logits are {dtype}"
+    if not plan.linear:
+        return LOG_SPACE
+    return NOT_BUILT if built() is None else None
+
 
 _SOURCE = Path(__file__).with_name("_self_classifier_kernel.cpp")
 _XLA_SOURCE = Path(__file__).with_name("_self_classifier_xla.cpp")
@@ -115,28 +133,23 @@ class Params(ctypes.Structure):
     ]
 
 
-def params(
-    k: int,
-    n: int,
-    c: int,
-    rows: tuple[int, int],
-    pairs: Sequence[tuple[int, int]],
-    *,
-    row_temperature: float,
-    col_temperature: float,
-    log_floor_t: float,
-    log_floor_p: float,
-    eps: float,
-    threads: int,
-) -> Params:
-    """A :class:`Params` for ``k`` views of shape ``(n, c)``, loss rows ``[rows[0], rows[1])``."""
-    flat = (ctypes.c_int64 * (2 * len(pairs)))(*[v for pair in pairs for v in pair])
+def params(plan: GuardPlan, k: int, *, threads: int) -> Params:
+    """The kernel's :class:`Params` for ``k`` views under ``plan`` (a linear-space
+    :class:`~clusterlearn.self_classifier_guards.GuardPlan` with contiguous loss rows): the
+    temperatures, ``eps`` and the ``exp`` floors all come from the plan."""
+    flat = (ctypes.c_int64 * (2 * len(plan.pairs)))(*[v for pair in plan.pairs for v in pair])
     out = Params(
-        k, n, c, rows[0], rows[1], flat, len(pairs),
-        1.0 / col_temperature, 1.0 / row_temperature, log_floor_t, log_floor_p, eps, max(1, int(threads)),
+        k, plan.n, plan.c, plan.rows[0], plan.rows[1], flat, len(plan.pairs),
+        1.0 / plan.col_temperature, 1.0 / plan.row_temperature,
+        math.log(plan.floor_targets), math.log(plan.floor_predictions), plan.eps, max(1, int(threads)),
     )
     out._pairs = flat  # keep the array alive with the struct
     return out
+
+
+def gradient_scale(plan: GuardPlan) -> float:
+    """The factor the kernel's backward applies to the incoming gradient: ``−1 / (P n τ_col)``."""
+    return -1.0 / (len(plan.pairs) * plan.num_loss_rows * plan.col_temperature)
 
 
 def _cache_dir() -> Path:
@@ -487,23 +500,6 @@ def cache_size(k: int, n: int, c: int, itemsize: int) -> int:
     """Number of values of the exponentials' cache for ``k`` views of ``(n, c)``; 0: no cache."""
     size = 2 * k * n * c
     return size if size * itemsize <= CACHE_BYTES else 0
-
-
-def exp_floors(finfo: Any, n: int, c: int, eps: float) -> tuple[float, float]:
-    """Floors of ``exp`` in the column softmax (targets) and the row softmax (predictions) of
-    ``(n, c)`` logits on the linear-space path; ``finfo`` of their dtype (NumPy's or torch's).
-
-    The core floors ``exp`` at 8 × the smallest normal number and shows the change is below
-    rounding while ``C · floor / eps <= (dtype eps) / 1024`` (targets) and
-    ``(N/C) · floor / eps² <= (dtype eps) / 16`` and ``N · floor / eps <= (dtype eps) / 16``
-    (predictions). The largest floors within those bounds keep every product in the loss
-    and its gradient away from denormal numbers, which cost 10-100× per operation on x86.
-    """
-    tiny = 8.0 * float(finfo.tiny)
-    resolution = float(finfo.eps)
-    target = max(tiny, eps * resolution / 1024 / c)
-    prediction = max(tiny, min(eps * eps * resolution / 16 * c / n, eps * resolution / 16 / n))
-    return target, prediction
 
 
 def pointers(addresses: Sequence[int]) -> ctypes.Array:

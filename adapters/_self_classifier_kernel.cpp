@@ -1,10 +1,11 @@
 // Fused CPU kernel of the Self-Classifier loss of one head (linear-space path).
 //
 // Built on first use by adapters/_native.py (a C++ compiler, C ABI, loaded with ctypes) and
-// called by the PyTorch and JAX adapters. It computes what adapters/_torch_self_classifier.py
-// computes on its linear-space path (same formula, same exp floors, same max(sum, eps)
-// clamps), but streams the K views of shape (N, C) row by row instead of materialising any
-// N x C intermediate:
+// called by the PyTorch and JAX adapters. It computes the closed form of
+// clusterlearn/self_classifier_closed_form.py on its linear-space path (same formula, same
+// max(sum, eps) clamps; the exp floors and eps come in Params from the core's GuardPlan,
+// clusterlearn/self_classifier_guards.py, their only home), but streams the K views of shape
+// (N, C) row by row instead of materialising any N x C intermediate:
 //
 //   forward   pass 1  row maxima and column maxima of every view
 //             pass 2  per row: the row softmax's normaliser, then its contribution to the
@@ -22,7 +23,7 @@
 // that the loops over the classes vectorise (the row helpers take __restrict pointers and stay
 // out of line); rows are split over `threads` threads: on XLA's intra-op pool under JAX (a
 // TaskPool from the FFI handler), PyTorch's OpenMP pool when sc_use_openmp gave it, else
-// std::threads. Notation and gradient: see _torch_self_classifier.py.
+// std::threads. Notation and gradient: see the docstring of clusterlearn/self_classifier_closed_form.py.
 
 #include <algorithm>
 #include <atomic>
@@ -46,7 +47,7 @@ struct Params {
   const int64_t* pairs;  // npairs (target view, prediction view) pairs, flattened
   int64_t npairs;
   double inv_tc, inv_tr;            // 1/tau_col, 1/tau_row
-  double log_floor_t, log_floor_p;  // log of the exp floors (targets, predictions)
+  double log_floor_t, log_floor_p;  // log of the exp floors (targets, predictions): GuardPlan's
   double eps;
   int threads;
 };

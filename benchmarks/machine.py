@@ -10,25 +10,20 @@ import os
 import platform
 
 
-def cpu_flags() -> set[str]:
-    """The ``flags`` of the first CPU in ``/proc/cpuinfo`` (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
-
-
 def cpu_description() -> str:
-    """The CPU's model name and widest x86 vector extension, e.g. ``AMD EPYC, AVX-512``."""
-    model = platform.processor() or platform.machine()
+    """The CPU's model name and widest x86 vector extension, e.g. ``AMD EPYC, AVX-512``.
+
+    Ratios depend on both: cross-entropy and the fused kernel gain differently from wider
+    vectors (the kernel is built with ``-march=native`` unless ``CLUSTERLEARN_MARCH`` names
+    another instruction set).
+    """
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.partition(":")[2].strip() for line in f if line.startswith("model name")), model)
+            info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in f)}
     except OSError:
-        pass
-    flags = cpu_flags()
+        info = {}
+    model = info.get("model name") or platform.processor() or platform.machine()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
     simd = next((name.upper().replace("512F", "-512") for name in ("avx512f", "avx2", "avx") if name in flags), "")
     return f"{model}, {simd}" if simd else model
 

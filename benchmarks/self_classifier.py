@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from collections.abc import Callable
 
@@ -43,6 +42,7 @@ import numpy as np
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from clusterlearn.self_classifier import SelfClassifierLoss  # noqa: E402
+from machine import cpu_description  # noqa: E402  (benchmarks/, the script's folder)
 
 #: Row label and column order of the timed steps (``ce`` is the baseline).
 STEPS = {
@@ -77,26 +77,6 @@ def best_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str
     return {name: min(t) for name, t in times.items()}
 
 
-def cpu_description() -> str:
-    """The CPU's model name and widest x86 vector extension, e.g. ``AMD EPYC, AVX2``.
-
-    The ratios depend on both: cross-entropy and the fused kernel gain differently from wider
-    vectors (the kernel is built with ``-march=native`` unless ``CLUSTERLEARN_MARCH`` names
-    another instruction set).
-    """
-    from clusterlearn.adapters._native import _cpu_id  # the flags line of /proc/cpuinfo
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.partition(":")[2].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    flags = set(_cpu_id().partition(":")[2].split())
-    simd = next((name.upper().replace("512F", "-512") for name in ("avx512f", "avx2", "avx") if name in flags), "")
-    return f"{model}, {simd}" if simd else model
-
-
 def repeats_for(n: int, c: int) -> int:
     size = n * c
     if size <= 1_000_000:
@@ -124,7 +104,7 @@ def bench_torch(
 
         return step
 
-    from clusterlearn.adapters._torch_self_classifier import SelfClassifierLoss as FastLoss
+    from clusterlearn.adapters.torch import SelfClassifierLoss as FastLoss
 
     sc = SelfClassifierLoss()
     fused = FastLoss(gather=None, kernel="fused")
@@ -157,19 +137,29 @@ def bench_jax(a_np: np.ndarray, b_np: np.ndarray, labels: tuple[np.ndarray, np.n
         logp = jax.nn.log_softmax(x, axis=1)
         return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
-    from clusterlearn.adapters._jax_self_classifier import SelfClassifierLoss as FastLoss
-    from clusterlearn.adapters._jax_self_classifier import _Config, _head
+    from clusterlearn import self_classifier_closed_form as closed_form
+    from clusterlearn.adapters.jax import SelfClassifierLoss as FastLoss
     from clusterlearn.self_classifier import view_pairs
+    from clusterlearn.self_classifier_guards import guard_plan
 
     sc = SelfClassifierLoss()
     fused = FastLoss(kernel="fused")
     fast = FastLoss(kernel="array")
-    stacked = _Config(0.1, 0.05, 1e-12, True, None, view_pairs(2))  # the loss's defaults
+    plan = guard_plan(  # the loss's defaults
+        jnp.finfo(a.dtype), *a.shape, row_temperature=0.1, col_temperature=0.05, eps=1e-12, clamp_sums=True,
+        pairs=view_pairs(2),
+    )
+
+    @jax.custom_vjp
+    def stacked(x: jax.Array) -> jax.Array:  # the core's stacked closed form, as the adapter wraps it
+        return closed_form.forward(plan, x)[0]
+
+    stacked.defvjp(lambda x: closed_form.forward(plan, x), lambda res, g: (closed_form.backward(plan, res, g),))
     ce_step = jax.jit(jax.value_and_grad(lambda p, q: cross_entropy(p, y1) + cross_entropy(q, y2), argnums=(0, 1)))
     sc_step = jax.jit(jax.value_and_grad(lambda p, q: sc(p, q), argnums=(0, 1)))
     fused_step = jax.jit(jax.value_and_grad(lambda p, q: fused(p, q), argnums=(0, 1)))
     fast_step = jax.jit(jax.value_and_grad(lambda p, q: fast(p, q), argnums=(0, 1)))
-    stacked_step = jax.jit(jax.value_and_grad(lambda p, q: _head(stacked, jnp.stack([p, q])), argnums=(0, 1)))
+    stacked_step = jax.jit(jax.value_and_grad(lambda p, q: stacked(jnp.stack([p, q])), argnums=(0, 1)))
 
     def run(step: Callable) -> Callable[[], None]:
         return lambda: jax.block_until_ready(step(a, b))

@@ -205,8 +205,7 @@ def main() -> None:
         rank, world, mode, init, out = a.worker
         worker(int(rank), int(world), mode, init, out, a)
         return
-    sys.path.insert(0, str(Path(__file__).parent))
-    from machine import describe
+    from machine import describe  # benchmarks/, the script's folder
 
     print(f"# {describe()}")
     print(f"# N={a.n} C={a.c} D={a.d}, {a.batch} rows per rank per step, {a.iters} timed steps, one thread per rank\n")

@@ -32,35 +32,25 @@ Numerics
 --------
 Logits of any finite magnitude give a finite loss and finite gradients: every softmax is
 max-shifted (before dividing by τ, which can overflow) and no log is taken of a quantity that
-can underflow to 0. The log-space form below subtracts log-probabilities of magnitude up to
+can underflow to 0. The log-space form subtracts log-probabilities of magnitude up to
 ``|s|/τ``, so its error grows with ``|s|/τ · (dtype eps)``: float32 logits agree with float64 within
 8 · u · max|s| · ‖∇_s L‖₁ to first order (u the dtype's unit roundoff; about 1 % of the loss
 for logits of 1e4 at τ = 0.05: the bound the tests check), logits of 1e30 give a finite loss
-up to 1 % off. The linear-space form is unaffected. The quantity above is computed in one of
-two ways, equal to rounding:
+up to 1 % off. The linear-space form is unaffected. The two forms agree to rounding:
 
-- in log space (``clamp_sums=False``, or an ``eps`` too small for the dtype to resolve what
-  underflows below it: in float32 roughly ``eps < 4e-15 · sqrt(N/C)``)::
+- linear space, the reference implementation's arithmetic (max-shifted softmaxes ``p``, ``q``,
+  ``target = p / max(Σ_y p, eps)``, ``log((N/C)·q / max(Σ_n q, eps) + eps)``), where the dtype
+  resolves what the ``exp`` floors drop (``eps = 1e-12``: always in float64, in float32 while
+  ``N/C < 78,000``);
+- log space (log-softmaxes and log-sum-exps, each row's maximum subtracted before
+  exponentiating so that unclaimed rows do not underflow): ``clamp_sums=False`` or a tiny ``eps``.
 
-      log_q                 = log_softmax(s/τ_row, dim 1)                          # log p(y|x)
-      log pred              = log_q − logsumexp_dim0(log_q)        (clamped: − max(logsumexp_dim0(log_q), log eps))
-      log((N/C)·pred + eps) = logaddexp(log(N/C) + log pred, log eps)
-      log p(x|y)            = log_softmax(s/τ_col, dim 0)
-      target                = exp(log p(x|y) − logsumexp_dim1(log p(x|y)))   (clamped: − max(..., log eps))
-
-  with the row maximum subtracted before exponentiating, so unclaimed rows do not underflow;
-- in linear space for the clamped loss when ``eps`` resolves (``eps = 1e-12``: always in
-  float64, in float32 while ``N/C < 78,000``): ``target = p / max(Σ_y p, eps)`` and ``log((N/C)·q / max(Σ_n q, eps) + eps)``
-  with max-shifted softmaxes ``p``, ``q``, i.e. the reference implementation's arithmetic. The
-  log's argument is at least ``eps``, and entries of ``p`` or ``q`` that underflow change it
-  by less than ``eps · (dtype eps) / 16`` (the guards in the code check this from ``N``, ``C``,
-  ``eps`` and the dtype), so it equals the log-space value to rounding with 2 instead of 5
-  full-size ``exp`` per view.
-
-``exp`` results are floored at 8 × the dtype's smallest normal number (negligible next to the
-sums or ``eps`` they enter): underflowing and denormal ``exp`` is 10-30 times slower on CPUs.
-On PyTorch CPU, denormal numbers in the backward pass still cost time;
-``torch.set_flush_denormal(True)`` avoids that.
+Which form each side takes, and the floors of ``exp`` (it never underflows to slow denormal
+numbers), are the :class:`~clusterlearn.self_classifier_guards.GuardPlan`, their only home. The
+arithmetic itself is :func:`clusterlearn.self_classifier_closed_form.forward`, which this
+module's loss records for the framework's autograd and whose gradient is written out there for
+the adapters. On PyTorch CPU, denormal numbers in the backward pass of
+this module's autograd still cost time; ``torch.set_flush_denormal(True)`` avoids that.
 
 Nothing is detached: gradients flow through the targets as well as the predictions. (The
 maximum subtracted inside a log-sum-exp cancels exactly and has no gradient; on PyTorch it is
@@ -108,19 +98,29 @@ not an approximation of its value or of its gradient.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from numbers import Real
+import warnings
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import array_api_compat as aac
 
-from .backend import namespace, unsupported_torch_dtype
-from .validation import all_finite, check_same_device
+from .backend import namespace
+from . import self_classifier_closed_form as closed_form
+from .self_classifier_guards import GuardPlan, guard_plan
+from .self_classifier_inputs import (
+    Gather,
+    call_argument,
+    check_gather,
+    check_head,
+    check_logits,
+    check_positive,
+    compute_dtype,
+    parse_logits,
+    prepare_heads,
+)
 
 Array = Any
-Gather = Callable[[Array], "tuple[Array, slice]"]
 
 __all__ = [
     "SelfClassifierLoss",
@@ -129,147 +129,12 @@ __all__ = [
     "self_classifier_targets",
     "self_classifier_log_predictions",
     "view_pairs",
+    "head_plan",
     "NUM_GLOBAL_VIEWS",
 ]
 
 #: Views ``0 .. NUM_GLOBAL_VIEWS - 1`` are global crops; pairs of two later (local) views are skipped.
 NUM_GLOBAL_VIEWS = 2
-
-
-# --------------------------------------------------------------------------------------------
-# Stable primitives the array API standard lacks (max-shifted, plain standard functions only).
-# --------------------------------------------------------------------------------------------
-
-
-def _shift(x: Array, axis: int, xp: ModuleType) -> Array:
-    """``max(x, axis, keepdims=True)``, the stabilising shift of a log-sum-exp.
-
-    The shift cancels exactly, so its gradient is zero; where the array type can drop autograd
-    history (PyTorch's ``.detach()``, found by duck typing, no import) it is dropped so that
-    the backward pass does not spend full passes over ``x`` on the max's zero contribution, as
-    ``torch.logsumexp`` does internally. Other arrays (JAX: traced through, zero contribution)
-    are returned as is.
-    """
-    m = xp.max(x, axis=axis, keepdims=True)
-    detach = getattr(m, "detach", None)
-    return detach() if callable(detach) else m
-
-
-def _scaled(logits: Array, axis: int, temperature: float, xp: ModuleType) -> Array:
-    """``(s − max(s, axis)) / τ``, the max-shifted argument of a softmax along ``axis``.
-
-    Shifted before dividing, because ``s / τ`` overflows where ``s − max`` does not (float32
-    logits of 1e38), and floored at ``−(dtype max) / 4 · min(τ, 1)`` before dividing, so that
-    no entry becomes −inf: a log-softmax over a line of −inf is NaN. An entry that low has
-    ``exp = 0`` either way, so the floor changes no result.
-    """
-    d = logits - _shift(logits, axis, xp)
-    low = -float(xp.finfo(d.dtype).max) / 4 * min(temperature, 1.0)
-    return xp.maximum(d, _full_like(d, low, xp)) / temperature
-
-
-def _tiny(dtype: Any, xp: ModuleType) -> float:
-    """``8 ×`` the smallest normal number of ``dtype``: the floor of :func:`_exp`."""
-    return 8.0 * float(xp.finfo(dtype).smallest_normal)
-
-
-def _exp(x: Array, xp: ModuleType) -> Array:
-    """``exp(x)`` with results below :func:`_tiny` (8 × the smallest normal number) raised to it.
-
-    Every use adds the result to a max-shifted sum of at least 1 or to ``eps``, or scales it
-    by a factor whose guard makes such values negligible, so this changes no result beyond
-    rounding. It keeps ``exp`` away from underflowing and denormal results, which are 10-30
-    times slower on CPUs, and peaked logits at τ = 0.05 produce many of them.
-    """
-    low = math.log(_tiny(x.dtype, xp))
-    return xp.exp(xp.maximum(x, _full_like(x, low, xp)))
-
-
-def _logsumexp(x: Array, axis: int, xp: ModuleType) -> Array:
-    """``log(sum(exp(x), axis))`` with ``keepdims=True``, shifted by the maximum (finite ``x``)."""
-    m = _shift(x, axis, xp)
-    return m + xp.log(xp.sum(_exp(x - m, xp), axis=axis, keepdims=True))
-
-
-def _log_softmax(x: Array, axis: int, xp: ModuleType) -> Array:
-    """``log(softmax(x, axis))`` as ``(x − m) − log(sum(exp(x − m)))`` with ``m = max(x, axis)``.
-
-    Subtracting ``m`` first (rather than ``x − logsumexp(x)``) keeps the result accurate when
-    ``|x|`` is large (e.g. constant logits of magnitude 1e4 / τ).
-    """
-    d = x - _shift(x, axis, xp)
-    return d - xp.log(xp.sum(_exp(d, xp), axis=axis, keepdims=True))
-
-
-def _logaddexp(a: Array, b: Array, xp: ModuleType) -> Array:
-    """Element-wise ``log(exp(a) + exp(b))`` as ``max(a, b) + log1p(exp(−|a − b|))``."""
-    return xp.maximum(a, b) + xp.log1p(_exp(-xp.abs(a - b), xp))
-
-
-def _logaddexp_eps(a: Array, a_max: float, eps: float, xp: ModuleType) -> Array:
-    """``logaddexp(a, log eps)`` for ``a <= a_max`` (a Python bound known in advance).
-
-    When ``exp(a_max)`` cannot overflow and ``eps >= 16 · _tiny / (dtype eps)``,
-    ``log(exp(a) + eps)`` is exact to rounding: ``exp(a)`` stays finite, and where it is
-    floored at ``_tiny`` that is below ``eps``'s resolution. That takes 4 passes instead of 8.
-    Otherwise the max-shifted form is used.
-    """
-    info = xp.finfo(a.dtype)
-    if a_max < math.log(float(info.max)) - 1.0 and eps >= 16 * _tiny(a.dtype, xp) / float(info.eps):
-        return xp.log(_exp(a, xp) + eps)
-    return _logaddexp(a, _full_like(a, math.log(eps), xp), xp)
-
-
-# --------------------------------------------------------------------------------------------
-# Validation helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def _check_logits(name: str, x: Array, xp: ModuleType, *, min_rows: int = 2) -> None:
-    """Shape and dtype checks (static: safe under ``jax.jit``)."""
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N samples, C classes) array, got shape {tuple(x.shape)}")
-    if not xp.isdtype(x.dtype, "real floating") or unsupported_torch_dtype(x):
-        raise TypeError(f"{name} must have a real floating dtype (float16 or wider), got {x.dtype}")
-    n, c = x.shape
-    if n is None or c is None:
-        raise ValueError(f"{name} must have a known shape, got {tuple(x.shape)}")
-    if n < min_rows:
-        raise ValueError(
-            f"{name} must have at least {min_rows} rows (samples), got N={n}: the column softmax "
-            "over the samples needs a batch"
-        )
-    if c < 2:
-        raise ValueError(f"{name} must have at least 2 columns (classes), got C={c}")
-
-
-def _check_finite(name: str, x: Array, xp: ModuleType) -> None:
-    """Raise ValueError on NaN/inf; skipped for traced JAX arrays (inside ``jit``), whose values
-    are unknown at trace time."""
-    try:
-        ok = all_finite(x, xp)
-    except TypeError:  # jax.errors.ConcretizationTypeError is a TypeError
-        if aac.is_jax_array(x):
-            return
-        raise
-    if not ok:
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-
-
-def _as_float(x: Array, xp: ModuleType) -> Array:
-    """Half-precision logits are computed in float32 (``s / τ`` overflows float16)."""
-    if xp.finfo(x.dtype).bits < 32:
-        return xp.astype(x, xp.float32)
-    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,45 +210,11 @@ def self_classifier_targets(
         selected rows.
     """
     xp = namespace(logits=logits)
-    _check_logits("logits", logits, xp)
-    tau = _check_positive("col_temperature", col_temperature)
-    floor = None if sum_floor is None else _check_positive("sum_floor", sum_floor)
-    return _targets(_as_float(logits, xp), tau, floor, rows, xp)
-
-
-def _targets(
-    logits: Array, col_temperature: float, sum_floor: float | None, rows: slice | None, xp: ModuleType
-) -> Array:
-    z = _scaled(logits, 0, col_temperature, xp)
-    resolution = float(xp.finfo(z.dtype).eps) / 1024
-    if sum_floor is not None and z.shape[1] * _tiny(z.dtype, xp) / sum_floor <= resolution:
-        # p / max(sum(p), floor) directly: an entry of p below _tiny changes the target by
-        # less than _tiny / floor, and a whole row by less than (dtype eps)/1024, so this
-        # equals the log-space value to rounding (1 exp, not 2).
-        e = _exp(z, xp)
-        p = e / xp.sum(e, axis=0, keepdims=True)  # column softmax p(x | y) over all N samples
-        if rows is not None:
-            p = p[rows, :]
-        total = xp.sum(p, axis=1, keepdims=True)
-        return p / xp.maximum(total, _full_like(total, sum_floor, xp))
-    log_p = _log_softmax(z, 0, xp)  # log p(x | y): column log-softmax over the samples
-    if rows is not None:
-        log_p = log_p[rows, :]
-    # Row L1 normalisation of exp(log_p), shifted by the row maximum m so no row underflows:
-    # p / sum(p) = e / sum(e) with e = exp(log_p - m).
-    m = _shift(log_p, 1, xp)  # cancels below in both branches
-    e = _exp(log_p - m, xp)
-    total = xp.sum(e, axis=1, keepdims=True)
-    if sum_floor is None:
-        return e / total
-    # p / max(sum(p), floor) = e * exp(m - max(m + log sum(e), log floor)); the exponent is <= 0.
-    log_floor = _full_like(m, math.log(sum_floor), xp)
-    return e * xp.exp(m - xp.maximum(m + xp.log(total), log_floor))
-
-
-def _full_like(x: Array, value: float, xp: ModuleType) -> Array:
-    """0-d array holding ``value`` with ``x``'s dtype and device."""
-    return xp.asarray(value, dtype=x.dtype, device=aac.device(x))
+    check_logits("logits", logits, xp)
+    tau = check_positive("col_temperature", col_temperature)
+    floor = None if sum_floor is None else check_positive("sum_floor", sum_floor)
+    plan = _one_view_plan(logits, xp, col_temperature=tau, eps=floor or 1.0, sum_floor=floor, rows=rows)
+    return closed_form.targets(plan, compute_dtype(logits, xp)[None, ...])[0][0, ...]
 
 
 def self_classifier_log_predictions(
@@ -420,59 +251,21 @@ def self_classifier_log_predictions(
         ``logsumexp`` floored at ``log(sum_floor)`` if given).
     """
     xp = namespace(logits=logits)
-    _check_logits("logits", logits, xp)
-    tau = _check_positive("row_temperature", row_temperature)
-    eps = _check_positive("eps", eps)
-    floor = None if sum_floor is None else _check_positive("sum_floor", sum_floor)
-    return _log_predictions(_as_float(logits, xp), tau, eps, floor, rows, xp)
+    check_logits("logits", logits, xp)
+    tau = check_positive("row_temperature", row_temperature)
+    eps = check_positive("eps", eps)
+    floor = None if sum_floor is None else check_positive("sum_floor", sum_floor)
+    plan = _one_view_plan(logits, xp, row_temperature=tau, eps=eps, sum_floor=floor, rows=rows)
+    return closed_form.predictions(plan, compute_dtype(logits, xp)[None, ...])[0][0, ...]
 
 
-def _log_predictions(
-    logits: Array,
-    row_temperature: float,
-    eps: float,
-    sum_floor: float | None,
-    rows: slice | None,
-    xp: ModuleType,
-) -> Array:
-    n_global, n_classes = logits.shape
-    z = _scaled(logits, 1, row_temperature, xp)
-    tiny, resolution = _tiny(z.dtype, xp), float(xp.finfo(z.dtype).eps) / 16
-    if (
-        sum_floor is not None
-        and (n_global / n_classes) * tiny / sum_floor / eps <= resolution
-        and n_global * tiny / sum_floor <= resolution
-    ):
-        # Clamped and eps well above the dtype's resolution: log((N/C)·q/max(Q, floor) + eps)
-        # directly. Entries of q below _tiny change the log's argument by less than
-        # eps·(dtype eps)/16 and the column sums Q by less than floor·(dtype eps)/16, so this
-        # equals the log-space value to rounding, and it is finite for any finite logits (the
-        # log's argument is >= eps). 1 exp + 1 log instead of 3 exp + 3 log.
-        e = _exp(z, xp)
-        q = e / xp.sum(e, axis=1, keepdims=True)  # p(y | x)
-        scale = (n_global / n_classes) / xp.maximum(
-            xp.sum(q, axis=0, keepdims=True), _full_like(q, sum_floor, xp)
-        )
-        if rows is not None:
-            q = q[rows, :]
-        return xp.log(q * scale + eps)
-    log_q = _log_softmax(z, 1, xp)  # log p(y | x)
-    if sum_floor is None:
-        log_pred = _log_softmax(log_q, 0, xp)  # log_q − logsumexp over the samples (dim 0)
-    else:
-        log_norm = _logsumexp(log_q, 0, xp)  # log of the column sums over the samples
-        log_norm = xp.maximum(log_norm, _full_like(log_norm, math.log(sum_floor), xp))
-        log_pred = log_q - log_norm
-    if rows is not None:
-        log_pred = log_pred[rows, :]
-    # log pred <= 0, so a = log(N/C) + log pred <= log(N/C).
-    log_ratio = math.log(n_global / n_classes)
-    return _logaddexp_eps(log_pred + log_ratio, log_ratio, eps, xp)
-
-
-def _pair_term(target: Array, log_pred: Array, xp: ModuleType) -> Array:
-    """``−(1/n) Σ_n Σ_y target · log_pred`` for (n, C) arrays."""
-    return -xp.sum(target * log_pred) / target.shape[0]
+def _one_view_plan(logits: Array, xp: ModuleType, *, sum_floor: float | None, **kwargs: Any) -> GuardPlan:
+    """The plan of one view's targets or predictions (the other side's temperature unused)."""
+    kwargs = {"row_temperature": 1.0, "col_temperature": 1.0, **kwargs}
+    dtype = compute_dtype(logits, xp).dtype
+    return guard_plan(
+        xp.finfo(dtype), *logits.shape, clamp_sums=sum_floor is not None, sum_floor=sum_floor, pairs=(), **kwargs
+    )
 
 
 def self_classifier_pair_loss(
@@ -499,79 +292,15 @@ def self_classifier_pair_loss(
         ``−(1/N) Σ_n Σ_y target[n, y] · log((N/C) pred[n, y] + eps)``; the symmetric two-view
         loss is ``(pair(s2, s1) + pair(s1, s2)) / 2``.
     """
-    row_temperature = _check_positive("row_temperature", row_temperature)
-    col_temperature = _check_positive("col_temperature", col_temperature)
-    eps = _check_positive("eps", eps)
+    row_temperature = check_positive("row_temperature", row_temperature)
+    col_temperature = check_positive("col_temperature", col_temperature)
+    eps = check_positive("eps", eps)
     heads, names = [[target_logits, pred_logits]], [["target_logits", "pred_logits"]]
     for x, name in zip(heads[0], names[0]):
         if not aac.is_array_api_obj(x):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     floor = eps if clamp_sums else None
     return _loss(heads, names, ((0, 1),), row_temperature, col_temperature, eps, floor, None, True)
-
-
-def _is_seq(x: Any) -> bool:
-    return isinstance(x, (list, tuple))
-
-
-def _parse(logits: Any) -> tuple[list[list[Array]], list[list[str]]]:
-    """Normalise a sequence of views or a sequence of heads to ``heads[h][v]`` plus names."""
-    if aac.is_array_api_obj(logits):
-        raise ValueError("need at least 2 views, got a single logits array")
-    if not _is_seq(logits):
-        raise TypeError(f"logits must be a list/tuple of views or of heads, got {type(logits).__name__}")
-    items = list(logits)
-    if not items:
-        raise ValueError("logits is empty: pass at least two views")
-    if all(_is_seq(h) for h in items):
-        heads = [list(h) for h in items]
-        names = [[f"logits[{h}][{v}]" for v in range(len(views))] for h, views in enumerate(heads)]
-    elif not any(_is_seq(h) for h in items):
-        heads = [items]
-        names = [[f"logits[{v}]" for v in range(len(items))]]
-    else:
-        raise TypeError(
-            "logits mixes arrays and lists: pass either a list of views (arrays) for one head, "
-            "or a list of heads, each a list of views"
-        )
-    for h, views in enumerate(heads):
-        for v, x in enumerate(views):
-            if not aac.is_array_api_obj(x):
-                raise TypeError(f"{names[h][v]} must be an array, got {type(x).__name__}")
-        if len(views) < 2:
-            where = "" if len(heads) == 1 else f" (head {h})"
-            raise ValueError(f"need at least 2 views per head{where}, got {len(views)}")
-    counts = {len(views) for views in heads}
-    if len(counts) > 1:
-        raise ValueError(
-            f"every head must have the same number of views, got {[len(v) for v in heads]}"
-        )
-    return heads, names
-
-
-def _gathered(
-    name: str, x: Array, gather: Gather, xp: ModuleType
-) -> tuple[Array, slice]:
-    out = gather(x)
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError(
-            f"gather must return a tuple (global_logits, rows), got {type(out).__name__} for {name}"
-        )
-    g, rows = out
-    if not aac.is_array_api_obj(g) or aac.array_namespace(g) is not xp:
-        raise TypeError(f"gather must return an array of the logits' namespace for {name}, got {type(g).__name__}")
-    if not isinstance(rows, slice):
-        raise TypeError(f"gather must return a slice of this process's rows for {name}, got {type(rows).__name__}")
-    _check_logits(f"gather({name})", g, xp)
-    if g.shape[1] != x.shape[1]:
-        raise ValueError(f"gather({name}) has {g.shape[1]} columns, {name} has {x.shape[1]}")
-    if len(range(*rows.indices(g.shape[0]))) != x.shape[0]:
-        raise ValueError(
-            f"gather({name}) returned rows={rows} selecting "
-            f"{len(range(*rows.indices(g.shape[0])))} of {g.shape[0]} rows, expected {x.shape[0]} "
-            f"(the rows of {name})"
-        )
-    return g, rows
 
 
 def self_classifier_loss(
@@ -628,12 +357,11 @@ def self_classifier_loss(
         ``N < 2``, ``C < 2``, non-2-D logits, fewer than 2 views, non-finite logits,
         temperatures or ``eps`` not > 0.
     """
-    row_temperature = _check_positive("row_temperature", row_temperature)
-    col_temperature = _check_positive("col_temperature", col_temperature)
-    eps = _check_positive("eps", eps)
-    if gather is not None and not callable(gather):
-        raise TypeError(f"gather must be callable or None, got {type(gather).__name__}")
-    heads, names = _parse(logits)
+    row_temperature = check_positive("row_temperature", row_temperature)
+    col_temperature = check_positive("col_temperature", col_temperature)
+    eps = check_positive("eps", eps)
+    check_gather(gather)
+    heads, names = parse_logits(logits)
     floor = eps if clamp_sums else None
     return _loss(
         heads, names, view_pairs(len(heads[0])), row_temperature, col_temperature, eps, floor,
@@ -641,86 +369,49 @@ def self_classifier_loss(
     )
 
 
-def _check_head(views: Sequence[Array], rows: slice | None) -> ModuleType:
-    """Check the K views of one head for the adapters' per-head losses; return their namespace.
+def head_plan(
+    views: Sequence[Array],
+    rows: slice | None = None,
+    *,
+    row_temperature: float = 0.1,
+    col_temperature: float = 0.05,
+    eps: float = 1e-12,
+    clamp_sums: bool = True,
+    pairs: Sequence[tuple[int, int]] | None = None,
+) -> tuple[list[Array], GuardPlan]:
+    """The first step of every executor of one head's loss (the core's, the adapters' closed
+    form and fused kernel): check the head, bring it to one dtype, build its guard plan.
 
-    ``rows`` not None (a gathered global batch) allows a single row per process.
+    Parameters
+    ----------
+    views : sequence of K arrays of shape (N, C), real floating
+        The head's (gathered) views; checked with :func:`~clusterlearn.self_classifier_inputs.check_head`.
+    rows : slice, optional
+        This process's rows of a gathered global batch (all rows by default).
+    row_temperature, col_temperature, eps, clamp_sums
+        As in :class:`SelfClassifierLoss` (checked).
+    pairs : sequence of (int, int), optional
+        The ordered (target, prediction) view pairs; :func:`view_pairs` ``(K)`` by default.
+
+    Returns
+    -------
+    views : list of K arrays of shape (N, C)
+        In the dtype the loss computes in: the views' promoted dtype, float32 for half precision.
+    plan : GuardPlan
+        The head's :class:`~clusterlearn.self_classifier_guards.GuardPlan`.
     """
-    named = {f"logits[{v}]": x for v, x in enumerate(views)}
-    xp = namespace(**named)
-    check_same_device(**named)
-    if len(views) < 2:
-        raise ValueError(f"need at least 2 views, got {len(views)}")
-    for v, x in enumerate(views):
-        _check_logits(f"logits[{v}]", x, xp, min_rows=1 if rows is not None else 2)
-        if tuple(x.shape) != tuple(views[0].shape):
-            raise ValueError(
-                f"views of one head must have the same shape, got {tuple(views[0].shape)} and {tuple(x.shape)}"
-            )
-    if rows is not None:
-        n = views[0].shape[0]
-        if not isinstance(rows, slice):
-            raise TypeError(f"rows must be a slice, got {type(rows).__name__}")
-        if len(range(*rows.indices(n))) == 0:
-            raise ValueError(f"rows must select at least one of the {n} rows, got {rows}")
-    return xp
-
-
-def _prepare(
-    heads: list[list[Array]],
-    names: list[list[str]],
-    gather: Gather | None,
-    check_finite: bool,
-) -> tuple[ModuleType, list[tuple[list[Array], slice | None]]]:
-    """Check every head's views, gather them, and return ``(xp, [(views, rows), ...])``.
-
-    ``views`` are the (gathered, finiteness-checked) logits of one head, in their own dtype;
-    ``rows`` is the slice of this process's rows in them (None: all rows). Shared by the core
-    and the adapters' fast losses, so that all raise the same errors.
-    """
-    named = {names[h][v]: x for h, views in enumerate(heads) for v, x in enumerate(views)}
-    xp = namespace(**named)
-    check_same_device(**named)
-
-    min_rows = 1 if gather is not None else 2
-    for views, labels in zip(heads, names):
-        for x, name in zip(views, labels):
-            _check_logits(name, x, xp, min_rows=min_rows)
-        shape = tuple(views[0].shape)
-        for x, name in zip(views[1:], labels[1:]):
-            if tuple(x.shape) != shape:
-                raise ValueError(
-                    f"views of one head must have the same shape: {labels[0]} has {shape}, "
-                    f"{name} has {tuple(x.shape)}"
-                )
-
-    prepared = []
-    for views, labels in zip(heads, names):
-        rows: slice | None = None
-        full: list[Array] = []
-        for x, name in zip(views, labels):
-            if gather is not None:
-                g, r = _gathered(name, x, gather, xp)
-                n_g = g.shape[0]
-                if rows is not None and rows.indices(n_g) != r.indices(n_g):
-                    raise ValueError(
-                        f"gather returned different rows for the views of one head: {rows} and "
-                        f"{r} (for {name})"
-                    )
-                if full and tuple(g.shape) != tuple(full[0].shape):
-                    raise ValueError(
-                        f"gather returned different shapes for the views of one head: "
-                        f"{tuple(full[0].shape)} and {tuple(g.shape)} (for {name})"
-                    )
-                rows = r
-                x, name = g, f"gather({name})"
-            if check_finite:
-                _check_finite(name, x, xp)
-            full.append(x)
-        if rows is not None and rows.indices(full[0].shape[0]) == slice(None).indices(full[0].shape[0]):
-            rows = None  # whole batch: skip the no-op slice
-        prepared.append((full, rows))
-    return xp, prepared
+    xp = check_head(views, rows)
+    full = [compute_dtype(x, xp) for x in views]
+    dtype = xp.result_type(*full)
+    full = [xp.astype(x, dtype, copy=False) for x in full]
+    plan = guard_plan(
+        xp.finfo(dtype), *full[0].shape,
+        row_temperature=check_positive("row_temperature", row_temperature),
+        col_temperature=check_positive("col_temperature", col_temperature),
+        eps=check_positive("eps", eps), clamp_sums=bool(clamp_sums),
+        pairs=tuple(view_pairs(len(full)) if pairs is None else pairs), rows=rows,
+    )
+    return full, plan
 
 
 def _loss(
@@ -735,40 +426,19 @@ def _loss(
     check_finite: bool,
 ) -> Array:
     """Validated parameters; checks the arrays, then averages the pair terms over heads."""
-    xp, prepared = _prepare(heads, names, gather, check_finite)
+    xp, prepared = prepare_heads(heads, names, gather, check_finite)
     total = None
     for views, rows in prepared:
-        full = [_as_float(x, xp) for x in views]
-        used_t = sorted({i for i, _ in pairs})
-        used_p = sorted({j for _, j in pairs})
-        targets = {i: _targets(full[i], col_temperature, sum_floor, rows, xp) for i in used_t}
-        log_preds = {
-            j: _log_predictions(full[j], row_temperature, eps, sum_floor, rows, xp) for j in used_p
-        }
-        for i, j in pairs:
-            term = _pair_term(targets[i], log_preds[j], xp)
-            total = term if total is None else total + term
-    out = total / (len(pairs) * len(heads))
+        full, plan = head_plan(
+            views, rows, row_temperature=row_temperature, col_temperature=col_temperature, eps=eps,
+            clamp_sums=sum_floor is not None, pairs=pairs,
+        )
+        term = closed_form.forward(plan, xp.stack(full))[0]  # recorded by the framework's autograd
+        total = term if total is None else total + term
+    out = total / len(heads)
     if aac.is_numpy_array(out):  # NumPy reductions return scalars: return a 0-d array
         out = xp.asarray(out)
     return out
-
-
-def _call_argument(logits: tuple[Any, ...]) -> Any:
-    """The ``logits`` argument from a loss object's positional arguments.
-
-    ``criterion(v0, v1, ...)`` (two or more arrays) or ``criterion(views_or_heads)`` (one list).
-    """
-    if len(logits) == 1:
-        return logits[0]
-    if len(logits) >= 2:
-        if not all(aac.is_array_api_obj(x) for x in logits):
-            raise TypeError(
-                "pass either two or more view arrays as positional arguments, or a single "
-                "list of views / list of heads"
-            )
-        return list(logits)
-    raise ValueError("need at least 2 views, got none")
 
 
 class SelfClassifierLoss:
@@ -783,7 +453,7 @@ class SelfClassifierLoss:
     eps : float, default 1e-12
         ``eps > 0`` inside ``log((N/C)·pred + eps)``, as in the reference's training; part of
         the objective, it bounds the loss by ``−log(eps)``.
-    gather : callable, optional
+    gather : callable, optional, keyword-only
         ``gather(local_logits) -> (global_logits, rows)``: returns the global batch of
         ``local_logits`` (shape ``(N_global, C)``) and the ``slice`` of this process's rows in
         it; applied to every logits array. Its backward must all-reduce (sum) the gradient and
@@ -823,44 +493,55 @@ class SelfClassifierLoss:
     True
     """
 
+    #: The constructor's parameters, in the order :meth:`__repr__` shows them.
+    parameters: tuple[str, ...] = ("row_temperature", "col_temperature", "eps", "gather", "check_finite", "clamp_sums")
+
     def __init__(
         self,
         row_temperature: float = 0.1,
         col_temperature: float = 0.05,
         eps: float = 1e-12,
+        *args: Gather | None,
         gather: Gather | None = None,
-        *,
         check_finite: bool = True,
         clamp_sums: bool = True,
     ) -> None:
-        self.row_temperature = _check_positive("row_temperature", row_temperature)
-        self.col_temperature = _check_positive("col_temperature", col_temperature)
-        self.eps = _check_positive("eps", eps)
-        if gather is not None and not callable(gather):
-            raise TypeError(f"gather must be callable or None, got {type(gather).__name__}")
-        self.gather = gather
+        if args:  # the form before 0.2: gather as the fourth positional argument
+            if len(args) > 1 or gather is not None:
+                raise TypeError("SelfClassifierLoss takes gather once, as a keyword argument")
+            warnings.warn(
+                "passing gather as the fourth positional argument of SelfClassifierLoss is deprecated "
+                "and will be removed in the next release; pass gather=... instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            gather = args[0]
+        self.row_temperature = check_positive("row_temperature", row_temperature)
+        self.col_temperature = check_positive("col_temperature", col_temperature)
+        self.eps = check_positive("eps", eps)
+        self.gather = check_gather(gather)
         self.check_finite = bool(check_finite)
         self.clamp_sums = bool(clamp_sums)
 
-    #: The function computing the loss (an adapter's subclass swaps in its fast one).
-    _loss_function = staticmethod(self_classifier_loss)
-
     def __call__(self, *logits: Any) -> Array:
         """Loss of ``criterion(s1, s2, ...)``, ``criterion([views])`` or ``criterion([[head views], ...])``."""
-        return self._loss_function(
-            _call_argument(logits),
-            row_temperature=self.row_temperature,
-            col_temperature=self.col_temperature,
-            eps=self.eps,
-            gather=self.gather,
-            check_finite=self.check_finite,
-            clamp_sums=self.clamp_sums,
-        )
+        return self.forward(*logits)
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's parameters (:attr:`parameters`) and their values: the keyword
+        arguments of the loss function this object calls."""
+        return {name: getattr(self, name) for name in self.parameters}
+
+    def forward(self, *logits: Any) -> Array:
+        """The loss of a call's arguments, by :func:`self_classifier_loss` (the adapters' losses
+        call their own executors with the same :meth:`settings`)."""
+        return self_classifier_loss(call_argument(logits), **self.settings())
 
     def __repr__(self) -> str:
-        gather = "None" if self.gather is None else getattr(self.gather, "__name__", repr(self.gather))
-        return (
-            f"{type(self).__name__}(row_temperature={self.row_temperature}, "
-            f"col_temperature={self.col_temperature}, eps={self.eps}, gather={gather}, "
-            f"check_finite={self.check_finite}, clamp_sums={self.clamp_sums})"
-        )
+        def show(name: str) -> str:
+            value = getattr(self, name)
+            if name == "gather" and callable(value):
+                return getattr(value, "__name__", repr(value))
+            return repr(value)
+
+        return f"{type(self).__name__}({', '.join(f'{name}={show(name)}' for name in self.parameters)})"

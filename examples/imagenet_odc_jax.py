@@ -10,6 +10,12 @@ ResNet-18 (width 16, 3×3 stem), 10 clusters, 40 epochs on the CPU (about 4 minu
 
     python examples/imagenet_odc_jax.py
 
+Training starts from k-means of the random network's features (eval mode). For
+``--label-warmup`` epochs (default 1) the labels stay fixed while the memory collects the
+training-mode features of augmented views; then the centroids are recomputed from them and
+re-labelling begins (``--label-warmup 0``: the reference's schedule, whose first epoch
+re-labels against centroids of features the training never produces).
+
 Each iteration is one jitted step over a mesh of all local devices (batch sharded along
 "data", parameters replicated): augmentation on the devices, features ``f = neck(backbone(x))``
 (neck width → width → 256 with BatchNorm/ReLU), cross-entropy of ``head(f)`` against the
@@ -48,17 +54,16 @@ METHOD = "odc"
 FEAT_DIM = 256
 PRESETS = {
     "imagenet": {"epochs": 400, "batch_size": 512, "arch": "resnet50", "width": 64, "resolution": 224, "workers": 8,
-                 "clusters": 10_000, "lr": 0.03, "lr_steps": [360], "min_scale": 0.08},
+                 "flip": True, "colour": True, "clusters": 10_000, "lr": 0.03, "lr_steps": [360], "min_scale": 0.08},
     "demo": {"epochs": 40, "batch_size": 64, "arch": "resnet18", "width": 16, "resolution": 16, "workers": 0,
-             "clusters": 10, "lr": 0.03, "lr_steps": [34], "min_scale": 0.5},
+             "flip": True, "colour": True, "clusters": 10, "lr": 0.03, "lr_steps": [34], "min_scale": 0.5},
 }
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """The command line, with the ImageNet or demo preset filled in."""
     parser = runs.PresetParser(PRESETS, description=__doc__)
-    runs.add_common_arguments(parser, jc.ARCHS, workers_help=jc.WORKERS_HELP)
-    parser.add_preset("--width", type=runs.positive_int, help="channels of the ResNet's first stage")
+    jc.add_arguments(parser)
     parser.add_preset("--clusters", type=runs.positive_int, help="number of clusters C")
     parser.add_preset("--lr", type=runs.positive_float, help="SGD learning rate (momentum 0.9)")
     parser.add_preset("--lr-steps", type=runs.positive_int_list, help="epochs after which the lr drops ×0.1")
@@ -70,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     parser.add_argument("--centroid-interval", type=runs.positive_int, default=10,
                         help="refresh all centroids every this many iterations (default: 10)")
     parser.add_preset("--min-scale", type=runs.unit_float, help="smallest area fraction of a random resized crop")
+    parser.add_argument("--label-warmup", type=runs.non_negative_int, default=1, metavar="EPOCHS",
+                        help="epochs trained on the initial clustering without re-labelling, the memory's features "
+                        "still updated (see the torch example; default: 1)")
     return parser, parser.parse_args(argv)
 
 
@@ -159,6 +167,15 @@ def memory_step(mesh: jax.sharding.Mesh, config: clj.ODCConfig) -> Any:
     return clj.make_sharded_step(mesh, config, jc.AXIS)
 
 
+@jax.jit
+def warmup_update(features: jax.Array, indices: jax.Array, f: jax.Array, momentum: float) -> jax.Array:
+    """The sample memory's feature update alone (no re-labelling): ``F[idx] ← normalise(m ·
+    normalise(f) + (1 − m) · F[idx])`` on an (N, D) float32 copy of the memory's features."""
+    f = f / jnp.maximum(jnp.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    mixed = momentum * f + (1 - momentum) * features[indices]
+    return features.at[indices].set(mixed / jnp.maximum(jnp.linalg.norm(mixed, axis=1, keepdims=True), 1e-12))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
     jc.launch(parser, args, args.clusters * max(args.min_cluster_size, 1), run, [f"odc/{k}" for k in clj.ODCState._fields])
@@ -170,7 +187,7 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
     show = args.progress
     steps = len(data) // args.batch_size
     opt = Optimizer(args.lr, tuple(sorted(args.lr_steps)), args.weight_decay, steps)
-    spec = view(args.resolution, args.min_scale)
+    spec = jc.with_options(view(args.resolution, args.min_scale), flip=args.flip, colour=args.colour)
     key = jax.random.key(args.seed) if ckpt is None else jc.key_from_data(ckpt["rng/key"])
     init_key, train_key = jax.random.split(key)
     train_def, eval_def, params, stats = jc.init_model(ODCNet, (args.arch, args.width, args.resolution, args.clusters), init_key)
@@ -216,11 +233,18 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         losses, changes, small = [], [], 0
         order = runs.epoch_order(len(data), args.batch_size, args.seed, epoch)
         batches = runs.progress(images.batches(order), show, f"epoch {epoch + 1}/{args.epochs}", len(order))
+        relabel = epoch >= args.label_warmup
+        warm = None if relabel else jc.replicate(jnp.asarray(state.features, jnp.float32), mesh)
         for step, (idx, x) in enumerate(batches):
             idx_dev = jc.shard_batch(idx.astype(np.int32), mesh)
             params, stats, opt_state, f, loss = train_step(
                 params, stats, opt_state, state, jc.shard_batch(x, mesh), idx_dev, jc.step_key(train_key, epoch, step),
                 graphdef=train_def, opt=opt, spec=spec, config=config)
+            if not relabel:  # the initial labels stay; the memory's features still follow the network
+                warm = warmup_update(warm, idx_dev, f, args.momentum_memory)
+                losses.append(loss)
+                changes.append(0.0)
+                continue
             state, st = sharded_step(state, idx_dev, f)
             if not bool(st["applied"]):  # the next line syncs with the device anyway
                 raise FloatingPointError(
@@ -230,6 +254,9 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
             small += handled.num_small_clusters
             losses.append(loss)
             changes.append(st["change_ratio"])
+        if not relabel:  # centroids and sums of the updated features, the labels unchanged
+            odc.initialize(np.asarray(warm), np.asarray(state.labels))
+            state = jc.replicate(clj.state_from_core(odc), mesh)
         losses, changes = jax.device_get((losses, changes))  # waits for the last step (dispatch is asynchronous)
         seconds = time.perf_counter() - started
         record |= {"loss": float(np.mean(losses)), "change_ratio": float(np.mean(changes)),

@@ -11,6 +11,14 @@ jitter, 10 clusters, 20 epochs on the CPU::
 
     python examples/imagenet_odc_torch.py
 
+Training starts from k-means of the random network's features (eval mode, centre crops). For
+``--label-warmup`` epochs (default 1) the network is trained on those labels while the
+memory only collects its training-mode features of augmented views; then the centroids are
+recomputed from them and re-labelling begins. Without the warm-up (``--label-warmup 0``, the
+reference's schedule) the first epoch re-labels most samples against centroids of features
+the training never produces (BatchNorm's statistics and the augmentation differ) and scrambles
+the initial clustering (measured in docs/evaluation.md).
+
 Each iteration: features ``f = neck(backbone(x))``, cross-entropy of ``head(f)`` against the
 memory's labels (read before the update) weighted by ``w_c ∝ n_c^-1/2``, an optimiser step,
 then ``odc.step(idx, f)`` (memory update, re-labelling, centroid refresh every 10 iterations,
@@ -65,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
                         help="dtype of the sample memory's features and the centroids (the per-cluster sums "
                         "stay float64; default: float32)")
     parser.add_preset("--min-scale", type=common.unit_float, help="smallest area fraction of a random resized crop")
+    parser.add_argument("--label-warmup", type=common.non_negative_int, default=1, metavar="EPOCHS",
+                        help="epochs trained on the initial clustering without re-labelling, the memory's features "
+                        "still updated; then the centroids are recomputed from them (default: 1; 0: ODC from the "
+                        "first iteration, as the reference)")
     return parser, parser.parse_args(argv)
 
 
@@ -101,10 +113,30 @@ class ODCNet(nn.Module):
         return f, self.head(f)
 
 
+def gathered(x: torch.Tensor, ctx: common.DistContext) -> torch.Tensor:
+    """``x`` of every rank concatenated in rank order (``x`` itself with one process)."""
+    if ctx.world_size == 1:
+        return x
+    x = x.to(ctx.device)
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    torch.distributed.all_gather(parts, x)
+    return torch.cat(parts)
+
+
 def train_epoch(model: nn.Module, odc: clt.OnlineDeepClustering, loader: Any, optimizer: torch.optim.Optimizer,
-                ctx: common.DistContext, show: bool, desc: str, amp: bool = False) -> dict[str, float]:
-    """One epoch of ODC iterations; the mean loss (over ranks), change ratio and throughput."""
+                ctx: common.DistContext, show: bool, desc: str, amp: bool = False,
+                relabel: bool = True, momentum: float = 0.5) -> dict[str, float]:
+    """One epoch of ODC iterations; the mean loss (over ranks), change ratio and throughput.
+
+    ``relabel=False`` (a label warm-up epoch): the loss is taken against the memory's labels as
+    usual, but instead of ``odc.step`` only the features are updated, ``F[idx] ← normalise(m ·
+    normalise(f) + (1 − m) · F[idx])`` with ``m = momentum`` on a float32 copy of the memory (the
+    global batch under torchrun); at the end the memory is re-filled from that copy with the
+    labels unchanged, so the centroids become the means of the training-mode features.
+    """
     model.train()
+    if not relabel:
+        memory = odc.features.to(torch.float32, copy=True)
     loss_sum = torch.zeros((), device=ctx.device)
     change_sum, small, steps, images = 0.0, 0, 0, 0
     start = time.perf_counter()
@@ -116,12 +148,20 @@ def train_epoch(model: nn.Module, odc: clt.OnlineDeepClustering, loader: Any, op
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        stats = odc.step(idx, feats)
+        if relabel:
+            stats = odc.step(idx, feats)
+        else:
+            i, f = gathered(idx, ctx).to(memory.device), gathered(feats.detach(), ctx).to(memory.device)
+            f = torch.nn.functional.normalize(f, dim=1)
+            memory[i] = torch.nn.functional.normalize(momentum * f + (1 - momentum) * memory[i], dim=1)
+            stats = {"change_ratio": 0.0, "num_small_clusters": 0}
         loss_sum += loss.detach()
         change_sum += stats["change_ratio"]
         small += stats["num_small_clusters"]
         steps += 1
         images += x.shape[0] * ctx.world_size
+    if not relabel:
+        odc.initialize(memory.to(odc.features.dtype), odc.labels)
     seconds = time.perf_counter() - start
     (loss,) = common.mean_over_ranks([float(loss_sum) / steps], ctx)
     return {"loss": loss, "change_ratio": change_sum / steps, "small_clusters_dissolved": small,
@@ -183,7 +223,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        record |= train_epoch(model, odc, train_loader, optimizer, ctx, show, f"epoch {epoch + 1}/{args.epochs}", args.amp)
+        record |= train_epoch(model, odc, train_loader, optimizer, ctx, show, f"epoch {epoch + 1}/{args.epochs}", args.amp,
+                              relabel=epoch >= args.label_warmup, momentum=args.momentum_memory)
         odc.check_consistency()  # raises if any rank's memories differ from rank 0's
         scheduler.step()
         rng = common.all_rng_states(ctx)

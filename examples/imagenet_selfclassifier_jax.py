@@ -53,12 +53,14 @@ import runs
 from clusterlearn.adapters.jax import self_classifier_loss
 
 METHOD = "selfclassifier"
+#: Classes of the heads as multiples of the first's (``--clusters``), as the paper's 1,000 / 2,000 / 4,000 / 8,000.
+HEAD_MULTIPLES = (1, 2, 4, 8)
 PRESETS = {
     "imagenet": {"epochs": 800, "batch_size": 4096, "arch": "resnet50", "width": 64, "resolution": 224, "workers": 8,
-                 "classes": [1000, 2000, 4000, 8000], "hidden_dim": 4096, "proj_layers": 3, "local_crops": 6,
+                 "flip": True, "colour": True, "clusters": 1000, "hidden_dim": 4096, "proj_layers": 3, "local_crops": 6,
                  "base_lr": 0.3, "warmup_epochs": 10, "min_scale": 0.14},
     "demo": {"epochs": 15, "batch_size": 64, "arch": "resnet18", "width": 16, "resolution": 16, "workers": 0,
-             "classes": [10, 20, 40, 80], "hidden_dim": 512, "proj_layers": 2, "local_crops": 0,
+             "flip": True, "colour": True, "clusters": 10, "hidden_dim": 512, "proj_layers": 2, "local_crops": 0,
              "base_lr": 4.8, "warmup_epochs": 1, "min_scale": 0.5},
 }
 
@@ -66,9 +68,13 @@ PRESETS = {
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """The command line, with the ImageNet or demo preset filled in."""
     parser = runs.PresetParser(PRESETS, description=__doc__)
-    runs.add_common_arguments(parser, jc.ARCHS, workers_help=jc.WORKERS_HELP)
-    parser.add_preset("--width", type=runs.positive_int, help="channels of the ResNet's first stage")
-    parser.add_preset("--classes", type=runs.positive_int_list, help="classes of each head; the first is scored")
+    jc.add_arguments(parser)
+    parser.add_preset("--clusters", type=runs.positive_int,
+                      help="classes of the first head, the one scored; the other heads have 2, 4 and 8 times as many "
+                      "(the paper's 1,000 to 8,000 on ImageNet)")
+    parser.add_argument("--classes", type=runs.positive_int_list,
+                        help="classes of each head, e.g. 10,20,40,80; the first is scored (default: --clusters × 1, 2, 4, 8; "
+                        "given, it replaces them and --clusters becomes its first entry)")
     parser.add_preset("--hidden-dim", type=runs.positive_int, help="width of the projection MLP")
     parser.add_argument("--out-dim", type=runs.positive_int, default=128, help="projection output (default: 128)")
     parser.add_preset("--proj-layers", type=runs.positive_int, help="hidden layers of the projection MLP")
@@ -80,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     parser.add_argument("--row-temperature", type=runs.positive_float, default=0.1, help="τ_row (default: 0.1)")
     parser.add_argument("--col-temperature", type=runs.positive_float, default=0.05, help="τ_col (default: 0.05)")
     args = parser.parse_args(argv)
+    if args.classes is None:
+        args.classes = [args.clusters * m for m in HEAD_MULTIPLES]
+    args.clusters = args.classes[0]
     if any(c < 2 for c in args.classes):
         parser.error(f"--classes: every head needs at least 2 classes, got {runs.format_value(args.classes)}")
     return parser, args
@@ -217,7 +226,8 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
     steps = len(data) // args.batch_size
     lr = args.base_lr * args.batch_size / 256
     opt = Optimizer(lr, args.weight_decay, args.warmup_epochs, args.epochs, steps)
-    spec = LossSpec(views(args.resolution, args.local_crops, args.min_scale), args.row_temperature, args.col_temperature)
+    spec = LossSpec(tuple(jc.with_options(v, flip=args.flip, colour=args.colour)
+                          for v in views(args.resolution, args.local_crops, args.min_scale)), args.row_temperature, args.col_temperature)
     key = jax.random.key(args.seed) if ckpt is None else jc.key_from_data(ckpt["rng/key"])
     init_key, train_key = jax.random.split(key)
     net_args = (args.arch, args.width, args.resolution, tuple(args.classes), args.hidden_dim, args.out_dim, args.proj_layers)

@@ -47,12 +47,14 @@ import common
 from clusterlearn.adapters import torch as clt
 
 METHOD = "selfclassifier"
+#: Classes of the heads as multiples of the first's (``--clusters``), as the paper's 1,000 / 2,000 / 4,000 / 8,000.
+HEAD_MULTIPLES = (1, 2, 4, 8)
 PRESETS = {
     "imagenet": {"epochs": 800, "batch_size": 4096, "arch": "resnet50", "resolution": 224, "workers": 8,
-                 "width": 64, "flip": True, "colour": True, "classes": [1000, 2000, 4000, 8000], "hidden_dim": 4096, "proj_layers": 3, "local_crops": 6,
+                 "width": 64, "flip": True, "colour": True, "clusters": 1000, "hidden_dim": 4096, "proj_layers": 3, "local_crops": 6,
                  "base_lr": 0.3, "warmup_epochs": 10, "min_scale": 0.14},
     "demo": {"epochs": 24, "batch_size": 128, "arch": "resnet18", "resolution": 16, "workers": 0,
-             "width": 16, "flip": False, "colour": False, "classes": [10, 20, 40, 80], "hidden_dim": 512, "proj_layers": 2, "local_crops": 0,
+             "width": 16, "flip": False, "colour": False, "clusters": 10, "hidden_dim": 512, "proj_layers": 2, "local_crops": 0,
              "base_lr": 4.8, "warmup_epochs": 1, "min_scale": 0.5},
 }
 
@@ -61,7 +63,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     """The command line, with the ImageNet or demo preset filled in."""
     parser = common.PresetParser(PRESETS, description=__doc__)
     common.add_common_arguments(parser)
-    parser.add_preset("--classes", type=common.positive_int_list, help="classes of each head; the first is scored")
+    parser.add_preset("--clusters", type=common.positive_int,
+                      help="classes of the first head, the one scored; the other heads have 2, 4 and 8 times as many "
+                      "(the paper's 1,000 to 8,000 on ImageNet)")
+    parser.add_argument("--classes", type=common.positive_int_list,
+                        help="classes of each head, e.g. 10,20,40,80; the first is scored (default: --clusters × 1, 2, 4, 8; "
+                        "given, it replaces them and --clusters becomes its first entry)")
     parser.add_preset("--hidden-dim", type=common.positive_int, help="width of the projection MLP")
     parser.add_argument("--out-dim", type=common.positive_int, default=128, help="projection output (default: 128)")
     parser.add_preset("--proj-layers", type=common.positive_int, help="hidden layers of the projection MLP")
@@ -73,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     parser.add_argument("--row-temperature", type=common.positive_float, default=0.1, help="τ_row (default: 0.1)")
     parser.add_argument("--col-temperature", type=common.positive_float, default=0.05, help="τ_col (default: 0.05)")
     args = parser.parse_args(argv)
+    if args.classes is None:
+        args.classes = [args.clusters * m for m in HEAD_MULTIPLES]
+    args.clusters = args.classes[0]
     if any(c < 2 for c in args.classes):
         parser.error(f"--classes: every head needs at least 2 classes, got {common.format_value(args.classes)}")
     return parser, args

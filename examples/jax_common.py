@@ -32,7 +32,7 @@ import functools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,19 @@ import runs
 AXIS = "data"
 ARCHS = ("resnet18", "resnet50")
 WORKERS_HELP = "threads decoding ImageFolder images (the demo data is prepared once in memory)"
+
+
+# ---------------------------------------------------------------------------- command line
+def add_arguments(parser: runs.PresetParser) -> None:
+    """The options every JAX example shares: :func:`runs.add_common_arguments` (with this module's
+    architectures), the network's ``--width`` and the augmentations' ``--flip`` / ``--colour``."""
+    runs.add_common_arguments(parser, ARCHS, workers_help=WORKERS_HELP)
+    parser.add_preset("--width", type=runs.positive_int, help="channels of the ResNet's first stage")
+    parser.add_preset("--flip", action=argparse.BooleanOptionalAction,
+                      help="random horizontal flips (off for digits: a flip changes what they show)")
+    parser.add_preset("--colour", action=argparse.BooleanOptionalAction,
+                      help="saturation/hue jitter and random greyscale of ODC and Self-Classifier (DeepCluster has none; "
+                      "no-ops on grey images)")
 
 
 # ---------------------------------------------------------------------------- devices
@@ -243,6 +256,7 @@ class ViewSpec:
     """One augmented view (hashable: a static argument of ``jit``).
 
     size : output side in pixels; scale, ratio : area fraction and aspect range of the crop;
+    flip : whether half the views are mirrored horizontally;
     jitter : (brightness, contrast, saturation, hue) strengths, applied with ``jitter_p``;
     gray_p, blur_p, solarize_p : probabilities of grey, Gaussian blur (σ in [0.1, 2]) and
     solarisation (threshold 0.5).
@@ -250,6 +264,7 @@ class ViewSpec:
 
     size: int
     scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     jitter_p: float = 1.0
@@ -318,7 +333,7 @@ def _augment_one(key: jax.Array, image: jax.Array, spec: ViewSpec) -> jax.Array:
     h = jnp.clip(jnp.sqrt(area / jnp.exp(log_ratio)), 1.0, source)
     x0 = jax.random.uniform(k[2], ()) * (source - w)
     y0 = jax.random.uniform(k[3], ()) * (source - h)
-    flip = jax.random.bernoulli(k[4])
+    flip = jax.random.bernoulli(k[4]) if spec.flip else jnp.asarray(False)
     rows = _resample(y0, h, spec.size, source, jnp.asarray(False))
     cols = _resample(x0, w, spec.size, source, flip)
     x = jnp.einsum("ik,klc,jl->ijc", rows, image.astype(jnp.float32) / 255.0, cols)
@@ -333,6 +348,14 @@ def _augment_one(key: jax.Array, image: jax.Array, spec: ViewSpec) -> jax.Array:
     if spec.solarize_p > 0:
         x = jnp.where(jax.random.bernoulli(k[9], spec.solarize_p), jnp.where(x >= 0.5, 1.0 - x, x), x)
     return (x - _MEAN) / _STD
+
+
+def with_options(spec: ViewSpec, *, flip: bool, colour: bool) -> ViewSpec:
+    """``spec`` under ``--flip`` / ``--colour``: ``flip=False`` drops the flip, ``colour=False`` keeps
+    only brightness and contrast jitter (no saturation, hue or grey), as the PyTorch examples."""
+    if colour:
+        return replace(spec, flip=flip)
+    return replace(spec, flip=flip, jitter=(*spec.jitter[:2], 0.0, 0.0), gray_p=0.0)
 
 
 def augment(key: jax.Array, images: jax.Array, spec: ViewSpec) -> jax.Array:

@@ -1,6 +1,6 @@
 """Framework-free parts of the training examples (PyTorch and JAX alike).
 
-The command line with ImageNet/demo presets and its validators, the data (the embedded
+The command line with ImageNet/small/demo presets and its validators, the data (the embedded
 digits demo as NumPy arrays, an ImageFolder tree listed without torchvision, images read with
 PIL), the run directory (``metrics.jsonl``, atomic file writes, the settings check of
 ``--resume``), scores against the true labels, the evaluation of frozen features (the fixed
@@ -42,11 +42,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: File endings an ImageFolder tree's images may have (torchvision's list).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-#: Options a resumed run may change; any other difference from the checkpoint's is refused.
+#: Options a resumed run may change; any other difference from the checkpoint's is refused. (The
+#: preset's name may change: the values it filled in are compared, and a checkpoint from before
+#: ``--preset`` existed has none.)
 RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "stop_after", "workers", "progress", "dist_timeout",
-                               "eval_every", "eval_only", "tensorboard"})
-#: Options every script has whose defaults differ between the ImageNet and the demo presets.
-COMMON_PRESETS = {"imagenet": {"eval_every": 0}, "demo": {"eval_every": 5}}
+                               "eval_every", "eval_only", "tensorboard", "preset"})
+#: The presets, in the order ``--help`` shows them.
+PRESET_NAMES = ("imagenet", "small", "demo")
+#: ``--data`` trees of at most this many images get the ``small`` preset unless ``--preset`` says otherwise.
+SMALL_DATA_MAX_IMAGES = 20_000
+#: Options every script has whose defaults differ between the presets.
+COMMON_PRESETS = {"imagenet": {"eval_every": 0}, "small": {"eval_every": 5}, "demo": {"eval_every": 5}}
+#: The ``small`` preset of a script that defines none: its demo values (tuned on 1797 images), with
+#: the data's own settings where the digits' are particular to them: flips and colour jitter on
+#: (the digits turn them off), 32-pixel crops (CIFAR's size; the digits are 8×8 upscaled to 16).
+#: A script's own ``small`` entry overrides these; keys a script does not have are ignored.
+SMALL_DATA = {"resolution": 32, "workers": 0, "flip": True, "colour": True}
 
 
 #: How an :class:`ImageError`'s message starts (before the file's path).
@@ -151,35 +162,75 @@ def format_value(value: Any) -> str:
 
 
 class PresetParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose options can default to an ImageNet or a demo preset.
+    """An ``ArgumentParser`` whose options default to one of three presets.
 
-    :meth:`add_preset` options stay ``None`` when not given; :meth:`parse_args` fills them
-    from ``presets["imagenet"]`` when ``--data`` is given, else from ``presets["demo"]``.
+    ``presets`` maps ``"imagenet"`` and ``"demo"`` (and optionally ``"small"``) to option values;
+    a missing ``"small"`` is the demo's values updated with :data:`SMALL_DATA`, then with the
+    script's own ``"small"`` entry where it has one. :meth:`add_preset` options stay ``None`` when
+    not given; :meth:`parse_args` fills them from the preset of ``--preset``, by default chosen by
+    the data (:func:`auto_preset`): ``demo`` without ``--data``, ``small`` for a tree of at most
+    :data:`SMALL_DATA_MAX_IMAGES` images, else ``imagenet``. The chosen name is ``args.preset``.
     """
 
     def __init__(self, presets: dict[str, dict[str, Any]], **kwargs: Any) -> None:
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-        self.presets = {name: {**COMMON_PRESETS[name], **values} for name, values in presets.items()}
+        demo = presets["demo"]
+        small = {**demo, **{k: v for k, v in SMALL_DATA.items() if k in demo}, **presets.get("small", {})}
+        given = {**presets, "small": small}
+        self.presets = {name: {**COMMON_PRESETS[name], **given[name]} for name in PRESET_NAMES}
 
     def add_preset(self, flag: str, *, help: str, **kwargs: Any) -> None:
-        """Add an option whose default comes from the presets (shown in ``--help``)."""
+        """Add an option whose default comes from the presets (each preset's value shown in ``--help``)."""
         key = flag.lstrip("-").replace("-", "_")
-        shown = {name: format_value(values[key]) for name, values in self.presets.items()}
-        self.add_argument(flag, default=None, help=f"{help} (default: ImageNet {shown['imagenet']}, demo {shown['demo']})", **kwargs)
+        shown = ", ".join(f"{name} {format_value(self.presets[name][key])}" for name in PRESET_NAMES)
+        self.add_argument(flag, default=None, help=f"{help} (default by --preset: {shown})", **kwargs)
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
         parsed = super().parse_args(args, namespace)
-        preset = self.presets["imagenet" if parsed.data is not None else "demo"]
-        for key, value in preset.items():
+        if parsed.preset is None:
+            parsed.preset = auto_preset(parsed.data)
+        for key, value in self.presets[parsed.preset].items():
             if getattr(parsed, key) is None:
                 setattr(parsed, key, value)
         return parsed
+
+
+def auto_preset(data: Path | None) -> str:
+    """The preset for ``--data``: ``demo`` when it is None, ``small`` for a tree of at most
+    :data:`SMALL_DATA_MAX_IMAGES` images (counted up to one more: an ImageNet tree is not listed
+    in full), else ``imagenet``. A path that cannot be listed gets ``imagenet`` (the run then
+    stops on it with its own message)."""
+    if data is None:
+        return "demo"
+    try:
+        count = count_images(data, SMALL_DATA_MAX_IMAGES + 1)
+    except OSError:
+        return "imagenet"
+    return "small" if 0 < count <= SMALL_DATA_MAX_IMAGES else "imagenet"
+
+
+def count_images(root: Path, limit: int) -> int:
+    """The number of images :func:`list_image_folder` would list under ``root``, counted up to ``limit``."""
+    count = 0
+    with os.scandir(root) as entries:
+        classes = sorted(entry.path for entry in entries if entry.is_dir())
+    for folder in classes:
+        for _, files in _walk_once(Path(folder)):
+            count += sum(file.lower().endswith(IMAGE_EXTENSIONS) for file in files)
+            if count >= limit:
+                return count
+    return count
 
 
 def add_common_arguments(parser: PresetParser, archs: Sequence[str], *, workers_help: str) -> None:
     """Data, run directory, resumption, network and loader options shared by the scripts."""
     parser.add_argument("--data", type=Path, help="ImageFolder tree (ImageNet layout: one folder per class); "
                         "without it: the embedded digits demo (scikit-learn's load_digits)")
+    parser.add_argument("--preset", choices=PRESET_NAMES,
+                        help="defaults of the options marked 'default by --preset': imagenet (the paper's settings), "
+                        "small (a few thousand images on a CPU, e.g. 2,000 grey 28×28 images: small ResNet, short "
+                        "schedule, over-clustering where the method has it) or demo (the digits). Default: demo "
+                        f"without --data, small for a tree of at most {SMALL_DATA_MAX_IMAGES:,} images, else imagenet")
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<method>-<timestamp>, or the "
                         "checkpoint's directory with --resume)")
     parser.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue from this checkpoint")

@@ -39,7 +39,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, s
     Returns ``{run: (run directory, its stdout)}``.
     """
     base = tmp_path_factory.mktemp("jax_examples")
-    d = {name: base / name for name in ("odc", "odc_resumed", "sc", "odc_2dev", "sc_2dev")}
+    d = {name: base / name for name in ("odc", "odc_resumed", "sc", "odc_2dev", "sc_2dev", "odc_warm_2dev")}
     one = [
         ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "2", "--out", str(d["odc"])]),
         ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(d["odc_resumed"])]),
@@ -48,8 +48,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, s
         ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "2", "--eval-only", str(d["odc"] / "checkpoint.npz")]),
     ]
     two = [
-        ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "1", "--out", str(d["odc_2dev"])]),
+        ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "1", "--label-warmup", "0", "--out", str(d["odc_2dev"])]),
         ("imagenet_selfclassifier_jax", [*SC_TINY, "--epochs", "1", "--out", str(d["sc_2dev"])]),
+        ("imagenet_odc_jax", [*ODC_TINY, "--epochs", "1", "--out", str(d["odc_warm_2dev"])]),
     ]
     logs = [base / f"{i}.txt" for i in range(len(one) + len(two))]
     procs = [start_jax_runs([(n, a, log) for (n, a), log in zip(one, logs)], 1),
@@ -59,7 +60,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, s
     text = [log.read_text() for log in logs]
     return {"odc": (d["odc"], text[0]), "odc_stopped": (d["odc_resumed"], text[1]),
             "odc_resumed": (d["odc_resumed"], text[2]), "sc": (d["sc"], text[3]),
-            "odc_eval_only": (d["odc"], text[4]), "odc_2dev": (d["odc_2dev"], text[5]), "sc_2dev": (d["sc_2dev"], text[6])}
+            "odc_eval_only": (d["odc"], text[4]), "odc_2dev": (d["odc_2dev"], text[5]), "sc_2dev": (d["sc_2dev"], text[6]),
+            "odc_warm_2dev": (d["odc_warm_2dev"], text[7])}
 
 
 def check_evaluation(out: Path, text: str, labels: np.ndarray, num_clusters: int) -> None:
@@ -112,7 +114,24 @@ def test_odc_smoke_writes_metrics_plot_and_checkpoint(trained: dict) -> None:
         assert any(k.startswith(prefix) for k in state), prefix
     sizes, labels = state["odc/sizes"], state["odc/labels"]
     np.testing.assert_array_equal(np.bincount(labels, minlength=2), sizes)
-    assert int(state["odc/iteration"]) == 2 * (16 // 8)
+    assert int(state["odc/iteration"]) == 1 * (16 // 8)  # the step counter restarts after the label warm-up
+
+
+def test_odc_label_warmup_keeps_the_initial_clustering(trained: dict) -> None:
+    """The first epoch (``--label-warmup 1``, the default) trains on the initial k-means labels
+    without re-labelling, then recomputes every centroid as the mean of its members' updated
+    memory features (here on two devices, the batch sharded)."""
+    out, text = trained["odc_warm_2dev"]
+    (initial,) = [line for line in text.splitlines() if line.startswith("initial k-means")]
+    (first,) = records(out)
+    assert first["change_ratio"] == 0.0
+    assert initial.endswith(f"NMI {first['nmi']:.3f}  ACC {first['acc']:.3f}"), (initial, first)
+    state = checkpoint(out)
+    feats, labels = state["odc/features"].astype(np.float64), state["odc/labels"]
+    means = np.stack([feats[labels == c].mean(0) for c in range(2)])
+    # a mean of at most 16 float32 unit vectors: rounding well below 1e-5
+    np.testing.assert_allclose(state["odc/centroids"], means, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -87,6 +87,23 @@ def test_odc_smoke_writes_metrics_plot_and_checkpoint(odc_straight: tuple[Path, 
     check_evaluation(out, text, state["odc"]["labels"].numpy(), 2)
 
 
+def test_odc_label_warmup_keeps_the_initial_clustering(tmp_path: Path) -> None:
+    """The first epoch (``--label-warmup 1``, the default) trains on the initial k-means labels
+    without re-labelling, then recomputes every centroid as the mean of its members' updated
+    memory features."""
+    text = run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "2", "--stop-after", "1", "--out", str(tmp_path)])
+    (initial,) = [line for line in text.splitlines() if line.startswith("initial k-means")]
+    (first,) = records(tmp_path)
+    assert first["change_ratio"] == 0.0
+    assert initial.endswith(f"NMI {first['nmi']:.3f}  ACC {first['acc']:.3f}"), (initial, first)
+    odc = load(tmp_path / "checkpoint.pt")["odc"]
+    feats, labels = odc["features"].double(), odc["labels"]
+    means = torch.stack([feats[labels == c].mean(0) for c in range(2)])
+    # a mean of at most 16 float32 unit vectors: rounding well below 1e-5
+    assert torch.allclose(odc["centroids"].double(), means, rtol=0, atol=1e-5)
+    assert torch.allclose(feats.norm(dim=1), torch.ones(len(feats), dtype=torch.float64), atol=1e-5)
+
+
 def test_odc_eval_only_reproduces_the_final_evaluation(odc_straight: tuple[Path, str]) -> None:
     out, _ = odc_straight
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -172,7 +189,7 @@ def test_selfclassifier_smoke(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_odc_two_gloo_processes_keep_identical_memories(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(EXAMPLES / "imagenet_odc_torch.py"), *ODC_TINY, "--epochs", "1", "--out", str(tmp_path)]
+           str(EXAMPLES / "imagenet_odc_torch.py"), *ODC_TINY, "--epochs", "2", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -188,8 +205,11 @@ def test_odc_two_gloo_processes_keep_identical_memories(tmp_path: Path) -> None:
     assert prints["0"] == prints["1"] == records(tmp_path)[-1]["fingerprint"]
     assert "1 process(es)" not in log and "2 process(es)" in log
     # rank 0 evaluated the gathered features (every image once) while rank 1 went on, without a hang
-    labels = load(tmp_path / "checkpoint.pt")["odc"]["labels"].numpy()
-    check_evaluation(tmp_path, log, labels, 2)
+    state = load(tmp_path / "checkpoint.pt")["odc"]
+    # epoch 1 was the label warm-up (features of the gathered batch), epoch 2 ODC's steps on the
+    # global batch of 8 (4 per rank): 2 of them, the counter restarted by the warm-up's re-fill
+    assert int(state["iteration"]) == 2
+    check_evaluation(tmp_path, log, state["labels"].numpy(), 2)
 
 
 BAD_INPUT = [

@@ -338,14 +338,16 @@ def test_jax_float64_matches_core(case, kernel):
     guards hold) equal the core to rounding, also for one rank's loss over a gather (loss rows
     a slice of the global batch) and with both clamps biting (case "peaked": one view collapsed)."""
     jax = pytest.importorskip("jax")
-    from clusterlearn.adapters._jax_self_classifier import _Config, _linear_predictions, _linear_targets
+    from clusterlearn.self_classifier_guards import guard_plan
 
     n, classes, views, scale, tr, tc, eps = CASES[case]
     heads = make_heads(40 + case, n, classes, views, scale)
     if case == 1:
         heads[0][0] = collapsed(n, classes[0])
     params = dict(row_temperature=tr, col_temperature=tc, eps=eps)
-    cfg = _Config(tr, tc, eps, True, None, ())
+    plan = functools.partial(
+        guard_plan, np.finfo(np.float64), row_temperature=tr, col_temperature=tc, eps=eps, clamp_sums=True, pairs=()
+    )
     rows = slice(n // 3, n // 3 + n // 2)
     fast = functools.partial(jax_fast, kernel=kernel)
 
@@ -354,7 +356,7 @@ def test_jax_float64_matches_core(case, kernel):
         return crit_class(gather=rank_gather(vs, local, rows), **params)(local)
 
     with jax.enable_x64(True):
-        assert all(_linear_targets(np.float64, c, cfg) and _linear_predictions(np.float64, n, c, cfg) for c in classes)
+        assert all(plan(n, c).linear for c in classes)
         xs = [[jax.numpy.asarray(v) for v in vs] for vs in heads]
         checks = [[lambda h, c=c: c(**params)(arg(h)) for c in (CoreLoss, fast)]]
         if len(xs) == 1:  # one head: also one rank's loss over a gather
@@ -478,3 +480,55 @@ def test_bad_input_raises_as_core(lib):
         make(gather=lambda x: (full, slice(0, 3)))(a, a)
     with pytest.raises(TypeError, match="slice"):
         make(gather=lambda x: (full, 0))(a, a)
+
+
+@pytest.mark.parametrize(
+    "clamp,eps,rows",
+    [(True, EPS, None), (True, EPS, slice(3, 10)), (False, EPS, slice(0, 12, 2)), (True, 1e-35, None)],
+    ids=["linear", "linear-rows", "exact-strided", "log-space-tiny-eps"],
+)
+def test_core_closed_form_traces_under_jit_and_matches_the_adapters(clamp, eps, rows):
+    """The core's closed form (stacked, and streamed on a linear-space plan) traces under
+    ``jax.jit`` (static shapes, no array value read) and equals, to float32 rounding, the
+    torch adapter's loss (fused kernel where it applies) and the JAX adapter's (both kernels)."""
+    jax = pytest.importorskip("jax")
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+
+    from clusterlearn import self_classifier_closed_form as closed_form
+    from clusterlearn.adapters._jax_self_classifier import self_classifier_head_loss as jax_head
+    from clusterlearn.adapters._torch_self_classifier import self_classifier_head_loss as torch_head
+    from clusterlearn.self_classifier import view_pairs
+    from clusterlearn.self_classifier_guards import guard_plan
+
+    n, c, k = 12, 5, 3
+    views = make_heads(5, n, [c], k, 2.0)[0]
+    plan = guard_plan(
+        np.finfo(np.float32), n, c, row_temperature=0.1, col_temperature=0.05, eps=eps, clamp_sums=clamp,
+        pairs=view_pairs(k), rows=rows,
+    )
+    assert plan.linear == (clamp and eps == EPS)
+    xs = jnp.asarray(np.stack(views), dtype=jnp.float32)
+    one = jnp.ones((), dtype=jnp.float32)
+
+    @jax.jit
+    def stacked(x):
+        loss, residuals = closed_form.forward(plan, x)
+        return loss, closed_form.backward(plan, residuals, one)
+
+    @jax.jit
+    def streamed(x):
+        loss, residuals = closed_form.streamed_forward(plan, tuple(x))
+        return loss, jnp.stack(closed_form.streamed_backward(plan, residuals, one))
+
+    got = [stacked(xs)] + ([streamed(xs)] if plan.linear else [])
+    kwargs = dict(eps=eps, clamp_sums=clamp, rows=rows)
+    ts = [torch.tensor(v, dtype=torch.float32, requires_grad=True) for v in views]
+    loss = torch_head(ts, **kwargs)
+    expected = [(float(loss.detach()), [g.numpy() for g in torch.autograd.grad(loss, ts)])]
+    for kernel in ("auto", "array"):
+        loss, grads = jax.value_and_grad(lambda x, kernel=kernel: jax_head(list(x), kernel=kernel, **kwargs))(xs)
+        expected.append((float(loss), list(np.asarray(grads))))
+    for loss, grads in got:
+        for ref_loss, ref_grads in expected:
+            assert_within_rounding(float(loss), list(np.asarray(grads)), ref_loss, ref_grads, views, np.float32)

@@ -397,3 +397,23 @@ def test_jax_kernel_selection(jax_fused):
     loss, grads = jax.jit(jax.value_and_grad(lambda p, q: crit(p, q), argnums=(0, 1)))(a, nan)  # no check under jit
     assert np.isnan(float(loss)) and all(np.isnan(np.asarray(g)).all() for g in grads)
     np.testing.assert_allclose(float(crit(a, b)), float(SelfClassifierLoss(kernel="array")(a, b)), rtol=0, atol=bound)
+
+
+def test_kernel_parameters_are_the_guard_plans():
+    """The kernel's Params carry the core's GuardPlan (its only source of the floors, eps,
+    temperatures, pairs and loss rows): nothing is recomputed on the adapters' side."""
+    from clusterlearn.self_classifier import view_pairs
+    from clusterlearn.self_classifier_guards import exp_floors, guard_plan, tiny
+
+    plan = guard_plan(
+        np.finfo(np.float32), 64, 10, row_temperature=0.1, col_temperature=0.05, eps=1e-12, clamp_sums=True,
+        pairs=view_pairs(3), rows=slice(8, 40),
+    )
+    assert plan.linear and (plan.floor_targets, plan.floor_predictions) == exp_floors(np.finfo(np.float32), 64, 10, 1e-12)
+    assert min(plan.floor_targets, plan.floor_predictions) >= tiny(np.finfo(np.float32))
+    p = _native.params(plan, 3, threads=2)
+    assert (p.k, p.n, p.c, p.r0, p.r1, p.npairs, p.threads) == (3, 64, 10, 8, 40, len(plan.pairs), 2)
+    assert [p.pairs[i] for i in range(2 * p.npairs)] == [v for pair in plan.pairs for v in pair]
+    assert (p.log_floor_t, p.log_floor_p) == (math.log(plan.floor_targets), math.log(plan.floor_predictions))
+    assert (p.inv_tc, p.inv_tr, p.eps) == (1 / 0.05, 1 / 0.1, 1e-12)
+    assert _native.gradient_scale(plan) == -1.0 / (len(plan.pairs) * 32 * 0.05)

@@ -681,3 +681,24 @@ def test_mixed_namespaces():
 
 def test_repr():
     assert "row_temperature=0.1" in repr(SelfClassifierLoss())
+
+
+def test_one_class_design_and_positional_gather_deprecated():
+    """The adapters' losses are the core class (same parameters and repr, plus ``kernel``);
+    ``gather`` is keyword-only, its old fourth positional place warns for one release."""
+    gather = rank_gather([np.zeros((4, 3))], [np.zeros((4, 3))], slice(None))
+    with pytest.warns(DeprecationWarning, match="gather"):
+        old = SelfClassifierLoss(0.1, 0.05, 1e-12, gather)
+    assert old.gather is gather
+    assert repr(old) == repr(SelfClassifierLoss(gather=gather)) == (
+        "SelfClassifierLoss(row_temperature=0.1, col_temperature=0.05, eps=1e-12, gather=gather, "
+        "check_finite=True, clamp_sums=True)"
+    )
+    with pytest.raises(TypeError, match="gather"):
+        SelfClassifierLoss(0.1, 0.05, 1e-12, gather, gather=gather)
+    for module in ("torch", "jax"):
+        pytest.importorskip(module)
+        adapter = __import__(f"clusterlearn.adapters.{module}", fromlist=["SelfClassifierLoss"]).SelfClassifierLoss
+        crit = adapter(gather=None, kernel="array")
+        assert isinstance(crit, SelfClassifierLoss)
+        assert repr(crit) == repr(SelfClassifierLoss())[:-1] + ", kernel='array')"
