@@ -236,6 +236,15 @@ def _options_of(script: Path) -> str:
     return "\n".join(p.read_text() for p in paths)
 
 
+def _defines(source: str, opt: str) -> bool:
+    """Whether ``source`` defines ``opt``: literally, or ``--no-X`` as the negation that
+    ``argparse.BooleanOptionalAction`` adds to ``--X``."""
+    if f'"{opt}"' in source or f"'{opt}'" in source:
+        return True
+    positive = re.escape("--" + opt[len("--no-"):])
+    return opt.startswith("--no-") and re.search(rf"[\"']{positive}[\"'][^\n]*BooleanOptionalAction", source) is not None
+
+
 def shell_problems(block: Block) -> list[str]:
     problems = []
     for raw in block.body.splitlines():
@@ -257,7 +266,7 @@ def shell_problems(block: Block) -> list[str]:
             source = _options_of(path)
             after = words[words.index(script) + 1 :]
             for opt in (w.split("=")[0] for w in after if w.startswith("--")):
-                if f'"{opt}"' not in source and f"'{opt}'" not in source:
+                if not _defines(source, opt):
                     problems.append(f"{script} defines no option {opt}")
     return problems
 
@@ -269,11 +278,15 @@ def test_shell_block_names_what_exists(block):
 
 def test_shell_check_can_fail(tmp_path):
     page = tmp_path / "page.md"
-    text = "```bash\nmake dmeo\npython examples/imagenet_odc_torch.py --epoch 3\npip install clusterlearn[jaxx]\n```\n"
+    text = (
+        "```bash\nmake dmeo\npython examples/imagenet_odc_torch.py --epoch 3 --no-colour --no-epochs\n"
+        "pip install clusterlearn[jaxx]\n```\n"
+    )
     (block,) = parse(page, text)
     assert shell_problems(block) == [
         "no make target 'dmeo'",
         "examples/imagenet_odc_torch.py defines no option --epoch",
+        "examples/imagenet_odc_torch.py defines no option --no-epochs",  # --epochs is no flag
         "no extra 'jaxx'",
     ]
 
