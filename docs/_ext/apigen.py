@@ -265,12 +265,20 @@ def write_pages(outdir: Path) -> list[str]:
         "modules' ``__all__`` and the numpydoc docstrings. The top-level package re-exports the",
         "core's main classes and functions; the submodules add the pure-function and helper layers.",
         "",
-        ".. toctree::\n   :maxdepth: 1\n",
+        ".. list-table::\n   :widths: 35 65\n",
+        *[line for m in written for line in (f"   * - :py:mod:`{m}`", f"     - {_module_summary(m)}")],
+        "",
+        ".. toctree::\n   :hidden:\n",
         *[f"   {m}" for m in written],
         "",
     ]
     (outdir / "index.rst").write_text("\n".join(index))
     return written
+
+
+def _module_summary(modname: str) -> str:
+    """The first paragraph of a module's docstring, one line."""
+    return " ".join((importlib.import_module(modname).__doc__ or "").strip().split("\n\n")[0].split())
 
 
 def _write_object_page(outdir: Path, modname: str, name: str, obj: object) -> None:
