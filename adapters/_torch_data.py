@@ -32,6 +32,8 @@ class UniformClusterSampler(Sampler[int]):
     seed : same on every rank
     num_replicas, rank : default from ``torch.distributed`` (1 and 0 without it)
 
+    Notes
+    -----
     Call :meth:`set_epoch` at the start of each epoch and :meth:`set_labels` after each
     re-clustering (DeepCluster).
     """

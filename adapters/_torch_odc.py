@@ -43,6 +43,8 @@ class OnlineDeepClustering(_CoreODC):
         silently copied). Indices may be on the CPU or on this device.
     group : the ``torch.distributed`` process group (default: the world)
 
+    Notes
+    -----
     When ``torch.distributed`` is initialised with several ranks, :meth:`step`,
     :meth:`initialize`, :meth:`check_consistency` and :meth:`sync_from_rank0` are
     collectives: every rank must call them, with batches of the same size (pad the last
@@ -178,6 +180,8 @@ class OnlineDeepClustering(_CoreODC):
         indices : (b,) integer dataset indices of this rank's batch (CPU or ``feature_device``)
         features : (b, D) their features on ``feature_device`` (detached here)
 
+        Notes
+        -----
         Every rank must pass the same b, and the replicas must share their settings and step
         counter ``iteration`` (compared before any data moves: ``ValueError`` on every rank,
         e.g. after one rank alone loaded a checkpoint; :meth:`sync_from_rank0` repairs). Any

@@ -73,6 +73,8 @@ class ShardedOnlineDeepClustering:
         ``min_cluster_size``, ``centroid_update_interval``, ``small_cluster_interval``,
         ``reweight_power``, ``metric``, ``seed``, ``resync_interval``)
 
+    Notes
+    -----
     Every method but :meth:`labels_of`, :meth:`loss_weights` and the properties is a
     collective: every rank calls it, with batches of equal size. A bad argument on one rank
     raises on every rank (``ValueError``/``TypeError`` there, ``ValueError`` naming the rank
@@ -147,7 +149,10 @@ class ShardedOnlineDeepClustering:
             over all ranks' features (:func:`clusterlearn.kmeans_sharded.kmeans_sharded`)
         kmeans_iters : Lloyd rounds of that k-means
 
-        Returns the small-cluster handling's ``num_small_clusters`` and ``num_splits``.
+        Returns
+        -------
+        dict
+            The small-cluster handling's ``num_small_clusters`` and ``num_splits``.
         """
         rows = self.shard_indices().shape[0]
 

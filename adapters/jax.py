@@ -193,14 +193,16 @@ def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCCo
     indices : (B,) integer dataset indices in [0, N); repeats allowed (a repeated sample gets
         the mean of its normalised features, counts once)
     features : (B, D) real floating features of those samples (cast to the memory's dtype)
+    config : :class:`ODCConfig` (static: one compilation per config and batch shape)
 
+    Notes
+    -----
     Refused batches: values cannot raise inside ``jit``, so a batch the core's ``step`` would
     reject for its values (an index outside [0, N), a NaN or infinite feature, also after the
     cast to the memory's dtype, or an all-zero feature row) is not applied: the returned
     state equals ``state`` bit for bit (the iteration does not advance) and
     ``stats["applied"]`` is False. Check it on the host (``bool(stats["applied"])``) and stop
     or skip; a training loop that ignores it silently skips those batches.
-    config : :class:`ODCConfig` (static: one compilation per config and batch shape)
 
     Returns
     -------

@@ -53,6 +53,8 @@ class ShardedDeepClusterLabeler(DeepClusterLabeler):
     pca_dim, n_iter, seed : as :class:`~clusterlearn.deepcluster.DeepClusterLabeler`
     sample_per_centroid : rows per cluster of the k-means seeding sample (faiss' default 256)
 
+    Notes
+    -----
     Every call is a collective: all shards call it in the same order with their (n_s, D)
     features of rows ``offset .. offset + n_s - 1``. The returned
     :class:`~clusterlearn.deepcluster.DeepClusterEpoch` holds this shard's (n_s,) labels;

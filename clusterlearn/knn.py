@@ -35,6 +35,7 @@ Array = Any
 
 __all__ = ["knn_classify", "knn_accuracy", "DEFAULT_TEMPERATURE"]
 
+#: The temperature ``T`` of the neighbours' vote weights ``exp(similarity / T)`` (Wu et al. 2018).
 DEFAULT_TEMPERATURE = 0.07
 _BLOCK_ELEMENTS = 1 << 24  # test rows x training rows per similarity block (64 MiB of float32)
 

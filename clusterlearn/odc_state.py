@@ -389,6 +389,8 @@ def step(state: ODCState, indices: Array, features: Array, config: ODCConfig) ->
     features : (B, D) real floating features (cast to the memory's dtype)
     config : :class:`ODCConfig`
 
+    Notes
+    -----
     A batch with an index outside [0, N), a non-finite feature (after the cast) or an
     all-zero row is refused, not raised on (values cannot raise under ``jit``): the state
     keeps every bit, the iteration does not advance, and ``stats["applied"]`` is False.
@@ -442,6 +444,8 @@ def check_replicas(parts: Mapping[str, Mapping[str, str]], repair: str = "") -> 
         replica is the reference
     repair : a sentence appended to the message (how to make them equal again)
 
+    Notes
+    -----
     The message names the replicas that differ from the first and the fields they differ in
     (with both values for the config and the iteration).
     """

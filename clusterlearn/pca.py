@@ -82,6 +82,8 @@ class PCAWhitening:
         ``components_`` with column ``i`` divided by ``sqrt(explained_variance_[i] + eps *
         explained_variance_[0])``.
 
+    Notes
+    -----
     The attributes are arrays of the training features' namespace and device, float64 where
     the backend supports it, else float32. They exist only after ``fit``.
 

@@ -165,6 +165,8 @@ class ShardedUniformLabelSampler(UniformLabelSampler):
     seed : int, default 0; with the epoch and the shard it determines the draws
     shard : this shard's number (0 for the first)
 
+    Notes
+    -----
     ``epoch_indices`` returns global dataset indices in ``[offset, offset + n)``.
     """
 

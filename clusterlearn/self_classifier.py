@@ -33,7 +33,7 @@ Numerics
 Logits of any finite magnitude give a finite loss and finite gradients: every softmax is
 max-shifted (before dividing by τ, which can overflow) and no log is taken of a quantity that
 can underflow to 0. The log-space form subtracts log-probabilities of magnitude up to
-|s|/τ, so its error grows with |s|/τ · (dtype eps): float32 logits agree with float64 within
+``|s|/τ``, so its error grows with ``|s|/τ · (dtype eps)``: float32 logits agree with float64 within
 8 · u · max|s| · ‖∇_s L‖₁ to first order (u the dtype's unit roundoff; about 1 % of the loss
 for logits of 1e4 at τ = 0.05: the bound the tests check), logits of 1e30 give a finite loss
 up to 1 % off. The linear-space form is unaffected. The two forms agree to rounding:

@@ -23,6 +23,8 @@ from .backend import namespace, unsupported_torch_dtype
 from .validation import all_finite, check_same_device
 
 Array = Any
+#: ``gather(logits) -> (global_logits, rows)``: the logits of every rank or device
+#: concatenated, and the slice of them that are this rank's (the loss's ``gather`` argument).
 Gather = Callable[[Array], "tuple[Array, slice]"]
 
 __all__ = [

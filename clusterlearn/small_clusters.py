@@ -87,7 +87,7 @@ class SmallClusterHandler:
 
     @property
     def split_iters(self) -> int:
-        """Deprecated name of :attr:`n_iter`."""
+        """Deprecated name of ``n_iter``."""
         warnings.warn("SmallClusterHandler.split_iters is deprecated, use n_iter (docs/glossary.md)",
                       DeprecationWarning, stacklevel=2)
         return self.n_iter
