@@ -292,11 +292,17 @@ def test_shell_check_can_fail(tmp_path):
 
 
 # ------------------------------------------------------------------------- links
+#: The API reference pages, written by docs/_ext/apigen.py when the site is built (git-ignored).
+GENERATED = ROOT / "docs" / "api"
+
+
 def broken_links(path: Path, text: str) -> list[str]:
-    """Relative Markdown links whose file does not exist (Sphinx checks the anchors of docs/)."""
+    """Relative Markdown links whose file does not exist (Sphinx checks the anchors of docs/);
+    links into the generated API reference are left to the build (``make docs``, -n -W)."""
     targets = re.findall(r"\]\(([^)\s]+)\)", text)
     local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
-    return [t for t in local if t and not (path.parent / t).exists()]
+    generated = lambda t: (path.parent / t).resolve().is_relative_to(GENERATED)  # noqa: E731
+    return [t for t in local if t and not (path.parent / t).exists() and not generated(t)]
 
 
 @pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -315,7 +321,8 @@ PATH_IN_CODE = re.compile(r"`((?:tests|examples|benchmarks|clusterlearn|adapters
 
 def missing_paths(text: str) -> list[str]:
     """Repository paths named in inline code (`tests/odc/test_torch_ddp.py`) that do not exist."""
-    return [p for p in PATH_IN_CODE.findall(text) if not (ROOT / p.rstrip("/")).exists()]
+    built = ("docs/_build", "docs/api")  # written by `make docs`
+    return [p for p in PATH_IN_CODE.findall(text) if not (ROOT / p.rstrip("/")).exists() and not p.startswith(built)]
 
 
 @pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
