@@ -139,7 +139,7 @@ class ShardedOnlineDeepClustering:
             raise RuntimeError("the memories are empty: call initialize() or load() first")
 
     # ------------------------------------------------------------------ API
-    def initialize(self, features: torch.Tensor, labels: torch.Tensor | None = None, *, kmeans_iters: int = 20) -> dict[str, int]:
+    def initialize(self, features: torch.Tensor, labels: torch.Tensor | None = None, *, n_iter: int = 20) -> dict[str, int]:
         """Fill the memories from this rank's features (a collective; nothing is gathered).
 
         Parameters
@@ -147,7 +147,7 @@ class ShardedOnlineDeepClustering:
         features : (n, D) features of the samples :meth:`shard_indices` (in that order)
         labels : (N,) initial labels of all samples, equal on every rank; omitted: k-means
             over all ranks' features (:func:`clusterlearn.kmeans_sharded.kmeans_sharded`)
-        kmeans_iters : Lloyd rounds of that k-means
+        n_iter : Lloyd rounds of that k-means
 
         Returns
         -------
@@ -164,14 +164,14 @@ class ShardedOnlineDeepClustering:
                 if not isinstance(labels, torch.Tensor):
                     raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
                 check_labels(labels, "labels", upper=self.config.num_clusters, length=self.config.num_samples)
-            check_int(kmeans_iters, "kmeans_iters", minimum=0)
+            check_int(n_iter, "n_iter", minimum=0)
 
         self._agree("ShardedOnlineDeepClustering.initialize", check, [labels is None], ["labels omitted"])
         unit = l2_normalize(l2_normalize(features.to(self.device, self.dtype)))
         if labels is None:
             local = kmeans_sharded.kmeans_sharded(
                 unit, self.config.num_clusters, offset=self.offset, num_samples=self.config.num_samples,
-                shard=self.rank, num_shards=self.world_size, psum=self._psum, n_iter=kmeans_iters, seed=self.config.seed,
+                shard=self.rank, num_shards=self.world_size, psum=self._psum, n_iter=n_iter, seed=self.config.seed,
             ).labels
             everyone = torch.zeros(self.config.num_samples, dtype=torch.int64, device=self.device)
             everyone[self.offset : self.offset + rows] = local.to(torch.int64)
