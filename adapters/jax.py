@@ -69,6 +69,7 @@ from clusterlearn import odc_state, small_clusters
 from clusterlearn.backend import accumulator_dtype, convert, index_dtype
 from clusterlearn.validation import check_int
 from clusterlearn.odc import OnlineDeepClustering
+from clusterlearn.shards import ShardLayout
 from clusterlearn.odc_state import DEFAULT_FLOAT32_RESYNC, ODCConfig, ODCState, check_state  # noqa: F401 (re-exported)
 from clusterlearn.small_clusters import SmallClusterStats
 
@@ -262,11 +263,12 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = 
     -------
     The new state (``state`` itself when no cluster is small) and what the handler did.
     """
-    check_state(state, config)
+    _check_state_or_shards(state, config)
     key = int(state.iteration) if key is None else check_int(key, "key", minimum=0)
     if not bool(jnp.any(state.sizes < config.min_cluster_size)):
         return state, SmallClusterStats(0, 0, 0)
     host = ODCState(*(np.asarray(x) for x in state))  # views of CPU arrays; the handler copies what it changes
+    host = host._replace(features=host.features[: config.num_samples])  # a sharded memory's padding dropped
     handled, stats = small_clusters.handle_small_clusters(host, config, key=key)
 
     def back(new: np.ndarray, old: np.ndarray, like: jax.Array) -> jax.Array:
@@ -280,6 +282,17 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = 
     return ODCState(*(back(*arrays) for arrays in zip(handled, host, state))), stats
 
 
+def _check_state_or_shards(state: ODCState, config: ODCConfig) -> None:
+    """:func:`check_state`, also accepting features laid out by :func:`shard_memory` (N rows
+    padded to equal blocks over the mesh axis that shards them)."""
+    sharding = getattr(state.features, "sharding", None)
+    if isinstance(sharding, NamedSharding) and len(sharding.spec) and isinstance(sharding.spec[0], str):
+        layout = ShardLayout(config.num_samples, sharding.mesh.shape[sharding.spec[0]])
+        check_state(state, config, feature_rows=layout.block * layout.num_shards)
+    else:
+        check_state(state, config)
+
+
 def small_cluster_step(state: ODCState, config: ODCConfig) -> tuple[ODCState, SmallClusterStats]:
     """The host-side rest of :meth:`clusterlearn.OnlineDeepClustering.step`: call it after
     every :func:`step` (or sharded step).
@@ -291,7 +304,7 @@ def small_cluster_step(state: ODCState, config: ODCConfig) -> tuple[ODCState, Sm
     when nothing ran) and what the handler did (all zero when it did not run). Reads the
     iteration on the host (a synchronisation).
     """
-    check_state(state, config)
+    _check_state_or_shards(state, config)
     if not odc_state.small_clusters_due(int(state.iteration), config):
         return state, SmallClusterStats(0, 0, 0)
     return handle_small_clusters(state, config)

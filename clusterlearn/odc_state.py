@@ -177,19 +177,24 @@ STATE_KINDS = ODCState(
 )
 
 
-def check_state(state: Any, config: Any) -> None:
+def check_state(state: Any, config: Any, *, feature_rows: int | None = None) -> None:
     """Static checks of a state against a config: types, shapes and dtype kinds (no values).
 
     Safe under ``jax.jit`` (reads only shapes and dtypes). Raises ``TypeError`` for a
     ``config`` that is not an :class:`ODCConfig`, a ``state`` that is not an
     :class:`ODCState`, or a field of the wrong dtype kind, and ``ValueError`` for a field of
-    the wrong shape, naming the field.
+    the wrong shape, naming the field. ``feature_rows`` (default N) is the number of rows the
+    features must have: a memory sharded in equal blocks holds N rounded up to the blocks
+    (:class:`~clusterlearn.shards.ShardLayout`).
     """
     if not isinstance(config, ODCConfig):
         raise TypeError(f"config must be an ODCConfig, got {type(config).__name__}")
     if not isinstance(state, ODCState):
         raise TypeError(f"state must be an ODCState, got {type(state).__name__}")
-    for name, x, shape, kind in zip(ODCState._fields, state, state_shapes(config), STATE_KINDS):
+    shapes = state_shapes(config)
+    if feature_rows is not None:
+        shapes = shapes._replace(features=(feature_rows, config.feat_dim))
+    for name, x, shape, kind in zip(ODCState._fields, state, shapes, STATE_KINDS):
         if tuple(getattr(x, "shape", (None,))) != shape:
             raise ValueError(f"state.{name} must have shape {shape} for this config, got {tuple(getattr(x, 'shape', ()))}")
         if not aac.array_namespace(x).isdtype(x.dtype, kind):

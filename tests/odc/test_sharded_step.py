@@ -314,3 +314,50 @@ def test_orbax_checkpoint_of_two_devices_resumes_on_four_and_one(tmp_path):
         for name in ("features", "centroids"):
             np.testing.assert_allclose(resumed[name], whole[name], rtol=0, atol=bound, err_msg=name)
         np.testing.assert_allclose(resumed["sums"], whole["sums"], rtol=0, atol=bound * 241)
+
+
+SMALL_CLUSTERS_SCRIPT = """import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import sys; sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh
+import clusterlearn as cl
+from clusterlearn import odc_state
+from clusterlearn.adapters import jax as clj
+from streams import drifting_stream
+N, C, D = 241, 6, 8
+x0, batches = drifting_stream(3, 40, num_samples=N)
+odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=30, seed=1)
+odc.initialize(jnp.asarray(x0))
+full = clj.state_from_core(odc)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+state = clj.shard_memory(full, mesh, odc.config)
+step = clj.make_memory_sharded_step(mesh, odc.config)
+rstep = jax.jit(odc_state.step, static_argnums=3)
+splits = 0
+for i, f in batches:
+    full, _ = rstep(full, jnp.asarray(i), jnp.asarray(f), odc.config)
+    full, h1 = clj.small_cluster_step(full, odc.config)
+    state, _ = step(state, i, f)
+    state, h2 = clj.small_cluster_step(state, odc.config)
+    assert h1 == h2, (h1, h2)
+    splits += h2.num_splits
+    assert np.array_equal(np.asarray(state.labels), np.asarray(full.labels))
+print("ok splits", splits, state.features.sharding)
+"""
+
+
+@pytest.mark.slow
+def test_jax_sharded_memory_handles_small_clusters_as_the_replicated_one(tmp_path):
+    """small_cluster_step on a memory sharded over 2 forced devices (padded rows) dissolves and
+    splits the same clusters as on the replicated state: labels equal after every step, and
+    the stream really splits clusters."""
+    pytest.importorskip("jax")
+    script = tmp_path / "small.py"
+    script.write_text(SMALL_CLUSTERS_SCRIPT)
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, str(script), tests], env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1].split()
+    assert last[:2] == ["ok", "splits"] and int(last[2]) > 0
