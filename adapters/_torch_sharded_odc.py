@@ -23,6 +23,7 @@ ranks resumes on any other number of ranks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import os
 from pathlib import Path
@@ -34,6 +35,7 @@ from clusterlearn import kmeans_sharded, odc_shard
 from clusterlearn.centroid_memory import CentroidMemory
 from clusterlearn.odc_state import ODCConfig, ODCState
 from clusterlearn.assignment import METRICS
+from clusterlearn.backend import exact_bytes
 from clusterlearn.reweighting import loss_weights
 from clusterlearn.sample_memory import SampleMemory, l2_normalize
 from clusterlearn.shards import ShardLayout, gather_rows
@@ -251,6 +253,26 @@ class ShardedOnlineDeepClustering:
         """(C,) copy of the cluster sizes."""
         self._require_initialized()
         return self.state.sizes.clone()
+
+    def _replicated_digest(self) -> str:
+        """SHA-256 of the replicated arrays' exact bytes (labels, centroids, sizes, sums, iteration)."""
+        digest = hashlib.sha256()
+        for name in ODCState._fields[1:]:
+            dtype, shape, data = exact_bytes(getattr(self.state, name))
+            digest.update(f"{name} {dtype} {list(shape)}".encode() + data)
+        return digest.hexdigest()
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex digest of the replicated arrays and the settings: equal on every rank
+        of a healthy run (each rank's feature rows are its own and are not digested)."""
+        self._require_initialized()
+        return hashlib.sha256((self._replicated_digest() + repr(self.config)).encode()).hexdigest()
+
+    def check_consistency(self) -> None:
+        """Raise ``ValueError`` on every rank if the replicated arrays differ between ranks (a collective)."""
+        self._require_initialized()
+        self._agree("ShardedOnlineDeepClustering.check_consistency", lambda: None, [self._replicated_digest()],
+                    ["replicated memory digest"])
 
     def local_features(self) -> torch.Tensor:
         """(n, D) this rank's memory features (rows :meth:`shard_indices`), the live buffer."""

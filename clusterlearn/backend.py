@@ -26,6 +26,7 @@ import numpy as np
 Array = Any
 
 __all__ = [
+    "exact_bytes",
     "namespace",
     "check_array",
     "eager_namespace",

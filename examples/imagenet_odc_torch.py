@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +45,7 @@ from torch import nn
 from torchvision import transforms as T
 
 import common
+import runs
 from clusterlearn.adapters import torch as clt
 
 METHOD = "odc"
@@ -73,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
                         help="dtype of the sample memory's features and the centroids (the per-cluster sums "
                         "stay float64; default: float32)")
     parser.add_preset("--min-scale", type=common.unit_float, help="smallest area fraction of a random resized crop")
+    parser.add_argument("--shard-memory", action="store_true",
+                        help="each process holds 1/world of the sample memory's rows (ShardedOnlineDeepClustering; "
+                             "labels and centroids stay replicated); the memory is checkpointed with "
+                             "torch.distributed.checkpoint into odc-memory-<epoch>/ next to the checkpoint")
     parser.add_argument("--label-warmup", type=common.non_negative_int, default=1, metavar="EPOCHS",
                         help="epochs trained on the initial clustering without re-labelling, the memory's features "
                         "still updated; then the centroids are recomputed from them (default: 1; 0: ODC from the "
@@ -135,8 +142,10 @@ def train_epoch(model: nn.Module, odc: clt.OnlineDeepClustering, loader: Any, op
     labels unchanged, so the centroids become the means of the training-mode features.
     """
     model.train()
-    if not relabel:
-        memory = odc.features.to(torch.float32, copy=True)
+    sharded = isinstance(odc, clt.ShardedOnlineDeepClustering)
+    if not relabel:  # this process's rows (all N unless the memory is sharded)
+        memory = (odc.local_features() if sharded else odc.features).to(torch.float32, copy=True)
+        first = odc.offset if sharded else 0
     loss_sum = torch.zeros((), device=ctx.device)
     change_sum, small, steps, images = 0.0, 0, 0, 0
     start = time.perf_counter()
@@ -152,7 +161,8 @@ def train_epoch(model: nn.Module, odc: clt.OnlineDeepClustering, loader: Any, op
             stats = odc.step(idx, feats)
         else:
             i, f = gathered(idx, ctx).to(memory.device), gathered(feats.detach(), ctx).to(memory.device)
-            f = torch.nn.functional.normalize(f, dim=1)
+            own = (i >= first) & (i < first + memory.shape[0])
+            i, f = i[own] - first, torch.nn.functional.normalize(f[own], dim=1)
             memory[i] = torch.nn.functional.normalize(momentum * f + (1 - momentum) * memory[i], dim=1)
             stats = {"change_ratio": 0.0, "num_small_clusters": 0}
         loss_sum += loss.detach()
@@ -161,11 +171,32 @@ def train_epoch(model: nn.Module, odc: clt.OnlineDeepClustering, loader: Any, op
         steps += 1
         images += x.shape[0] * ctx.world_size
     if not relabel:
-        odc.initialize(memory.to(odc.features.dtype), odc.labels)
+        odc.initialize(memory.to(odc.dtype if sharded else odc.features.dtype), odc.labels)
     seconds = time.perf_counter() - start
     (loss,) = common.mean_over_ranks([float(loss_sum) / steps], ctx)
     return {"loss": loss, "change_ratio": change_sum / steps, "small_clusters_dissolved": small,
             "images_per_s": images / seconds, "train_seconds": seconds}
+
+
+#: Prefix of the directories of a sharded memory's checkpoints (``torch.distributed.checkpoint``).
+MEMORY_DIR = "odc-memory"
+
+
+def save_sharded_memory(odc: clt.ShardedOnlineDeepClustering, out: Path, epoch: int) -> dict[str, str]:
+    """Every process writes its rows to ``out/odc-memory-<epoch>/`` (a collective); the
+    checkpoint's ``odc`` entry names that directory (``.metadata`` is written last, so a crash
+    mid-write leaves a directory no checkpoint names)."""
+    directory = out / f"{MEMORY_DIR}-{epoch}"
+    odc.save(directory)
+    return {"directory": str(directory.resolve())}
+
+
+def sharded_memory_dir(ckpt: dict[str, Any]) -> Path:
+    """The sharded memory's directory a checkpoint names (:class:`runs.CheckpointError` if none)."""
+    entry = ckpt["odc"]
+    if not isinstance(entry.get("directory"), str):
+        raise runs.CheckpointError("its odc entry names no sharded memory directory (saved without --shard-memory?)")
+    return Path(entry["directory"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,7 +215,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     steps = sorted(args.lr_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.1 ** sum(e >= s for s in steps))
-    odc = clt.OnlineDeepClustering(
+    memory_class = clt.ShardedOnlineDeepClustering if args.shard_memory else clt.OnlineDeepClustering
+    odc = memory_class(
         len(data), args.clusters, FEAT_DIM, device=ctx.device, dtype=getattr(torch, args.memory_dtype),
         momentum=args.momentum_memory,
         min_cluster_size=args.min_cluster_size, centroid_update_interval=args.centroid_interval, seed=args.seed,
@@ -193,7 +225,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
     random_init = copy.deepcopy(net.backbone) if ckpt is not None else net.backbone  # the random network baseline's weights
     start = 0
     if ckpt is not None:  # everything restored (and checked) before the run directory is touched
-        common.restore(ckpt, {"model": net, "optimizer": optimizer, "scheduler": scheduler, "odc": odc})
+        common.restore(ckpt, {"model": net, "optimizer": optimizer, "scheduler": scheduler,
+                              **({} if args.shard_memory else {"odc": odc})})
+        if args.shard_memory:
+            odc.load(sharded_memory_dir(ckpt))
         start = ckpt["epoch"]
     out = common.run_dir(args, METHOD)
     log = common.metrics_log(args, out, ctx.main and training, resumed=ckpt is not None)
@@ -204,8 +239,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
               f"{ctx.world_size} process(es) on {ctx.device}; run directory {out}", flush=True)
     baselines = evaluation.baselines(random_init, fresh=ckpt is None)
     if ckpt is None:
-        feats = clt.extract_features(net.features(), eval_loader, device=ctx.device, progress=show)
-        odc.initialize(feats)
+        if args.shard_memory:  # each process extracts its own rows only; k-means runs over all of them
+            rows = torch.utils.data.Subset(eval_loader.dataset, odc.shard_indices().tolist())
+            local = torch.utils.data.DataLoader(rows, batch_size=eval_loader.batch_size, num_workers=eval_loader.num_workers)
+            odc.initialize(clt.extract_features(net.features(), local, device=ctx.device, progress=show, local=True))
+        else:
+            odc.initialize(clt.extract_features(net.features(), eval_loader, device=ctx.device, progress=show))
         if ctx.main:
             scores = common.cluster_scores(data.targets, odc.labels)
             print(f"initial k-means on the random network's features: NMI {scores['nmi']:.3f}  ACC {scores['acc']:.3f}", flush=True)
@@ -231,11 +270,16 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, data: common.
         if common.eval_due(epoch + 1, stop, args.eval_every):
             evaluated = time.perf_counter()
             record |= evaluation(net.backbone) | {"eval_seconds": time.perf_counter() - evaluated}
+        memory = odc.state_dict() if not args.shard_memory else save_sharded_memory(odc, out, epoch + 1)
         if ctx.main:
             common.save_checkpoint(out / common.CHECKPOINT, {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "odc": odc.state_dict(), "epoch": epoch + 1, "rng": rng, "args": common.args_record(args),
+                "odc": memory, "epoch": epoch + 1, "rng": rng, "args": common.args_record(args),
             })
+            if args.shard_memory:  # the checkpoint now names this epoch's memory: older ones can go
+                for old in out.glob(f"{MEMORY_DIR}-*"):
+                    if old.name != Path(memory["directory"]).name:
+                        shutil.rmtree(old, ignore_errors=True)
             record |= common.cluster_scores(data.targets, odc.labels)
             record |= common.size_stats(odc.labels, args.clusters)[1]
             record |= {"fingerprint": odc.fingerprint(), "seconds": time.perf_counter() - started}

@@ -212,6 +212,30 @@ def test_odc_two_gloo_processes_keep_identical_memories(tmp_path: Path) -> None:
     check_evaluation(tmp_path, log, state["labels"].numpy(), 2)
 
 
+@pytest.mark.slow
+def test_odc_sharded_memory_on_two_processes_resumes_on_one(tmp_path: Path) -> None:
+    """--shard-memory under torchrun: the replicated parts agree on both ranks, the memory is
+    checkpointed by torch.distributed.checkpoint (only the latest epoch's directory is kept),
+    and one process resumes the two processes' run (the rows re-cut for one rank)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(EXAMPLES / "imagenet_odc_torch.py"), *ODC_TINY, "--epochs", "3", "--stop-after", "2", "--shard-memory",
+           "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    prints = {line.split()[1].rstrip(":"): line.split()[-1] for line in done.stdout.splitlines() if "ODC memory fingerprint" in line}
+    assert set(prints) == {"0", "1"} and prints["0"] == prints["1"] == records(tmp_path)[-1]["fingerprint"]
+    entry = load(tmp_path / "checkpoint.pt")["odc"]
+    assert Path(entry["directory"]) == (tmp_path / "odc-memory-2").resolve()
+    assert (tmp_path / "odc-memory-2" / ".metadata").is_file() and not (tmp_path / "odc-memory-1").exists()
+    text = run_main("imagenet_odc_torch", [*ODC_TINY, "--epochs", "3", "--shard-memory",
+                                           "--resume", str(tmp_path / "checkpoint.pt")])
+    assert [r["epoch"] for r in records(tmp_path)] == [1, 2, 3]
+    assert (tmp_path / "odc-memory-3" / ".metadata").is_file() and not (tmp_path / "odc-memory-2").exists()
+    check_evaluation(tmp_path, text, np.loadtxt(tmp_path / "assignments.csv", delimiter=",", skiprows=1,
+                                                usecols=2, dtype=np.int64), 2)
+
+
 BAD_INPUT = [
     ("imagenet_odc_torch", ["--data", "/nonexistent/imagenet"], "is not a directory"),
     ("imagenet_odc_torch", ["--data", "{empty}"], "holds no images"),
