@@ -36,3 +36,14 @@ def rank_gather(global_views: list[Any], local_views: list[Any], rows: slice) ->
         raise AssertionError("gather called on an unknown array")
 
     return gather
+
+
+def ranks_mean(make_loss: Callable[..., Any], views: list[Any], world: int, n_local: int) -> Any:
+    """The mean over ``world`` fake ranks of ``make_loss(gather=...)`` on each rank's rows of
+    ``views`` (``n_local`` rows per rank): what DDP's gradient averaging computes."""
+    total = 0.0
+    for r in range(world):
+        rows = slice(r * n_local, (r + 1) * n_local)
+        local = [x[rows, :] for x in views]
+        total = total + make_loss(gather=rank_gather(views, local, rows))(local)
+    return total / world

@@ -18,7 +18,7 @@ import pytest
 from clusterlearn.self_classifier import SelfClassifierLoss as CoreLoss
 
 from bounds import assert_within_rounding, rounding_bounds, unit_roundoff
-from logits import make_heads, overflowing_views, rank_gather
+from logits import make_heads, overflowing_views, rank_gather, ranks_mean
 
 EPS = 1e-12
 
@@ -404,15 +404,7 @@ def test_jax_fake_gather():
     (vs,) = make_heads(19, world * n_local, [5], 3)
     xs = [jnp.asarray(v, dtype=jnp.float32) for v in vs]
 
-    def ranks_mean(views):
-        total = 0.0
-        for r in range(world):
-            rows = slice(r * n_local, (r + 1) * n_local)
-            local = [x[rows, :] for x in views]
-            total = total + jax_fast(gather=rank_gather(views, local, rows))(local)
-        return total / world
-
-    l_ranks, g_ranks = jax.jit(jax.value_and_grad(ranks_mean))(xs)
+    l_ranks, g_ranks = jax.jit(jax.value_and_grad(lambda v: ranks_mean(jax_fast, v, world, n_local)))(xs)
     l_full, g_full = jax.jit(jax.value_and_grad(lambda v: jax_fast()(v)))(xs)  # = core: test_jax_matches_core
     # each rank's loss rounds on its own (world computations on one side)
     assert_within_rounding(float(l_ranks), [np.asarray(g) for g in g_ranks], float(l_full), [np.asarray(g) for g in g_full], vs, np.float32, computations=world + 1)
