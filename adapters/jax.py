@@ -285,7 +285,7 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = 
 def _check_state_or_shards(state: ODCState, config: ODCConfig) -> None:
     """:func:`check_state`, also accepting features laid out by :func:`shard_memory` (N rows
     padded to equal blocks over the mesh axis that shards them)."""
-    sharding = getattr(state.features, "sharding", None)
+    sharding = getattr(state.features, "sharding", None) if isinstance(state, ODCState) else None
     if isinstance(sharding, NamedSharding) and len(sharding.spec) and isinstance(sharding.spec[0], str):
         layout = ShardLayout(config.num_samples, sharding.mesh.shape[sharding.spec[0]])
         check_state(state, config, feature_rows=layout.block * layout.num_shards)

@@ -100,3 +100,17 @@ def finish(proc, timeout: float) -> str:
         pytest.fail(f"the example runs did not finish in {timeout} s")
     assert proc.returncode == 0, log[-4000:]
     return log
+
+
+def assert_resumed_exactly(straight: Path, resumed: Path, stopped_text: str, resumed_text: str) -> None:
+    """A JAX run stopped after epoch 1 and resumed equals the straight 2-epoch run: the
+    stopped run printed epoch 1 only, the resumed one continued with epoch 2, every checkpoint
+    array but ``args`` is equal, and both runs recorded epochs 1 and 2."""
+    assert "epoch 1 " in stopped_text and "epoch 2 " not in stopped_text
+    assert "epoch 1 " not in resumed_text  # it continued with epoch 2
+    a, b = npz_checkpoint(straight), npz_checkpoint(resumed)
+    assert set(a) == set(b)
+    for key in a:
+        if key != "args":
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} differs after resuming")
+    assert [r["epoch"] for r in records(resumed)] == [1, 2]
