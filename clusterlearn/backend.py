@@ -297,8 +297,11 @@ def scatter_add_rows(x: Array, index: Array, values: Array) -> Array:
     The same sums as one :func:`scatter_add` up to the order of additions, but the cast of
     ``values`` to ``x.dtype`` (float32 features into float64 sums) never holds more than
     about 2**22 elements: summing a data set's features needs O(D) extra memory per block,
-    not a float64 copy of all N rows. Block bounds are static, so it traces under ``jax.jit``.
+    not a float64 copy of all N rows. JAX arrays take one scatter: XLA fuses the cast into it
+    (and a blocked loop would copy the accumulator per block).
     """
+    if aac.is_jax_array(x):  # XLA fuses the cast into the scatter: no copy to save, one scatter is faster
+        return scatter_add(x, index, values)
     step = max(1, _ROWS_BLOCK_ELEMENTS // max(1, math.prod(values.shape[1:])))
     n = values.shape[0]
     for start in range(0, n, step):

@@ -81,7 +81,8 @@ def test_accumulator_dtype_is_widest_available(backend):
 
 def test_scatter_add_rows_sums_a_block_of_rows_at_a_time(backend, monkeypatch):
     """Blocks of 7 rows (a bound of 28 elements at D = 4), repeated indices across blocks:
-    the sums of one scatter_add, and no block casts more than the bound."""
+    the sums of one scatter_add, and no block casts more than the bound (JAX: one scatter,
+    whose cast XLA fuses)."""
     monkeypatch.setattr(B, "_ROWS_BLOCK_ELEMENTS", 28)
     rng = np.random.default_rng(1)
     idx = rng.integers(0, 5, size=40)
@@ -93,7 +94,7 @@ def test_scatter_add_rows_sums_a_block_of_rows_at_a_time(backend, monkeypatch):
     monkeypatch.setattr(B, "scatter_add", lambda x, i, v: seen.append(v.shape[0]) or real(x, i, v))
     acc = backend.xp.zeros((5, 4), dtype=B.accumulator_dtype(backend.xp))
     out = B.scatter_add_rows(acc, backend.asarray(idx), backend.asarray(vals))
-    assert seen == [7] * 5 + [5]
+    assert seen == ([40] if backend.name == "jax" else [7] * 5 + [5])  # JAX: one fused scatter
     assert_sums_close(backend.to_numpy(out), expected, idx, vals)
 
 
