@@ -55,7 +55,7 @@ class SelfClassifierFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, plan: GuardPlan, *views: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        loss, residuals = closed_form.forward(plan, torch.stack(views))
+        loss, residuals = closed_form.forward(plan, torch.stack(views), inplace=True)
         ctx.plan = plan
         ctx.save_for_backward(*residuals)
         return loss

@@ -79,8 +79,10 @@ def _combine(x: Sequence[Array] | Array, sources: Sequence[Sequence[int]]) -> li
     """``out[i] = Σ_{j ∈ sources[i]} x[j]`` (``x`` a list of views or stacked views; zeros if
     ``sources[i]`` is empty: a view in no pair on that side)."""
     views = [x[j, ...] for j in range(x.shape[0])] if hasattr(x, "ndim") else x
-    zeros = aac.array_namespace(views[0]).zeros_like(views[0])
-    return [functools.reduce(operator.add, [views[j] for j in js], zeros) for js in sources]
+    return [
+        functools.reduce(operator.add, [views[j] for j in js]) if js else aac.array_namespace(views[0]).zeros_like(views[0])
+        for js in sources
+    ]
 
 
 def _pad_rows(x: Array, plan: GuardPlan, axis: int, xp: ModuleType) -> Array:
@@ -99,19 +101,34 @@ def _pad_rows(x: Array, plan: GuardPlan, axis: int, xp: ModuleType) -> Array:
     return xp.take(xp.concat([zeros, x], axis=axis), xp.asarray(index, device=device_of(x)), axis=axis)
 
 
-def _softmax(x: Array, axis: int, temperature: float, floor: float, xp: ModuleType) -> Array:
-    """Softmax of ``x / temperature`` along ``axis`` with ``exp`` floored at ``floor``."""
-    e = floored_exp(scaled(x, axis, temperature, xp), floor, xp)
-    return e / xp.sum(e, axis=axis, keepdims=True)
+def _divide(a: Array, b: Array, inplace: bool) -> Array:
+    """``a / b``, written into ``a`` (an intermediate of the caller's) when ``inplace``."""
+    if not inplace:
+        return a / b
+    a /= b
+    return a
 
 
-def targets(plan: GuardPlan, x: Array) -> tuple[Array, Array, Array]:
+def _softmax(x: Array, axis: int, temperature: float, floor: float, xp: ModuleType, inplace: bool) -> Array:
+    """Softmax of ``x / temperature`` along ``axis`` with ``exp`` floored at ``floor``.
+
+    ``x − max`` is floored at ``τ · log floor`` before the division, which both floors the
+    ``exp`` and keeps ``(x − max) / τ`` from overflowing (see
+    :func:`~clusterlearn.self_classifier_guards.scaled`).
+    """
+    d = x - shift(x, axis, xp)
+    e = xp.exp(_divide(xp.maximum(d, full_like(d, temperature * math.log(floor), xp)), temperature, inplace))
+    return _divide(e, xp.sum(e, axis=axis, keepdims=True), inplace)
+
+
+def targets(plan: GuardPlan, x: Array, *, inplace: bool = False) -> tuple[Array, Array, Array]:
     """Targets of stacked views ``x`` (K, N, C): ``T`` (K, n, C) on the loss rows, the column
-    softmax ``p`` (K, N, C) and the clamp's active rows ``a`` (K, n, 1) (or a 0-d one)."""
+    softmax ``p`` (K, N, C) and the clamp's active rows ``a`` (K, n, 1) (or a 0-d one).
+    ``inplace``: as :func:`forward`."""
     xp = aac.array_namespace(x)
     rows, floor = plan.loss_rows, plan.sum_floor
     if plan.linear_targets:
-        p = _softmax(x, 1, plan.col_temperature, plan.floor_targets, xp)
+        p = _softmax(x, 1, plan.col_temperature, plan.floor_targets, xp, inplace)
         row_sum = xp.sum(p[:, rows, :], axis=2, keepdims=True)
         target = p[:, rows, :] / xp.maximum(row_sum, full_like(row_sum, floor, xp))
         return target, p, xp.astype(row_sum > floor, x.dtype)
@@ -128,20 +145,21 @@ def targets(plan: GuardPlan, x: Array) -> tuple[Array, Array, Array]:
     return target, xp.exp(log_p), active
 
 
-def predictions(plan: GuardPlan, x: Array) -> tuple[Array, ...]:
+def predictions(plan: GuardPlan, x: Array, *, inplace: bool = False) -> tuple[Array, ...]:
     """Predictions of stacked views ``x`` (K, N, C): ``LP = log((N/C)·q/Q + eps)`` (K, n, C) on
     the loss rows, ``π = w / (w + eps)`` (K, n, C), the row softmax ``q`` (K, N, C) and
-    ``q / Q = ρ · ρ_scale`` (``[Σ_n q > floor]`` folded into ``ρ_scale``)."""
+    ``q / Q = ρ · ρ_scale`` (``[Σ_n q > floor]`` folded into ``ρ_scale``). ``inplace``: as
+    :func:`forward`."""
     xp = aac.array_namespace(x)
     rows, eps, floor = plan.loss_rows, plan.eps, plan.sum_floor
     ratio = plan.n / plan.c
     if plan.linear_predictions:
-        q = _softmax(x, 2, plan.row_temperature, plan.floor_predictions, xp)
+        q = _softmax(x, 2, plan.row_temperature, plan.floor_predictions, xp, inplace)
         col_sum = xp.sum(q, axis=1, keepdims=True)
         inv_norm = 1.0 / xp.maximum(col_sum, full_like(col_sum, floor, xp))
         w = q[:, rows, :] * (inv_norm * ratio)
         w_eps = w + eps
-        return xp.log(w_eps), w / w_eps, q, q, inv_norm * xp.astype(col_sum > floor, x.dtype)
+        return xp.log(w_eps), _divide(w, w_eps, inplace), q, q, inv_norm * xp.astype(col_sum > floor, x.dtype)
     log_q = log_softmax(scaled(x, 2, plan.row_temperature, xp), 2, xp)
     log_norm = logsumexp(log_q, 1, xp)
     rho_scale = full_like(x, 1.0, xp)
@@ -153,10 +171,14 @@ def predictions(plan: GuardPlan, x: Array) -> tuple[Array, ...]:
     return log_pred, xp.exp(log_w - log_pred), xp.exp(log_q), xp.exp(log_q - log_norm), rho_scale
 
 
-def forward(plan: GuardPlan, x: Array) -> tuple[Array, tuple[Array, ...]]:
+def forward(plan: GuardPlan, x: Array, *, inplace: bool = False) -> tuple[Array, tuple[Array, ...]]:
     """Loss of one head from its stacked views, and the residuals :func:`backward` needs.
 
     Differentiable as it stands (the core's loss records it for the framework's autograd).
+    With ``inplace=True`` some intermediates are updated in place (array-API in-place
+    operators), which saves allocations on NumPy and PyTorch but breaks an autograd recording
+    of the forward: for callers that supply the gradient themselves (the adapters'
+    ``torch.autograd.Function``). The values are the same.
 
     Parameters
     ----------
@@ -173,8 +195,8 @@ def forward(plan: GuardPlan, x: Array) -> tuple[Array, tuple[Array, ...]]:
         Six arrays of up to ``K·N·C`` values and three small ones.
     """
     xp = aac.array_namespace(x)
-    target, p, active_t = targets(plan, x)
-    log_pred, pi, q, rho, rho_scale = predictions(plan, x)
+    target, p, active_t = targets(plan, x, inplace=inplace)
+    log_pred, pi, q, rho, rho_scale = predictions(plan, x, inplace=inplace)
     acc = xp.stack(_combine(log_pred, partners(plan, x.shape[0])[0]))  # A_v = Σ_j LP_j
     dots = xp.sum(target * acc, axis=2, keepdims=True)  # Σ_y T_v A_v: the loss, and the backward's r
     loss = -xp.sum(dots) / (len(plan.pairs) * plan.num_loss_rows)
@@ -182,19 +204,31 @@ def forward(plan: GuardPlan, x: Array) -> tuple[Array, tuple[Array, ...]]:
 
 
 def backward(plan: GuardPlan, residuals: tuple[Array, ...], grad: Array) -> Array:
-    """``grad · ∂loss/∂x`` of shape (K, N, C) from the residuals of :func:`forward`."""
+    """``grad · ∂loss/∂x`` of shape (K, N, C) from the residuals of :func:`forward`.
+
+    Never recorded by an autograd, so it updates its own intermediates in place (array-API
+    in-place operators: in place on NumPy and PyTorch, a rebinding on JAX); the residuals are
+    left as they are (a second backward through a retained graph reads them again).
+    """
     p, target, active_t, q, rho, rho_scale, pi, acc, dots = residuals
     xp = aac.array_namespace(p)
     _, to_target = partners(plan, p.shape[0])
     # ∂L/∂x = −1/(P n) · [(U − p Σ_n U)/τ_col + (V − q Σ_y V)/τ_row], with G_T = −A/(P n) and
     # G = −B/(P n) factored out: U = T ⊙ (A − a·Σ_y A T), V = π ⊙ B − (q/Q) ⊙ b·Σ_n π B.
-    u = _pad_rows(target * (acc - dots * active_t), plan, 1, xp)
-    v_loc = _pad_rows(pi * xp.stack(_combine(target, to_target)), plan, 1, xp)
-    d_col = u - p * xp.sum(u, axis=1, keepdims=True)
-    v = v_loc - rho * (xp.sum(v_loc, axis=1, keepdims=True) * rho_scale)
-    d_row = v - q * xp.sum(v, axis=2, keepdims=True)
+    u = acc - dots * active_t
+    u *= target
+    d_col = _pad_rows(u, plan, 1, xp)
+    d_col -= p * xp.sum(d_col, axis=1, keepdims=True)
+    v = xp.stack(_combine(target, to_target))  # B_v = Σ_i T_i, a new array
+    v *= pi
+    d_row = _pad_rows(v, plan, 1, xp)
+    d_row -= rho * (xp.sum(d_row, axis=1, keepdims=True) * rho_scale)
+    d_row -= q * xp.sum(d_row, axis=2, keepdims=True)
     scale = -grad / (len(plan.pairs) * plan.num_loss_rows)
-    return scale * (d_col / plan.col_temperature + d_row / plan.row_temperature)
+    d_col *= scale / plan.col_temperature
+    d_row *= scale / plan.row_temperature
+    d_col += d_row
+    return d_col
 
 
 # --------------------------------------------------------------------------------------------
