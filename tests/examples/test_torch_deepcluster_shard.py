@@ -12,6 +12,7 @@ the next epoch's NMI is taken.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,18 @@ def test_one_process_resumes_bit_exactly(tmp_path: Path) -> None:
     # the stopped run also evaluated its last epoch, 1 (under preserved random streams)
     for a_record, b_record in zip(records(straight), records(stopped), strict=True):
         assert {k: v for k, v in a_record.items() if k not in TIMES} == {k: b_record[k] for k in a_record if k not in TIMES}
+    # --eval-only reads the sharded labels back and scores them as the run's last record did
+    text = run_main("imagenet_deepcluster_torch", [*TINY, "--epochs", "2", "--eval-only", str(straight / "checkpoint.pt")])
+    (evaluated,) = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("evaluation {")]
+    final = records(straight)[-1]
+    for key in (*script("runs").EVAL_KEYS, "nmi", "ari", "acc", "cluster_size_min", "cluster_size_max"):
+        assert evaluated[key] == final[key], key
+
+
+def test_faiss_is_refused_with_sharded_labels(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        script("imagenet_deepcluster_torch").main([*TINY, "--kmeans-backend", "faiss"])
+    assert exc.value.code == 2 and "--shard-memory runs the array k-means" in capsys.readouterr().err
 
 
 @pytest.mark.slow
