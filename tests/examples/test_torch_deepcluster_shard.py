@@ -72,6 +72,20 @@ def test_contingency_scores_equal_the_scores_of_the_labels() -> None:
             assert abs(got[key] - want[key]) <= 64 * n * np.finfo(np.float64).eps, (key, got, want)
 
 
+def test_assignment_parts_join_into_the_whole_file(tmp_path: Path) -> None:
+    """Each rank writes its block's rows; rank 0's join is what one process holding every label writes."""
+    runs = script("runs")
+    data = runs.ImageData("files", ["a.png", "b,c.png", "d.png", "e.png", "f.png"], np.arange(5))
+    labels = np.array([3, 1, 4, 1, 5])
+    whole = runs.write_assignments(tmp_path, data, labels).read_bytes()
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for part, start in enumerate((0, 2, 4)):
+        runs.write_assignment_part(parts, data, labels[start : start + 2], start, part)
+    assert runs.join_assignment_parts(parts, 3).read_bytes() == whole
+    assert sorted(p.name for p in parts.iterdir()) == ["assignments.csv"]  # parts removed, no temporary file
+
+
 def test_one_shard_labels_as_the_kmeans_plus_plus_labeler_once_converged() -> None:
     """What the docs promise for one process: the same PCA bit for bit and, on features whose
     k-means converges (planted clusters, N <= 256 k so the seeding sample is every row), the
