@@ -43,6 +43,7 @@ from clusterlearn.small_clusters import SmallClusterHandler, SmallClusterStats
 from clusterlearn.validation import check_features, check_int, check_labels
 
 from . import _torch_distributed as D
+from ._torch_row_shards import local_rows, row_sharded
 
 __all__ = ["ShardedOnlineDeepClustering"]
 
@@ -311,7 +312,7 @@ class ShardedOnlineDeepClustering:
         want = _settings_tensor(self.config)
         if not torch.equal(saved, want):
             raise ValueError(f"the checkpoint at {str(path)!r} was written with other settings than {self.config}")
-        features = _local(target["features"])
+        features = local_rows(target["features"])
         block = torch.zeros((self.layout.block, self.config.feat_dim), dtype=self.dtype, device=self.device)
         block[: features.shape[0]] = features.to(self.device, self.dtype)
         self.state = ODCState(
@@ -319,10 +320,7 @@ class ShardedOnlineDeepClustering:
         )
 
     def _checkpoint_dict(self, empty: bool = False) -> dict[str, Any]:
-        from torch.distributed.tensor import DTensor, Shard, init_device_mesh
-
         c = self.config
-        mesh = init_device_mesh(D.comm_device(self.group).type, (self.world_size,)) if self.world_size > 1 else None
         rows = self.shard_indices().shape[0]
         if empty:
             acc = torch.float64
@@ -336,21 +334,11 @@ class ShardedOnlineDeepClustering:
             )
         else:
             s = self.state
-        local = s.features[:rows].contiguous()
-        if mesh is None:
-            features: Any = local
-        else:
-            features = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
-                                          shape=torch.Size((c.num_samples, c.feat_dim)), stride=(c.feat_dim, 1))
         return {
-            "features": features,
+            "features": row_sharded(s.features[:rows].contiguous(), c.num_samples, self.group),
             **{k: getattr(s, k) for k in ("labels", "centroids", "sizes", "sums", "iteration")},
             "settings": _settings_tensor(c),
         }
-
-
-def _local(x: Any) -> torch.Tensor:
-    return x.to_local() if hasattr(x, "to_local") else x
 
 
 def _settings_tensor(config: ODCConfig) -> torch.Tensor:

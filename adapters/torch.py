@@ -20,6 +20,9 @@ What a PyTorch user imports::
 - :func:`all_gather_with_grad`: the gather with the correct gradient, for your own losses.
 - :func:`psum`: the sum over ranks as a function, for the core's sharded functions
   (DeepCluster over shards: :class:`clusterlearn.deepcluster_shard.ShardedDeepClusterLabeler`).
+- :func:`row_sharded`, :func:`local_rows`: this rank's block of an (N, ...) array as a
+  ``DTensor`` sharded along the rows, so that ``torch.distributed.checkpoint`` saves every
+  rank's rows once and loads them under any number of ranks (sharded labels, features).
 
 Nothing here changes results with the world size at equal global batch. Under
 ``torch.distributed`` every collective here first exchanges a small fixed-size header (each
@@ -32,6 +35,7 @@ by the process group's ``timeout``.
 from ._torch_data import UniformClusterSampler, extract_features
 from ._torch_distributed import all_gather_with_grad, psum
 from ._torch_modules import ODCHead, ODCNeck, SelfClassifierHead
+from ._torch_row_shards import local_rows, row_sharded
 from ._torch_odc import OnlineDeepClustering
 from ._torch_self_classifier import SelfClassifierLoss
 from ._torch_sharded_odc import ShardedOnlineDeepClustering
@@ -47,4 +51,6 @@ __all__ = [
     "extract_features",
     "all_gather_with_grad",
     "psum",
+    "row_sharded",
+    "local_rows",
 ]

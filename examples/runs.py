@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -674,21 +675,58 @@ class Evaluator:
         return baselines
 
 
+def _assignment_rows(data: ImageData, labels: Any, start: int, header: bool) -> bytes:
+    """The CSV lines of :func:`write_assignments` for the images ``start .. start + len(labels) - 1``."""
+    labels = np.asarray(to_numpy(labels), dtype=np.int64)
+    if labels.ndim != 1 or not 0 <= start <= start + labels.shape[0] <= len(data):
+        raise ValueError(f"labels must have one entry per image of [{start}, {len(data)}), got shape {labels.shape}")
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    if header:
+        writer.writerow(["index", "path_or_id", "cluster"])
+    stop = start + labels.shape[0]
+    writer.writerows(zip(range(start, stop), data.names()[start:stop], labels.tolist()))
+    return rows.getvalue().encode()
+
+
 def write_assignments(directory: Path, data: ImageData, labels: Any) -> Path:
     """``<dir>/assignments.csv``: ``index,path_or_id,cluster`` for every training image (atomic).
 
     ``labels`` (N,) are the method's final cluster ids (any backend); ``path_or_id`` is the
     image's file, or its index in the full data set (the digits demo).
     """
-    labels = np.asarray(to_numpy(labels), dtype=np.int64)
-    if labels.shape != (len(data),):
-        raise ValueError(f"labels must have one entry per image ({len(data)}), got shape {labels.shape}")
-    rows = io.StringIO()
-    writer = csv.writer(rows, lineterminator="\n")
-    writer.writerow(["index", "path_or_id", "cluster"])
-    writer.writerows(zip(range(len(data)), data.names(), labels.tolist()))
+    if np.shape(to_numpy(labels)) != (len(data),):
+        raise ValueError(f"labels must have one entry per image ({len(data)}), got shape {np.shape(to_numpy(labels))}")
     path = Path(directory) / ASSIGNMENTS_FILE
-    atomic_write(path, lambda f: f.write(rows.getvalue().encode()))
+    rows = _assignment_rows(data, labels, 0, header=True)
+    atomic_write(path, lambda f: f.write(rows))
+    return path
+
+
+def write_assignment_part(directory: Path, data: ImageData, labels: Any, start: int, part: int) -> Path:
+    """Part ``part`` of ``assignments.csv`` (atomic): the rows of the images ``start ..
+    start + len(labels) - 1`` (part 0 with the header), for labels that no process holds
+    entirely; :func:`join_assignment_parts` puts the parts together."""
+    path = Path(directory) / f".{ASSIGNMENTS_FILE}.part-{part}"
+    rows = _assignment_rows(data, labels, start, header=part == 0)
+    atomic_write(path, lambda f: f.write(rows))
+    return path
+
+
+def join_assignment_parts(directory: Path, parts: int) -> Path:
+    """``<dir>/assignments.csv`` from the ``parts`` files of :func:`write_assignment_part`, in
+    order, streamed (atomic); the parts are removed afterwards."""
+    names = [Path(directory) / f".{ASSIGNMENTS_FILE}.part-{p}" for p in range(parts)]
+
+    def write(f: IO[bytes]) -> None:
+        for name in names:
+            with open(name, "rb") as part:
+                shutil.copyfileobj(part, f)
+
+    path = Path(directory) / ASSIGNMENTS_FILE
+    atomic_write(path, write)
+    for name in names:
+        name.unlink()
     return path
 
 
@@ -728,11 +766,38 @@ def cluster_scores(truth: np.ndarray, labels: Any) -> dict[str, float]:
     return {"nmi": metrics.nmi(truth, labels), "ari": metrics.ari(truth, labels), "acc": metrics.accuracy(truth, labels)}
 
 
+def contingency_scores(table: Any) -> dict[str, float]:
+    """:func:`cluster_scores` from the (classes, clusters) contingency table of the labels alone
+    (``table[i, j]``: the samples of class ``i`` in cluster ``j``; any backend): the scores
+    depend on nothing else, so processes that each hold some of the labels sum their tables
+    instead of gathering the labels. NMI by :func:`clusterlearn.metrics.nmi_from_contingency`,
+    ARI from the pair counts as scikit-learn's ``adjusted_rand_score`` computes them, accuracy
+    by the same Hungarian matching as :func:`clusterlearn.metrics.accuracy`."""
+    from scipy.optimize import linear_sum_assignment
+
+    t = np.asarray(to_numpy(table), dtype=np.int64)
+    n = int(t.sum())
+    squares = int((t * t).sum())
+    same_class = int(t.sum(axis=1) @ t.sum(axis=1)) - squares  # ordered pairs in one class, not one cluster
+    same_cluster = int(t.sum(axis=0) @ t.sum(axis=0)) - squares
+    both, neither = squares - n, n * n - same_class - same_cluster - squares
+    ari = 1.0 if same_class == same_cluster == 0 else 2.0 * (both * neither - same_class * same_cluster) / (
+        (both + same_class) * (same_class + neither) + (both + same_cluster) * (same_cluster + neither))
+    rows, cols = linear_sum_assignment(t, maximize=True)
+    return {"nmi": metrics.nmi_from_contingency(t), "ari": ari, "acc": float(t[rows, cols].sum()) / n}
+
+
 def size_stats(labels: Any, num_clusters: int) -> tuple[np.ndarray, dict[str, int]]:
     """Cluster sizes (C,) of ``labels`` (any backend) and their min/max (and how many are empty)."""
     sizes = np.bincount(np.asarray(to_numpy(labels), dtype=np.int64), minlength=num_clusters)
-    return sizes, {"cluster_size_min": int(sizes.min()), "cluster_size_max": int(sizes.max()),
-                   "empty_clusters": int((sizes == 0).sum())}
+    return sizes, sizes_record(sizes)
+
+
+def sizes_record(sizes: Any) -> dict[str, int]:
+    """The smallest and largest of the cluster ``sizes`` (C,) and how many are empty."""
+    sizes = np.asarray(to_numpy(sizes), dtype=np.int64)
+    return {"cluster_size_min": int(sizes.min()), "cluster_size_max": int(sizes.max()),
+            "empty_clusters": int((sizes == 0).sum())}
 
 
 def epoch_line(record: dict[str, Any]) -> str:

@@ -10,6 +10,8 @@ from types import ModuleType
 
 import numpy as np
 
+import clusterlearn as cl
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -57,6 +59,31 @@ def run_main(name: str, argv: list[str]) -> str:
     with contextlib.redirect_stdout(buf):
         script(name).main(argv)
     return buf.getvalue()
+
+
+def check_evaluation(out: Path, text: str, labels: np.ndarray, num_clusters: int) -> None:
+    """What every run's evaluation leaves: scores in range in the final record, the fixed split,
+    the baselines in the file and the final line, and one assignment per training image."""
+    runs = script("runs")
+    data = runs.demo_digits(16).subset(16)
+    final = records(out)[-1]
+    for key in runs.EVAL_KEYS:
+        assert final[key] is not None and (-1 if key == "feat_ari" else 0) <= final[key] <= 1, key
+    train, test = np.load(out / "split.npz").values()
+    want = cl.stratified_split(data.targets, 0.2, seed=0)
+    assert np.array_equal(train, want[0]) and np.array_equal(test, want[1])
+    baselines = json.loads((out / "baselines.json").read_text())
+    line = [line for line in text.splitlines() if line.startswith("final ")][-1]
+    for name, shown in (("random_net", "random net"), ("pixels", "pixels")):
+        assert set(runs.EVAL_KEYS) <= set(baselines[name]), name
+        b = baselines[name]
+        assert f"{shown}: kNN@20 {b['knn_top1@20']:.3f}  probe {b['linear_top1']:.3f}  NMI {b['feat_nmi']:.3f}" in line, line
+    assert f"kNN@20 {final['knn_top1@20']:.3f}  probe {final['linear_top1']:.3f}  feat NMI {final['feat_nmi']:.3f}" in line
+    rows = (out / "assignments.csv").read_text().splitlines()
+    assert rows[0] == "index,path_or_id,cluster" and len(rows) == 1 + len(data)
+    table = np.array([[int(v) for v in row.split(",")] for row in rows[1:]])
+    assert table[:, 0].tolist() == list(range(len(data))) and np.array_equal(table[:, 1], data.ids)
+    assert np.array_equal(table[:, 2], labels) and 0 <= labels.min() and labels.max() < num_clusters
 
 
 #: Runs ``[(module, argv, stdout file), ...]`` (JSON in argv[1]) in one interpreter.
