@@ -5,10 +5,11 @@ with ``--xla_backend_optimization_level=0``; one interpreter per device count, s
 steps are reused). On 2 forced CPU devices: the sharded memory stopped after epoch 1, resumed on
 2 devices into another run directory (which holds the leftovers of a run that crashed while
 writing epoch 2's memory), the sharded memory for 2 epochs straight, and the replicated memory
-for 2 epochs. Then, on 1 device, the stopped run resumed in place (the adapter re-cuts the rows).
+for 2 epochs. Then, on 1 device, the stopped run resumed in place (the adapter re-cuts the rows)
+and its final checkpoint evaluated (``--eval-only``).
 
 Exact: a run resumed on the device count that wrote its checkpoint equals the straight run (every
-checkpoint array, every record, the memory's fingerprint); the memory an orbax checkpoint
+checkpoint array, epoch 2's record with the memory's fingerprint); the memory an orbax checkpoint
 written by 2 devices gives on 1 device has the fingerprint the 2 devices recorded; the sharded
 memory makes the replicated one's decisions (labels, sizes, hence the loss weights, the
 training and every checkpoint array but the memory's), its floats are compared with a bound.
@@ -53,12 +54,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]
            [*SHARDED, "--resume", str(d["stopped"] / "checkpoint.npz"), "--out", str(d["resumed"])],
            [*SHARDED, "--out", str(d["straight"])],
            [*TINY, "--epochs", "2", "--out", str(d["replicated"])]]
-    logs = [base / f"{i}.txt" for i in range(5)]
+    logs = [base / f"{i}.txt" for i in range(6)]
     finish(start_jax_runs([(NAME, a, log) for a, log in zip(two, logs)], 2), 300)
     shutil.copytree(d["stopped"], d["resharded"])  # the stopped run stays as it is, for the checks
-    finish(start_jax_runs([(NAME, [*SHARDED, "--resume", str(d["resharded"] / "checkpoint.npz")], logs[4])], 1), 300)
+    one = [[*SHARDED, "--resume", str(d["resharded"] / "checkpoint.npz")],
+           [*SHARDED, "--eval-only", str(d["resharded"] / "checkpoint.npz")]]
+    finish(start_jax_runs([(NAME, a, log) for a, log in zip(one, logs[4:])], 1), 300)
     text = [log.read_text() for log in logs]
-    return {name: (d[name], text[i]) for i, name in enumerate(d)}
+    return {**{name: (d[name], text[i]) for i, name in enumerate(d)}, "eval_only": (d["resharded"], text[5])}
 
 
 def memory(out: Path, name: str) -> tuple[object, object]:
@@ -128,6 +131,19 @@ def test_sharded_run_resumes_on_another_number_of_devices(runs: dict) -> None:
     assert clj.fingerprint(host, config) == records(out)[-1]["fingerprint"] == fingerprint_line(text).split()[-1]
     np.testing.assert_array_equal(np.bincount(host.labels, minlength=2), host.sizes)
     assert host.sizes.min() >= 4
+
+
+@pytest.mark.slow
+def test_eval_only_reads_the_sharded_memory(runs: dict) -> None:
+    """--eval-only of a sharded checkpoint: the final record's evaluation and memory-label scores, nothing written."""
+    import json
+
+    out, text = runs["eval_only"]
+    (evaluated,) = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("evaluation {")]
+    final = records(out)[-1]
+    assert evaluated["epoch"] == 2 and len(records(out)) == 2
+    for key in (*script("runs").EVAL_KEYS, "nmi", "acc"):
+        assert evaluated[key] == final[key], key
 
 
 @pytest.mark.slow
