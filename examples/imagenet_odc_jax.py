@@ -35,7 +35,9 @@ adapter's ``shard_memory``, a ``NamedSharding``; labels, centroids, sizes and su
 replicated) and stepped by ``make_memory_sharded_step`` (the core's sharded step under
 ``shard_map``, each device writing only its rows); the label warm-up updates each device's own
 rows. The initial k-means and the warm-up's re-fill run on the host over all N features, as
-without the flag (the adapter shards a filled state). The memory is checkpointed with orbax
+without the flag (the adapter shards a filled state), and so does each epoch's record's
+fingerprint (the rows gathered: the digest a replicated memory with the same bytes has;
+replicas are not compared, there are none). The memory is checkpointed with orbax
 (``save_memory``) into ``odc-memory-<epoch>/`` next to ``checkpoint.npz``, which names it
 once it is complete (older ones are then removed); ``--resume`` reads it onto a mesh of any
 size (``load_memory``), so a run continues on another number of devices::

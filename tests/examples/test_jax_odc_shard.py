@@ -208,3 +208,13 @@ def test_a_replicated_checkpoint_is_refused_with_the_flag_named(runs: dict, tmp_
     assert exc.value.code == 2
     assert "--shard-memory False" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_from_before_the_flag_resumes_without_it() -> None:
+    """A checkpoint whose settings predate --shard-memory was trained with a replicated memory."""
+    import argparse
+
+    runs = script("runs")
+    assert runs.resume_mismatch({"lr": 0.05}, argparse.Namespace(lr=0.05, shard_memory=False)) is None
+    assert "--shard-memory False" in runs.resume_mismatch({"lr": 0.05}, argparse.Namespace(lr=0.05, shard_memory=True))
+    assert runs.resume_mismatch({"lr": 0.05}, argparse.Namespace(lr=0.05)) is None  # a script without the option
