@@ -42,9 +42,8 @@ replicas are not compared, there are none). The memory is checkpointed with orba
 once it is complete (older ones are then removed); ``--resume`` reads it onto a mesh of any
 size (``load_memory``), so a run continues on another number of devices::
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python examples/imagenet_odc_jax.py --shard-memory \
-        --epochs 3 --stop-after 2 --out runs/odc-jax-sharded
-    python examples/imagenet_odc_jax.py --shard-memory --epochs 3 --resume runs/odc-jax-sharded/checkpoint.npz
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python examples/imagenet_odc_jax.py --shard-memory --epochs 3 --stop-after 2
+    python examples/imagenet_odc_jax.py --shard-memory --epochs 3 --resume runs/odc-<timestamp>/checkpoint.npz
 """
 
 from __future__ import annotations
@@ -102,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     parser.add_argument("--shard-memory", action="store_true",
                         help="each device holds 1/devices of the sample memory's rows (labels and centroids stay "
                              "replicated); the memory is checkpointed with orbax into odc-memory-<epoch>/ next to "
-                             f"the checkpoint and resumes on any number of devices ({FEAT_DIM} must divide by it)")
+                             f"the checkpoint and resumes on any number of devices that divides its {FEAT_DIM} feature columns")
     return parser, parser.parse_args(argv)
 
 
