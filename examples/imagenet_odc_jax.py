@@ -29,14 +29,31 @@ k-means), next to the randomly initialised network and the raw pixels. Writes
 ``assignments.csv`` (the memory labels) and ``summary.png`` to the run directory; ``--resume
 <dir>/checkpoint.npz`` continues a run exactly, ``--eval-only <dir>/checkpoint.npz`` evaluates
 it. Not implemented (as torchvision's): the ±2° rotation.
+
+``--shard-memory``: the memory's (N, 256) features are cut along N over the mesh (the
+adapter's ``shard_memory``, a ``NamedSharding``; labels, centroids, sizes and sums stay
+replicated) and stepped by ``make_memory_sharded_step`` (the core's sharded step under
+``shard_map``, each device writing only its rows); the label warm-up updates each device's own
+rows. The initial k-means and the warm-up's re-fill run on the host over all N features, as
+without the flag (the adapter shards a filled state), and so does each epoch's record's
+fingerprint (the rows gathered: the digest a replicated memory with the same bytes has;
+replicas are not compared, there are none). The memory is checkpointed with orbax
+(``save_memory``) into ``odc-memory-<epoch>/`` next to ``checkpoint.npz``, which names it
+once it is complete (older ones are then removed); ``--resume`` reads it onto a mesh of any
+size (``load_memory``), so a run continues on another number of devices::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python examples/imagenet_odc_jax.py --shard-memory --epochs 3 --stop-after 2
+    python examples/imagenet_odc_jax.py --shard-memory --epochs 3 --resume runs/odc-<timestamp>/checkpoint.npz
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -44,11 +61,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 import jax_common as jc
 import runs
 import clusterlearn as cl
 from clusterlearn.adapters import jax as clj
+from clusterlearn.shards import ShardLayout
 
 METHOD = "odc"
 FEAT_DIM = 256
@@ -78,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     parser.add_argument("--label-warmup", type=runs.non_negative_int, default=1, metavar="EPOCHS",
                         help="epochs trained on the initial clustering without re-labelling, the memory's features "
                         "still updated (see the torch example; default: 1)")
+    parser.add_argument("--shard-memory", action="store_true",
+                        help="each device holds 1/devices of the sample memory's rows (labels and centroids stay "
+                             "replicated); the memory is checkpointed with orbax into odc-memory-<epoch>/ next to "
+                             f"the checkpoint and resumes on any number of devices that divides its {FEAT_DIM} feature columns")
     return parser, parser.parse_args(argv)
 
 
@@ -167,18 +191,83 @@ def memory_step(mesh: jax.sharding.Mesh, config: clj.ODCConfig) -> Any:
     return clj.make_sharded_step(mesh, config, jc.AXIS)
 
 
+@functools.lru_cache(maxsize=8)
+def sharded_memory_step(mesh: jax.sharding.Mesh, config: clj.ODCConfig) -> Any:
+    """The adapter's step of a memory sharded along N over ``mesh`` (cached: compiled once per process)."""
+    return clj.make_memory_sharded_step(mesh, config, jc.AXIS)
+
+
+def mixed_rows(rows: jax.Array, f: jax.Array, momentum: float) -> jax.Array:
+    """(B, D) ``normalise(m · normalise(f) + (1 − m) · rows)``: the label warm-up's new memory rows."""
+    f = f / jnp.maximum(jnp.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    mixed = momentum * f + (1 - momentum) * rows
+    return mixed / jnp.maximum(jnp.linalg.norm(mixed, axis=1, keepdims=True), 1e-12)
+
+
 @jax.jit
 def warmup_update(features: jax.Array, indices: jax.Array, f: jax.Array, momentum: float) -> jax.Array:
     """The sample memory's feature update alone (no re-labelling): ``F[idx] ← normalise(m ·
     normalise(f) + (1 − m) · F[idx])`` on an (N, D) float32 copy of the memory's features."""
-    f = f / jnp.maximum(jnp.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    mixed = momentum * f + (1 - momentum) * features[indices]
-    return features.at[indices].set(mixed / jnp.maximum(jnp.linalg.norm(mixed, axis=1, keepdims=True), 1e-12))
+    return features.at[indices].set(mixed_rows(features[indices], f, momentum))
+
+
+@functools.lru_cache(maxsize=8)
+def sharded_warmup_update(mesh: jax.sharding.Mesh, num_samples: int) -> Any:
+    """:func:`warmup_update` on features laid out by ``clj.shard_memory`` (padded row blocks along
+    :data:`jc.AXIS`): every device all-gathers the batch and writes only the rows it holds, so
+    no device holds more than its block. ``update(features, indices, f, momentum)``, jitted
+    (cached: compiled once per process)."""
+    block = ShardLayout(num_samples, mesh.shape[jc.AXIS]).block
+
+    def local(features: jax.Array, indices: jax.Array, f: jax.Array, momentum: jax.Array) -> jax.Array:
+        indices = lax.all_gather(indices, jc.AXIS, tiled=True, to="invarying")
+        f = lax.all_gather(f, jc.AXIS, tiled=True, to="invarying")
+        rows = indices - lax.axis_index(jc.AXIS) * block
+        rows = jnp.where((rows >= 0) & (rows < block), rows, block)  # another device's row: out of range, dropped
+        new = mixed_rows(features.at[rows].get(mode="clip"), f, momentum)
+        return features.at[rows].set(new, mode="drop")
+
+    specs = (P(jc.AXIS, None), P(jc.AXIS), P(jc.AXIS, None), P())
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=specs[0]))
+
+
+#: Prefix of the directories of a sharded memory's checkpoints (orbax), and the checkpoint entry naming one.
+MEMORY_DIR = "odc-memory"
+MEMORY_ENTRY = "odc/memory_dir"
+
+
+def memory_dir(ckpt: dict[str, np.ndarray], checkpoint: Path) -> Path:
+    """The sharded memory's directory that a checkpoint names (it lies next to the checkpoint
+    file); :class:`runs.CheckpointError` if the entry is not such a directory's name."""
+    if MEMORY_ENTRY not in ckpt:
+        raise runs.CheckpointError(f"it has no {MEMORY_ENTRY} entry")
+    name = str(ckpt[MEMORY_ENTRY])
+    if not name.startswith(f"{MEMORY_DIR}-") or Path(name).name != name:
+        raise runs.CheckpointError(f"its {MEMORY_ENTRY} entry {name!r} is not the name of a memory directory")
+    return checkpoint.parent / name
+
+
+def save_sharded_memory(state: clj.ODCState, mesh: jax.sharding.Mesh, config: clj.ODCConfig, out: Path,
+                        epoch: int) -> dict[str, np.ndarray]:
+    """Write the memory to ``out/odc-memory-<epoch>/`` (orbax: complete or absent); the checkpoint entry naming it.
+
+    A directory of that name left by a run that stopped before its checkpoint named it is
+    replaced (no checkpoint names it).
+    """
+    name = f"{MEMORY_DIR}-{epoch}"
+    shutil.rmtree(out / name, ignore_errors=True)
+    clj.save_memory(out / name, state, mesh, config, jc.AXIS)
+    return {MEMORY_ENTRY: np.asarray(name)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
-    jc.launch(parser, args, args.clusters * max(args.min_cluster_size, 1), run, [f"odc/{k}" for k in clj.ODCState._fields])
+    if args.shard_memory and FEAT_DIM % jax.local_device_count():
+        parser.error(f"--shard-memory: the memory's checkpoints need its {FEAT_DIM} feature columns to divide over "
+                     f"the {jax.local_device_count()} devices")
+    # a sharded memory's entry is checked after the settings: resuming a replicated run with the flag names the flag
+    required = [] if args.shard_memory else [f"odc/{k}" for k in clj.ODCState._fields]
+    jc.launch(parser, args, args.clusters * max(args.min_cluster_size, 1), run, required)
 
 
 def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarray] | None, mesh: jax.sharding.Mesh) -> None:
@@ -196,12 +285,16 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         len(data), args.clusters, FEAT_DIM, momentum=args.momentum_memory, min_cluster_size=args.min_cluster_size,
         centroid_update_interval=args.centroid_interval, seed=args.seed,
     )
+    config = clj.config_from_core(odc)
     random_init = (params, stats)  # the random network baseline's weights (the restore below replaces them)
-    start = 0
+    start, state = 0, None
     if ckpt is not None:  # everything restored (and checked) before the run directory is touched
         params, stats, opt_state = jc.restore_training(ckpt, params, stats, opt_state)
         with runs.restoring("odc"):
-            odc.load_state_dict({name: ckpt[f"odc/{name}"] for name in clj.ODCState._fields})
+            if args.shard_memory:  # read onto this mesh, whatever the number of devices that wrote it
+                state = clj.load_memory(memory_dir(ckpt, runs.checkpoint_path(args)), mesh, config, jc.AXIS)
+            else:
+                odc.load_state_dict({name: ckpt[f"odc/{name}"] for name in clj.ODCState._fields})
         start = int(ckpt["epoch"])
     out = runs.run_dir(args, METHOD)
     log = runs.MetricsLog(out, training, resumed=ckpt is not None)
@@ -217,15 +310,19 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         odc.initialize(feats)
         scores = runs.cluster_scores(data.targets, np.asarray(odc.labels))
         print(f"initial k-means on the random network's features: NMI {scores['nmi']:.3f}  ACC {scores['acc']:.3f}", flush=True)
+    if state is None:
+        state = place_memory(odc, mesh, config, args.shard_memory)
     params, stats, opt_state = jc.replicate((params, stats, opt_state), mesh)
     if not training:
-        record = {"epoch": start, **evaluation(eval_def, params, stats), **runs.cluster_scores(data.targets, odc.labels)}
+        record = {"epoch": start, **evaluation(eval_def, params, stats),
+                  **runs.cluster_scores(data.targets, np.asarray(state.labels))}
         images.close()
         print(runs.eval_only_lines("ODC", "memory labels", record, baselines), flush=True)
         return
-    config = clj.config_from_core(odc)
-    state = jc.replicate(clj.state_from_core(odc), mesh)
-    sharded_step = memory_step(mesh, config)
+    if args.shard_memory:
+        sharded_step, warmup = sharded_memory_step(mesh, config), sharded_warmup_update(mesh, len(data))
+    else:
+        sharded_step, warmup = memory_step(mesh, config), warmup_update
     stop = min(args.epochs, args.stop_after or args.epochs)
     for epoch in range(start, stop):
         started = time.perf_counter()
@@ -234,14 +331,15 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
         order = runs.epoch_order(len(data), args.batch_size, args.seed, epoch)
         batches = runs.progress(images.batches(order), show, f"epoch {epoch + 1}/{args.epochs}", len(order))
         relabel = epoch >= args.label_warmup
-        warm = None if relabel else jc.replicate(jnp.asarray(state.features, jnp.float32), mesh)
+        # a float32 copy of the features, laid out as the memory's (replicated, or cut along N)
+        warm = None if relabel else jax.device_put(state.features.astype(jnp.float32), state.features.sharding)
         for step, (idx, x) in enumerate(batches):
             idx_dev = jc.shard_batch(idx.astype(np.int32), mesh)
             params, stats, opt_state, f, loss = train_step(
                 params, stats, opt_state, state, jc.shard_batch(x, mesh), idx_dev, jc.step_key(train_key, epoch, step),
                 graphdef=train_def, opt=opt, spec=spec, config=config)
             if not relabel:  # the initial labels stay; the memory's features still follow the network
-                warm = warmup_update(warm, idx_dev, f, args.momentum_memory)
+                warm = warmup(warm, idx_dev, f, args.momentum_memory)
                 losses.append(loss)
                 changes.append(0.0)
                 continue
@@ -255,36 +353,60 @@ def run(args: argparse.Namespace, data: runs.ImageData, ckpt: dict[str, np.ndarr
             losses.append(loss)
             changes.append(st["change_ratio"])
         if not relabel:  # centroids and sums of the updated features, the labels unchanged
-            odc.initialize(np.asarray(warm), np.asarray(state.labels))
-            state = jc.replicate(clj.state_from_core(odc), mesh)
+            odc.initialize(np.asarray(warm)[: len(data)], np.asarray(state.labels))
+            state = place_memory(odc, mesh, config, args.shard_memory)
         losses, changes = jax.device_get((losses, changes))  # waits for the last step (dispatch is asynchronous)
         seconds = time.perf_counter() - started
         record |= {"loss": float(np.mean(losses)), "change_ratio": float(np.mean(changes)),
                    "small_clusters_dissolved": small, "images_per_s": len(order) * args.batch_size / seconds,
                    "train_seconds": seconds}
-        clj.check_consistency(state, config)
+        if args.shard_memory:  # orbax writes the memory; the checkpoint names it once it is complete
+            memory = save_sharded_memory(state, mesh, config, out, epoch + 1)
+        else:
+            clj.check_consistency(state, config)
+            memory = {f"odc/{k}": np.asarray(v) for k, v in state._asdict().items()}
         arrays = {**jc.flatten("params", params), **jc.flatten("stats", stats), **jc.flatten("opt", opt_state),
-                  **{f"odc/{k}": np.asarray(v) for k, v in state._asdict().items()}, "rng/key": jc.key_data(key)}
+                  **memory, "rng/key": jc.key_data(key)}
         jc.save_checkpoint(out / jc.CHECKPOINT, arrays, args, epoch + 1)
+        if args.shard_memory:  # the checkpoint now names this epoch's memory: older ones (and orbax's leftovers) can go
+            for old in out.glob(f"{MEMORY_DIR}-*"):
+                if old.name != str(memory[MEMORY_ENTRY]):
+                    shutil.rmtree(old, ignore_errors=True)
         if runs.eval_due(epoch + 1, stop, args.eval_every):
             evaluated = time.perf_counter()
             record |= evaluation(eval_def, params, stats) | {"eval_seconds": time.perf_counter() - evaluated}
         labels = np.asarray(state.labels)
         record |= runs.cluster_scores(data.targets, labels)
         record |= runs.size_stats(labels, args.clusters)[1]
-        record |= {"fingerprint": clj.fingerprint(state, config),
+        record |= {"fingerprint": memory_fingerprint(state, config, args.shard_memory),
                    "seconds": time.perf_counter() - started}
         log.write(record)
         print(runs.epoch_line(record), flush=True)
     images.close()
-    for device, digest in clj.replica_fingerprints(state, config).items():
-        print(f"device {device}: ODC memory fingerprint {digest}", flush=True)
+    if args.shard_memory:
+        print(f"sharded over {mesh.size} device(s): ODC memory fingerprint {memory_fingerprint(state, config, True)}",
+              flush=True)
+    else:
+        for device, digest in clj.replica_fingerprints(state, config).items():
+            print(f"device {device}: ODC memory fingerprint {digest}", flush=True)
     records = log.read()
     plot = runs.plot_run(out, records, np.asarray(state.sizes),
                          f"ODC (JAX) on {data.name}, {args.arch}, C = {args.clusters}", baselines)
     assignments = runs.write_assignments(out, data, np.asarray(state.labels))
     print(f"wrote {log.path}, {out / jc.CHECKPOINT}, {plot}, {assignments}")
     print(runs.summary_line("ODC", "memory labels", records[-1], baselines), flush=True)
+
+
+def place_memory(odc: cl.OnlineDeepClustering, mesh: jax.sharding.Mesh, config: clj.ODCConfig, shard: bool) -> clj.ODCState:
+    """The core's memory on the mesh: features cut along N (``shard``) or replicated, the rest replicated."""
+    state = clj.state_from_core(odc)
+    return clj.shard_memory(state, mesh, config, jc.AXIS) if shard else jc.replicate(state, mesh)
+
+
+def memory_fingerprint(state: clj.ODCState, config: clj.ODCConfig, sharded: bool) -> str:
+    """``clj.fingerprint`` of the memory; a sharded one's rows are gathered to the host first (the
+    same digest as a replicated memory with the same bytes)."""
+    return clj.fingerprint(clj.gather_memory(state, config) if sharded else state, config)
 
 
 if __name__ == "__main__":

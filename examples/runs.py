@@ -48,6 +48,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 #: ``--preset`` existed has none.)
 RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "stop_after", "workers", "progress", "dist_timeout",
                                "eval_every", "eval_only", "tensorboard", "preset"})
+#: Options added after checkpoints were written without them, with the value such a checkpoint was
+#: trained with: a checkpoint that lacks one compares as that value (where the script has the option).
+ADDED_OPTIONS = {"shard_memory": False}
 #: The presets, in the order ``--help`` shows them.
 PRESET_NAMES = ("imagenet", "small", "demo")
 #: ``--data`` trees of at most this many images get the ``small`` preset unless ``--preset`` says otherwise.
@@ -442,6 +445,7 @@ def resume_mismatch(saved: dict[str, Any], args: argparse.Namespace) -> str | No
     else a message naming the checkpoint's differing settings (only :data:`RESUMABLE_CHANGES`
     may differ)."""
     mine = args_record(args)
+    saved = {**{k: v for k, v in ADDED_OPTIONS.items() if k in mine}, **saved}
     differ = sorted(k for k in set(mine) | set(saved) if k not in RESUMABLE_CHANGES and mine.get(k) != saved.get(k))
     if not differ:
         return None
