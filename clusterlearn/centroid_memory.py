@@ -27,8 +27,8 @@ def centroids_from_sums(centroids: Array, sizes: Array, sums: Array) -> Array:
     ``sizes`` (K,) integers, ``sums`` (K, D) floating. Pure and static-shaped (``jax.jit``-able).
     """
     xp = aac.array_namespace(centroids, sizes, sums)
-    safe = xp.astype(xp.maximum(sizes, xp.ones_like(sizes)), centroids.dtype)
-    means = xp.astype(sums, centroids.dtype) / safe[:, None]  # centroids are stored in dtype anyway
+    safe = xp.astype(xp.maximum(sizes, xp.ones_like(sizes)), sums.dtype)
+    means = xp.astype(sums / safe[:, None], centroids.dtype)  # divided in the sums' precision: one rounding
     return xp.where((sizes > 0)[:, None], means, centroids)
 
 
