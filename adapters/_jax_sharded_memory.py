@@ -124,9 +124,10 @@ def row_reader(features: jax.Array, axis_name: str, index_dtype: np.dtype) -> Ca
     process (a collective: every process asks for the same rows in the same order).
 
     Only those R rows move: one jitted all-reduce of their bit patterns (exact), its output
-    replicated on every device. R is padded to a power of two (with row 0, dropped after),
-    so a run compiles at most ``log2(N) + 1`` programs per mesh. ``index_dtype``: the
-    state's label dtype, which the row numbers are sent as.
+    replicated on every device. R is padded to a power of two (padding slots ask for row -1,
+    which no device holds: zeros, dropped after), so a run compiles at most
+    ``ceil(log2(N)) + 1`` programs per mesh. ``index_dtype``: the state's label dtype, which
+    the row numbers are sent as.
     """
     mesh = features.sharding.mesh
     program = _rows_program(mesh, axis_name, features.shape[0] // mesh.shape[axis_name])
@@ -135,7 +136,7 @@ def row_reader(features: jax.Array, axis_name: str, index_dtype: np.dtype) -> Ca
     def rows(indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices)
         count = indices.shape[0]
-        padded = np.zeros(1 << max(count - 1, 0).bit_length(), dtype=index_dtype)
+        padded = np.full(1 << max(count - 1, 0).bit_length(), -1, dtype=index_dtype)
         padded[:count] = indices
         return np.asarray(program(features, jax.device_put(padded, replicated)))[:count]
 

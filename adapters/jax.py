@@ -259,7 +259,7 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = 
       needs ``N < 2 * C * min_cluster_size``). Each read is one jitted all-reduce of those
       rows' bit patterns over the mesh axis, exact and replicated on every device
       (:func:`clusterlearn.shards.gather_rows`); the row counts are padded to powers of two,
-      so at most ``log2(N) + 1`` programs compile. A collective over several processes: every
+      so at most ``ceil(log2(N)) + 1`` programs compile. A collective over several processes: every
       process calls this with the same replicated state and makes the same decisions.
     - other features (one device, or replicated): read in place on CPU; one device-to-host
       copy of the (N, D) features on an accelerator.

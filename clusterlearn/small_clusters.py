@@ -30,8 +30,8 @@ impossible to satisfy and rejected by :class:`~clusterlearn.OnlineDeepClustering
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat as aac
@@ -250,6 +250,8 @@ def handle_small_clusters(
     needs ``N < 2 * C * min_cluster_size``); every call asks for the same rows given the same
     labels and sizes.
     """
+    if rows is not None and not callable(rows):
+        raise TypeError(f"rows must be callable (indices -> features) or None, got {type(rows).__name__}")
     xp = B.namespace(**{f"state.{k}": v for k, v in state._asdict().items()})
     device = aac.device(state.features)
     index, acc = B.index_dtype(xp, device), B.accumulator_dtype(xp, device)

@@ -161,6 +161,8 @@ def test_handling_reads_features_only_through_rows_and_only_the_members_it_needs
     needed = np.flatnonzero(np.isin(state.labels, np.union1d(small, state.labels[reseeded])))
     np.testing.assert_array_equal(np.unique(np.concatenate(asked)), needed)
     assert len(needed) < N // 2
+    with pytest.raises(TypeError, match="rows"):
+        handle_small_clusters(state, config, key=3, rows=state.features)
 
 
 def test_loss_weights_formula(backend):
