@@ -4,11 +4,17 @@ The core's :func:`clusterlearn.odc_shard.step` inside ``jax.shard_map``: each de
 block of the (N, D) features (:class:`~clusterlearn.odc_shard.ShardLayout`, zero-padded to
 equal blocks), labels, centroids, sizes and sums are replicated, and the collective is
 ``lax.psum`` over the axis. XLA places the collectives; no second implementation of the step.
+
+Small-cluster handling reads the features through :func:`row_reader`: the rows it asks for
+(the small clusters' and the split clusters' members) are gathered from their devices, in
+any process, by one jitted ``psum`` of their bit patterns
+(:func:`clusterlearn.shards.gather_rows`), and come back replicated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -21,10 +27,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clusterlearn import odc_shard
-from clusterlearn.shards import ShardLayout
+from clusterlearn.shards import ShardLayout, gather_rows
 from clusterlearn.odc_state import ODCConfig, ODCState
 
-__all__ = ["shard_memory", "gather_memory", "make_memory_sharded_step", "save_memory", "load_memory"]
+__all__ = ["shard_memory", "gather_memory", "make_memory_sharded_step", "save_memory", "load_memory", "row_axis", "row_reader"]
 
 
 def _specs(axis_name: str) -> ODCState:
@@ -90,6 +96,51 @@ def make_memory_sharded_step(
         return jitted(state, *(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs[1:])))
 
     return step
+
+
+def row_axis(features: jax.Array) -> str | None:
+    """The mesh axis that ``features`` (N', D) are cut along N over (as :func:`shard_memory`
+    lays them out), or None for features not sharded along N (one device, replicated)."""
+    sharding = getattr(features, "sharding", None)
+    if isinstance(sharding, NamedSharding) and len(sharding.spec) and isinstance(sharding.spec[0], str):
+        return sharding.spec[0]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_program(mesh: Mesh, axis_name: str, block: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Jitted ``(features, rows) -> (R, D)`` replicated: each device contributes the rows it
+    holds, zeros elsewhere, summed as bit patterns over ``axis_name`` (one all-reduce of R rows)."""
+
+    def local(features: jax.Array, rows: jax.Array) -> jax.Array:
+        return gather_rows(features, rows, lax.axis_index(axis_name) * block, lambda x: lax.psum(x, axis_name))
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(axis_name, None), P()), out_specs=P()))
+
+
+def row_reader(features: jax.Array, axis_name: str, index_dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
+    """``rows(indices) -> (R, D)`` NumPy features of the global rows ``indices`` (R,) of
+    ``features`` sharded along N over ``axis_name`` (:func:`shard_memory`'s layout), on every
+    process (a collective: every process asks for the same rows in the same order).
+
+    Only those R rows move: one jitted all-reduce of their bit patterns (exact), its output
+    replicated on every device. R is padded to a power of two (padding slots ask for row -1,
+    which no device holds: zeros, dropped after), so a run compiles at most
+    ``ceil(log2(N)) + 1`` programs per mesh. ``index_dtype``: the state's label dtype, which
+    the row numbers are sent as.
+    """
+    mesh = features.sharding.mesh
+    program = _rows_program(mesh, axis_name, features.shape[0] // mesh.shape[axis_name])
+    replicated = NamedSharding(mesh, P())
+
+    def rows(indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices)
+        count = indices.shape[0]
+        padded = np.full(1 << max(count - 1, 0).bit_length(), -1, dtype=index_dtype)
+        padded[:count] = indices
+        return np.asarray(program(features, jax.device_put(padded, replicated)))[:count]
+
+    return rows
 
 
 def _settings(config: ODCConfig) -> np.ndarray:

@@ -16,7 +16,8 @@ the same memories with JAX idioms:
 - :func:`small_cluster_step`, the host-side part of a core step that follows the jitted one
   (small-cluster handling on the core's schedule), and :func:`handle_small_clusters`, that
   handling unconditionally; both delegate to the core's
-  :func:`~clusterlearn.small_clusters.handle_small_clusters`;
+  :func:`~clusterlearn.small_clusters.handle_small_clusters` (on a memory sharded along N,
+  also over several processes, gathering only the feature rows it reads);
 - :func:`fingerprint`, :func:`replica_fingerprints` and :func:`check_consistency`: the core's
   :func:`~clusterlearn.odc_state.fingerprint` (equal to the torch adapter's for an equal state)
   and a check that the replicas of a state on a mesh's devices are identical;
@@ -74,7 +75,9 @@ from clusterlearn.odc_state import DEFAULT_FLOAT32_RESYNC, ODCConfig, ODCState, 
 from clusterlearn.small_clusters import SmallClusterStats
 
 from ._jax_self_classifier import SelfClassifierLoss, self_classifier_loss
-from ._jax_sharded_memory import check_mesh, gather_memory, load_memory, make_memory_sharded_step, save_memory, shard_memory
+from ._jax_sharded_memory import (
+    check_mesh, gather_memory, load_memory, make_memory_sharded_step, row_axis, row_reader, save_memory, shard_memory,
+)
 
 __all__ = [
     "ODCConfig",
@@ -246,11 +249,24 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = 
     :meth:`clusterlearn.OnlineDeepClustering.step` does after its update. Runs whenever
     called; :func:`small_cluster_step` applies the core's schedule.
 
-    The handler runs on NumPy copies of labels, sizes, sums and centroids and reads the
-    features in place on CPU (one device-to-host copy of the (N, D) features on an
-    accelerator, only when some cluster is small): eager JAX would compile every operation
-    anew for each data-dependent shape, which costs seconds per call. The features are not
-    changed; the other arrays return to the devices (and sharding) they came from.
+    The handler runs on NumPy copies of labels, sizes, sums and centroids (replicated, so
+    readable on every process): eager JAX would compile every operation anew for each
+    data-dependent shape, which costs seconds per call. How it reads the features:
+
+    - features sharded along N (:func:`shard_memory`'s layout, over the devices of one
+      process or of several): only the rows it asks for move, the members of the small
+      clusters and of the clusters it splits (all N rows only in the core's fill step, which
+      needs ``N < 2 * C * min_cluster_size``). Each read is one jitted all-reduce of those
+      rows' bit patterns over the mesh axis, exact and replicated on every device
+      (:func:`clusterlearn.shards.gather_rows`); the row counts are padded to powers of two,
+      so at most ``ceil(log2(N)) + 1`` programs compile. A collective over several processes: every
+      process calls this with the same replicated state and makes the same decisions.
+    - other features (one device, or replicated): read in place on CPU; one device-to-host
+      copy of the (N, D) features on an accelerator.
+
+    Only when some cluster is small. The features are not changed (the returned state holds
+    the same features array, with its sharding); the other arrays return to the devices (and
+    sharding) they came from.
 
     Parameters
     ----------
@@ -267,9 +283,15 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = 
     key = int(state.iteration) if key is None else check_int(key, "key", minimum=0)
     if not bool(jnp.any(state.sizes < config.min_cluster_size)):
         return state, SmallClusterStats(0, 0, 0)
-    host = ODCState(*(np.asarray(x) for x in state))  # views of CPU arrays; the handler copies what it changes
-    host = host._replace(features=host.features[: config.num_samples])  # a sharded memory's padding dropped
-    handled, stats = small_clusters.handle_small_clusters(host, config, key=key)
+    # views of CPU arrays (the replicated ones are readable on every process); the handler copies what it changes
+    host = ODCState(None, *(np.asarray(x) for x in state[1:]))
+    axis = row_axis(state.features)
+    if axis is None:
+        host, rows = host._replace(features=np.asarray(state.features)), None
+    else:  # the handler reads the rows it needs through `rows`; the placeholder stands for the shape
+        placeholder = np.broadcast_to(np.zeros((), dtype=state.features.dtype), (config.num_samples, config.feat_dim))
+        host, rows = host._replace(features=placeholder), row_reader(state.features, axis, host.labels.dtype)
+    handled, stats = small_clusters.handle_small_clusters(host, config, key=key, rows=rows)
 
     def back(new: np.ndarray, old: np.ndarray, like: jax.Array) -> jax.Array:
         """``new`` placed as ``like`` is (committed or not: both key the jit cache); ``like``
@@ -285,9 +307,9 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = 
 def _check_state_or_shards(state: ODCState, config: ODCConfig) -> None:
     """:func:`check_state`, also accepting features laid out by :func:`shard_memory` (N rows
     padded to equal blocks over the mesh axis that shards them)."""
-    sharding = getattr(state.features, "sharding", None) if isinstance(state, ODCState) else None
-    if isinstance(sharding, NamedSharding) and len(sharding.spec) and isinstance(sharding.spec[0], str):
-        layout = ShardLayout(config.num_samples, sharding.mesh.shape[sharding.spec[0]])
+    axis = row_axis(state.features) if isinstance(state, ODCState) else None
+    if axis is not None:
+        layout = ShardLayout(config.num_samples, state.features.sharding.mesh.shape[axis])
         check_state(state, config, feature_rows=layout.block * layout.num_shards)
     else:
         check_state(state, config)
@@ -302,7 +324,8 @@ def small_cluster_step(state: ODCState, config: ODCConfig) -> tuple[ODCState, Sm
     ``config.small_cluster_interval``-th iteration), so that :func:`step` followed by this
     makes the same decisions as the core's ``step``. Returns the state (``state`` itself
     when nothing ran) and what the handler did (all zero when it did not run). Reads the
-    iteration on the host (a synchronisation).
+    iteration on the host (a synchronisation). On a memory sharded over several processes,
+    every process calls it after every step (the handling is a collective there).
     """
     _check_state_or_shards(state, config)
     if not odc_state.small_clusters_due(int(state.iteration), config):

@@ -69,18 +69,21 @@ def shard_rows(x: Array, layout: ShardLayout, shard: int) -> Array:
     return xp.concat([rows, pad], axis=0)
 
 
-def gather_rows(block: Array, rows: Any, offset: int, psum: Psum) -> Array:
+def gather_rows(block: Array, rows: Any, offset: Any, psum: Psum) -> Array:
     """(R, ...) the global ``rows`` (R,) of an array cut into blocks, on every shard (a collective).
 
     ``block`` holds the global rows ``[offset, offset + len(block))`` of this shard; every
-    shard passes the same ``rows`` (host integers, any order, repeats allowed). One exact
-    ``psum`` of R rows: O(R D) bytes, never the whole array.
+    shard passes the same ``rows``: host integers, or an integer array of ``block``'s
+    namespace (any order, repeats allowed). ``offset`` is an int or a 0-d integer array
+    (``jax.lax.axis_index(axis) * block`` inside ``shard_map``: traceable). One exact
+    ``psum`` of R rows as bit patterns: O(R D) bytes, never the whole array.
     """
     xp = aac.array_namespace(block)
     dev = aac.device(block)
-    rows = np.asarray(rows, dtype=np.int64)
-    mine = (rows >= offset) & (rows < offset + block.shape[0])
-    taken = xp.take(block, xp.asarray(np.where(mine, rows - offset, 0), device=dev), axis=0)
-    mask = xp.asarray(mine, device=dev)
-    taken = xp.where(mask if taken.ndim == 1 else mask[:, None], taken, xp.zeros_like(taken))
+    if isinstance(rows, np.ndarray) or not aac.is_array_api_obj(rows):
+        rows = xp.asarray(np.asarray(rows, dtype=np.int64), device=dev)
+    local = rows - offset
+    mine = (local >= 0) & (local < block.shape[0])
+    taken = xp.take(block, xp.where(mine, local, xp.zeros_like(local)), axis=0)
+    taken = xp.where(mine if taken.ndim == 1 else mine[:, None], taken, xp.zeros_like(taken))
     return B.from_bits(psum(B.to_bits(taken)), block.dtype)

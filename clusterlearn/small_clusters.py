@@ -30,6 +30,7 @@ impossible to satisfy and rejected by :class:`~clusterlearn.OnlineDeepClustering
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,7 +220,18 @@ def _nearest_outside(feats: np.ndarray, inside: np.ndarray, count: int) -> np.nd
     return outside[np.argsort(d2, kind="stable")[:count]]
 
 
-def handle_small_clusters(state: ODCState, config: ODCConfig, *, key: int) -> tuple[ODCState, SmallClusterStats]:
+class _FetchedSamples(SampleMemory):
+    """A sample memory whose :meth:`rows` come from a given function (a memory held elsewhere)."""
+
+    fetch: Callable[[Array], Array]
+
+    def rows(self, indices: Array) -> Array:
+        return self.fetch(indices)
+
+
+def handle_small_clusters(
+    state: ODCState, config: ODCConfig, *, key: int, rows: Callable[[Array], Array] | None = None
+) -> tuple[ODCState, SmallClusterStats]:
     """:class:`SmallClusterHandler` (``config``'s threshold, metric and seed) on an
     :class:`~clusterlearn.odc_state.ODCState`, returning the new state.
 
@@ -228,11 +240,25 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, *, key: int) -> tu
     features are read, never written (the returned state holds the same ``features`` object);
     labels, centroids, sizes and sums are copied (labels and sizes to the namespace's index
     dtype, sums to its accumulator dtype) before the handler changes them.
+
+    ``rows``, if given, is how the handler reads features: ``rows(indices)`` returns the (R, D)
+    features of the samples ``indices`` (R,), both in the state's namespace. For a memory
+    whose features are not all here (sharded over processes), ``rows`` fetches them and
+    ``state.features`` only gives the namespace, device and dtype: any (N, D) array of them,
+    such as a zero-stride ``numpy.broadcast_to``. The handler asks for the members of the
+    small clusters, of the clusters it splits, and all N rows only in its fill step (which
+    needs ``N < 2 * C * min_cluster_size``); every call asks for the same rows given the same
+    labels and sizes.
     """
+    if rows is not None and not callable(rows):
+        raise TypeError(f"rows must be callable (indices -> features) or None, got {type(rows).__name__}")
     xp = B.namespace(**{f"state.{k}": v for k, v in state._asdict().items()})
     device = aac.device(state.features)
     index, acc = B.index_dtype(xp, device), B.accumulator_dtype(xp, device)
-    samples = SampleMemory.wrap(state.features, xp.astype(state.labels, index), momentum=config.momentum)
+    cls = SampleMemory if rows is None else _FetchedSamples
+    samples = cls.wrap(state.features, xp.astype(state.labels, index), momentum=config.momentum)
+    if rows is not None:
+        samples.fetch = rows
     centroids = CentroidMemory(config.num_clusters, config.feat_dim, xp=xp, device=device, dtype=state.features.dtype)
     centroids.set_state(xp.astype(state.centroids, state.features.dtype, copy=True), xp.astype(state.sizes, index),
                         xp.astype(state.sums, acc))

@@ -34,7 +34,8 @@ it. Not implemented (as torchvision's): the ±2° rotation.
 adapter's ``shard_memory``, a ``NamedSharding``; labels, centroids, sizes and sums stay
 replicated) and stepped by ``make_memory_sharded_step`` (the core's sharded step under
 ``shard_map``, each device writing only its rows); the label warm-up updates each device's own
-rows. The initial k-means and the warm-up's re-fill run on the host over all N features, as
+rows, and the small-cluster handling gathers only the feature rows it reads (the small and the
+split clusters' members). The initial k-means and the warm-up's re-fill run on the host over all N features, as
 without the flag (the adapter shards a filled state), and so does each epoch's record's
 fingerprint (the rows gathered: the digest a replicated memory with the same bytes has;
 replicas are not compared, there are none). The memory is checkpointed with orbax

@@ -127,6 +127,44 @@ def test_stream_really_forms_small_clusters():
     assert total > 0
 
 
+def test_handling_reads_features_only_through_rows_and_only_the_members_it_needs():
+    """``handle_small_clusters(..., rows=...)`` (how a memory sharded over processes is
+    handled) gives the result of the default path bit for bit with a placeholder for the
+    features, and asks only for the members of the small clusters and of the clusters that
+    give members to the re-seeded ones (N = 2 C m: no fill step)."""
+    import dataclasses
+
+    from clusterlearn import odc_state
+    from clusterlearn.small_clusters import handle_small_clusters
+
+    x0, batches = make_stream(0, steps=6)  # sizes then 11, 20, 30, 39, 67, 73
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=0, momentum=0.8)
+    odc.initialize(x0)
+    for i, f in batches:
+        odc.step(i, f)
+    state = odc_state.ODCState(*(np.asarray(a) for a in odc.state))
+    config = dataclasses.replace(odc.config, min_cluster_size=N // (2 * C))
+    want, want_stats = handle_small_clusters(state, config, key=3)
+    asked = []
+
+    def rows(indices):
+        asked.append(np.asarray(indices))
+        return state.features[indices]
+
+    placeholder = np.broadcast_to(np.full((), np.nan, dtype=np.float32), state.features.shape)  # never read
+    got, got_stats = handle_small_clusters(state._replace(features=placeholder), config, key=3, rows=rows)
+    assert got_stats == want_stats and got_stats.num_small_clusters > 0
+    for name in ("labels", "centroids", "sizes", "sums"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    small = np.flatnonzero(state.sizes < config.min_cluster_size)
+    reseeded = np.isin(want.labels, small) & ~np.isin(state.labels, small)
+    needed = np.flatnonzero(np.isin(state.labels, np.union1d(small, state.labels[reseeded])))
+    np.testing.assert_array_equal(np.unique(np.concatenate(asked)), needed)
+    assert len(needed) < N // 2
+    with pytest.raises(TypeError, match="rows"):
+        handle_small_clusters(state, config, key=3, rows=state.features)
+
+
 def test_loss_weights_formula(backend):
     x0, batches = make_stream(1, steps=3)
     odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=5, reweight_power=0.7, like=backend.asarray(np.zeros(1)))

@@ -193,7 +193,7 @@ from jax.sharding import Mesh
 import clusterlearn as cl
 from clusterlearn import odc_state
 from clusterlearn.adapters import jax as clj
-from streams import shard_stream
+from streams import drifting_stream, shard_stream
 N, C, D = 241, 6, 8
 assert jax.device_count() == nproc and jax.local_device_count() == 1
 x0, batches = shard_stream(4, 14)
@@ -221,6 +221,30 @@ for i, f in batches:
     np.testing.assert_allclose(gathered["centroids"], np.asarray(full.centroids), rtol=0, atol=8 * eps * 8)
     changed += int(want["num_changed"])
 assert changed > 32
+# small clusters form on a drifting stream: the handling on the sharded state (each process
+# gathers the member rows it needs from the other) follows the replicated state's
+x0, batches = drifting_stream(3, 20, num_samples=N)
+odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=30, seed=1)
+odc.initialize(jnp.asarray(x0))
+full = clj.state_from_core(odc)
+state = clj.shard_memory(full, mesh, odc.config)
+step = clj.make_memory_sharded_step(mesh, odc.config)
+small = splits = 0
+for i, f in batches:
+    full, _ = replicated_step(full, jnp.asarray(i), jnp.asarray(f), odc.config)
+    full, want = clj.small_cluster_step(full, odc.config)
+    state, _ = step(state, i, f)
+    state, got = clj.small_cluster_step(state, odc.config)
+    assert got == want, (got, want)
+    small, splits = small + got.num_small_clusters, splits + got.num_splits
+    for k in ("labels", "sizes", "iteration"):
+        np.testing.assert_array_equal(np.asarray(getattr(state, k)), np.asarray(getattr(full, k)), err_msg=k)
+    features = np.asarray(multihost_utils.process_allgather(state.features, tiled=True))[:N]
+    np.testing.assert_allclose(features, np.asarray(full.features), rtol=0, atol=8 * eps * 8)
+    np.testing.assert_allclose(np.asarray(state.centroids), np.asarray(full.centroids), rtol=0, atol=8 * eps * 8)
+    np.testing.assert_allclose(np.asarray(state.sums), np.asarray(full.sums), rtol=0, atol=8 * eps * 8 * N)
+assert state.features.sharding == clj.shard_memory(full, mesh, odc.config).features.sharding
+print("handled", small, splits)
 print("ok", pid)
 """
 
@@ -229,7 +253,10 @@ print("ok", pid)
 def test_jax_memory_sharded_over_two_processes(tmp_path):
     """Two JAX processes (jax.distributed, gloo CPU collectives), one device each: the
     memory's features split between them, the jitted sharded step follows the replicated one
-    (labels and sizes exactly, floats within the rounding of two differently fused programs)."""
+    (labels and sizes exactly, floats within the rounding of two differently fused programs);
+    then on a stream where small clusters form, step + small_cluster_step (member rows
+    gathered over the processes) follows the replicated path after every step: the same
+    handling stats, labels, sizes and iteration exactly, floats within that rounding."""
     pytest.importorskip("jax")
     import socket
 
@@ -246,6 +273,9 @@ def test_jax_memory_sharded_over_two_processes(tmp_path):
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     assert [log.strip().splitlines()[-1] for log in logs] == ["ok 0", "ok 1"]
+    handled = [log.strip().splitlines()[-2].split() for log in logs]
+    assert handled[0] == handled[1] and handled[0][0] == "handled", handled
+    assert int(handled[0][1]) > 0 and int(handled[0][2]) > 0, handled  # small clusters found and split
 
 
 ORBAX_SCRIPT = """import sys, os
@@ -342,16 +372,18 @@ for i, f in batches:
     state, h2 = clj.small_cluster_step(state, odc.config)
     assert h1 == h2, (h1, h2)
     splits += h2.num_splits
-    assert np.array_equal(np.asarray(state.labels), np.asarray(full.labels))
+    for k in ("labels", "sizes", "iteration"):
+        assert np.array_equal(np.asarray(getattr(state, k)), np.asarray(getattr(full, k))), k
 print("ok splits", splits, state.features.sharding)
 """
 
 
 @pytest.mark.slow
 def test_jax_sharded_memory_handles_small_clusters_as_the_replicated_one(tmp_path):
-    """small_cluster_step on a memory sharded over 2 forced devices (padded rows) dissolves and
-    splits the same clusters as on the replicated state: labels equal after every step, and
-    the stream really splits clusters."""
+    """small_cluster_step on a memory sharded over 2 forced devices (padded rows; the member
+    rows gathered from the devices) dissolves and splits the same clusters as on the
+    replicated state: labels, sizes and iteration equal after every step, and the stream
+    really splits clusters."""
     pytest.importorskip("jax")
     script = tmp_path / "small.py"
     script.write_text(SMALL_CLUSTERS_SCRIPT)
