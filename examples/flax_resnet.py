@@ -5,7 +5,8 @@ NHWC float arrays. ``ResNet(..., num_classes=1000)`` has exactly torchvision's p
 (25,557,032 for ResNet-50); ``num_classes=None`` returns the (B, 512·expansion) pooled
 features that the methods' necks and heads take. ``width`` scales every stage (a small
 network for the CPU demo) and ``small_input=True`` swaps the 7×7/2 stem and max-pool for a
-3×3/1 stem (images of 32 pixels or fewer).
+3×3/1 stem (images of 32 pixels or fewer). :func:`linear` is an ``nnx.Linear`` initialised as
+``torch.nn.Linear`` (the final layer here, and the JAX examples' necks, projections and heads).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["ResNet", "resnet18", "resnet50", "count_params"]
+__all__ = ["ResNet", "resnet18", "resnet50", "linear", "count_params"]
 
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaiming, as torchvision
 
@@ -24,6 +25,19 @@ _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaim
 def _conv(cin: int, cout: int, k: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
     return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=k // 2, use_bias=False,
                     kernel_init=_conv_init, rngs=rngs)
+
+
+def linear(cin: int, cout: int, *, use_bias: bool = True, rngs: nnx.Rngs) -> nnx.Linear:
+    """``nnx.Linear(cin, cout)`` (float32 kernel (cin, cout), bias (cout,)) initialised as
+    ``torch.nn.Linear``: kernel and bias uniform in ±1/√cin (torch's kaiming-uniform with a = √5
+    and its bias rule), not flax's lecun-normal kernel (√3 times torch's standard deviation) and
+    zero bias."""
+    bound = 1.0 / cin**0.5
+
+    def uniform(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return nnx.Linear(cin, cout, use_bias=use_bias, kernel_init=uniform, bias_init=uniform, rngs=rngs)
 
 
 def _bn(c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -94,7 +108,7 @@ class ResNet(nnx.Module):
                 stages.append(block)
         self.blocks = nnx.List(stages)
         self.num_features = cin
-        self.fc = nnx.Linear(cin, num_classes, rngs=rngs) if num_classes is not None else None
+        self.fc = linear(cin, num_classes, rngs=rngs) if num_classes is not None else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nnx.relu(self.stem_bn(self.stem(x)))

@@ -92,6 +92,38 @@ def test_resnet_has_torchvision_parameter_count(arch: str, want: int) -> None:
     assert fr.count_params(model) == want
 
 
+def uniform_variance_error(w: np.ndarray, bound: float) -> float:
+    """How many standard errors the mean square of ``w`` is from that of U(-bound, bound), bound²/3
+    (the mean of n squares has relative standard deviation √(4/5)/√n: Var w² = 4·bound⁴/45)."""
+    return abs(np.mean(np.square(w, dtype=np.float64)) / (bound**2 / 3) - 1) / (np.sqrt(0.8) / np.sqrt(w.size))
+
+
+def test_linear_layers_start_as_torch_nn_linear() -> None:
+    from flax import nnx
+
+    fr = script("flax_resnet")
+    layer = fr.linear(512, 256, rngs=nnx.Rngs(0))
+    kernel, bias = np.asarray(layer.kernel[...]), np.asarray(layer.bias[...])
+    bound = 1 / np.sqrt(512)  # torch: kaiming-uniform(a=√5) kernel and bias, both U(±1/√fan_in)
+    assert kernel.shape == (512, 256) and np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
+    # 6 standard errors: flax's lecun-normal kernel (3× the mean square) and zero bias are hundreds away
+    assert uniform_variance_error(kernel, bound) < 6 and uniform_variance_error(bias, bound) < 6
+    assert fr.linear(512, 3, use_bias=False, rngs=nnx.Rngs(0)).bias is None
+
+
+def test_odc_and_selfclassifier_necks_and_heads_use_torch_init() -> None:
+    import jax
+
+    jc = script("jax_common")
+    odc = jc.init_model(script("imagenet_odc_jax").ODCNet, ("resnet18", 4, 16, 500), jax.random.key(0))[2]
+    sc_net = script("imagenet_selfclassifier_jax").SelfClassifierNet
+    sc = jc.init_model(sc_net, ("resnet18", 4, 16, (500,), 64, 128, 1), jax.random.key(0))[2]
+    for kernel in (odc["head"]["kernel"], odc["neck"]["layers"][3]["kernel"], sc["heads"][0]["kernel"],
+                   sc["projection"]["layers"][3]["kernel"]):
+        bound = 1 / np.sqrt(kernel.shape[0])
+        assert np.abs(kernel).max() <= bound and uniform_variance_error(np.asarray(kernel), bound) < 6
+
+
 # ---------------------------------------------------------------------------- training runs
 @pytest.mark.slow
 def test_odc_smoke_writes_metrics_plot_and_checkpoint(trained: dict) -> None:
