@@ -36,12 +36,16 @@ demo-digits: $(VENV)/.demo
 	@echo
 	$(PY) examples/digits_deepcluster_demo.py
 
+# Two pytest-xdist workers (whole files per worker, so module fixtures run once): the suite is
+# mostly single-threaded Python and subprocess start-up, so two workers fill a 2-core machine.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The inner loop: everything but the tests marked slow (multi-process runs, fault injection).
 test-fast: $(VENV)/.test
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # The site (guides + API reference generated from the docstrings) into docs/_build/html.
 # Warnings are errors: a broken cross-reference (-n: nitpicky) or a public name without a

@@ -30,6 +30,18 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole session: the example scripts' subprocesses
+# (and the pytest-xdist workers) compile the same programs again and again; a hit skips the
+# compiler, the results are the same executables. Keyed by program, flags and devices. The
+# process that creates the directory (the controller under xdist) removes it at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="clusterlearn-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 # --import-mode=importlib puts no test folder on sys.path: make the shared helpers of tests/
 # (bounds.py, streams.py, example_runs.py, ddp_checks.py) importable from every test folder.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
