@@ -67,6 +67,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clusterlearn import odc_state, small_clusters
+from clusterlearn.assignment import centroid_half_sq_norms
 from clusterlearn.backend import accumulator_dtype, convert, index_dtype
 from clusterlearn.validation import check_int
 from clusterlearn.odc import OnlineDeepClustering
@@ -170,15 +171,20 @@ def _check_batch(indices: Any, features: Any, config: ODCConfig) -> None:
 resync = jax.jit(odc_state.resync)  # the core's docstring; jitted
 
 
-def _step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCConfig) -> tuple[ODCState, dict[str, jax.Array]]:
+def _step(
+    state: ODCState, indices: jax.Array, features: jax.Array, config: ODCConfig, half_sq_norms: jax.Array | None = None
+) -> tuple[ODCState, dict[str, jax.Array]]:
     """:func:`step` without ``jit``: the core's pure step after the static checks (traced
     inside :func:`step` and :func:`make_sharded_step`)."""
     check_state(state, config)
     _check_batch(indices, features, config)
-    return odc_state.step(state, jnp.asarray(indices), jnp.asarray(features), config)
+    return odc_state.step(state, jnp.asarray(indices), jnp.asarray(features), config, half_sq_norms=half_sq_norms)
 
 
 _jitted_step = jax.jit(_step, static_argnames=("config",), donate_argnames=("state",))
+# Computed by a program of its own and passed in: inside the step's program XLA fuses the
+# norms' reduction into the consumer of the (B, C) scores instead of into the matmul.
+_jitted_half_sq_norms = jax.jit(centroid_half_sq_norms)
 
 
 def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCConfig) -> tuple[ODCState, dict[str, jax.Array]]:
@@ -222,9 +228,12 @@ def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCCo
         Before tracing, for a batch that is not an array (``None``, a list, a NumPy masked
         array) or a state or batch whose shapes or dtypes do not fit ``config``.
     """
-    if isinstance(config, ODCConfig):  # else _step's own check names it
-        _check_batch(indices, features, config)
-    return _jitted_step(state, indices, features, config)
+    if not isinstance(config, ODCConfig):  # _step's own check names it
+        return _jitted_step(state, indices, features, config)
+    check_state(state, config)
+    _check_batch(indices, features, config)
+    norms = _jitted_half_sq_norms(state.centroids) if config.metric == "l2" else None
+    return _jitted_step(state, indices, features, config, norms)
 
 
 step._cache_size = _jitted_step._cache_size  # compilations so far (one per config and batch shape)
