@@ -400,7 +400,7 @@ def step(
     half_sq_norms : (C,) optional, :func:`~clusterlearn.assignment.centroid_half_sq_norms` of
         ``state.centroids`` when the caller keeps it (it changes only with the centroids);
         computed here when omitted, with the same bits. Not checked against the centroids.
-        Passing it also lets XLA fuse the ``"l2"`` shift into the matmul's output.
+        ``clusterlearn.adapters.jax.step`` computes it in a program of its own and passes it.
 
     Notes
     -----
