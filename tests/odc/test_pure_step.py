@@ -151,7 +151,7 @@ def test_checkpoint_of_the_previous_code_loads_and_continues_alike():
 
 
 def test_argmax_rows_takes_the_lowest_of_tied_positions(backend):
-    """The labelling's argmax (lax.top_k on JAX CPU) keeps argmax's rule: among equal
+    """The labelling's argmax keeps argmax's rule on every backend: among equal
     scores the lowest cluster id, also with -inf (excluded clusters) and under jax.jit."""
     from clusterlearn import backend as B
 
