@@ -338,7 +338,8 @@ def apply_batch(
     applied, idx = batch.applied, batch.idx
     old_labels = xp.take(state.labels, idx)
     new = xp.where(applied, momentum_update(old, batch.merged, config.momentum), old)
-    assigned = xp.take(xp.astype(nearest_centroid(new, state.centroids, metric=config.metric, half_sq_norms=half_sq_norms), index), batch.lead)
+    nearest = nearest_centroid(new, state.centroids, metric=config.metric, half_sq_norms=half_sq_norms)
+    assigned = xp.take(xp.astype(nearest, index), batch.lead)
     new_labels = xp.where(applied, assigned, old_labels)
     counted = batch.first & applied  # repeats count once; nothing counts in a refused batch
     moved_labels = xp.concat([old_labels, new_labels])
