@@ -27,18 +27,30 @@ METRICS = ("l2", "dot")
 _BLOCK_ELEMENTS = 1 << 24  # rows x clusters per score block: 64 MiB of float32
 
 
+def centroid_half_sq_norms(centroids: Array) -> Array:
+    """(C,) ``||c||^2 / 2`` of every row of ``centroids`` (C, D), their dtype: the shift of the
+    ``"l2"`` scores.
+
+    The one expression every caller uses, so that a value computed once (when the centroids
+    change) and passed as ``half_sq_norms=`` gives bit for bit the scores of recomputing it.
+    """
+    xp = aac.array_namespace(centroids)
+    return xp.sum(centroids * centroids, axis=1) / 2
+
+
 def centroid_scores(x: Array, centroids: Array, *, metric: Metric = "l2", half_sq_norms: Array | None = None) -> Array:
     """Scores to *maximise* over clusters, shape (B, C), dtype of ``x``.
 
     ``"l2"``: ``x.c - ||c||^2 / 2`` (half the negated squared distance, up to the constant
-    ``||x||^2 / 2``); ``"dot"``: ``x.c``. ``half_sq_norms`` (C,) may pass ``||c||^2 / 2``.
+    ``||x||^2 / 2``); ``"dot"``: ``x.c``. ``half_sq_norms`` (C,) may pass
+    :func:`centroid_half_sq_norms` of ``centroids``.
     One matmul and, for ``"l2"``, one in-place pass over the (B, C) result.
     """
     xp = aac.array_namespace(x, centroids)
     scores = xp.matmul(x, xp.matrix_transpose(centroids))
     if metric == "l2":
         if half_sq_norms is None:
-            half_sq_norms = xp.sum(centroids * centroids, axis=1) / 2
+            half_sq_norms = centroid_half_sq_norms(centroids)
         scores -= half_sq_norms[None, :]  # in place where the backend allows it
     return scores
 
@@ -62,7 +74,8 @@ def nearest_centroid(
     exclude : (C,) bool array, optional
         Clusters that may not be chosen (at least one must stay allowed).
     half_sq_norms : (C,) array, optional
-        Precomputed ``||c||^2 / 2`` (``"l2"`` only).
+        :func:`centroid_half_sq_norms` of ``centroids``, when already computed (``"l2"`` only; not
+        checked against them).
     return_distances : bool
         Also return the (B,) squared L2 distance to the chosen centroid (``"l2"`` only).
 
@@ -79,7 +92,7 @@ def nearest_centroid(
     if return_distances and metric != "l2":
         raise ValueError("return_distances=True needs metric='l2'")
     if metric == "l2" and half_sq_norms is None:
-        half_sq_norms = xp.sum(centroids * centroids, axis=1) / 2
+        half_sq_norms = centroid_half_sq_norms(centroids)
     n, k = x.shape[0], centroids.shape[0]
     block = max(1, _BLOCK_ELEMENTS // max(k, 1))
     labels, dists = [], []

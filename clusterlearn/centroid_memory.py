@@ -14,7 +14,7 @@ from typing import Any
 import array_api_compat as aac
 
 from . import backend as B
-from .assignment import Metric, nearest_centroid
+from .assignment import Metric, centroid_half_sq_norms, nearest_centroid
 
 Array = Any
 
@@ -69,6 +69,12 @@ class CentroidMemory:
         self.resync(features, labels)
         self.refresh()  # from the exact sums just computed: one O(N D) pass, not two
 
+    @property
+    def half_sq_norms(self) -> Array:
+        """(C,) :func:`~clusterlearn.assignment.centroid_half_sq_norms` of ``centroids``, kept
+        in step by :meth:`refresh` and :meth:`set_state` (read-only: do not write to it)."""
+        return self._half_sq_norms
+
     def assign(self, features: Array, *, metric: Metric = "l2", exclude: Array | None = None) -> Array:
         """(B,) nearest-centroid labels of (B, D) ``features``; see :mod:`clusterlearn.assignment`."""
         return nearest_centroid(features, self.centroids, metric=metric, exclude=exclude, half_sq_norms=self._half_sq_norms)
@@ -116,10 +122,10 @@ class CentroidMemory:
             self.centroids = means
         else:
             self.centroids = B.set_rows(self.centroids, clusters, means)
-        self._half_sq_norms = xp.sum(self.centroids * self.centroids, axis=1) / 2
+        self._half_sq_norms = centroid_half_sq_norms(self.centroids)
 
     def set_state(self, centroids: Array, sizes: Array, sums: Array) -> None:
         """Hold ``centroids`` (C, D), ``sizes`` (C,) and ``sums`` (C, D) themselves (not checked)."""
         if centroids is not self.centroids:
-            self._half_sq_norms = self.xp.sum(centroids * centroids, axis=1) / 2
+            self._half_sq_norms = centroid_half_sq_norms(centroids)
         self.centroids, self.sizes, self.sums = centroids, sizes, sums

@@ -372,7 +372,7 @@ class OnlineDeepClustering:
         self.require_initialized()
         idx, feats = self.samples.validate_batch(indices, features)
         # Every check has passed (the step applies the batch): from here on the state changes.
-        state, stats = odc_step(self.state, idx, feats, self.config)
+        state, stats = odc_step(self.state, idx, feats, self.config, half_sq_norms=self.centroid_memory.half_sq_norms)
         self._set_state(state)
         handled = SmallClusterStats(0, 0, 0)
         if small_clusters_due(self.iteration, self.config):

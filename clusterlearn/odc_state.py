@@ -322,12 +322,14 @@ def apply_batch(
     *,
     write: Any = None,
     exact_sums: Any = None,
+    half_sq_norms: Array | None = None,
 ) -> tuple[ODCState, dict[str, Array]]:
     """Steps 2-5 of :func:`step`, given ``old`` (B, D), the memory rows of ``batch.idx``.
 
     ``write(features, batch, new) -> features`` stores the updated rows (default: every row
     of ``batch.idx``) and ``exact_sums(features, labels, sums) -> (sums, sizes)`` recomputes
     the sums (default: from all rows of ``features``); a sharded memory passes its own.
+    ``half_sq_norms`` as in :func:`step`.
     """
     xp = aac.array_namespace(state.labels, old)
     index = state.labels.dtype
@@ -336,7 +338,8 @@ def apply_batch(
     applied, idx = batch.applied, batch.idx
     old_labels = xp.take(state.labels, idx)
     new = xp.where(applied, momentum_update(old, batch.merged, config.momentum), old)
-    assigned = xp.take(xp.astype(nearest_centroid(new, state.centroids, metric=config.metric), index), batch.lead)
+    nearest = nearest_centroid(new, state.centroids, metric=config.metric, half_sq_norms=half_sq_norms)
+    assigned = xp.take(xp.astype(nearest, index), batch.lead)
     new_labels = xp.where(applied, assigned, old_labels)
     counted = batch.first & applied  # repeats count once; nothing counts in a refused batch
     moved_labels = xp.concat([old_labels, new_labels])
@@ -372,7 +375,9 @@ def apply_batch(
     return state._replace(centroids=centroids), stats
 
 
-def step(state: ODCState, indices: Array, features: Array, config: ODCConfig) -> tuple[ODCState, dict[str, Array]]:
+def step(
+    state: ODCState, indices: Array, features: Array, config: ODCConfig, *, half_sq_norms: Array | None = None
+) -> tuple[ODCState, dict[str, Array]]:
     """One ODC memory iteration; pure, static shapes, traceable by ``jax.jit`` (``config`` static).
 
     1. Sort the batch by index and merge repeated indices (the normalised mean of their
@@ -393,6 +398,10 @@ def step(state: ODCState, indices: Array, features: Array, config: ODCConfig) ->
     indices : (B,) integer dataset indices, in the state's namespace
     features : (B, D) real floating features (cast to the memory's dtype)
     config : :class:`ODCConfig`
+    half_sq_norms : (C,) optional, :func:`~clusterlearn.assignment.centroid_half_sq_norms` of
+        ``state.centroids`` when the caller keeps it (it changes only with the centroids);
+        computed here when omitted, with the same bits. Not checked against the centroids.
+        ``clusterlearn.adapters.jax.step`` computes it in a program of its own and passes it.
 
     Notes
     -----
@@ -409,7 +418,8 @@ def step(state: ODCState, indices: Array, features: Array, config: ODCConfig) ->
     """
     batch = prepare_batch(state, indices, features, config)
     xp = aac.array_namespace(state.features)
-    return apply_batch(state, batch, xp.take(state.features, batch.idx, axis=0), config)
+    old = xp.take(state.features, batch.idx, axis=0)
+    return apply_batch(state, batch, old, config, half_sq_norms=half_sq_norms)
 
 
 # ---------------------------------------------------------------------------- replicas

@@ -89,6 +89,39 @@ def test_refused_batch_leaves_state_unchanged(backend):
     assert int(stats["num_distinct"]) == BATCH - 3
 
 
+def test_passed_half_norms_are_a_cache_of_the_same_bits(backend):
+    """``half_sq_norms=`` only saves the recomputation: on every backend a step given
+    ``centroid_half_sq_norms(state.centroids)`` returns every bit of the step that computes
+    them, the shell's kept norms equal a fresh computation after its steps, refreshes and
+    small-cluster handling (a stale cache would relabel), and the norms passed are the ones
+    used (norms that favour cluster 0 put the whole batch there)."""
+    from clusterlearn.assignment import centroid_half_sq_norms
+
+    xp = backend.xp
+    x0, batches = make_stream(4, steps=8)
+    odc = cl.OnlineDeepClustering(N, C, D, min_cluster_size=N // (2 * C), centroid_update_interval=2,
+                                  like=backend.asarray(np.zeros(1, np.float32)))
+    odc.initialize(backend.asarray(x0))
+    favour_first = backend.asarray(np.eye(1, C, dtype=np.float32)[0] * 1e6)
+    handled = refreshed = 0
+    for idx, f in batches:
+        idx, f = backend.asarray(idx), backend.asarray(f)
+        copy = lambda: odc_state.ODCState(*(xp.asarray(x, copy=True) for x in odc.state))  # noqa: E731 (steps consume)
+        norms = centroid_half_sq_norms(odc.state.centroids)
+        np.testing.assert_array_equal(backend.to_numpy(odc.centroid_memory.half_sq_norms), backend.to_numpy(norms))
+        given, got = odc_state.step(copy(), idx, f, odc.config, half_sq_norms=norms)
+        computed, want = odc_state.step(copy(), idx, f, odc.config)
+        assert {k: backend.to_numpy(v).item() for k, v in got.items()} == {k: backend.to_numpy(v).item() for k, v in want.items()}
+        for name, a, b in zip(odc_state.ODCState._fields, given, computed):
+            np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b), err_msg=name)
+        skewed, _ = odc_state.step(copy(), idx, f, odc.config, half_sq_norms=norms - favour_first)
+        assert not np.any(backend.to_numpy(xp.take(skewed.labels, idx)))
+        stats = odc.step(idx, f)
+        handled += stats["num_small_clusters"]
+        refreshed += stats["centroids_refreshed"]
+    assert handled > 0 and refreshed == 4, (handled, refreshed)
+
+
 def test_checkpoint_of_the_previous_code_loads_and_continues_alike():
     """tests/data/odc_stream_v0.npz was written by the step before it became pure (see
     tests/data/make_odc_stream_v0.py): its checkpoint loads, and its 16 batches (repeats,
@@ -118,7 +151,7 @@ def test_checkpoint_of_the_previous_code_loads_and_continues_alike():
 
 
 def test_argmax_rows_takes_the_lowest_of_tied_positions(backend):
-    """The labelling's argmax (lax.top_k on JAX CPU) keeps argmax's rule: among equal
+    """The labelling's argmax keeps argmax's rule on every backend: among equal
     scores the lowest cluster id, also with -inf (excluded clusters) and under jax.jit."""
     from clusterlearn import backend as B
 
