@@ -181,25 +181,10 @@ def _step(
     return odc_state.step(state, jnp.asarray(indices), jnp.asarray(features), config, half_sq_norms=half_sq_norms)
 
 
-def _step_keeping_norms(
-    state: ODCState, indices: jax.Array, features: jax.Array, config: ODCConfig, half_sq_norms: jax.Array | None
-) -> tuple[ODCState, dict[str, jax.Array], jax.Array | None]:
-    """:func:`_step`, also returning the half squared norms of the returned centroids
-    (``half_sq_norms`` themselves unless the step refreshed them; None for ``"dot"``)."""
-    new, stats = _step(state, indices, features, config, half_sq_norms)
-    if half_sq_norms is None:
-        return new, stats, None
-    norms = lax.cond(stats["centroids_refreshed"], centroid_half_sq_norms, lambda c: half_sq_norms, new.centroids)
-    return new, stats, norms
-
-
-_jitted_step = jax.jit(_step_keeping_norms, static_argnames=("config",), donate_argnames=("state",))
-# The norms enter the step's program as an argument: computed inside it, XLA fuses their
-# reduction into the consumer of the (B, C) scores. _last_norms holds the centroids of the
-# last state the step returned and their norms; jax arrays are immutable, so the identity
-# of a state's centroids array keys its norms.
+_jitted_step = jax.jit(_step, static_argnames=("config",), donate_argnames=("state",))
+# Computed by a program of its own and passed in: inside the step's program XLA fuses the
+# norms' reduction into the consumer of the (B, C) scores instead of into the matmul.
 _jitted_half_sq_norms = jax.jit(centroid_half_sq_norms)
-_last_norms: list[Any] = [None, None]
 
 
 def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCConfig) -> tuple[ODCState, dict[str, jax.Array]]:
@@ -210,10 +195,7 @@ def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCCo
     as :func:`clusterlearn.merge_duplicates` does, ``F[idx] <- normalize(m normalize(f) + (1 -
     m) F[idx])``, re-labelling to the nearest centroid (``config.metric``), exact incremental
     sizes and sums, then every ``resync_every`` steps an exact resync of the sums and every
-    ``centroid_update_interval`` steps a refresh of all centroids. For ``"l2"`` it keeps the
-    half squared norms of the centroids it returns (recomputed when they are refreshed) and
-    passes them to the next step whose state holds those same centroids; other centroids
-    get theirs computed first (the same bits either way).
+    ``centroid_update_interval`` steps a refresh of all centroids.
 
     Parameters
     ----------
@@ -247,17 +229,11 @@ def step(state: ODCState, indices: jax.Array, features: jax.Array, config: ODCCo
         array) or a state or batch whose shapes or dtypes do not fit ``config``.
     """
     if not isinstance(config, ODCConfig):  # _step's own check names it
-        return _jitted_step(state, indices, features, config, None)[:2]
+        return _jitted_step(state, indices, features, config)
     check_state(state, config)
     _check_batch(indices, features, config)
-    if config.metric == "dot":
-        return _jitted_step(state, indices, features, config, None)[:2]
-    centroids, norms = _last_norms
-    if centroids is not state.centroids:  # a state this function did not return, or changed since
-        norms = _jitted_half_sq_norms(state.centroids)
-    new, stats, norms = _jitted_step(state, indices, features, config, norms)
-    _last_norms[:] = new.centroids, norms
-    return new, stats
+    norms = _jitted_half_sq_norms(state.centroids) if config.metric == "l2" else None
+    return _jitted_step(state, indices, features, config, norms)
 
 
 step._cache_size = _jitted_step._cache_size  # compilations so far (one per config and batch shape)
