@@ -150,6 +150,31 @@ def test_step_compiles_once_per_config_and_batch_shape():
     assert clj.step._cache_size() == before + 1
 
 
+def test_norms_from_their_own_program_give_the_bits_of_the_core_step():
+    """The adapter computes the centroids' half squared norms in a program of their own and
+    passes them to the step: every state equals the core's traced step (which computes them
+    inside) bit for bit, through refreshes and small-cluster handling."""
+    from clusterlearn import odc_state
+
+    x0, batches = make_stream(8, steps=12)
+    odc = core(momentum=0.2, min_cluster_size=N // C, centroid_update_interval=2)
+    odc.initialize(x0)
+    config = clj.config_from_core(odc)
+    state, twin = clj.state_from_core(odc), clj.state_from_core(odc)
+    core_step = jax.jit(lambda s, i, f: odc_state.step(s, i, f, config))
+    handled = 0
+    for idx, f in batches:
+        state, got = clj.step(state, jnp.asarray(idx), jnp.asarray(f), config)
+        twin, want = core_step(twin, jnp.asarray(idx), jnp.asarray(f))
+        assert {k: np.asarray(v).item() for k, v in got.items()} == {k: np.asarray(v).item() for k, v in want.items()}
+        state, done = clj.small_cluster_step(state, config)
+        twin, _ = clj.small_cluster_step(twin, config)
+        handled += done.num_small_clusters
+        for name, a, b in zip(clj.ODCState._fields, state, twin):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert handled > 0
+
+
 def test_load_into_core_continues_the_run():
     x0, batches = make_stream(6, steps=6)
     kw = dict(momentum=0.2, min_cluster_size=10, centroid_update_interval=2)
