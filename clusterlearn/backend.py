@@ -410,8 +410,7 @@ def argmax_rows(x: Array) -> Array:
     """(B,) position of the largest entry of every row of ``x`` (B, K); ties: the lowest position.
 
     ``argmax(x, axis=1)`` in the namespace's default integer dtype: the one labelling rule of
-    every nearest-centroid assignment (on JAX 0.10's CPU backend also faster than the
-    ``lax.top_k(x, 1)`` used before).
+    every nearest-centroid assignment.
     """
     return aac.array_namespace(x).argmax(x, axis=1)
 
