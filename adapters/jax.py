@@ -183,7 +183,7 @@ def _step(
 
 _jitted_step = jax.jit(_step, static_argnames=("config",), donate_argnames=("state",))
 # Computed by a program of its own and passed in: inside the step's program XLA fuses the
-# norms' reduction into the consumer of the (B, C) scores instead of into the matmul.
+# norms' (C, D) reduction into the elementwise pass over the (B, C) scores.
 _jitted_half_sq_norms = jax.jit(centroid_half_sq_norms)
 
 
