@@ -124,8 +124,18 @@ def eager_namespace(**arrays: Array) -> ModuleType:
     return xp
 
 
+def compiles_per_shape(xp: ModuleType) -> bool:
+    """Whether eager operations of ``xp`` compile once per input shape (JAX): host-side code
+    with data-dependent shapes then costs a compilation per operation and call, and runs on
+    NumPy copies instead."""
+    return aac.is_jax_namespace(xp)
+
+
 def to_numpy(x: Array) -> np.ndarray:
-    """Copy-free where possible host NumPy view of any supported array (detached, on CPU)."""
+    """Copy-free where possible host NumPy view of any supported array (detached, on CPU).
+
+    2-byte floats of PyTorch and JAX's bfloat16 (no standard NumPy dtype) come as float32.
+    """
     if isinstance(x, (np.ndarray, np.generic)):
         return np.asarray(x)
     if aac.is_torch_array(x):
@@ -134,7 +144,8 @@ def to_numpy(x: Array) -> np.ndarray:
     if aac.is_cupy_array(x):
         return x.get()
     if aac.is_jax_array(x):
-        return np.asarray(x)
+        y = np.asarray(x)
+        return y.astype(np.float32) if y.dtype.kind == "V" else y  # ml_dtypes' bfloat16
     try:
         return np.from_dlpack(x)
     except (TypeError, RuntimeError, BufferError):
@@ -146,7 +157,7 @@ def exact_bytes(x: Array) -> tuple[str, tuple[int, ...], bytes]:
 
     The dtype name is NumPy's (``"float32"``, ``"bfloat16"``, ``"int64"``, ``"bool"``); the
     bytes are the elements in C order, each little-endian, copied to the host. Unlike
-    :func:`to_numpy`, 2-byte torch floats are not widened: their own bits are kept.
+    :func:`to_numpy`, 2-byte floats are not widened: their own bits are kept.
     """
     if aac.is_torch_array(x):
         x = x.detach().cpu().contiguous()
@@ -156,7 +167,7 @@ def exact_bytes(x: Array) -> tuple[str, tuple[int, ...], bytes]:
             return name, tuple(x.shape), _little_endian(x.view(torch.int16).numpy())
         a = x.numpy()
         return name, tuple(a.shape), _little_endian(a)
-    a = np.asarray(to_numpy(x))
+    a = np.asarray(x) if aac.is_jax_array(x) else np.asarray(to_numpy(x))  # JAX: bfloat16 as itself
     return a.dtype.name, tuple(a.shape), _little_endian(a)
 
 

@@ -22,6 +22,12 @@ import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
+
+# pytest-xdist workers share the cores: each gets its share of threads (OpenMP, OpenBLAS), set
+# before NumPy or torch load them, and inherited by the subprocesses its tests start. More
+# threads than cores make OpenMP's and OpenBLAS' spinning workers compete for them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 from collections.abc import Callable
 from typing import Any
 
@@ -69,11 +75,32 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 BACKEND_NAMES = ["numpy", "array_api_strict", "torch", "jax", "cupy"]
 
 
+#: Seconds each of the longest files took on one pytest-xdist worker (``--durations=0``, summed
+#: per file; 2-core AMD EPYC, 2026-12-07). Only the order matters: longest first, then the other
+#: files holding ``slow`` tests, then the rest. A stale number costs balance, not correctness.
+FILE_SECONDS = {
+    "examples/test_torch_faults.py": 129, "examples/test_jax_examples.py": 116, "odc/test_sharded_step.py": 104,
+    "odc/test_jax_adapter.py": 80, "examples/test_torch_examples.py": 69, "core/test_native_cache.py": 66,
+    "deepcluster/test_kmeans.py": 53, "odc/test_torch_sharded.py": 51, "examples/test_jax_odc_shard.py": 49,
+    "self_classifier/test_loss.py": 47, "self_classifier/test_closed_form.py": 46,
+    "evaluation/test_frozen_features.py": 45, "odc/test_online_deep_clustering.py": 45,
+    "examples/test_demo_and_benchmarks.py": 42, "self_classifier/test_fused_kernel.py": 40,
+    "examples/test_jax_deepcluster.py": 37, "examples/test_torch_deepcluster_shard.py": 34,
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files holding ``slow`` tests first (each file's own order kept): under pytest-xdist the
-    workers start with the long multi-process runs and finish on the short tests."""
+    """The longest files first (:data:`FILE_SECONDS`), then the other files holding ``slow``
+    tests (each file's own order kept): pytest-xdist (``--dist loadfile``) hands out whole files
+    in this order, so the two workers start on the long runs and end together on short files."""
+    tests = os.path.dirname(os.path.abspath(__file__))
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+
+    def rank(item: pytest.Item) -> tuple[float, bool]:
+        name = os.path.relpath(item.path, tests).replace(os.sep, "/")
+        return -FILE_SECONDS.get(name, 0), item.path not in slow_files
+
+    items.sort(key=rank)
 
 
 @dataclass(frozen=True)

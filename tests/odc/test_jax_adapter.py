@@ -27,6 +27,7 @@ from clusterlearn.adapters import jax as clj  # noqa: E402
 from bounds import linear_head_bounds, momentum_feature_atol, reweight_rtol, rounding_bounds, running_sum_atol, unit_roundoff  # noqa: E402
 from streams import BATCH, C, D, N  # noqa: E402
 from streams import drifting_stream as make_stream  # noqa: E402
+from xla_flags import with_devices  # noqa: E402
 
 
 def core(like=None, **kw):
@@ -450,7 +451,7 @@ def two_device_worker() -> dict:
 def test_two_devices_sharded_step_and_global_loss():
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bounds.py, streams.py
     path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    env = {**os.environ, "XLA_FLAGS": with_devices(2), "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -281,6 +281,48 @@ def test_parts_compose_without_the_wrapper():
         np.testing.assert_array_equal(cen.sizes, np.bincount(mem.labels, minlength=C))
 
 
+def test_jax_small_cluster_handling_runs_on_host_copies():
+    """On JAX arrays the handler computes on NumPy copies, so eager JAX compiles nothing for
+    the data-dependent shapes (a second handling with other member counts compiles nothing)
+    and gives the result of the handler on NumPy arrays (NumPy's int64 and float64
+    accumulators) bit for bit, in JAX's dtypes."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    x0, _ = make_stream(5, steps=0)
+    feats = cl.l2_normalize(x0)
+    base = cl.kmeans(feats, C, seed=0).labels.astype(np.int64)
+
+    def memories(xp, labels):
+        mem = cl.SampleMemory.wrap(xp.asarray(feats), xp.asarray(labels.astype(B.index_dtype(xp))))
+        cen = cl.CentroidMemory(C, D, xp=xp, device=None, dtype=mem.dtype)
+        cen.initialize(mem.features, mem.labels)
+        return mem, cen
+
+    warm = base.copy()
+    warm[warm == 1] = 0  # cluster 1 empty
+    cl.SmallClusterHandler(20, seed=3)(*memories(jnp, warm), key=4)  # compiles the static-shape operations once
+    labels = base.copy()
+    labels[labels == 4] = 2  # cluster 4 empty, cluster 5 cut below the threshold
+    labels[np.flatnonzero(labels == 5)[3:]] = 0
+    compiled: list[str] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, *_args, **_kw: compiled.append(event) if "backend_compile" in event else None)
+    jmem, jcen = memories(jnp, labels)
+    mem = cl.SampleMemory.wrap(feats, labels)  # the same state on NumPy, float32 sums widened
+    cen = cl.CentroidMemory(C, D, xp=np, device=None, dtype=np.float32)
+    cen.set_state(np.array(jcen.centroids), np.asarray(jcen.sizes, dtype=np.int64), np.asarray(jcen.sums, dtype=np.float64))
+    got = cl.SmallClusterHandler(20, seed=3)(jmem, jcen, key=4)
+    handling_compiles, compiled[:] = list(compiled), []
+    want = cl.SmallClusterHandler(20, seed=3)(mem, cen, key=4)
+    assert want.num_small_clusters == 2 and want.num_moved == 3
+    assert got == want
+    assert handling_compiles == [], handling_compiles
+    for name, g, w in [("labels", jmem.labels, mem.labels), ("sizes", jcen.sizes, cen.sizes),
+                       ("sums", jcen.sums, cen.sums), ("centroids", jcen.centroids, cen.centroids)]:
+        assert isinstance(g, jax.Array) and g.dtype == (jnp.float32 if name in ("sums", "centroids") else jnp.int32), name
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w).astype(np.asarray(g).dtype), err_msg=name)
+
+
 # ---------------------------------------------------------------------------- bad input
 def _ready(backend):
     x0, batches = make_stream(8, steps=1)

@@ -22,6 +22,7 @@ from clusterlearn import odc_shard, odc_state
 from clusterlearn.shards import ShardLayout, shard_rows
 from shard_threads import ThreadGroup
 from streams import shard_stream as churning_stream
+from xla_flags import with_devices
 
 N, C, D = 241, 6, 8  # N is no multiple of the shard counts: the last shard is padded
 
@@ -173,7 +174,7 @@ def test_jax_memory_sharded_over_a_mesh(devices, tmp_path):
     pytest.importorskip("jax")
     script = tmp_path / "check.py"
     script.write_text(JAX_SCRIPT)
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": with_devices(devices), "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), str(devices)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -265,7 +266,7 @@ def test_jax_memory_sharded_over_two_processes(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = [subprocess.Popen([sys.executable, str(script), str(p), "2", str(port), tests], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(2)]
@@ -280,7 +281,7 @@ def test_jax_memory_sharded_over_two_processes(tmp_path):
 
 ORBAX_SCRIPT = """import sys, os
 mode, path, ndev = sys.argv[1], sys.argv[2], int(sys.argv[3])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ndev}"
 sys.path.insert(0, sys.argv[4])
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
@@ -347,7 +348,7 @@ def test_orbax_checkpoint_of_two_devices_resumes_on_four_and_one(tmp_path):
 
 
 SMALL_CLUSTERS_SCRIPT = """import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 import sys; sys.path.insert(0, sys.argv[1])
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
