@@ -17,7 +17,10 @@ backend (numpy, torch CPU, jax):
 - for numpy, a straightforward re-statement of the reference implementation: all centroids
   recomputed every 10 steps by sorting the N labels and gathering each cluster's members, an
   O(N) bincount per step for the small-cluster check and another for the loss weights, and a
-  scan of all N labels per small cluster; and our speed-up over it.
+  scan of all N labels per small cluster; and our speed-up over it;
+- one small-cluster handling call with ``--small`` planted small clusters (for jax, the
+  adapter's ``handle_small_clusters`` and, on its own row, ``OnlineDeepClustering`` holding
+  JAX arrays, whose handler computes on NumPy copies).
 
 Usage: ``python benchmarks/odc_step.py [--n N --c C --d D --b B --iters K --backends numpy,torch,jax]``
 """
@@ -217,8 +220,10 @@ def bench_jax(feats: np.ndarray, labels: np.ndarray, args: argparse.Namespace, b
     _, stats = clj.handle_small_clusters(planted, config, key=1)
     handling = time.perf_counter() - start_time
     assert stats.num_small_clusters == args.small, stats
+    core_handling = bench_small_clusters(jnp.asarray, feats, labels, args)  # the core shell on JAX arrays
     n = args.iters
-    return {"backend": "jax", "matmul": matmul / n, "step": step / n, "resync": resync, "small": small, "handling": handling}
+    return {"backend": "jax", "matmul": matmul / n, "step": step / n, "resync": resync, "small": small, "handling": handling,
+            "core_handling": core_handling}
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -285,6 +290,8 @@ def main() -> None:
     for r in rows:
         ref_cells = f"{r['reference_handling']:.2f} | {r['reference_handling'] / r['handling']:.1f}×" if "reference_handling" in r else "– | –"
         print(f"| {r['backend']} | {r['handling']:.3f} | {ref_cells} |")
+        if "core_handling" in r:  # OnlineDeepClustering on JAX arrays (eager): the handler on NumPy copies
+            print(f"| {r['backend']} (core on JAX arrays) | {r['core_handling']:.3f} | – | – |")
     print("\nreference = the reference implementation's memory work restated in NumPy (see module docstring)")
 
 
