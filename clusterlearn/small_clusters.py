@@ -95,13 +95,13 @@ class SmallClusterHandler:
 
     def __call__(self, samples: SampleMemory, centroids: CentroidMemory, *, key: int = 0) -> SmallClusterStats:
         """Handle small clusters of the memories in place; ``key`` varies the split seeds."""
-        if B.compiles_per_shape(samples.xp):
-            return self._on_host(samples, centroids, key)
         xp = samples.xp
         small = centroids.sizes < self.min_cluster_size
         num_small = int(xp.sum(xp.astype(small, centroids.sizes.dtype)))
         if num_small == 0:
             return SmallClusterStats(0, 0, 0)
+        if B.compiles_per_shape(xp):
+            return self._on_host(samples, centroids, key)
         moved, receivers = self._dissolve(samples, centroids, small)
         empties = B.to_numpy(xp.nonzero(small)[0])
         touched = self._split(samples, centroids, empties, key)
@@ -112,25 +112,25 @@ class SmallClusterHandler:
         return SmallClusterStats(num_small, len(empties), moved)
 
     def _on_host(self, samples: SampleMemory, centroids: CentroidMemory, key: int) -> SmallClusterStats:
-        """The handling on NumPy copies of the memories (features read through a host view),
-        the changed arrays written back in their namespace, dtypes and device: eager JAX would
-        compile every operation anew for each data-dependent shape, seconds per call. The
-        same arithmetic as the JAX adapter's :func:`handle_small_clusters` (NumPy's integer
-        and accumulator dtypes), so the core on JAX arrays and the adapter agree bit for bit."""
+        """The handling (some cluster is small) on NumPy copies of the memories, features read
+        through a host view, the changed arrays written back in their namespace, dtypes and
+        device: eager JAX would compile every operation anew for each data-dependent shape,
+        seconds per call. NumPy's integer and accumulator dtypes, as the JAX adapter's
+        :func:`handle_small_clusters`: the core on JAX arrays and the adapter agree bit for bit."""
         xp, device = samples.xp, samples.device
         features = B.to_numpy(samples.features)  # a view on CPU; the handler never writes features
-        host = SampleMemory.wrap(features, B.to_numpy(samples.labels).astype(np.int64), momentum=samples.momentum)
-        sums = CentroidMemory(centroids.num_clusters, centroids.feat_dim, xp=np, device="cpu", dtype=features.dtype)
-        sums.set_state(np.array(B.to_numpy(centroids.centroids)), B.to_numpy(centroids.sizes).astype(np.int64),
-                       B.to_numpy(centroids.sums).astype(sums.acc_dtype))
-        stats = self(host, sums, key=key)
-        if stats.num_small_clusters:
-            def back(new: np.ndarray, like: Array) -> Array:
-                return xp.asarray(new.astype(np.dtype(like.dtype)), device=device)  # cast on the host
+        host_samples = SampleMemory.wrap(features, B.to_numpy(samples.labels).astype(np.int64), momentum=samples.momentum)
+        host_centroids = CentroidMemory(centroids.num_clusters, centroids.feat_dim, xp=np, device="cpu", dtype=features.dtype)
+        host_centroids.set_state(np.array(B.to_numpy(centroids.centroids)), B.to_numpy(centroids.sizes).astype(np.int64),
+                                 B.to_numpy(centroids.sums).astype(host_centroids.acc_dtype))
+        stats = self(host_samples, host_centroids, key=key)
 
-            samples.set_state(samples.features, back(host.labels, samples.labels))
-            centroids.set_state(back(sums.centroids, centroids.centroids), back(sums.sizes, centroids.sizes),
-                                back(sums.sums, centroids.sums))
+        def back(new: np.ndarray, like: Array) -> Array:
+            return xp.asarray(new.astype(np.dtype(like.dtype)), device=device)  # cast on the host
+
+        samples.set_state(samples.features, back(host_samples.labels, samples.labels))
+        centroids.set_state(back(host_centroids.centroids, centroids.centroids),
+                            back(host_centroids.sizes, centroids.sizes), back(host_centroids.sums, centroids.sums))
         return stats
 
     def _dissolve(self, samples: SampleMemory, centroids: CentroidMemory, small: Array) -> tuple[int, np.ndarray]:
