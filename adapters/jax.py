@@ -68,7 +68,7 @@ from jax.sharding import PartitionSpec as P
 
 from clusterlearn import odc_state, small_clusters
 from clusterlearn.assignment import centroid_half_sq_norms
-from clusterlearn.backend import accumulator_dtype, convert, index_dtype
+from clusterlearn.backend import accumulator_dtype, convert, index_dtype, to_numpy
 from clusterlearn.validation import check_int
 from clusterlearn.odc import OnlineDeepClustering
 from clusterlearn.shards import ShardLayout
@@ -292,11 +292,11 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = 
     key = int(state.iteration) if key is None else check_int(key, "key", minimum=0)
     if not bool(jnp.any(state.sizes < config.min_cluster_size)):
         return state, SmallClusterStats(0, 0, 0)
-    # views of CPU arrays (the replicated ones are readable on every process); the handler copies what it changes
-    host = ODCState(None, *(np.asarray(x) for x in state[1:]))
+    # views of CPU arrays (bfloat16 widened to float32; the replicated ones are readable on every process); the handler copies what it changes
+    host = ODCState(None, *(to_numpy(x) for x in state[1:]))
     axis = row_axis(state.features)
     if axis is None:
-        host, rows = host._replace(features=np.asarray(state.features)), None
+        host, rows = host._replace(features=to_numpy(state.features)), None
     else:  # the handler reads the rows it needs through `rows`; the placeholder stands for the shape
         placeholder = np.broadcast_to(np.zeros((), dtype=state.features.dtype), (config.num_samples, config.feat_dim))
         host, rows = host._replace(features=placeholder), row_reader(state.features, axis, host.labels.dtype)

@@ -115,8 +115,9 @@ class SmallClusterHandler:
         """The handling (some cluster is small) on NumPy copies of the memories, features read
         through a host view, the changed arrays written back in their namespace, dtypes and
         device: eager JAX would compile every operation anew for each data-dependent shape,
-        seconds per call. NumPy's integer and accumulator dtypes, as the JAX adapter's
-        :func:`handle_small_clusters`: the core on JAX arrays and the adapter agree bit for bit."""
+        seconds per call. NumPy's integer and accumulator dtypes (bfloat16 features widened to
+        float32), as the JAX adapter's ``handle_small_clusters``: given the same state, the core
+        on JAX arrays and the adapter hand back the same bits."""
         xp, device = samples.xp, samples.device
         features = B.to_numpy(samples.features)  # a view on CPU; the handler never writes features
         host_samples = SampleMemory.wrap(features, B.to_numpy(samples.labels).astype(np.int64), momentum=samples.momentum)

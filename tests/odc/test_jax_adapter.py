@@ -8,6 +8,7 @@ a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=2``, set before
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -106,6 +107,26 @@ def test_jitted_step_equals_jax_core():
     config, state = clj.config_from_core(odc), clj.state_from_core(odc)
     _, seen = run_both(odc, state, config, batches, conv=jnp.asarray)
     assert seen["changed"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_handling_equals_the_core_on_jax_arrays(dtype):
+    """Given the same state, the adapter's ``handle_small_clusters`` and the core's handler on
+    JAX arrays (which computes on host copies) hand back the same bits, bfloat16 included."""
+    x0, _ = make_stream(4, steps=0)
+    labels = cl.kmeans(cl.l2_normalize(x0), C, seed=0).labels.astype(np.int64)
+    labels[labels == 1] = 0  # cluster 1 empty, cluster 2 cut to 3 members
+    labels[np.flatnonzero(labels == 2)[3:]] = 3
+    odc = core(like=jnp.zeros(1, dtype=getattr(jnp, dtype)))  # min_cluster_size 0: initialised unhandled
+    odc.initialize(jnp.asarray(x0), jnp.asarray(labels))
+    config = dataclasses.replace(clj.config_from_core(odc), min_cluster_size=20)
+    got, stats = clj.handle_small_clusters(clj.state_from_core(odc), config, key=3)
+    want = cl.SmallClusterHandler(20, metric=config.metric, seed=config.seed)(odc.samples, odc.centroid_memory, key=3)
+    assert stats == want and want.num_small_clusters == 2
+    for name in ("labels", "centroids", "sizes", "sums"):
+        g, w = getattr(got, name), getattr(odc.state, name)
+        assert g.dtype == w.dtype, name
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8), err_msg=name)
 
 
 def test_default_resync_follows_the_sums_dtype():
