@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clusterlearn import odc_shard
+from clusterlearn.backend import to_numpy
 from clusterlearn.shards import ShardLayout, gather_rows
 from clusterlearn.odc_state import ODCConfig, ODCState
 
@@ -121,7 +122,8 @@ def _rows_program(mesh: Mesh, axis_name: str, block: int) -> Callable[[jax.Array
 def row_reader(features: jax.Array, axis_name: str, index_dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
     """``rows(indices) -> (R, D)`` NumPy features of the global rows ``indices`` (R,) of
     ``features`` sharded along N over ``axis_name`` (:func:`shard_memory`'s layout), on every
-    process (a collective: every process asks for the same rows in the same order).
+    process (a collective: every process asks for the same rows in the same order); bfloat16
+    rows come as float32, as :func:`clusterlearn.backend.to_numpy` gives them.
 
     Only those R rows move: one jitted all-reduce of their bit patterns (exact), its output
     replicated on every device. R is padded to a power of two (padding slots ask for row -1,
@@ -138,7 +140,7 @@ def row_reader(features: jax.Array, axis_name: str, index_dtype: np.dtype) -> Ca
         count = indices.shape[0]
         padded = np.full(1 << max(count - 1, 0).bit_length(), -1, dtype=index_dtype)
         padded[:count] = indices
-        return np.asarray(program(features, jax.device_put(padded, replicated)))[:count]
+        return to_numpy(program(features, jax.device_put(padded, replicated)))[:count]  # bfloat16 widened
 
     return rows
 

@@ -298,7 +298,8 @@ def handle_small_clusters(state: ODCState, config: ODCConfig, key: int | None = 
     if axis is None:
         host, rows = host._replace(features=to_numpy(state.features)), None
     else:  # the handler reads the rows it needs through `rows`; the placeholder stands for the shape
-        placeholder = np.broadcast_to(np.zeros((), dtype=state.features.dtype), (config.num_samples, config.feat_dim))
+        host_dtype = to_numpy(jnp.zeros((), state.features.dtype)).dtype  # the rows' dtype: bfloat16 widened
+        placeholder = np.broadcast_to(np.zeros((), dtype=host_dtype), (config.num_samples, config.feat_dim))
         host, rows = host._replace(features=placeholder), row_reader(state.features, axis, host.labels.dtype)
     handled, stats = small_clusters.handle_small_clusters(host, config, key=key, rows=rows)
 

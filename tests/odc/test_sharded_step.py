@@ -347,7 +347,7 @@ def test_orbax_checkpoint_of_two_devices_resumes_on_four_and_one(tmp_path):
         np.testing.assert_allclose(resumed["sums"], whole["sums"], rtol=0, atol=bound * 241)
 
 
-SMALL_CLUSTERS_SCRIPT = """import os
+SMALL_CLUSTERS_SCRIPT = """import dataclasses, os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 import sys; sys.path.insert(0, sys.argv[1])
 import jax, jax.numpy as jnp, numpy as np
@@ -375,6 +375,20 @@ for i, f in batches:
     splits += h2.num_splits
     for k in ("labels", "sizes", "iteration"):
         assert np.array_equal(np.asarray(getattr(state, k)), np.asarray(getattr(full, k))), k
+# bfloat16 features: the rows read from the devices come widened, as the replicated handling reads them
+planted = np.asarray(odc.labels).astype(np.int64)
+planted[planted == 1] = 0
+planted[np.flatnonzero(planted == 2)[3:]] = 3
+b16 = cl.OnlineDeepClustering(N, C, D, min_cluster_size=0, seed=1, like=jnp.zeros(1, dtype=jnp.bfloat16))
+b16.initialize(jnp.asarray(x0), jnp.asarray(planted))
+config = dataclasses.replace(clj.config_from_core(b16), min_cluster_size=30)
+whole = clj.state_from_core(b16)
+got_r, h_r = clj.handle_small_clusters(whole, config, key=5)
+got_s, h_s = clj.handle_small_clusters(clj.shard_memory(whole, mesh, config), config, key=5)
+assert h_r == h_s and h_r.num_small_clusters >= 2, (h_r, h_s)
+for k in ("labels", "centroids", "sizes", "sums"):
+    a, b = np.asarray(getattr(got_r, k)), np.asarray(getattr(got_s, k))
+    assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8)), k
 print("ok splits", splits, state.features.sharding)
 """
 
@@ -384,7 +398,7 @@ def test_jax_sharded_memory_handles_small_clusters_as_the_replicated_one(tmp_pat
     """small_cluster_step on a memory sharded over 2 forced devices (padded rows; the member
     rows gathered from the devices) dissolves and splits the same clusters as on the
     replicated state: labels, sizes and iteration equal after every step, and the stream
-    really splits clusters."""
+    really splits clusters; with bfloat16 features one handling gives the replicated one's bits."""
     pytest.importorskip("jax")
     script = tmp_path / "small.py"
     script.write_text(SMALL_CLUSTERS_SCRIPT)
