@@ -22,18 +22,18 @@ import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
+from collections.abc import Callable
+from typing import Any
 
 # pytest-xdist workers share the cores: each gets its share of threads (OpenMP, OpenBLAS), set
 # before NumPy or torch load them, and inherited by the subprocesses its tests start. More
 # threads than cores make OpenMP's and OpenBLAS' spinning workers compete for them.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
-from collections.abc import Callable
-from typing import Any
 
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, settings
+import numpy as np  # noqa: E402  (after the thread count)
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole session: the example scripts' subprocesses
