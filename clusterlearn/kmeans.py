@@ -357,7 +357,9 @@ def kmeans(
         the DeepCluster reference do (random starts can put two centres in one well-separated
         cluster and leave another without one, which Lloyd's algorithm cannot undo).
     backend : {"auto", "faiss", "array"}
-        ``"array"``: Lloyd's algorithm in ``x``'s own namespace and on its device.
+        ``"array"``: Lloyd's algorithm in ``x``'s own namespace and on its device; JAX
+        arrays on the CPU are clustered on NumPy views of the same memory (eager JAX
+        compiles every operation anew for each input shape), with NumPy's result.
         ``"faiss"``: ``faiss.Kmeans`` on a float32 host copy of ``x`` (a GPU index when ``x``
         lives on a CUDA device and faiss has GPU support, faiss-cpu otherwise); needs
         ``n_iter >= 1`` and ``seed <= 2**31 - 1``.
@@ -419,6 +421,8 @@ def kmeans(
     if k > x.shape[0]:
         raise ValueError(f"k must be <= the number of points ({x.shape[0]}), got {k}")
     use_faiss = _resolve_backend(backend, x, n_iter, seed) == "faiss"
+    if not use_faiss and _eager_on_cpu(x):
+        return _on_host(x, k, n_iter=n_iter, seed=seed, init=init, n_init=n_init)
     # k-means commutes with scaling: cluster x / 2**e, with max|x / 2**e| in [0.5, 1), and scale
     # the centroids and inertia back. Powers of two scale every rounding exactly, so this only
     # keeps squared distances (|x|**2, up to 4 D max|x|**2) clear of overflow and underflow;
@@ -431,6 +435,24 @@ def kmeans(
         centroids=B.times_power_of_two(result.centroids, e),
         inertia=_ldexp(result.inertia, 2 * e),
         inertia_history=tuple(_ldexp(v, 2 * e) for v in result.inertia_history),
+    )
+
+
+def _eager_on_cpu(x: Array) -> bool:
+    """Whether ``x`` is a JAX array on the CPU: its eager operations compile once per shape,
+    while NumPy runs the same arithmetic on the same memory without compiling."""
+    return B.compiles_per_shape(aac.array_namespace(x)) and aac.device(x).platform == "cpu"
+
+
+def _on_host(x: Array, k: int, **options: Any) -> KMeansResult:
+    """The array backend's run on a NumPy view of ``x`` (a JAX array on the CPU; bfloat16
+    widened to float32), its result converted back to ``x``'s namespace, device and dtype."""
+    xp, dev = aac.array_namespace(x), aac.device(x)
+    result = kmeans(B.to_numpy(x), k, backend="array", **options)
+    return dataclasses.replace(
+        result,
+        centroids=xp.astype(B.convert(result.centroids, xp, dev), x.dtype),
+        labels=xp.astype(B.convert(result.labels, xp, dev), B.index_dtype(xp, dev)),
     )
 
 

@@ -1,10 +1,9 @@
 """One rank of the sharded-memory checks (run by tests/odc/test_torch_sharded.py under gloo).
 
 Usage: sharded_checks.py RANK WORLD INIT_FILE OUT_DIR MODE CKPT
-MODE "run": steps 0..STEPS from the start, checkpoint (torch.distributed.checkpoint) to CKPT
-after SAVE_AT steps; "crash": the same, but the last rank dies (``os._exit``) two steps after
-the checkpoint; "resume": load CKPT (written under another world size), steps
-SAVE_AT..STEPS; "deepcluster": two epochs of the sharded DeepCluster labeler over the ranks
+MODE "crash": steps from the start, checkpoint (torch.distributed.checkpoint) to CKPT after
+SAVE_AT steps, and the last rank dies (``os._exit``) two steps later; "resume": load CKPT
+(written under another world size), steps SAVE_AT..STEPS; "deepcluster": two epochs of the sharded DeepCluster labeler over the ranks
 (``clusterlearn.adapters.torch.psum``), each rank's labels, NMI and sampler draws written out. After every step each rank compares its memory with a replicated reference
 (the core's OnlineDeepClustering on the concatenated batches, computed in this process):
 labels, sizes, sums, centroids and iteration bit for bit, its features row for row. It writes
@@ -94,7 +93,7 @@ def main(rank: int, world: int, init_file: str, out_dir: str, mode: str, ckpt: s
         odc = ShardedOnlineDeepClustering(N, C, D, **SETTINGS)
         batches = global_batches()
         b = PER_RANK // world
-        if mode in ("run", "crash"):
+        if mode == "crash":
             # each rank extracts its own rows only (extract_features(local=True), nothing gathered)
             from clusterlearn.adapters.torch import extract_features
 
@@ -133,7 +132,7 @@ def main(rank: int, world: int, init_file: str, out_dir: str, mode: str, ckpt: s
             seen["changed"] += round(got["change_ratio"] * 10)
             seen["splits"] += got["num_splits"]
             compare(odc, ref, f"step {k}")
-            if mode in ("run", "crash") and k + 1 == SAVE_AT:
+            if mode == "crash" and k + 1 == SAVE_AT:
                 odc.save(ckpt)
             if mode == "crash" and k == SAVE_AT + 1 and rank == world - 1:
                 os._exit(3)  # killed mid-run: the others fail in their next collective

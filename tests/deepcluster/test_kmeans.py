@@ -291,6 +291,30 @@ def test_array_kmeans_is_translation_invariant():
     assert normalized_mutual_info_score(truth, base.labels) == 1.0  # recovers the planted truth
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jax_cpu_input_is_clustered_on_a_numpy_view(dtype):
+    """JAX arrays on the CPU are clustered by the array backend on NumPy views (eager JAX would
+    compile every operation for every new shape): the result is NumPy's, bit for bit (its
+    float64 sums; bfloat16 widened to float32), handed back as JAX arrays in the input's dtype
+    and JAX's default integer dtype. Several empty-cluster repairs happen on the way."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(4)
+    x = (3 + rng.normal(size=(600, 6))).astype(np.float32)
+    x[:400] = x[np.arange(400) % 4]  # 4 points repeated: random starts share rows, clusters empty
+    xj = jnp.asarray(x, dtype=getattr(jnp, dtype))
+    host = np.asarray(xj).astype(np.float32)
+    got = cl.kmeans(xj, 12, seed=1, backend="array", init="random", n_init=2)
+    want = cl.kmeans(host, 12, seed=1, backend="array", init="random", n_init=2)
+    assert isinstance(got.centroids, jax.Array) and got.centroids.dtype == xj.dtype
+    assert isinstance(got.labels, jax.Array) and got.labels.dtype == jnp.asarray(0).dtype
+    np.testing.assert_array_equal(np.asarray(got.labels), want.labels)
+    np.testing.assert_array_equal(np.asarray(got.centroids), want.centroids.astype(np.asarray(got.centroids).dtype))
+    assert (got.inertia, got.inertia_history, got.n_iter, got.n_empty_fixed) == (
+        want.inertia, want.inertia_history, want.n_iter, want.n_empty_fixed)
+    assert want.n_empty_fixed > 0
+
+
 # ----------------------------------------------------------------------------- seeding, restarts
 def gaussian_mixture(seed=0, n=6000, k=20, d=64, scale=6.0):
     """k unit-variance Gaussians in d dimensions, centres drawn with standard deviation ``scale``

@@ -29,20 +29,14 @@ pytest.importorskip("sklearn")
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-ODC_TINY = ["--subset", "16", "--resolution", "16", "--batch-size", "8", "--no-progress", "--clusters", "2",
-            "--min-cluster-size", "4"]
+ODC_TINY = ["--subset", "16", "--resolution", "16", "--width", "8", "--batch-size", "8", "--no-progress",
+            "--clusters", "2", "--min-cluster-size", "4"]
 
 #: 8 steps per epoch on each of 2 ranks: a kill right after a checkpoint lands mid-epoch.
-ODC_TWO = ["--subset", "64", "--resolution", "16", "--batch-size", "8", "--no-progress",
+ODC_TWO = ["--subset", "64", "--resolution", "16", "--width", "8", "--batch-size", "8", "--no-progress",
            "--clusters", "2", "--min-cluster-size", "4"]
 TIMEOUT = 10  # --dist-timeout of the fault tests, seconds
 GUARD = 240  # a hang guard only: well above start-up + TIMEOUT on a busy 2-core machine
-
-
-
-
-
-
 
 
 def _free_port() -> int:
