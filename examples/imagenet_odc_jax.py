@@ -30,7 +30,9 @@ k-means), next to the randomly initialised network and the raw pixels. Writes
 ``metrics.jsonl``, ``checkpoint.npz`` (every epoch), ``split.npz``, ``baselines.json``,
 ``assignments.csv`` (the memory labels) and ``summary.png`` to the run directory; ``--resume
 <dir>/checkpoint.npz`` continues a run exactly, ``--eval-only <dir>/checkpoint.npz`` evaluates
-it. Not implemented (as torchvision's): the ±2° rotation.
+it. The augmentation is the torch example's, rotation by ±2° included (nearest neighbour about
+the centre, black outside, as torchvision's ``RandomRotation(2)``); the hue shift is a YIQ
+rotation, not torchvision's HSV one (``jax_common``).
 
 ``--shard-memory``: the memory's (N, 256) features are cut along N over the mesh (the
 adapter's ``shard_memory``, a ``NamedSharding``; labels, centroids, sizes and sums stay
@@ -110,8 +112,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
 
 
 def view(resolution: int, min_scale: float) -> jc.ViewSpec:
-    """ODC's augmentation: random resized crop, flip, colour jitter (0.4, 0.4, 1.0, 0.5), grey p = 0.2."""
-    return jc.ViewSpec(resolution, scale=(min_scale, 1.0), jitter=(0.4, 0.4, 1.0, 0.5), gray_p=0.2)
+    """ODC's augmentation: random resized crop, flip, rotation ±2°, colour jitter (0.4, 0.4, 1.0, 0.5),
+    grey p = 0.2."""
+    return jc.ViewSpec(resolution, scale=(min_scale, 1.0), rotation=2.0, jitter=(0.4, 0.4, 1.0, 0.5), gray_p=0.2)
 
 
 class ODCNet(nnx.Module):

@@ -9,9 +9,10 @@
   are decoded by ``--workers`` threads, one batch ahead).
 - :class:`ViewSpec` and :func:`augment`: the augmentations, in JAX on the devices, fused into
   the training step: random resized crop (separable antialiased bilinear resampling as two
-  small matrix products) with a horizontal flip, colour jitter (brightness, contrast,
-  saturation, and hue as a rotation in YIQ space, a cheap stand-in for torchvision's HSV
-  shift; fixed order), random grey, Gaussian blur (separable), solarisation.
+  small matrix products) with a horizontal flip, a small random rotation (nearest neighbour,
+  as torchvision's ``RandomRotation``), colour jitter (brightness, contrast, saturation, and
+  hue as a rotation in YIQ space, a cheap stand-in for torchvision's HSV shift; fixed order),
+  random grey, Gaussian blur (separable), solarisation.
   :func:`center_crop` is the evaluation view (torchvision's resize to 8/7 + centre crop).
 - :func:`init_model`: an NNX model, initialised in one compiled program, as train/eval ``GraphDef``\\ s (static, hashable, equal for
   equal architectures, so ``jit`` caches hit across runs in one process) and plain nested
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -257,6 +259,7 @@ class ViewSpec:
 
     size : output side in pixels; scale, ratio : area fraction and aspect range of the crop;
     flip : whether half the views are mirrored horizontally;
+    rotation : the largest rotation in degrees (the angle uniform in ±rotation, 0: none);
     jitter : (brightness, contrast, saturation, hue) strengths, applied with ``jitter_p``;
     gray_p, blur_p, solarize_p : probabilities of grey, Gaussian blur (σ in [0.1, 2]) and
     solarisation (threshold 0.5).
@@ -266,11 +269,16 @@ class ViewSpec:
     scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    rotation: float = 0.0
     jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     jitter_p: float = 1.0
     gray_p: float = 0.0
     blur_p: float = 0.0
     solarize_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.rotation) and self.rotation >= 0):
+            raise ValueError(f"rotation must be a finite number of degrees >= 0, got {self.rotation!r}")
 
 
 def _resample(start: jax.Array, length: jax.Array, size: int, source: int, flip: jax.Array) -> jax.Array:
@@ -285,6 +293,25 @@ def _resample(start: jax.Array, length: jax.Array, size: int, source: int, flip:
     support = jnp.maximum(length / size, 1.0)
     w = jnp.maximum(0.0, 1.0 - jnp.abs(centre[:, None] - jnp.arange(source, dtype=jnp.float32)[None, :]) / support)
     return w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-12)
+
+
+def _rotate(x: jax.Array, angle: jax.Array) -> jax.Array:
+    """(H, W, C) image ``x`` rotated by ``angle`` degrees counter-clockwise about its centre.
+
+    torchvision's ``rotate`` of a PIL image (what ``RandomRotation`` does by default): each
+    output pixel centre is rotated back into ``x`` and takes the pixel it falls in (nearest
+    neighbour); those falling outside are 0. The output has the input's shape.
+    """
+    h, w = x.shape[:2]
+    theta = jnp.deg2rad(angle)
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    dy = (jnp.arange(h, dtype=jnp.float32) + 0.5 - h / 2)[:, None]
+    dx = (jnp.arange(w, dtype=jnp.float32) + 0.5 - w / 2)[None, :]
+    col = jnp.floor(cos * dx - sin * dy + w / 2).astype(jnp.int32)
+    row = jnp.floor(sin * dx + cos * dy + h / 2).astype(jnp.int32)
+    inside = (row >= 0) & (row < h) & (col >= 0) & (col < w)
+    pixels = x[jnp.clip(row, 0, h - 1), jnp.clip(col, 0, w - 1)]
+    return jnp.where(inside[..., None], pixels, jnp.zeros((), x.dtype))
 
 
 def _gray(x: jax.Array) -> jax.Array:
@@ -337,6 +364,9 @@ def _augment_one(key: jax.Array, image: jax.Array, spec: ViewSpec) -> jax.Array:
     rows = _resample(y0, h, spec.size, source, jnp.asarray(False))
     cols = _resample(x0, w, spec.size, source, flip)
     x = jnp.einsum("ik,klc,jl->ijc", rows, image.astype(jnp.float32) / 255.0, cols)
+    if spec.rotation:
+        angle = jax.random.uniform(jax.random.fold_in(key, 10), (), minval=-spec.rotation, maxval=spec.rotation)
+        x = _rotate(x, angle)
     if any(spec.jitter) and spec.jitter_p > 0:
         x = jnp.where(jax.random.bernoulli(k[5], spec.jitter_p), _jitter(k[6], x, spec.jitter), x)
     if spec.gray_p > 0:

@@ -7,6 +7,7 @@ Only the command lines are parsed here (no training), so these tests are cheap.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,105 @@ def test_jax_views_honour_flip_and_colour() -> None:
     grey = jc.with_options(odc, flip=True, colour=False)
     assert grey.jitter == (0.4, 0.4, 0.0, 0.0) and grey.gray_p == 0.0
     assert jc.with_options(odc, flip=False, colour=True) == jc.ViewSpec(8, flip=False, jitter=odc.jitter, gray_p=0.2)
+
+
+def jax_views():
+    """``jax_common`` (skipped without JAX and flax)."""
+    pytest.importorskip("jax")
+    pytest.importorskip("flax")
+    return script("jax_common")
+
+
+@pytest.mark.parametrize("size", [7, 8])
+def test_jax_rotation_by_right_angles_is_rot90(size: int) -> None:
+    # Quarter turns about the centre map pixel centres onto pixel centres (odd sides: the centre
+    # is a pixel's; even: a corner's), far from any nearest-neighbour tie: exact. Positive angles
+    # turn counter-clockwise as seen (row 0 at the top), as torchvision's and np.rot90's.
+    jc = jax_views()
+    image = np.random.default_rng(size).random((size, size, 3), dtype=np.float32)
+    for angle, quarter_turns in [(0.0, 0), (90.0, 1), (180.0, 2), (-90.0, -1), (270.0, 3)]:
+        turned = np.asarray(jc._rotate(image, np.float32(angle)))
+        np.testing.assert_array_equal(turned, np.rot90(image, quarter_turns), err_msg=f"{angle}°")
+
+
+def near_a_pixel_edge(size: int, angle: float, delta: float) -> np.ndarray:
+    """(size, size) mask of the output pixels whose exact source position (rotated back, float64)
+    lies within ``delta`` of a pixel edge in either coordinate: where nearest neighbour may pick
+    either side."""
+    theta = np.deg2rad(angle)
+    d = np.arange(size) + 0.5 - size / 2
+    col = np.cos(theta) * d[None, :] - np.sin(theta) * d[:, None] + size / 2
+    row = np.sin(theta) * d[None, :] + np.cos(theta) * d[:, None] + size / 2
+    return (np.abs(col - np.round(col)) < delta) | (np.abs(row - np.round(row)) < delta)
+
+
+@pytest.mark.parametrize("reference", ["tensor", "pil"])
+@pytest.mark.parametrize("size", [15, 16, 64])
+@pytest.mark.parametrize("angle", [2.0, -2.0, 10.0])
+def test_jax_rotation_is_torchvisions(reference: str, size: int, angle: float) -> None:
+    # Both sides rotate each output pixel centre back and take the pixel it falls in, 0 outside;
+    # they can differ only where that position is within their rounding errors of a pixel edge.
+    # Our float32 positions (and torchvision's on tensors, via grid_sample) are a few roundings of
+    # terms up to ``size``: off by a few size * 2**-24 each, bounded here by size * 2**-19 for
+    # both. PIL (the torch example's path: RandomRotation on PIL images) steps the position in
+    # 16.16 fixed point, each coefficient rounded to 2**-17 and added once per column and row:
+    # off by up to (1 + x + y) * 2**-17 <= size * 2**-16. Every pixel farther from an edge must
+    # agree exactly, and such pixels must be at least 98 % of the image.
+    jc = jax_views()
+    tf = pytest.importorskip("torchvision.transforms.functional")
+    torch = pytest.importorskip("torch")
+    image = np.random.default_rng(size).integers(1, 256, (size, size, 3), dtype=np.uint8)  # 0 only outside
+    ours = np.asarray(jc._rotate(image.astype(np.float32), np.float32(angle)))
+    nearest = tf.InterpolationMode.NEAREST
+    if reference == "tensor":
+        t = torch.from_numpy(image).permute(2, 0, 1).float()
+        theirs = tf.rotate(t, angle, interpolation=nearest, fill=0).permute(1, 2, 0).numpy()
+        delta = size * 2.0**-19
+    else:
+        theirs = np.asarray(tf.rotate(Image.fromarray(image), angle, interpolation=nearest, fill=0), np.float32)
+        delta = size * (2.0**-16 + 2.0**-19)
+    near = near_a_pixel_edge(size, angle, delta)
+    differ = np.any(ours != theirs, axis=-1)
+    assert not np.any(differ & ~near), f"{np.sum(differ & ~near)} pixels differ away from a pixel edge"
+    assert np.mean(near) <= 0.02
+    assert np.any(ours == 0) == (angle == 10.0 or size == 64)  # the corners that fall outside: black
+    if abs(angle) <= 2 and size < 30:  # shifts of at most (size - 1) / 2 * (sin 2° + 1 - cos 2°) < 0.5 px
+        np.testing.assert_array_equal(ours, image)  # the digits demo's 16 px: no pixel moves
+
+
+def test_jax_rotation_draws_its_angle_from_its_own_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The angle comes from fold_in(key, 10), apart from the ten keys of the crop, flip and colour
+    # draws: views with a rotation are those without it, turned; and rotation=0 traces no rotation
+    # at all, so the views of every other example are bit for bit those from before it existed.
+    jc = jax_views()
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
+    key = jax.random.key(3)
+    spec = jc.ViewSpec(8, jitter=(0.4, 0.4, 1.0, 0.5), gray_p=0.5, blur_p=0.5, solarize_p=0.5)
+
+    def never(x, angle):
+        raise AssertionError("rotated with rotation=0")
+
+    monkeypatch.setattr(jc, "_rotate", never)
+    plain = np.asarray(jc.augment(key, images, spec))
+    monkeypatch.setattr(jc, "_rotate", lambda x, angle: x)
+    np.testing.assert_array_equal(np.asarray(jc.augment(key, images, replace(spec, rotation=5.0))), plain)
+    monkeypatch.setattr(jc, "_rotate", lambda x, angle: jnp.full_like(x, angle))
+    views = np.asarray(jc.augment(key, images, jc.ViewSpec(8, rotation=5.0)))  # no colour: the angle comes out
+    runs = script("runs")
+    angles = views[:, 0, 0, 0] * runs.IMAGENET_STD[0] + runs.IMAGENET_MEAN[0]
+    want = [jax.random.uniform(jax.random.fold_in(k, 10), (), minval=-5.0, maxval=5.0)
+            for k in jax.random.split(key, len(images))]
+    np.testing.assert_allclose(angles, want, atol=1e-5)
+    assert np.all(np.abs(angles) <= 5.0) and angles.min() < -2.5 and angles.max() > 2.5
+
+
+def test_jax_odc_views_rotate_by_two_degrees() -> None:
+    jc = jax_views()
+    odc = module("imagenet_odc_jax").view(16, 0.5)
+    assert odc.rotation == 2.0 and jc.with_options(odc, flip=False, colour=False).rotation == 2.0
+    assert jc.ViewSpec(16).rotation == 0.0
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="rotation"):
+            jc.ViewSpec(16, rotation=bad)
