@@ -52,7 +52,7 @@ def test_quality_table_reports_mean_and_std_over_seeds_with_both_baselines(tmp_p
     """The README's quality table end to end on a tiny configuration: two seeds of the ODC torch
     example, their final records averaged, both baselines as rows; ``--reuse`` reads the finished
     runs instead of training again."""
-    tiny = ["--", "--epochs", "1", "--subset", "16", "--resolution", "16", "--batch-size", "8",
+    tiny = ["--", "--epochs", "1", "--subset", "16", "--resolution", "16", "--width", "8", "--batch-size", "8",
             "--clusters", "2", "--min-cluster-size", "4"]
     argv = ["benchmarks/quality_digits.py", "--methods", "odc", "--backends", "torch", "--seeds", "0,1",
             "--jobs", "2", "--out", str(tmp_path)]

@@ -35,7 +35,8 @@ from clusterlearn.adapters import torch as clt  # noqa: E402  (after the skips)
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 K = 4
-TINY = ["--subset", "16", "--resolution", "16", "--batch-size", "8", "--no-progress", "--clusters", str(K), "--shard-memory"]
+TINY = ["--subset", "16", "--resolution", "16", "--width", "8", "--batch-size", "8", "--no-progress", "--clusters", str(K),
+        "--shard-memory"]
 #: Keys of a metrics record that measure time, not the run.
 TIMES = {"cluster_seconds", "train_seconds", "eval_seconds", "seconds", "images_per_s"}
 

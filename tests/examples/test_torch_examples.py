@@ -26,7 +26,7 @@ pytest.importorskip("sklearn")
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-TINY = ["--subset", "16", "--resolution", "16", "--batch-size", "8", "--no-progress"]
+TINY = ["--subset", "16", "--resolution", "16", "--width", "8", "--batch-size", "8", "--no-progress"]
 ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]
 
 

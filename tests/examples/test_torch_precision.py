@@ -16,7 +16,7 @@ from example_runs import run_main, script
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
-TINY = ["--subset", "16", "--resolution", "16", "--batch-size", "8", "--no-progress", "--epochs", "1"]
+TINY = ["--subset", "16", "--resolution", "16", "--width", "8", "--batch-size", "8", "--no-progress", "--epochs", "1"]
 ODC_TINY = [*TINY, "--clusters", "2", "--min-cluster-size", "4"]
 
 
