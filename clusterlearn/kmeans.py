@@ -272,7 +272,6 @@ def _restarts(x: Array, k: int, n_iter: int, seed: int, init: Init, n_init: int,
     namespace, device and dtype (labels in the namespace's default integer dtype).
     """
     xp = aac.array_namespace(x)
-    dev = aac.device(x)
     offset = xp.mean(x, axis=0)
     # The array backend's data, and where k-means++ seeds are chosen; faiss' own random draw
     # needs no centred copy.
@@ -295,11 +294,7 @@ def _restarts(x: Array, k: int, n_iter: int, seed: int, init: Init, n_init: int,
             best = result
     if not use_faiss:
         return dataclasses.replace(best, centroids=best.centroids + offset)
-    return dataclasses.replace(
-        best,
-        centroids=xp.astype(B.convert(best.centroids, xp, dev), x.dtype),
-        labels=xp.astype(B.convert(best.labels, xp, dev), B.index_dtype(xp, dev)),
-    )
+    return _in_namespace_of(x, best)
 
 
 def _resolve_backend(backend: str, x: Array, n_iter: int, seed: int) -> str:
@@ -421,34 +416,34 @@ def kmeans(
     if k > x.shape[0]:
         raise ValueError(f"k must be <= the number of points ({x.shape[0]}), got {k}")
     use_faiss = _resolve_backend(backend, x, n_iter, seed) == "faiss"
-    if not use_faiss and _eager_on_cpu(x):
-        return _on_host(x, k, n_iter=n_iter, seed=seed, init=init, n_init=n_init)
+    # A JAX array on the CPU is clustered on a NumPy view of its memory (bfloat16 widened to
+    # float32): eager JAX would compile every operation anew for each input shape.
+    on_host = not use_faiss and _jax_on_cpu(x)
+    data = B.to_numpy(x) if on_host else x
     # k-means commutes with scaling: cluster x / 2**e, with max|x / 2**e| in [0.5, 1), and scale
     # the centroids and inertia back. Powers of two scale every rounding exactly, so this only
     # keeps squared distances (|x|**2, up to 4 D max|x|**2) clear of overflow and underflow;
     # data of moderate magnitude (e = 0) are used as they are.
-    e = B.power_of_two_exponent(x)
-    x = B.times_power_of_two(x, -e)
-    result = _restarts(x, k, n_iter, seed, init or "k-means++", n_init, use_faiss)
-    return dataclasses.replace(
+    e = B.power_of_two_exponent(data)
+    result = _restarts(B.times_power_of_two(data, -e), k, n_iter, seed, init or "k-means++", n_init, use_faiss)
+    result = dataclasses.replace(
         result,
         centroids=B.times_power_of_two(result.centroids, e),
         inertia=_ldexp(result.inertia, 2 * e),
         inertia_history=tuple(_ldexp(v, 2 * e) for v in result.inertia_history),
     )
+    return _in_namespace_of(x, result) if on_host else result
 
 
-def _eager_on_cpu(x: Array) -> bool:
-    """Whether ``x`` is a JAX array on the CPU: its eager operations compile once per shape,
-    while NumPy runs the same arithmetic on the same memory without compiling."""
+def _jax_on_cpu(x: Array) -> bool:
+    """Whether ``x`` is a JAX array on the CPU (its eager operations compile once per shape)."""
     return B.compiles_per_shape(aac.array_namespace(x)) and aac.device(x).platform == "cpu"
 
 
-def _on_host(x: Array, k: int, **options: Any) -> KMeansResult:
-    """The array backend's run on a NumPy view of ``x`` (a JAX array on the CPU; bfloat16
-    widened to float32), its result converted back to ``x``'s namespace, device and dtype."""
+def _in_namespace_of(x: Array, result: KMeansResult) -> KMeansResult:
+    """``result`` (host arrays) in the namespace and on the device of ``x``: centroids in its
+    dtype, labels in the namespace's default integer dtype."""
     xp, dev = aac.array_namespace(x), aac.device(x)
-    result = kmeans(B.to_numpy(x), k, backend="array", **options)
     return dataclasses.replace(
         result,
         centroids=xp.astype(B.convert(result.centroids, xp, dev), x.dtype),
